@@ -1,0 +1,228 @@
+"""Recording what a cell shows while it runs, and showing it again.
+
+Outputs are kept as a list in nbformat's output shape (``stream``,
+``display_data``, ``execute_result``, ``error``), in the order they happened,
+so a replay is the same sequence with the same MIME types, and any tool that
+reads notebooks can read ``transition_result``.
+
+Recording is a tee: the cell's output still goes live to the frontend while
+a copy is kept.  Three channels are watched, all through objects the shell
+already has (duck-typed, so this module needs no IPython import):
+
+* ``sys.stdout`` / ``sys.stderr`` — wrapped by :class:`Tee`;
+* ``shell.display_pub.publish`` / ``clear_output`` — rich displays;
+* ``shell.displayhook.write_format_data`` — the cell's result.
+
+While the display publisher or the display hook runs, stream recording is
+paused: a terminal shell *prints* displays and ``Out[n]``, and those prints
+must not be recorded a second time as stdout.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+
+def _jsonable(value: Any) -> Any:
+    """Make a MIME bundle JSON-safe the way Jupyter does (bytes → base64)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class OutputRecorder:
+    """Collects outputs in nbformat shape, merging consecutive stream text."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict] = []
+        self.paused = 0
+        self._clear_pending = False
+
+    def _add(self, output: dict) -> None:
+        if self._clear_pending:
+            self.outputs.clear()
+            self._clear_pending = False
+        self.outputs.append(output)
+
+    def stream(self, name: str, text: str) -> None:
+        if self.paused or not text:
+            return
+        last = self.outputs[-1] if self.outputs and not self._clear_pending else None
+        if last and last["output_type"] == "stream" and last["name"] == name:
+            last["text"] += text
+        else:
+            self._add({"output_type": "stream", "name": name, "text": text})
+
+    def display(self, data: dict, metadata: dict | None, transient: dict | None, update: bool) -> None:
+        display_id = (transient or {}).get("display_id")
+        if update:
+            # An update replaces the earlier output with the same display_id,
+            # as nbclient does when it writes a notebook.
+            for out in self.outputs:
+                if out.get("transient", {}).get("display_id") == display_id:
+                    out["data"] = _jsonable(data)
+                    out["metadata"] = _jsonable(metadata or {})
+            return
+        out = {"output_type": "display_data", "data": _jsonable(data), "metadata": _jsonable(metadata or {})}
+        if display_id is not None:
+            out["transient"] = {"display_id": display_id}
+        self._add(out)
+
+    def result(self, data: dict, metadata: dict | None, execution_count: int | None) -> None:
+        self._add(
+            {
+                "output_type": "execute_result",
+                "execution_count": execution_count,
+                "data": _jsonable(data),
+                "metadata": _jsonable(metadata or {}),
+            }
+        )
+
+    def clear(self, wait: bool = False) -> None:
+        if wait:
+            self._clear_pending = True
+        else:
+            self.outputs.clear()
+
+
+class Tee:
+    """A text stream that forwards to *target* and records into *recorder*."""
+
+    def __init__(self, target: Any, name: str, recorder: OutputRecorder) -> None:
+        self._target = target
+        self._name = name
+        self._recorder = recorder
+
+    def write(self, text: str) -> int:
+        n = self._target.write(text)
+        self._recorder.stream(self._name, text)
+        return n
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, attr: str) -> Any:
+        # flush, isatty, fileno, encoding, ipykernel's extras: all the target's.
+        return getattr(self._target, attr)
+
+
+@contextmanager
+def _patched(obj: Any, attr: str, replacement: Any) -> Iterator[None]:
+    """Shadow a bound method on one instance, then remove the shadow."""
+    had_own = attr in vars(obj)
+    saved = vars(obj).get(attr)
+    setattr(obj, attr, replacement)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(obj, attr, saved)
+        else:
+            delattr(obj, attr)
+
+
+@contextmanager
+def capture(shell: Any) -> Iterator[OutputRecorder]:
+    """Tee everything *shell* shows while the block runs into a recorder."""
+    rec = OutputRecorder()
+    pub, hook = shell.display_pub, shell.displayhook
+    orig_publish, orig_clear = pub.publish, pub.clear_output
+    orig_write_format, orig_start, orig_finish = (
+        hook.write_format_data,
+        hook.start_displayhook,
+        hook.finish_displayhook,
+    )
+
+    def publish(data, metadata=None, *args, transient=None, update=False, **kwargs):
+        rec.display(data, metadata, transient, update)
+        rec.paused += 1
+        try:
+            return orig_publish(data, metadata, *args, transient=transient, update=update, **kwargs)
+        finally:
+            rec.paused -= 1
+
+    def clear_output(wait=False):
+        rec.clear(wait)
+        return orig_clear(wait=wait)
+
+    def write_format_data(format_dict, md_dict=None):
+        rec.result(format_dict, md_dict, getattr(shell, "execution_count", None))
+        return orig_write_format(format_dict, md_dict)
+
+    def start_displayhook():
+        rec.paused += 1
+        return orig_start()
+
+    def finish_displayhook():
+        try:
+            return orig_finish()
+        finally:
+            rec.paused -= 1
+
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(out, "stdout", rec), Tee(err, "stderr", rec)
+    try:
+        with _patched(pub, "publish", publish), _patched(pub, "clear_output", clear_output), _patched(
+            hook, "write_format_data", write_format_data
+        ), _patched(hook, "start_displayhook", start_displayhook), _patched(
+            hook, "finish_displayhook", finish_displayhook
+        ):
+            yield rec
+    finally:
+        # Restore only what we installed: a cell may have replaced the
+        # streams itself (contextlib.redirect_stdout that it left in place).
+        if isinstance(sys.stdout, Tee):
+            sys.stdout = out
+        if isinstance(sys.stderr, Tee):
+            sys.stderr = err
+
+
+class ReplayedResult:
+    """Stands for a cell's recorded result: the shell's display hook shows it
+    through ``_repr_mimebundle_`` with exactly the recorded MIME bundle."""
+
+    def __init__(self, data: dict, metadata: dict) -> None:
+        self.data = data
+        self.metadata = metadata
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", ""))
+
+
+def replay(outputs: list[dict], shell: Any) -> ReplayedResult | None:
+    """Show recorded *outputs* again through *shell*, in order.
+
+    Streams are written to the current ``sys.stdout``/``sys.stderr`` and
+    displays go through the shell's publisher.  The cell's result is not
+    shown here: it is returned, for the magic to return, so the shell shows
+    it as this cell's ``execute_result`` (with this cell's prompt number).
+    """
+    result = None
+    for out in outputs:
+        kind = out.get("output_type")
+        if kind == "stream":
+            stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
+            stream.write(out.get("text", ""))
+        elif kind == "display_data":
+            kwargs = {}
+            if "transient" in out:
+                kwargs["transient"] = out["transient"]
+            shell.display_pub.publish(data=out.get("data", {}), metadata=out.get("metadata", {}), **kwargs)
+        elif kind == "execute_result":
+            result = ReplayedResult(out.get("data", {}), out.get("metadata", {}))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    return result

@@ -1,0 +1,278 @@
+"""The IPython adapter: ``%%stateful`` and its configuration.
+
+Everything that decides *what* happens lives in the engine modules; this one
+parses options, finds the RSSD, and plugs the engine into the shell: running
+the body through ``shell.run_cell`` (so ``!cmd``, magics and tracebacks
+behave as in any cell), capturing its outputs, and turning engine errors into
+``UsageError`` (IPython prints exactly ``UsageError`` without a traceback;
+subclasses get one).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sqlite3
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Unicode
+
+from . import __version__
+from .capture import _patched, capture, replay
+from .keys import CellKey, cell_key
+from .names import names_bound, snapshot
+from .serialize import dump_names, load_names
+from .store import EXECUTED, FAILED, INTERRUPTED, RSSDError, Store, Transition
+
+DEFAULT_RSSD = "resource-surveillance.sqlite.db"
+ENV_RSSD = "SURVEILR_STATEDB_FS_PATH"
+RESULT_FORMAT = "rssd_magic.result.v1"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _note(message: str) -> None:
+    """One line for the user, on stderr (not mixed into the cell's stdout)."""
+    print(message, file=sys.stderr)
+
+
+def _plain(stb: list[str]) -> str:
+    return _ANSI.sub("", "\n".join(stb))
+
+
+@magics_class
+class StatefulMagics(Magics):
+    """``%%stateful``: run a cell at most once, recorded in a surveilr RSSD."""
+
+    rssd_path = Unicode(
+        None,
+        allow_none=True,
+        help="RSSD file for %%stateful cells without --db. When unset: the "
+        f"environment variable {ENV_RSSD}, then ./{DEFAULT_RSSD}.",
+    ).tag(config=True)
+    default_scope = Unicode(
+        "default",
+        help="Scope of cell keys when the kernel can't tell which notebook it runs.",
+    ).tag(config=True)
+    quiet = Bool(False, help="Hide the one-line replay banner (as --quiet does).").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self._stores: dict[Path, Store] = {}
+        atexit.register(self.close)
+
+    # -- configuration --------------------------------------------------------
+
+    def resolve_path(self, db: str | None) -> Path:
+        """--db, then the config, then the environment, then surveilr's default."""
+        raw = db or self.rssd_path or os.environ.get(ENV_RSSD) or DEFAULT_RSSD
+        return Path(raw).expanduser().absolute()
+
+    def store(self, db: str | None = None) -> Store:
+        path = self.resolve_path(db)
+        store = self._stores.get(path)
+        if store is None:
+            try:
+                store = Store.open(path, self._session_args())
+            except RSSDError as exc:
+                raise UsageError(f"%%stateful: {exc}. The cell was not run.") from None
+            self._stores[path] = store
+        return store
+
+    def _notebook(self) -> str | None:
+        ns = self.shell.user_ns
+        return ns.get("__vsc_ipynb_file__") or ns.get("__session__") or os.environ.get("JPY_SESSION_NAME")
+
+    def scope(self, explicit: str | None, store: Store) -> str:
+        """--scope, else the notebook's path (relative to the RSSD when it
+        lies below it, so teammates' checkouts agree), else the default."""
+        if explicit:
+            return explicit
+        notebook = self._notebook()
+        if not notebook:
+            return self.default_scope
+        nb = Path(notebook)
+        if nb.is_absolute():
+            try:
+                return nb.relative_to(store.path.parent).as_posix()
+            except ValueError:
+                return nb.as_posix()
+        return nb.as_posix()
+
+    def _session_args(self) -> dict:
+        import IPython
+
+        return {
+            "notebook": self._notebook(),
+            "kernel": {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv},
+            "python": sys.version.split()[0],
+            "ipython": IPython.__version__,
+            "rssd_magic": __version__,
+        }
+
+    def close(self) -> None:
+        """Close every RSSD this kernel opened, marking its sessions finished."""
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+    # -- the magic ------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("--db", metavar="PATH", help=f"RSSD file (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
+    @argument(
+        "--name",
+        metavar="NAME",
+        help="Key the cell by NAME instead of its code: it runs once per name even if edited.",
+    )
+    @argument("--scope", metavar="SCOPE", help="Key scope (default: the notebook, else StatefulMagics.default_scope).")
+    @argument("--force", action="store_true", help="Run again even if executed; history is kept.")
+    @argument("--quiet", action="store_true", help="No replay banner.")
+    @cell_magic
+    def stateful(self, line: str, cell: str) -> Any:
+        """Run this cell at most once; replay its outputs and names afterwards.
+
+        The cell's state lives in a surveilr RSSD (SQLite).  The first run
+        executes the cell as usual and records what it showed (stdout, stderr,
+        displays, result) and the names it bound.  Every later run, in this
+        kernel or a fresh one, replays that record instead of executing.  A
+        cell that fails is recorded with its traceback and runs again next
+        time.  Inspect the state with ``sqlite3``: see the README.
+        """
+        args = parse_argstring(self.stateful, line)
+        store = self.store(args.db)
+        key = cell_key(cell, self.scope(args.scope, store), args.name)
+        latest = store.latest(key)
+        if latest is not None and latest.to_state == EXECUTED and not args.force:
+            return self._replay(store, key, latest, args.quiet or self.quiet)
+        return self._run(store, key, latest, cell, args)
+
+    # -- replay ---------------------------------------------------------------
+
+    def _replay(self, store: Store, key: CellKey, done: Transition, quiet: bool) -> Any:
+        result = done.result()
+        values, missing = load_names(result.get("names", {}), store.get_blob, self.shell.user_ns)
+        self.shell.user_ns.update(values)
+        if not quiet:
+            _note(
+                f"[stateful] replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
+                f"on {result.get('host', '?')} in {result.get('duration_s', 0):.3g}s"
+            )
+        if key.kind == "name" and result.get("code_hash") not in (None, key.code_hash):
+            _note(
+                f"[stateful] the code of --name {key.name} changed since it ran; "
+                "replaying the recorded run (use --force to run the new code)"
+            )
+        if missing:
+            _note(
+                "[stateful] not restored: "
+                + "; ".join(f"{name} {why}" for name, why in missing.items())
+            )
+        return replay(result.get("outputs", []), self.shell)
+
+    # -- run ------------------------------------------------------------------
+
+    def _run(self, store: Store, key: CellKey, latest: Transition | None, cell: str, args) -> None:
+        if latest is None:
+            reason = "first run"
+        elif args.force:
+            reason = f"forced (--force) after {latest.to_state}"
+        else:
+            reason = f"retry after {latest.to_state}"
+        try:
+            _, running = store.begin_run(key, cell, reason, {"source": cell, "code_hash": key.code_hash})
+        except sqlite3.Error as exc:
+            raise UsageError(f"%%stateful: RSSD {store.path}: cannot record the run ({exc}). The cell was not run.")
+
+        shell = self.shell
+        before = snapshot(shell.user_ns)
+        shown: dict[str, list[str]] = {}
+
+        def keep_traceback(etype, evalue, stb):
+            # The body's traceback is shown once, by the outer cell, when we
+            # re-raise below; showing it here too would print it twice.
+            shown["stb"] = stb
+
+        started = time.perf_counter()
+        try:
+            with capture(shell) as rec, _patched(shell, "_showtraceback", keep_traceback):
+                outcome = shell.run_cell(cell, store_history=False)
+        except BaseException as exc:  # interrupted outside the body itself
+            self._finish(store, running, INTERRUPTED, {"format": RESULT_FORMAT, "error": _error(exc, None)}, "interrupted")
+            raise
+        duration = time.perf_counter() - started
+        error = outcome.error_before_exec or outcome.error_in_exec
+        base = {
+            "format": RESULT_FORMAT,
+            "host": store.host,
+            "duration_s": round(duration, 6),
+            "code_hash": key.code_hash,
+        }
+
+        if error is not None:
+            err = _error(error, shown.get("stb"))
+            outputs = rec.outputs + [{"output_type": "error", **{k: err[k] for k in ("ename", "evalue")}, "traceback": shown.get("stb", [])}]
+            to_state = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
+            self._finish(store, running, to_state, {**base, "outputs": outputs, "error": err}, f"{err['ename']}: {err['evalue']}"[:500])
+            raise _for_display(error, shown.get("stb"))
+
+        python = shell.transform_cell(cell)
+        names = names_bound(shell.user_ns, before, python)
+        specs, blobs = dump_names(shell.user_ns, names)
+        bad = {n: s["error"] for n, s in specs.items() if s["kind"] == "unserializable"}
+        if bad:
+            _note(
+                "[stateful] executed, but these names can't be saved and won't be restored on replay: "
+                + "; ".join(f"{n} ({why})" for n, why in bad.items())
+            )
+        self._finish(store, running, EXECUTED, {**base, "outputs": rec.outputs, "names": specs}, "completed", blobs)
+        return None
+
+    @staticmethod
+    def _finish(store, running, to_state, result, reason, blobs=()) -> None:
+        try:
+            store.finish_run(running, to_state, result, reason, blobs)
+        except (sqlite3.Error, ValueError) as exc:
+            # The cell ran and its output is on screen; only the record failed.
+            _note(f"[stateful] RSSD {store.path}: the run could not be recorded ({exc}); it will run again next time")
+
+
+def _error(exc: BaseException, stb: list[str] | None) -> dict:
+    text = _plain(stb) if stb else "".join(traceback.format_exception(exc))
+    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
+
+
+def _for_display(exc: BaseException, stb: list[str] | None) -> BaseException:
+    """The exception to re-raise so the outer cell fails (nbclient and
+    papermill stop, as for any failing cell) and shows the body's traceback
+    exactly once, through IPython's ``_render_traceback_`` hook."""
+    if stb is None:
+        return exc
+    if not isinstance(exc, SyntaxError):
+        try:
+            exc._render_traceback_ = lambda: stb  # type: ignore[attr-defined]
+            return exc
+        except AttributeError:
+            pass  # exceptions with __slots__
+    # SyntaxErrors are formatted by the shell without the hook; stand in with
+    # an exception of the same name that uses it.
+    stand_in = type(type(exc).__name__, (Exception,), {"_render_traceback_": lambda self: stb})
+    return stand_in(str(exc))
+
+
+def load(ipython) -> None:
+    ipython.register_magics(StatefulMagics)
+
+
+def unload(ipython) -> None:
+    magics = ipython.magics_manager.registry.get("StatefulMagics")
+    if magics is not None:
+        magics.close()

@@ -1,0 +1,71 @@
+"""The RSSD tables rssd_magic reads and writes, and the check that an existing
+file has them in the shape we expect.
+
+The ``orchestration_*`` and ``device`` DDL is surveilr's, verbatim in column
+names, types, defaults and constraints (``orchestration.sql`` beside this
+module is a copy of the project's shared/rssd/orchestration.sql):
+tables are only created when missing, never altered.  Everything else is ours
+and carries the ``rssd_magic_`` prefix: indexes for our lookups and the
+content-addressed blob table that keeps large values out of JSON.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+# Loaded from the packaged copy of surveilr's DDL, so there is one text of it.
+SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
+
+# Our own objects.  Indexes make the per-cell lookup a B-tree probe however
+# many cells (ours or surveilr's) the file holds.  Blobs are keyed by the
+# SHA-256 of their bytes, so equal values are stored once and a reader can
+# verify what it got.
+OWN_DDL = """
+CREATE INDEX IF NOT EXISTS "rssd_magic_entry_src_idx"
+    ON "orchestration_session_entry"("ingest_src");
+CREATE INDEX IF NOT EXISTS "rssd_magic_state_entry_idx"
+    ON "orchestration_session_state"("session_entry_id", "orchestration_session_state_id");
+CREATE TABLE IF NOT EXISTS "rssd_magic_blob" (
+    "digest" TEXT PRIMARY KEY NOT NULL,
+    "size" INTEGER NOT NULL,
+    "data" BLOB NOT NULL,
+    "created_at" TIMESTAMPTZ DEFAULT CURRENT_TIMESTAMP
+);
+"""
+
+#: The columns we read or write, per table, in declared order.  An existing
+#: table must have exactly these (name and declared type) or we refuse the file.
+EXPECTED_COLUMNS: dict[str, list[tuple[str, str]]] = {}
+
+
+def _parse_expected() -> None:
+    import sqlite3
+
+    mem = sqlite3.connect(":memory:")
+    mem.executescript(SURVEILR_DDL + OWN_DDL)
+    for (table,) in mem.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    ).fetchall():
+        EXPECTED_COLUMNS[table] = [
+            (row[1], row[2]) for row in mem.execute(f'PRAGMA table_info("{table}")')
+        ]
+    mem.close()
+
+
+_parse_expected()
+
+
+def schema_problems(conn) -> list[str]:
+    """Describe every table of ours that exists in *conn* with another shape.
+
+    Missing tables are not problems (they get created); a table with other
+    columns is, because writing into it would corrupt another tool's data.
+    """
+    problems = []
+    for table, expected in EXPECTED_COLUMNS.items():
+        actual = [(row[1], row[2]) for row in conn.execute(f'PRAGMA table_info("{table}")')]
+        if actual and actual != expected:
+            want = ", ".join(f"{n} {t}" for n, t in expected)
+            got = ", ".join(f"{n} {t}" for n, t in actual)
+            problems.append(f"table {table} has columns ({got}); expected ({want})")
+    return problems

@@ -1,0 +1,372 @@
+"""The RSSD store: one SQLite connection per kernel and file, and every row we
+read or write.
+
+Design rules, each from a bug somebody else shipped:
+
+* **Validate before touching.**  A path that is not SQLite, is read-only, sits
+  in a missing folder or holds our tables with other columns is refused with
+  an :class:`RSSDError` naming the file, before any byte of it changes
+  (switching a file to WAL rewrites its header, so even that waits).
+* **Short write transactions, WAL and a busy timeout** (``database is
+  locked`` is jupyter-cache's best-known bug).  Every transition is one
+  ``BEGIN IMMEDIATE … COMMIT``: a reader never sees half a run.
+* **Append-only history.**  A cell's state is its latest transition; nothing
+  we record is updated or deleted, and rows we did not write are never
+  touched.
+* **The hot path is one indexed query.**  Schema checks and session rows
+  happen once, when the store opens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import stat
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import __version__
+from .ids import new_ulid
+from .keys import CellKey
+from .schema import EXPECTED_COLUMNS, OWN_DDL, SURVEILR_DDL, schema_problems
+
+NATURE_ID = "rssd-magic-stateful-cell"
+NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
+
+INITIAL = "INITIAL"
+RUNNING = "RUNNING"
+EXECUTED = "EXECUTED"
+FAILED = "FAILED"
+INTERRUPTED = "INTERRUPTED"
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_MS = 30_000
+#: Blobs are read back in slices of this size, into one preallocated buffer:
+#: large enough to amortise the call, small enough to stay in cache.
+READ_CHUNK = 8 << 20
+
+
+class RSSDError(Exception):
+    """The RSSD can't be used; the message names the file and the cause."""
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON as we store it (UTF-8 text, no NaN)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One row of ``orchestration_session_state`` for a cell."""
+
+    state_id: str
+    entry_id: str
+    session_id: str
+    from_state: str
+    to_state: str
+    result_json: str | None
+    reason: str | None
+    transitioned_at: str
+
+    def result(self) -> dict:
+        """The parsed ``transition_result`` (empty when there is none)."""
+        return json.loads(self.result_json) if self.result_json else {}
+
+
+def check_path(path: Path) -> bool:
+    """Refuse unusable paths before SQLite sees them; True when the file exists.
+
+    Root passes ``os.access`` on a file with no write bits, so those bits are
+    read too: a file its owner marked read-only is treated as read-only.
+    """
+    if not path.parent.is_dir():
+        raise RSSDError(f"RSSD {path}: folder {path.parent} does not exist")
+    if not path.exists():
+        if not os.access(path.parent, os.W_OK):
+            raise RSSDError(f"RSSD {path}: folder {path.parent} is read-only; cannot create the file")
+        return False
+    if not path.is_file():
+        raise RSSDError(f"RSSD {path}: not a regular file")
+    st = path.stat()
+    if st.st_size:
+        try:
+            with open(path, "rb") as fh:
+                header = fh.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise RSSDError(f"RSSD {path}: cannot be read ({exc.strerror})") from None
+        if header != SQLITE_HEADER:
+            raise RSSDError(f"RSSD {path}: not a SQLite database (wrong file header)")
+    if not os.access(path, os.W_OK) or not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise RSSDError(f"RSSD {path}: file is read-only")
+    if not os.access(path.parent, os.W_OK):
+        # WAL needs its -wal and -shm files beside the database.
+        raise RSSDError(f"RSSD {path}: folder {path.parent} is read-only (SQLite needs it for WAL files)")
+    return True
+
+
+class Store:
+    """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, session_args: dict):
+        self.path = path
+        self.conn = conn
+        self.host = socket.gethostname()
+        self.session_id = new_ulid()
+        self._open_session(session_args)
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, session_args: dict | None = None) -> "Store":
+        """Open (creating if missing) the RSSD at *path*, or raise RSSDError."""
+        path = Path(path).expanduser().absolute()
+        existed = check_path(path)
+        try:
+            conn = sqlite3.connect(
+                f"file:{path}?mode={'rw' if existed else 'rwc'}",
+                uri=True,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                cached_statements=64,
+            )
+        except sqlite3.Error as exc:
+            raise RSSDError(f"RSSD {path}: cannot open ({exc})") from None
+        try:
+            problems = schema_problems(conn)  # reads only
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise RSSDError(f"RSSD {path}: not a usable SQLite database ({exc})") from None
+        if problems:
+            conn.close()
+            raise RSSDError(f"RSSD {path}: incompatible schema: " + "; ".join(problems))
+        try:
+            cls._configure(conn)
+            cls._ensure_schema(conn)
+            return cls(path, conn, session_args or {})
+        except sqlite3.Error as exc:
+            conn.close()
+            raise RSSDError(f"RSSD {path}: cannot be prepared ({exc})") from None
+
+    @staticmethod
+    def _configure(conn: sqlite3.Connection) -> None:
+        # surveilr's own settings, plus a busy timeout so a second writer
+        # waits instead of failing.
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+
+    @staticmethod
+    def _ensure_schema(conn: sqlite3.Connection) -> None:
+        have = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        wanted = set(EXPECTED_COLUMNS) | {"rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx"}
+        if wanted <= have:
+            return  # the common case: no write lock taken just to open
+        # executescript() commits any open transaction first; the explicit
+        # BEGIN IMMEDIATE makes the whole DDL one atomic step.
+        conn.executescript("BEGIN IMMEDIATE;\n" + SURVEILR_DDL + OWN_DDL + "\nCOMMIT;")
+
+    def _open_session(self, session_args: dict) -> None:
+        with self.transaction() as c:
+            # surveilr's device upsert, without rewriting a row it wrote.
+            c.execute(
+                """INSERT INTO device (device_id, name, state, boundary)
+                   VALUES (?, ?, '"SINGLETON"', 'UNKNOWN')
+                   ON CONFLICT (name, state, boundary) DO NOTHING""",
+                (new_ulid(), self.host),
+            )
+            (device_id,) = c.execute(
+                """SELECT device_id FROM device
+                   WHERE name = ? AND state = '"SINGLETON"' AND boundary = 'UNKNOWN'""",
+                (self.host,),
+            ).fetchone()
+            c.execute(
+                """INSERT INTO orchestration_nature (orchestration_nature_id, nature)
+                   VALUES (?, ?) ON CONFLICT DO NOTHING""",
+                (NATURE_ID, NATURE_LABEL),
+            )
+            c.execute(
+                """INSERT INTO orchestration_session
+                   (orchestration_session_id, device_id, orchestration_nature_id, version, args_json)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (self.session_id, device_id, NATURE_ID, __version__, dumps(session_args)),
+            )
+
+    def close(self) -> None:
+        """Mark this kernel's session finished and close the connection."""
+        if self.conn is None:
+            return
+        try:
+            with self.transaction() as c:
+                c.execute(
+                    """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
+                       WHERE orchestration_session_id = ?""",
+                    (self.session_id,),
+                )
+            self.conn.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            pass  # closing must never raise at interpreter exit
+        finally:
+            self.conn.close()
+            self.conn = None
+
+    # -- transactions ---------------------------------------------------------
+
+    def transaction(self) -> "_Transaction":
+        """``with store.transaction() as conn:`` — BEGIN IMMEDIATE … COMMIT."""
+        return _Transaction(self.conn)
+
+    # -- cell state -----------------------------------------------------------
+
+    _LATEST_SQL = """
+        SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id,
+               s.from_state, s.to_state, s.transition_result, s.transition_reason,
+               s.transitioned_at
+        FROM orchestration_session_state AS s
+        WHERE s.session_entry_id IN (
+            SELECT orchestration_session_entry_id FROM orchestration_session_entry
+            WHERE ingest_src = ?)
+        ORDER BY s.orchestration_session_state_id DESC
+        LIMIT 1"""
+
+    def latest(self, key: CellKey, conn: sqlite3.Connection | None = None) -> Transition | None:
+        """The cell's latest transition, or None if it never ran."""
+        row = (conn or self.conn).execute(self._LATEST_SQL, (key.ingest_src,)).fetchone()
+        return Transition(*row) if row else None
+
+    def _entry_id(self, c: sqlite3.Connection, key: CellKey, source: str) -> str:
+        row = c.execute(
+            """SELECT orchestration_session_entry_id FROM orchestration_session_entry
+               WHERE ingest_src = ? ORDER BY orchestration_session_entry_id LIMIT 1""",
+            (key.ingest_src,),
+        ).fetchone()
+        if row:
+            return row[0]
+        entry_id = new_ulid()
+        c.execute(
+            """INSERT INTO orchestration_session_entry
+               (orchestration_session_entry_id, session_id, ingest_src, elaboration)
+               VALUES (?, ?, ?, ?)""",
+            (
+                entry_id,
+                self.session_id,
+                key.ingest_src,
+                dumps(
+                    {
+                        "key": key.digest,
+                        "scope": key.scope,
+                        "kind": key.kind,
+                        "name": key.name,
+                        "source": source,
+                    }
+                ),
+            ),
+        )
+        return entry_id
+
+    def begin_run(
+        self, key: CellKey, source: str, reason: str, elaboration: dict
+    ) -> tuple[Transition | None, Transition]:
+        """Atomically record that this kernel starts running the cell.
+
+        Returns ``(previous, running)``.  The previous transition is read
+        inside the same write transaction, so the ``from_state`` chain has no
+        gaps even with several writers.
+        """
+        with self.transaction() as c:
+            previous = self.latest(key, c)
+            entry_id = previous.entry_id if previous else self._entry_id(c, key, source)
+            running = self._append(
+                c, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, reason, elaboration
+            )
+        return previous, running
+
+    def finish_run(
+        self,
+        running: Transition,
+        to_state: str,
+        result: dict | None,
+        reason: str,
+        blobs: Iterable[tuple[str, Any]] = (),
+    ) -> Transition:
+        """Record how a run ended, together with its blobs, in one transaction."""
+        result_json = dumps(result) if result is not None else None
+        with self.transaction() as c:
+            for digest, data in blobs:
+                c.execute(
+                    """INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)
+                       ON CONFLICT (digest) DO NOTHING""",
+                    (digest, memoryview(data).nbytes, data),
+                )
+            return self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
+
+    def _append(self, c, entry_id, from_state, to_state, result_json, reason, elaboration) -> Transition:
+        state_id = new_ulid()
+        at = utc_now()  # written explicitly, so the caller knows it without a re-read
+        c.execute(
+            """INSERT INTO orchestration_session_state
+               (orchestration_session_state_id, session_id, session_entry_id, from_state,
+                to_state, transition_result, transition_reason, transitioned_at, elaboration)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                state_id,
+                self.session_id,
+                entry_id,
+                from_state,
+                to_state,
+                result_json,
+                reason,
+                at,
+                dumps(elaboration) if elaboration is not None else None,
+            ),
+        )
+        return Transition(state_id, entry_id, self.session_id, from_state, to_state, result_json, reason, at)
+
+    # -- blobs ----------------------------------------------------------------
+
+    def get_blob(self, digest: str) -> bytearray:
+        """Read a blob into one writable buffer (numpy arrays built on it are
+        writable, and no intermediate full-size ``bytes`` is made)."""
+        row = self.conn.execute(
+            "SELECT rowid, size FROM rssd_magic_blob WHERE digest = ?", (digest,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(digest)
+        rowid, size = row
+        out = bytearray(size)
+        view = memoryview(out)
+        with self.conn.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
+            for offset in range(0, size, READ_CHUNK):
+                view[offset : offset + READ_CHUNK] = blob.read(READ_CHUNK)
+        return out
+
+
+def utc_now() -> str:
+    """Now, in the text form of SQLite's CURRENT_TIMESTAMP (UTC, seconds)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def blob_digest(data: Any) -> str:
+    """Content address of a blob: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _Transaction:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, etype, exc, tb) -> None:
+        if etype is None:
+            self.conn.execute("COMMIT")
+        elif self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
