@@ -216,6 +216,7 @@ def replay(outputs: list[dict], shell: Any) -> ReplayedResult | None:
         if kind == "stream":
             stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
             stream.write(out.get("text", ""))
+            stream.flush()  # keep stdout/stderr interleaving as recorded
         elif kind == "display_data":
             kwargs = {}
             if "transient" in out:
@@ -223,6 +224,4 @@ def replay(outputs: list[dict], shell: Any) -> ReplayedResult | None:
             shell.display_pub.publish(data=out.get("data", {}), metadata=out.get("metadata", {}), **kwargs)
         elif kind == "execute_result":
             result = ReplayedResult(out.get("data", {}), out.get("metadata", {}))
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
     return result

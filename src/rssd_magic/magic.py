@@ -11,6 +11,7 @@ subclasses get one).
 from __future__ import annotations
 
 import atexit
+import html
 import os
 import re
 import sqlite3
@@ -152,6 +153,7 @@ class StatefulMagics(Magics):
         key = cell_key(cell, self.scope(args.scope, store), args.name)
         latest = store.latest(key)
         if latest is not None and latest.to_state == EXECUTED and not args.force:
+            store.note_hit(latest.state_id)
             return self._replay(store, key, latest, args.quiet or self.quiet)
         return self._run(store, key, latest, cell, args)
 
@@ -162,8 +164,8 @@ class StatefulMagics(Magics):
         values, missing = load_names(result.get("names", {}), store.get_blob, self.shell.user_ns)
         self.shell.user_ns.update(values)
         if not quiet:
-            _note(
-                f"[stateful] replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
+            self._banner(
+                f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
                 f"on {result.get('host', '?')} in {result.get('duration_s', 0):.3g}s"
             )
         if key.kind == "name" and result.get("code_hash") not in (None, key.code_hash):
@@ -177,6 +179,17 @@ class StatefulMagics(Magics):
                 + "; ".join(f"{name} {why}" for name, why in missing.items())
             )
         return replay(result.get("outputs", []), self.shell)
+
+    def _banner(self, text: str) -> None:
+        """The replay banner: a display of its own (never merged into the
+        cell's stderr), tagged in metadata so tools can tell it apart."""
+        self.shell.display_pub.publish(
+            data={
+                "text/plain": f"[stateful] {text}",
+                "text/html": f'<small style="opacity:.6">&#8635; stateful: {html.escape(text)}</small>',
+            },
+            metadata={"rssd_magic": {"banner": True}},
+        )
 
     # -- run ------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ from importlib import resources
 # Loaded from the packaged copy of surveilr's DDL, so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
 
-# Our own objects.  Indexes make the per-cell lookup a B-tree probe however
+# Our own objects.  ``rssd_magic_hit`` counts replays per EXECUTED transition
+# (a mutable counter kept out of the append-only history).  Indexes make the per-cell lookup a B-tree probe however
 # many cells (ours or surveilr's) the file holds.  Blobs are keyed by the
 # SHA-256 of their bytes, so equal values are stored once and a reader can
 # verify what it got.
@@ -30,6 +31,11 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_blob" (
     "size" INTEGER NOT NULL,
     "data" BLOB NOT NULL,
     "created_at" TIMESTAMPTZ DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS "rssd_magic_hit" (
+    "state_id" VARCHAR PRIMARY KEY NOT NULL,
+    "hits" INTEGER NOT NULL,
+    "last_hit_at" TIMESTAMPTZ
 );
 """
 

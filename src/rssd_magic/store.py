@@ -25,6 +25,8 @@ import os
 import socket
 import sqlite3
 import stat
+import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +51,8 @@ BUSY_TIMEOUT_MS = 30_000
 #: Blobs are read back in slices of this size, into one preallocated buffer:
 #: large enough to amortise the call, small enough to stay in cache.
 READ_CHUNK = 8 << 20
+#: Replay hit counts are written at most this often (seconds).
+HIT_FLUSH_S = 5.0
 
 
 class RSSDError(Exception):
@@ -78,7 +82,16 @@ class Transition:
         return json.loads(self.result_json) if self.result_json else {}
 
 
-def check_path(path: Path) -> bool:
+def has_state_tables(conn: sqlite3.Connection) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'orchestration_session_state'"
+        ).fetchone()
+        is not None
+    )
+
+
+def check_path(path: Path, readonly: bool = False) -> bool:
     """Refuse unusable paths before SQLite sees them; True when the file exists.
 
     Root passes ``os.access`` on a file with no write bits, so those bits are
@@ -101,6 +114,8 @@ def check_path(path: Path) -> bool:
             raise RSSDError(f"RSSD {path}: cannot be read ({exc.strerror})") from None
         if header != SQLITE_HEADER:
             raise RSSDError(f"RSSD {path}: not a SQLite database (wrong file header)")
+    if readonly:
+        return True
     if not os.access(path, os.W_OK) or not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
         raise RSSDError(f"RSSD {path}: file is read-only")
     if not os.access(path.parent, os.W_OK):
@@ -112,23 +127,40 @@ def check_path(path: Path) -> bool:
 class Store:
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, session_args: dict):
+    def __init__(self, path: Path, conn: sqlite3.Connection):
         self.path = path
         self.conn = conn
         self.host = socket.gethostname()
-        self.session_id = new_ulid()
-        self._open_session(session_args)
+        self.session_id: str | None = None
+        self._pending_hits: dict[str, int] = {}
+        self._hits_since = 0.0
 
     # -- opening -------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, session_args: dict | None = None) -> "Store":
-        """Open (creating if missing) the RSSD at *path*, or raise RSSDError."""
+    def open(
+        cls,
+        path: str | os.PathLike,
+        session_args: dict | None = None,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+    ) -> "Store":
+        """Open the RSSD at *path*, or raise RSSDError naming the cause.
+
+        With *session_args*, an ``orchestration_session`` row is opened for
+        this process (a kernel); without, writes open one on first need.
+        ``create=False`` refuses a missing file (the CLI never creates one);
+        ``readonly=True`` also refuses a file without our tables and never
+        writes.
+        """
         path = Path(path).expanduser().absolute()
-        existed = check_path(path)
+        if not create and not path.exists():
+            raise RSSDError(f"RSSD {path}: no such file")
+        existed = check_path(path, readonly=readonly)
         try:
             conn = sqlite3.connect(
-                f"file:{path}?mode={'rw' if existed else 'rwc'}",
+                f"file:{path}?mode={'ro' if readonly else 'rw' if existed else 'rwc'}",
                 uri=True,
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,
@@ -145,10 +177,19 @@ class Store:
         if problems:
             conn.close()
             raise RSSDError(f"RSSD {path}: incompatible schema: " + "; ".join(problems))
+        if readonly:
+            if not has_state_tables(conn):
+                conn.close()
+                raise RSSDError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            return cls(path, conn)
         try:
             cls._configure(conn)
             cls._ensure_schema(conn)
-            return cls(path, conn, session_args or {})
+            store = cls(path, conn)
+            if session_args is not None:
+                store.start_session(session_args)
+            return store
         except sqlite3.Error as exc:
             conn.close()
             raise RSSDError(f"RSSD {path}: cannot be prepared ({exc})") from None
@@ -172,7 +213,11 @@ class Store:
         # BEGIN IMMEDIATE makes the whole DDL one atomic step.
         conn.executescript("BEGIN IMMEDIATE;\n" + SURVEILR_DDL + OWN_DDL + "\nCOMMIT;")
 
-    def _open_session(self, session_args: dict) -> None:
+    def start_session(self, session_args: dict) -> str:
+        """Open this process's ``orchestration_session`` (once) and return its id."""
+        if self.session_id is not None:
+            return self.session_id
+        session_id = new_ulid()
         with self.transaction() as c:
             # surveilr's device upsert, without rewriting a row it wrote.
             c.execute(
@@ -195,21 +240,28 @@ class Store:
                 """INSERT INTO orchestration_session
                    (orchestration_session_id, device_id, orchestration_nature_id, version, args_json)
                    VALUES (?, ?, ?, ?, ?)""",
-                (self.session_id, device_id, NATURE_ID, __version__, dumps(session_args)),
+                (session_id, device_id, NATURE_ID, __version__, dumps(session_args)),
             )
+        self.session_id = session_id
+        return session_id
+
+    def _session(self) -> str:
+        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
 
     def close(self) -> None:
         """Mark this kernel's session finished and close the connection."""
         if self.conn is None:
             return
         try:
-            with self.transaction() as c:
-                c.execute(
-                    """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
-                       WHERE orchestration_session_id = ?""",
-                    (self.session_id,),
-                )
-            self.conn.execute("PRAGMA optimize")
+            if self.session_id is not None:
+                with self.transaction() as c:
+                    self._flush_hits(c)
+                    c.execute(
+                        """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
+                           WHERE orchestration_session_id = ?""",
+                        (self.session_id,),
+                    )
+                self.conn.execute("PRAGMA optimize")
         except sqlite3.Error:
             pass  # closing must never raise at interpreter exit
         finally:
@@ -221,6 +273,34 @@ class Store:
     def transaction(self) -> "_Transaction":
         """``with store.transaction() as conn:`` — BEGIN IMMEDIATE … COMMIT."""
         return _Transaction(self.conn)
+
+    # -- hits -----------------------------------------------------------------
+
+    def note_hit(self, state_id: str) -> None:
+        """Count a replay of *state_id*.  Counts are kept in memory and
+        written with the next transaction, at close, or when HIT_FLUSH_S have
+        passed: a replay does not pay for a synchronous write."""
+        self._pending_hits[state_id] = self._pending_hits.get(state_id, 0) + 1
+        now = time.monotonic()
+        if now - self._hits_since > HIT_FLUSH_S:
+            if self._hits_since:
+                try:
+                    with self.transaction() as c:
+                        self._flush_hits(c)
+                except sqlite3.OperationalError:
+                    pass  # busy or read-only: keep counting, try again later
+            self._hits_since = now
+
+    def _flush_hits(self, c: sqlite3.Connection) -> None:
+        if not self._pending_hits:
+            return
+        c.executemany(
+            """INSERT INTO rssd_magic_hit (state_id, hits, last_hit_at) VALUES (?, ?, ?)
+               ON CONFLICT (state_id) DO UPDATE
+               SET hits = hits + excluded.hits, last_hit_at = excluded.last_hit_at""",
+            [(sid, n, utc_now()) for sid, n in self._pending_hits.items()],
+        )
+        self._pending_hits.clear()
 
     # -- cell state -----------------------------------------------------------
 
@@ -279,7 +359,9 @@ class Store:
         inside the same write transaction, so the ``from_state`` chain has no
         gaps even with several writers.
         """
+        self._session()
         with self.transaction() as c:
+            self._flush_hits(c)
             previous = self.latest(key, c)
             entry_id = previous.entry_id if previous else self._entry_id(c, key, source)
             running = self._append(
@@ -305,6 +387,16 @@ class Store:
                     (digest, memoryview(data).nbytes, data),
                 )
             return self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
+
+    def append(
+        self, entry_id: str, from_state: str, to_state: str, result: dict | None = None, reason: str | None = None
+    ) -> Transition:
+        """Append one transition to an entry (e.g. ``EXECUTED → FORGOTTEN``)."""
+        self._session()
+        with self.transaction() as c:
+            return self._append(
+                c, entry_id, from_state, to_state, dumps(result) if result is not None else None, reason, None
+            )
 
     def _append(self, c, entry_id, from_state, to_state, result_json, reason, elaboration) -> Transition:
         state_id = new_ulid()
