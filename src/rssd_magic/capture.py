@@ -46,6 +46,9 @@ class OutputRecorder:
         self.outputs: list[dict] = []
         self.paused = 0
         self._clear_pending = False
+        # display_id -> outputs shown with it; kept aside because nbformat's
+        # display_data has no place for transient data.
+        self._displays: dict[str, list[dict]] = {}
 
     def _add(self, output: dict) -> None:
         if self._clear_pending:
@@ -65,16 +68,15 @@ class OutputRecorder:
     def display(self, data: dict, metadata: dict | None, transient: dict | None, update: bool) -> None:
         display_id = (transient or {}).get("display_id")
         if update:
-            # An update replaces the earlier output with the same display_id,
+            # An update replaces the earlier outputs with the same display_id,
             # as nbclient does when it writes a notebook.
-            for out in self.outputs:
-                if out.get("transient", {}).get("display_id") == display_id:
-                    out["data"] = _jsonable(data)
-                    out["metadata"] = _jsonable(metadata or {})
+            for out in self._displays.get(display_id, ()):
+                out["data"] = _jsonable(data)
+                out["metadata"] = _jsonable(metadata or {})
             return
         out = {"output_type": "display_data", "data": _jsonable(data), "metadata": _jsonable(metadata or {})}
         if display_id is not None:
-            out["transient"] = {"display_id": display_id}
+            self._displays.setdefault(display_id, []).append(out)
         self._add(out)
 
     def result(self, data: dict, metadata: dict | None, execution_count: int | None) -> None:
@@ -218,10 +220,7 @@ def replay(outputs: list[dict], shell: Any) -> ReplayedResult | None:
             stream.write(out.get("text", ""))
             stream.flush()  # keep stdout/stderr interleaving as recorded
         elif kind == "display_data":
-            kwargs = {}
-            if "transient" in out:
-                kwargs["transient"] = out["transient"]
-            shell.display_pub.publish(data=out.get("data", {}), metadata=out.get("metadata", {}), **kwargs)
+            shell.display_pub.publish(data=out.get("data", {}), metadata=out.get("metadata", {}))
         elif kind == "execute_result":
             result = ReplayedResult(out.get("data", {}), out.get("metadata", {}))
     return result

@@ -1,0 +1,100 @@
+"""Fixtures for the fast tier: one in-process IPython shell, a fresh working
+directory and RSSD per test, and helpers to read the RSSD with plain sqlite3."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from rssd_magic.magic import ENV_RSSD
+
+
+@dataclass
+class Ran:
+    """What one ``run_cell`` gave: the ExecutionResult and what it showed."""
+
+    result: object
+    stdout: str
+    stderr: str
+    displays: list  # RichOutput objects: .data, .metadata
+
+    @property
+    def banner(self) -> list:
+        return [d for d in self.displays if d.metadata.get("rssd_magic", {}).get("banner")]
+
+    @property
+    def shown(self) -> list:
+        return [d for d in self.displays if not d.metadata.get("rssd_magic", {}).get("banner")]
+
+
+class Kernel:
+    """Drives the shell like a notebook does, and can "restart" it: the
+    extension's stores are closed (as at kernel shutdown) and the names the
+    test defined are dropped, so the next run sees what a fresh kernel sees."""
+
+    def __init__(self, shell: InteractiveShell, workdir: Path):
+        self.shell = shell
+        self.workdir = workdir
+        self.db = workdir / "resource-surveillance.sqlite.db"
+        self._baseline = set(shell.user_ns)
+
+    def run(self, code: str) -> Ran:
+        with capture_output() as cap:
+            result = self.shell.run_cell(code, store_history=True)
+        return Ran(result, cap.stdout, cap.stderr, cap.outputs)
+
+    def ok(self, code: str) -> Ran:
+        ran = self.run(code)
+        assert ran.result.success, (ran.result.error_before_exec or ran.result.error_in_exec, ran.stdout, ran.stderr)
+        return ran
+
+    @property
+    def magics(self):
+        return self.shell.magics_manager.registry["StatefulMagics"]
+
+    def restart(self) -> None:
+        self.magics.close()
+        for name in set(self.shell.user_ns) - self._baseline:
+            del self.shell.user_ns[name]
+
+    def rows(self, sql: str, params=(), db: Path | None = None) -> list[tuple]:
+        conn = sqlite3.connect(db or self.db)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def states(self, db: Path | None = None) -> list[tuple[str, str]]:
+        return self.rows(
+            "SELECT from_state, to_state FROM orchestration_session_state ORDER BY orchestration_session_state_id",
+            db=db,
+        )
+
+
+@pytest.fixture(scope="session")
+def shell() -> InteractiveShell:
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "rssd_magic")
+    return shell
+
+
+@pytest.fixture
+def kernel(shell, tmp_path, monkeypatch) -> Kernel:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_RSSD, raising=False)
+    k = Kernel(shell, tmp_path)
+    magics = k.magics
+    saved = (magics.rssd_path, magics.default_scope, magics.quiet)
+    yield k
+    k.restart()
+    magics.rssd_path, magics.default_scope, magics.quiet = saved
+
+
+def counter(path: Path) -> int:
+    """Lines in a side-effect file (0 when missing)."""
+    return len(path.read_text().splitlines()) if path.exists() else 0
