@@ -134,7 +134,7 @@ def test_blobs_read_back_in_chunks(tmp_path, monkeypatch):
     data = np.random.default_rng(0).bytes(10_500)
     digest = store_mod.blob_digest(data)
     key = cell_key("x", "s")
-    _, running = store.begin_run(key, "x", "first run", {})
+    running = store.claim(key, "x", {}).running
     store.finish_run(running, "EXECUTED", {"names": {}}, "completed", [(digest, data)])
     assert bytes(store.get_blob(digest)) == data
     store.close()

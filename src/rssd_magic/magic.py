@@ -24,10 +24,12 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Unicode
+from traitlets import Bool, Float, Unicode
 
 from . import __version__
+from .acquire import HolderFailed, WaitTimeout, acquire
 from .capture import _patched, capture, replay
+from .claims import DEFAULT_LEASE_S
 from .keys import CellKey, cell_key
 from .names import names_bound, snapshot
 from .serialize import dump_names, load_names
@@ -43,6 +45,51 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def _note(message: str) -> None:
     """One line for the user, on stderr (not mixed into the cell's stdout)."""
     print(message, file=sys.stderr)
+
+
+class StatefulRunError(Exception):
+    """A cell that could not be run or replayed for a reason outside the
+    user's code (waited too long, the holder failed).  Shown as one line."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class _Status:
+    """One live status line while waiting for another kernel.
+
+    In a Jupyter kernel it is a display updated in place (display_id); in a
+    terminal it is written once, since a terminal can't update a display and
+    a line per poll would flood it.
+    """
+
+    def __init__(self, shell):
+        self.shell = shell
+        self.display_id: str | None = None
+        self._last = -1.0
+
+    def _show(self, text: str, update: bool) -> None:
+        data = {"text/plain": f"[stateful] {text}"}
+        md = {"rssd_magic": {"status": True}}
+        self.shell.display_pub.publish(data=data, metadata=md, transient={"display_id": self.display_id}, update=update)
+
+    def waiting(self, holder, waited: float) -> None:
+        if waited - self._last < 1.0:
+            return  # refresh once a second, not once a poll
+        self._last = waited
+        text = f"waiting {waited:.0f}s for {holder.describe()} to finish this cell"
+        if self.display_id is None:
+            self.display_id = os.urandom(8).hex()
+            if hasattr(self.shell, "kernel"):
+                self._show(text, update=False)
+            else:
+                _note(f"[stateful] {text}")
+        elif hasattr(self.shell, "kernel"):
+            self._show(text, update=True)
+
+    def done(self, text: str) -> None:
+        if self.display_id is not None and hasattr(self.shell, "kernel"):
+            self._show(text, update=True)
 
 
 def _plain(stb: list[str]) -> str:
@@ -64,6 +111,15 @@ class StatefulMagics(Magics):
         help="Scope of cell keys when the kernel can't tell which notebook it runs.",
     ).tag(config=True)
     quiet = Bool(False, help="Hide the one-line replay banner (as --quiet does).").tag(config=True)
+    wait_seconds = Float(
+        None,
+        allow_none=True,
+        help="How long a cell waits for another kernel that is running it (None: as long as that kernel lives).",
+    ).tag(config=True)
+    lease_seconds = Float(
+        DEFAULT_LEASE_S,
+        help="Heartbeat lease of a running claim; a claim from another host not renewed for this long is taken over.",
+    ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -137,6 +193,13 @@ class StatefulMagics(Magics):
     @argument("--scope", metavar="SCOPE", help="Key scope (default: the notebook, else StatefulMagics.default_scope).")
     @argument("--force", action="store_true", help="Run again even if executed; history is kept.")
     @argument("--quiet", action="store_true", help="No replay banner.")
+    @argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="While another kernel runs this cell, wait at most SECONDS for its result "
+        "(default: StatefulMagics.wait_seconds; unset = as long as it lives).",
+    )
     @cell_magic
     def stateful(self, line: str, cell: str) -> Any:
         """Run this cell at most once; replay its outputs and names afterwards.
@@ -149,13 +212,44 @@ class StatefulMagics(Magics):
         time.  Inspect the state with ``sqlite3``: see the README.
         """
         args = parse_argstring(self.stateful, line)
+        if args.wait is not None and args.wait < 0:
+            raise UsageError("%%stateful: --wait must be a number of seconds >= 0")
         store = self.store(args.db)
         key = cell_key(cell, self.scope(args.scope, store), args.name)
+        quiet = args.quiet or self.quiet
         latest = store.latest(key)
-        if latest is not None and latest.to_state == EXECUTED and not args.force:
+        executed = latest is not None and latest.to_state == EXECUTED
+        if executed and not args.force:
+            # The hot path: one indexed read, no write.
             store.note_hit(latest.state_id)
-            return self._replay(store, key, latest, args.quiet or self.quiet)
-        return self._run(store, key, latest, cell, args)
+            return self._replay(store, key, latest, quiet)
+        status = _Status(self.shell)
+        try:
+            outcome = acquire(
+                store,
+                key,
+                cell,
+                {"source": cell, "code_hash": key.code_hash},
+                rerun_of=latest.state_id if executed else None,
+                rerun_reason=f"forced (--force) after {EXECUTED}",
+                wait_s=self.wait_seconds if args.wait is None else args.wait,
+                lease_s=self.lease_seconds,
+                on_wait=status.waiting,
+            )
+        except sqlite3.Error as exc:
+            raise UsageError(
+                f"%%stateful: RSSD {store.path}: cannot record the run ({exc}). The cell was not run."
+            ) from None
+        except (WaitTimeout, HolderFailed) as exc:
+            status.done(str(exc))
+            raise StatefulRunError(str(exc)) from None
+        if outcome.kind == "done":
+            status.done("the other kernel finished; replaying its result")
+            store.note_hit(outcome.previous.state_id)
+            return self._replay(store, key, outcome.previous, quiet)
+        if outcome.abandoned is not None:
+            _note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
+        return self._run(store, key, outcome.running, cell)
 
     # -- replay ---------------------------------------------------------------
 
@@ -193,18 +287,7 @@ class StatefulMagics(Magics):
 
     # -- run ------------------------------------------------------------------
 
-    def _run(self, store: Store, key: CellKey, latest: Transition | None, cell: str, args) -> None:
-        if latest is None:
-            reason = "first run"
-        elif args.force:
-            reason = f"forced (--force) after {latest.to_state}"
-        else:
-            reason = f"retry after {latest.to_state}"
-        try:
-            _, running = store.begin_run(key, cell, reason, {"source": cell, "code_hash": key.code_hash})
-        except sqlite3.Error as exc:
-            raise UsageError(f"%%stateful: RSSD {store.path}: cannot record the run ({exc}). The cell was not run.")
-
+    def _run(self, store: Store, key: CellKey, running: Transition, cell: str) -> None:
         shell = self.shell
         before = snapshot(shell.user_ns)
         shown: dict[str, list[str]] = {}

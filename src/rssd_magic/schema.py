@@ -16,7 +16,9 @@ from importlib import resources
 # Loaded from the packaged copy of surveilr's DDL, so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
 
-# Our own objects.  ``rssd_magic_hit`` counts replays per EXECUTED transition
+# Our own objects.  ``rssd_magic_claim`` says who holds a cell's RUNNING
+# transition (see claims.py); it is mutable (heartbeats) and so kept apart
+# from the history.  ``rssd_magic_hit`` counts replays per EXECUTED transition
 # (a mutable counter kept out of the append-only history).  Indexes make the per-cell lookup a B-tree probe however
 # many cells (ours or surveilr's) the file holds.  Blobs are keyed by the
 # SHA-256 of their bytes, so equal values are stored once and a reader can
@@ -31,6 +33,17 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_blob" (
     "size" INTEGER NOT NULL,
     "data" BLOB NOT NULL,
     "created_at" TIMESTAMPTZ DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS "rssd_magic_claim" (
+    "entry_id" VARCHAR PRIMARY KEY NOT NULL,
+    "state_id" VARCHAR NOT NULL,
+    "session_id" VARCHAR NOT NULL,
+    "host" TEXT NOT NULL,
+    "pid" INTEGER NOT NULL,
+    "pid_started" REAL NOT NULL,
+    "claimed_at" REAL NOT NULL,
+    "heartbeat_at" REAL NOT NULL,
+    "lease_s" REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS "rssd_magic_hit" (
     "state_id" VARCHAR PRIMARY KEY NOT NULL,

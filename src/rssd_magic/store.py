@@ -27,12 +27,13 @@ import sqlite3
 import stat
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 from . import __version__
+from .claims import DEFAULT_LEASE_S, Claim, Heartbeat, new_claim
 from .ids import new_ulid
 from .keys import CellKey
 from .schema import EXPECTED_COLUMNS, OWN_DDL, SURVEILR_DDL, schema_problems
@@ -45,6 +46,7 @@ RUNNING = "RUNNING"
 EXECUTED = "EXECUTED"
 FAILED = "FAILED"
 INTERRUPTED = "INTERRUPTED"
+ABANDONED = "ABANDONED"
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 30_000
@@ -80,6 +82,17 @@ class Transition:
     def result(self) -> dict:
         """The parsed ``transition_result`` (empty when there is none)."""
         return json.loads(self.result_json) if self.result_json else {}
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    """What :meth:`Store.claim` decided: ``run``, ``done`` or ``held``."""
+
+    kind: str
+    previous: Transition | None
+    running: Transition | None = None
+    holder: Claim | None = None
+    abandoned: Transition | None = None
 
 
 def has_state_tables(conn: sqlite3.Connection) -> bool:
@@ -134,6 +147,7 @@ class Store:
         self.session_id: str | None = None
         self._pending_hits: dict[str, int] = {}
         self._hits_since = 0.0
+        self._beat: Heartbeat | None = None
 
     # -- opening -------------------------------------------------------------
 
@@ -252,6 +266,8 @@ class Store:
         """Mark this kernel's session finished and close the connection."""
         if self.conn is None:
             return
+        if self._beat is not None:
+            self._beat.stop()
         try:
             if self.session_id is not None:
                 with self.transaction() as c:
@@ -350,24 +366,80 @@ class Store:
         )
         return entry_id
 
-    def begin_run(
-        self, key: CellKey, source: str, reason: str, elaboration: dict
-    ) -> tuple[Transition | None, Transition]:
-        """Atomically record that this kernel starts running the cell.
+    def claim(
+        self,
+        key: CellKey,
+        source: str,
+        elaboration: dict,
+        *,
+        rerun_of: str | None = None,
+        rerun_reason: str = "",
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> ClaimOutcome:
+        """Atomically decide, and record, who runs the cell now.
 
-        Returns ``(previous, running)``.  The previous transition is read
-        inside the same write transaction, so the ``from_state`` chain has no
-        gaps even with several writers.
+        In one ``BEGIN IMMEDIATE`` transaction (so exactly one kernel wins):
+
+        * the latest transition is EXECUTED → ``done`` (replay it), unless it
+          is *rerun_of*, the result the caller chose to run again (--force,
+          a TTL) → ``run``;
+        * it is RUNNING and its holder is alive → ``held`` (wait);
+        * it is RUNNING and its holder is dead → record ``RUNNING →
+          ABANDONED`` first, then run;
+        * otherwise (never ran, FAILED, INTERRUPTED, …) → ``run``: a RUNNING
+          transition and a claim row are written.
         """
         self._session()
         with self.transaction() as c:
             self._flush_hits(c)
             previous = self.latest(key, c)
+            abandoned = None
+            if previous is None:
+                reason = "first run"
+            elif previous.to_state == EXECUTED:
+                if previous.state_id != rerun_of:
+                    return ClaimOutcome("done", previous)
+                reason = rerun_reason
+            elif previous.to_state == RUNNING:
+                holder = self.claim_of(previous, c)
+                dead = holder.dead_because() if holder else "no holder is recorded for it"
+                if dead is None:
+                    return ClaimOutcome("held", previous, holder=holder)
+                abandoned = previous = self._append(
+                    c, previous.entry_id, RUNNING, ABANDONED, None, f"holder dead: {dead}", None
+                )
+                c.execute("DELETE FROM rssd_magic_claim WHERE entry_id = ?", (previous.entry_id,))
+                reason = "takeover after ABANDONED"
+            else:
+                reason = f"retry after {previous.to_state}"
             entry_id = previous.entry_id if previous else self._entry_id(c, key, source)
             running = self._append(
                 c, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, reason, elaboration
             )
-        return previous, running
+            claim = new_claim(entry_id, running.state_id, self.session_id, lease_s)
+            c.execute(
+                """INSERT INTO rssd_magic_claim VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (entry_id) DO UPDATE SET state_id = excluded.state_id,
+                   session_id = excluded.session_id, host = excluded.host, pid = excluded.pid,
+                   pid_started = excluded.pid_started, claimed_at = excluded.claimed_at,
+                   heartbeat_at = excluded.heartbeat_at, lease_s = excluded.lease_s""",
+                astuple(claim),
+            )
+        self._heartbeat().hold(running.state_id, lease_s)
+        return ClaimOutcome("run", previous, running=running, abandoned=abandoned)
+
+    def claim_of(self, running: Transition, conn: sqlite3.Connection | None = None) -> Claim | None:
+        """Who holds a RUNNING transition (None if no claim row names it)."""
+        row = (conn or self.conn).execute(
+            "SELECT * FROM rssd_magic_claim WHERE entry_id = ? AND state_id = ?",
+            (running.entry_id, running.state_id),
+        ).fetchone()
+        return Claim(*row) if row else None
+
+    def _heartbeat(self) -> Heartbeat:
+        if self._beat is None:
+            self._beat = Heartbeat(self.path, BUSY_TIMEOUT_MS / 1000)
+        return self._beat
 
     def finish_run(
         self,
@@ -377,16 +449,21 @@ class Store:
         reason: str,
         blobs: Iterable[tuple[str, Any]] = (),
     ) -> Transition:
-        """Record how a run ended, together with its blobs, in one transaction."""
+        """Record how a run ended, with its blobs, and release its claim: one
+        transaction, so waiters see the result and the release together."""
         result_json = dumps(result) if result is not None else None
         with self.transaction() as c:
+            c.execute("DELETE FROM rssd_magic_claim WHERE state_id = ?", (running.state_id,))
             for digest, data in blobs:
                 c.execute(
                     """INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)
                        ON CONFLICT (digest) DO NOTHING""",
                     (digest, memoryview(data).nbytes, data),
                 )
-            return self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
+            done = self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
+        if self._beat is not None:
+            self._beat.release(running.state_id)
+        return done
 
     def append(
         self, entry_id: str, from_state: str, to_state: str, result: dict | None = None, reason: str | None = None
