@@ -89,10 +89,10 @@ def kernel(shell, tmp_path, monkeypatch) -> Kernel:
     monkeypatch.delenv(ENV_RSSD, raising=False)
     k = Kernel(shell, tmp_path)
     magics = k.magics
-    saved = (magics.rssd_path, magics.default_scope, magics.quiet)
+    saved = (magics.rssd_path, magics.default_scope, magics.quiet, magics.clock)
     yield k
     k.restart()
-    magics.rssd_path, magics.default_scope, magics.quiet = saved
+    magics.rssd_path, magics.default_scope, magics.quiet, magics.clock = saved
 
 
 def counter(path: Path) -> int:

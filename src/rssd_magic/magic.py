@@ -34,6 +34,7 @@ from .keys import CellKey, cell_key
 from .names import names_bound, snapshot
 from .serialize import dump_names, load_names
 from .store import EXECUTED, FAILED, INTERRUPTED, RSSDError, Store, Transition
+from .ttl import age_s, parse_duration
 
 DEFAULT_RSSD = "resource-surveillance.sqlite.db"
 ENV_RSSD = "SURVEILR_STATEDB_FS_PATH"
@@ -124,6 +125,7 @@ class StatefulMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self._stores: dict[Path, Store] = {}
+        self.clock = time.time  # what --ttl compares against; tests set their own
         atexit.register(self.close)
 
     # -- configuration --------------------------------------------------------
@@ -184,6 +186,16 @@ class StatefulMagics(Magics):
     # -- the magic ------------------------------------------------------------
 
     @magic_arguments()
+    @argument(
+        "--ttl",
+        metavar="DURATION",
+        help="Run again when the recorded result is older than DURATION (45s, 30m, 12h, 7d, 2w).",
+    )
+    @argument(
+        "--replay-only",
+        action="store_true",
+        help="Never execute: replay the recorded result, or fail if there is none.",
+    )
     @argument("--db", metavar="PATH", help=f"RSSD file (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
     @argument(
         "--name",
@@ -214,15 +226,34 @@ class StatefulMagics(Magics):
         args = parse_argstring(self.stateful, line)
         if args.wait is not None and args.wait < 0:
             raise UsageError("%%stateful: --wait must be a number of seconds >= 0")
+        try:
+            ttl = parse_duration(args.ttl) if args.ttl else None
+        except ValueError as exc:
+            raise UsageError(f"%%stateful: --ttl: {exc}") from None
         store = self.store(args.db)
         key = cell_key(cell, self.scope(args.scope, store), args.name)
         quiet = args.quiet or self.quiet
         latest = store.latest(key)
         executed = latest is not None and latest.to_state == EXECUTED
-        if executed and not args.force:
+        rerun = "forced (--force)" if args.force else None
+        if executed and ttl is not None and not rerun:
+            age = age_s(latest.transitioned_at, self.clock())
+            if age > ttl:
+                rerun = f"stale: executed {latest.transitioned_at} UTC, {age:.0f}s ago, older than --ttl {args.ttl}"
+        if args.replay_only:
+            if not executed:
+                state = latest.to_state if latest else "never run"
+                raise UsageError(
+                    f"%%stateful --replay-only: this cell has no executed result in {store.path} "
+                    f"(state: {state}, key {key.digest[:12]}); it was not run"
+                )
+            rerun = None
+        if executed and not rerun:
             # The hot path: one indexed read, no write.
             store.note_hit(latest.state_id)
             return self._replay(store, key, latest, quiet)
+        if rerun and rerun.startswith("stale"):
+            _note(f"[stateful] running again: result is {rerun}")
         status = _Status(self.shell)
         try:
             outcome = acquire(
@@ -231,7 +262,7 @@ class StatefulMagics(Magics):
                 cell,
                 {"source": cell, "code_hash": key.code_hash},
                 rerun_of=latest.state_id if executed else None,
-                rerun_reason=f"forced (--force) after {EXECUTED}",
+                rerun_reason=f"{rerun} after {EXECUTED}" if rerun else "",
                 wait_s=self.wait_seconds if args.wait is None else args.wait,
                 lease_s=self.lease_seconds,
                 on_wait=status.waiting,

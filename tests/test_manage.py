@@ -1,0 +1,56 @@
+"""Fast tier: --ttl, --replay-only and the %stateful line magic."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import counter
+from rssd_magic.ttl import parse_duration
+
+APPEND = "open('side.log', 'a').write('ran\\n')\n"
+
+
+@pytest.mark.parametrize("text, seconds", [("45s", 45), ("30m", 1800), ("12h", 43200), ("7d", 604800), ("1.5h", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_ttl_reruns_a_stale_result_and_records_why(kernel):
+    cell = "%%stateful --ttl 30m\n" + APPEND + "t = 1\n"
+    kernel.ok(cell)
+    kernel.magics.clock = lambda: time.time() + 29 * 60
+    kernel.ok(cell)
+    assert counter(kernel.workdir / "side.log") == 1, "younger than the TTL: replayed"
+    kernel.magics.clock = lambda: time.time() + 31 * 60
+    ran = kernel.ok(cell)
+    assert counter(kernel.workdir / "side.log") == 2
+    assert "stale" in ran.stderr
+    (reason,) = kernel.rows(
+        "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' "
+        "ORDER BY orchestration_session_state_id DESC LIMIT 1"
+    )[0]
+    assert reason.startswith("stale: executed") and "--ttl 30m" in reason
+    kernel.magics.clock = time.time
+    kernel.ok(cell)  # the fresh result is young again
+    assert counter(kernel.workdir / "side.log") == 2
+
+
+def test_bad_ttl_is_a_usage_error(kernel):
+    ran = kernel.run("%%stateful --ttl soon\n" + APPEND)
+    assert type(ran.result.error_in_exec).__name__ == "UsageError"
+    assert "--ttl" in str(ran.result.error_in_exec) and "soon" in str(ran.result.error_in_exec)
+    assert counter(kernel.workdir / "side.log") == 0
+
+
+def test_replay_only_replays_when_recorded_and_refuses_otherwise(kernel):
+    ran = kernel.run("%%stateful --replay-only\n" + APPEND + "r = 2\n")
+    err = ran.result.error_in_exec
+    assert type(err).__name__ == "UsageError" and "no executed result" in str(err) and "never run" in str(err)
+    assert counter(kernel.workdir / "side.log") == 0
+    kernel.ok("%%stateful\n" + APPEND + "r = 2\n")
+    kernel.restart()
+    kernel.ok("%%stateful --replay-only\n" + APPEND + "r = 2\n")
+    assert kernel.shell.user_ns["r"] == 2
+    assert counter(kernel.workdir / "side.log") == 1
