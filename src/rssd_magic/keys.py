@@ -16,6 +16,7 @@ import hashlib
 import io
 import tokenize
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import quote
 
 #: Bumped whenever normalization changes, so old keys can never alias new ones.
@@ -97,12 +98,15 @@ class CellKey:
         return self.ident if self.kind == "name" else None
 
 
+@lru_cache(maxsize=1024)
 def cell_key(code: str, scope: str, name: str | None = None, extra: str = "") -> CellKey:
     """Compute the key of a cell.
 
     *extra* is folded into code keys only: it carries whatever else decides
     whether two runs are "the same" (for SQL cells, the target database and
     parameters).  Named cells ignore it: a name runs once, whatever changed.
+    Memoized: a notebook re-runs the same few cells, and tokenizing them is
+    most of a replay's own cost.
     """
     chash = code_hash(code, extra)
     if name is not None:

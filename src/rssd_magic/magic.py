@@ -125,6 +125,8 @@ class StatefulMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self._stores: dict[Path, Store] = {}
+        self._resolved: dict[tuple, Store] = {}
+        self._args: dict[str, Any] = {}
         self.clock = time.time  # what --ttl compares against; tests set their own
         atexit.register(self.close)
 
@@ -136,6 +138,13 @@ class StatefulMagics(Magics):
         return Path(raw).expanduser().absolute()
 
     def store(self, db: str | None = None) -> Store:
+        """The open store for this cell's RSSD (opened once per kernel and file)."""
+        # Resolving a path costs more than the replay's query: remember it per
+        # everything it depends on.
+        where = (db, self.rssd_path, os.environ.get(ENV_RSSD), os.getcwd())
+        store = self._resolved.get(where)
+        if store is not None and store.conn is not None:
+            return store
         path = self.resolve_path(db)
         store = self._stores.get(path)
         if store is None:
@@ -144,6 +153,7 @@ class StatefulMagics(Magics):
             except RSSDError as exc:
                 raise UsageError(f"%%stateful: {exc}. The cell was not run.") from None
             self._stores[path] = store
+        self._resolved[where] = store
         return store
 
     def _notebook(self) -> str | None:
@@ -182,6 +192,7 @@ class StatefulMagics(Magics):
         for store in self._stores.values():
             store.close()
         self._stores.clear()
+        self._resolved.clear()
 
     # -- the magic ------------------------------------------------------------
 
@@ -223,7 +234,11 @@ class StatefulMagics(Magics):
         cell that fails is recorded with its traceback and runs again next
         time.  Inspect the state with ``sqlite3``: see the README.
         """
-        args = parse_argstring(self.stateful, line)
+        args = self._args.get(line)
+        if args is None:  # argparse is slow; a notebook repeats few option lines
+            if len(self._args) > 256:
+                self._args.clear()
+            args = self._args[line] = parse_argstring(self.stateful, line)
         if args.wait is not None and args.wait < 0:
             raise UsageError("%%stateful: --wait must be a number of seconds >= 0")
         try:
