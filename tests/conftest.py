@@ -3,6 +3,7 @@ directory and RSSD per test, and helpers to read the RSSD with plain sqlite3."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,20 @@ class Kernel:
             "SELECT from_state, to_state FROM orchestration_session_state ORDER BY orchestration_session_state_id",
             db=db,
         )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_secret_dir(tmp_path_factory):
+    """Keep the per-user signing key (trust.py) out of the real home: every
+    shell and kernel the tests start uses this data directory."""
+    path = tmp_path_factory.mktemp("jupyter-data")
+    old = os.environ.get("JUPYTER_DATA_DIR")
+    os.environ["JUPYTER_DATA_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("JUPYTER_DATA_DIR", None)
+    else:
+        os.environ["JUPYTER_DATA_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from rssd_magic.keys import cell_key, normalize_code
 from rssd_magic.names import bound_names
 from rssd_magic.schema import EXPECTED_COLUMNS
 from rssd_magic.store import RSSDError, Store
+from rssd_magic.trust import buffer_digest
 
 SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestration.sql"
 
@@ -98,7 +99,9 @@ def test_serialize_round_trips_and_reports_failures():
     assert specs["arr"]["buffers"], "large buffers go out of band"
     assert specs["g"]["kind"] == "unserializable" and "generator" in specs["g"]["error"]
     store = dict(blobs)
-    values, missing = serialize.load_names(specs, lambda d: bytearray(store[d]), {})
+    untrusted, why = serialize.load_names(specs, lambda d: bytearray(store[d]), {})
+    assert "s" not in untrusted and why["s"] == serialize.UNTRUSTED and untrusted["i"] == 7
+    values, missing = serialize.load_names(specs, lambda d: bytearray(store[d]), {}, lambda name: True)
     assert values["i"] == 7 and values["s"] == ns["s"] and np.isnan(values["nan"])
     assert (values["arr"] == ns["arr"]).all()
     assert set(missing) == {"g"}
@@ -106,7 +109,7 @@ def test_serialize_round_trips_and_reports_failures():
     def blob_gone(digest):
         raise KeyError(digest)
 
-    values, missing = serialize.load_names({"arr": specs["arr"]}, blob_gone, {})
+    values, missing = serialize.load_names({"arr": specs["arr"]}, blob_gone, {}, lambda name: True)
     assert "missing from the RSSD" in missing["arr"] and not values
 
 
@@ -132,7 +135,7 @@ def test_blobs_read_back_in_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(store_mod, "READ_CHUNK", 1000)
     store = Store.open(tmp_path / "b.db", {"test": True})
     data = np.random.default_rng(0).bytes(10_500)
-    digest = store_mod.blob_digest(data)
+    digest = buffer_digest(data)
     key = cell_key("x", "s")
     running = store.claim(key, "x", {}).running
     store.finish_run(running, "EXECUTED", {"names": {}}, "completed", [(digest, data)])

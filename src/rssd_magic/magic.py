@@ -32,12 +32,11 @@ from .capture import _patched, capture, replay
 from .claims import DEFAULT_LEASE_S
 from .keys import CellKey, cell_key
 from .names import names_bound, snapshot
-from .serialize import dump_names, load_names
-from .store import EXECUTED, FAILED, INTERRUPTED, RSSDError, Store, Transition
+from .serialize import UNTRUSTED, dump_names, load_names
+from .store import DEFAULT_RSSD, ENV_RSSD, EXECUTED, FAILED, INTERRUPTED, RSSDError, Store, Transition
+from .trust import Signer, sign_specs, trusted_names
 from .ttl import age_s, parse_duration
 
-DEFAULT_RSSD = "resource-surveillance.sqlite.db"
-ENV_RSSD = "SURVEILR_STATEDB_FS_PATH"
 RESULT_FORMAT = "rssd_magic.result.v1"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -112,6 +111,12 @@ class StatefulMagics(Magics):
         help="Scope of cell keys when the kernel can't tell which notebook it runs.",
     ).tag(config=True)
     quiet = Bool(False, help="Hide the one-line replay banner (as --quiet does).").tag(config=True)
+    secret = Unicode(
+        None,
+        allow_none=True,
+        help="Team key for signing stored values (default: $RSSD_MAGIC_SECRET, else a per-user "
+        "key created in the Jupyter data directory). Values signed with another key are not unpickled.",
+    ).tag(config=True)
     wait_seconds = Float(
         None,
         allow_none=True,
@@ -127,6 +132,8 @@ class StatefulMagics(Magics):
         self._stores: dict[Path, Store] = {}
         self._resolved: dict[tuple, Store] = {}
         self._args: dict[str, Any] = {}
+        self._signer: Signer | None = None
+        self._signer_source: str | None = None
         self.clock = time.time  # what --ttl compares against; tests set their own
         atexit.register(self.close)
 
@@ -155,6 +162,13 @@ class StatefulMagics(Magics):
             self._stores[path] = store
         self._resolved[where] = store
         return store
+
+    @property
+    def signer(self) -> Signer:
+        """The key that signs what this kernel stores and checks what it loads."""
+        if self._signer is None or self._signer_source != self.secret:
+            self._signer, self._signer_source = Signer.load(self.secret), self.secret
+        return self._signer
 
     def _notebook(self) -> str | None:
         ns = self.shell.user_ns
@@ -301,7 +315,9 @@ class StatefulMagics(Magics):
 
     def _replay(self, store: Store, key: CellKey, done: Transition, quiet: bool) -> Any:
         result = done.result()
-        values, missing = load_names(result.get("names", {}), store.get_blob, self.shell.user_ns)
+        specs = result.get("names", {})
+        trusted = trusted_names(self.signer, specs, store.signatures) if specs else set()
+        values, missing = load_names(specs, store.get_blob, self.shell.user_ns, trusted.__contains__)
         self.shell.user_ns.update(values)
         if not quiet:
             self._banner(
@@ -318,6 +334,11 @@ class StatefulMagics(Magics):
                 "[stateful] not restored: "
                 + "; ".join(f"{name} {why}" for name, why in missing.items())
             )
+            if UNTRUSTED in missing.values():
+                _note(
+                    f"[stateful] values signed by another key are never unpickled; if you trust "
+                    f"{store.path}, run %stateful trust (or: rssd-magic --db {store.path} trust)"
+                )
         return replay(result.get("outputs", []), self.shell)
 
     def _banner(self, text: str) -> None:
@@ -375,13 +396,21 @@ class StatefulMagics(Magics):
                 "[stateful] executed, but these names can't be saved and won't be restored on replay: "
                 + "; ".join(f"{n} ({why})" for n, why in bad.items())
             )
-        self._finish(store, running, EXECUTED, {**base, "outputs": rec.outputs, "names": specs}, "completed", blobs)
+        self._finish(
+            store,
+            running,
+            EXECUTED,
+            {**base, "outputs": rec.outputs, "names": specs},
+            "completed",
+            blobs,
+            sign_specs(self.signer, specs),
+        )
         return None
 
     @staticmethod
-    def _finish(store, running, to_state, result, reason, blobs=()) -> None:
+    def _finish(store, running, to_state, result, reason, blobs=(), signatures=()) -> None:
         try:
-            store.finish_run(running, to_state, result, reason, blobs)
+            store.finish_run(running, to_state, result, reason, blobs, signatures)
         except (sqlite3.Error, ValueError) as exc:
             # The cell ran and its output is on screen; only the record failed.
             _note(f"[stateful] RSSD {store.path}: the run could not be recorded ({exc}); it will run again next time")

@@ -16,13 +16,15 @@ from importlib import resources
 # Loaded from the packaged copy of surveilr's DDL, so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
 
-# Our own objects.  ``rssd_magic_claim`` says who holds a cell's RUNNING
-# transition (see claims.py); it is mutable (heartbeats) and so kept apart
-# from the history.  ``rssd_magic_hit`` counts replays per EXECUTED transition
-# (a mutable counter kept out of the append-only history).  Indexes make the per-cell lookup a B-tree probe however
-# many cells (ours or surveilr's) the file holds.  Blobs are keyed by the
-# SHA-256 of their bytes, so equal values are stored once and a reader can
-# verify what it got.
+# Our own objects, all prefixed ``rssd_magic_``:
+#   blob       large values as raw bytes, keyed by their digest (stored once,
+#              checked when read back);
+#   claim      who holds a cell's RUNNING transition (claims.py): mutable
+#              (heartbeats), so kept apart from the append-only history;
+#   signature  HMACs of payloads, one row per payload and key (trust.py);
+#   hit        replay counts per EXECUTED transition (a mutable counter).
+# The indexes make the per-cell lookup a B-tree probe however many cells
+# (ours or surveilr's) the file holds.
 OWN_DDL = """
 CREATE INDEX IF NOT EXISTS "rssd_magic_entry_src_idx"
     ON "orchestration_session_entry"("ingest_src");
@@ -44,6 +46,13 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_claim" (
     "claimed_at" REAL NOT NULL,
     "heartbeat_at" REAL NOT NULL,
     "lease_s" REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS "rssd_magic_signature" (
+    "payload_id" TEXT NOT NULL,
+    "key_id" TEXT NOT NULL,
+    "signature" TEXT NOT NULL,
+    "created_at" TIMESTAMPTZ DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY ("payload_id", "key_id")
 );
 CREATE TABLE IF NOT EXISTS "rssd_magic_hit" (
     "state_id" VARCHAR PRIMARY KEY NOT NULL,

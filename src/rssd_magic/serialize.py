@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .store import blob_digest
+from .trust import buffer_digest, stream_digest
 
 #: Strings longer than this go to a blob rather than into the JSON.
 MAX_INLINE_STR = 4096
@@ -40,6 +40,9 @@ MAX_INLINE_STR = 4096
 MIN_OUT_OF_BAND = 64 * 1024
 
 Blob = tuple[str, Any]
+
+#: Why a pickled name was not restored when its signature didn't check out.
+UNTRUSTED = "is not signed by your key"
 
 
 def type_name(value: Any) -> str:
@@ -97,10 +100,10 @@ def dump_value(value: Any) -> tuple[dict, list[Blob]]:
             "type": type_name(value),
             "error": f"{type(exc).__name__}: {exc}",
         }, []
-    blobs: list[Blob] = [(blob_digest(data), data)]
+    blobs: list[Blob] = [(stream_digest(data), data)]
     for buf in buffers:
         raw = buf.raw()
-        blobs.append((blob_digest(raw), raw))
+        blobs.append((buffer_digest(raw), raw))
     spec = {
         "kind": "pickle",
         "type": type_name(value),
@@ -144,14 +147,26 @@ def _rebind_globals(value: Any, namespace: dict) -> Any:
 
 
 def load_names(
-    specs: dict[str, dict], get_blob: Callable[[str], Any], namespace: dict
+    specs: dict[str, dict],
+    get_blob: Callable[[str], Any],
+    namespace: dict,
+    trusted: Callable[[str], bool] = lambda name: False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Rebuild values from *specs*; returns ``(values, {name: why not})``."""
+    """Rebuild values from *specs*; returns ``(values, {name: why not})``.
+
+    A pickle is only loaded when ``trusted(name)`` says its payload carries
+    a valid signature; *get_blob* must verify each blob against its digest.
+    """
     values: dict[str, Any] = {}
     missing: dict[str, str] = {}
+    if not isinstance(specs, dict):
+        return values, {"(names)": f"recorded names are not a JSON object ({type(specs).__name__})"}
     for name, spec in specs.items():
-        kind = spec.get("kind")
+        kind = spec.get("kind") if isinstance(spec, dict) else None
         try:
+            if kind == "pickle" and not trusted(name):
+                missing[name] = UNTRUSTED
+                continue
             if kind == "json":
                 values[name] = spec["value"]
             elif kind == "module":
@@ -166,7 +181,7 @@ def load_names(
             else:
                 missing[name] = f"unknown kind {kind!r}"
         except KeyError as exc:
-            missing[name] = f"blob {exc.args[0]} is missing from the RSSD"
+            missing[name] = f"blob {str(exc.args[0])[:24]}… is missing from the RSSD"
         except Exception as exc:  # noqa: BLE001 - a bad value must not stop the replay
             missing[name] = f"could not be restored ({type(exc).__name__}: {exc})"
     return values, missing

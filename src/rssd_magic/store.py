@@ -19,7 +19,6 @@ Design rules, each from a bug somebody else shipped:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -37,6 +36,7 @@ from .claims import DEFAULT_LEASE_S, Claim, Heartbeat, new_claim
 from .ids import new_ulid
 from .keys import CellKey
 from .schema import EXPECTED_COLUMNS, OWN_DDL, SURVEILR_DDL, schema_problems
+from .trust import verify
 
 NATURE_ID = "rssd-magic-stateful-cell"
 NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
@@ -47,6 +47,10 @@ EXECUTED = "EXECUTED"
 FAILED = "FAILED"
 INTERRUPTED = "INTERRUPTED"
 ABANDONED = "ABANDONED"
+
+#: surveilr's default RSSD file name, and the variable that overrides it.
+DEFAULT_RSSD = "resource-surveillance.sqlite.db"
+ENV_RSSD = "SURVEILR_STATEDB_FS_PATH"
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_MS = 30_000
@@ -448,12 +452,14 @@ class Store:
         result: dict | None,
         reason: str,
         blobs: Iterable[tuple[str, Any]] = (),
+        signatures: Iterable[tuple[str, str, str]] = (),
     ) -> Transition:
-        """Record how a run ended, with its blobs, and release its claim: one
-        transaction, so waiters see the result and the release together."""
+        """Record how a run ended, with its blobs and their signatures, and
+        release its claim: one transaction, so waiters see all of it at once."""
         result_json = dumps(result) if result is not None else None
         with self.transaction() as c:
             c.execute("DELETE FROM rssd_magic_claim WHERE state_id = ?", (running.state_id,))
+            self.add_signatures(signatures, c)
             for digest, data in blobs:
                 c.execute(
                     """INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)
@@ -466,11 +472,31 @@ class Store:
         return done
 
     def append(
-        self, entry_id: str, from_state: str, to_state: str, result: dict | None = None, reason: str | None = None
-    ) -> Transition:
-        """Append one transition to an entry (e.g. ``EXECUTED → FORGOTTEN``)."""
+        self,
+        entry_id: str,
+        from_state: str,
+        to_state: str,
+        result: dict | None = None,
+        reason: str | None = None,
+        *,
+        if_latest: str | None = None,
+    ) -> Transition | None:
+        """Append one transition to an entry (e.g. ``EXECUTED → FORGOTTEN``).
+
+        With *if_latest*, only if that state id is still the entry's latest
+        (checked inside the write transaction; None is returned otherwise), so
+        a decision made on a read can't append after a newer run.
+        """
         self._session()
         with self.transaction() as c:
+            if if_latest is not None:
+                row = c.execute(
+                    """SELECT max(orchestration_session_state_id) FROM orchestration_session_state
+                       WHERE session_entry_id = ?""",
+                    (entry_id,),
+                ).fetchone()
+                if row[0] != if_latest:
+                    return None
             return self._append(
                 c, entry_id, from_state, to_state, dumps(result) if result is not None else None, reason, None
             )
@@ -513,17 +539,35 @@ class Store:
         with self.conn.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
             for offset in range(0, size, READ_CHUNK):
                 view[offset : offset + READ_CHUNK] = blob.read(READ_CHUNK)
+        verify(digest, out)
         return out
+
+    # -- signatures -----------------------------------------------------------
+
+    def signatures(self, key_id: str, payload_ids: Iterable[str]) -> dict[str, str]:
+        """The signatures *key_id* made over *payload_ids* (missing ones absent)."""
+        ids = list(payload_ids)
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(
+            f"SELECT payload_id, signature FROM rssd_magic_signature WHERE key_id = ? AND payload_id IN ({marks})",
+            (key_id, *ids),
+        )
+        return dict(rows.fetchall())
+
+    def add_signatures(self, rows: Iterable[tuple[str, str, str]], conn: sqlite3.Connection | None = None) -> None:
+        """Record ``(payload_id, key_id, signature)`` rows (idempotent)."""
+        (conn or self.conn).executemany(
+            """INSERT INTO rssd_magic_signature (payload_id, key_id, signature) VALUES (?, ?, ?)
+               ON CONFLICT (payload_id, key_id) DO UPDATE SET signature = excluded.signature""",
+            list(rows),
+        )
 
 
 def utc_now() -> str:
     """Now, in the text form of SQLite's CURRENT_TIMESTAMP (UTC, seconds)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def blob_digest(data: Any) -> str:
-    """Content address of a blob: ``sha256:<hex>``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class _Transaction:
