@@ -54,3 +54,35 @@ def test_replay_only_replays_when_recorded_and_refuses_otherwise(kernel):
     kernel.ok("%%stateful --replay-only\n" + APPEND + "r = 2\n")
     assert kernel.shell.user_ns["r"] == 2
     assert counter(kernel.workdir / "side.log") == 1
+
+
+# -- the %stateful line magic ------------------------------------------------
+
+
+def test_line_magic_list_show_stats_forget(kernel):
+    kernel.ok("%%stateful --name load\n" + APPEND + "print('loaded')\nv = 1\n")
+    kernel.ok("%%stateful --name load\n" + APPEND + "print('loaded')\nv = 1\n")  # a hit
+    listed = kernel.ok("%stateful list").result.result
+    (cell,) = listed.value
+    assert cell["name"] == "load" and cell["state"] == "EXECUTED" and cell["hits"] == 1
+    assert "<table>" in listed._repr_html_() and "load" in listed._repr_html_()
+    assert "EXECUTED" in repr(listed) and cell["key"][:12] in repr(listed)
+
+    shown = kernel.ok(f"%stateful show {cell['key'][:6]}").result.result
+    assert "print('loaded')" in repr(shown) and "INITIAL" in repr(shown) and "loaded" in repr(shown)
+
+    stats = kernel.ok("%stateful stats").result.result.value
+    assert stats["cells"] == 1 and stats["hits"] == 1
+
+    forgot = kernel.ok("%stateful forget load")
+    assert "forgot 1 cell(s)" in forgot.stdout
+    kernel.ok("%%stateful --name load\n" + APPEND + "print('loaded')\nv = 1\n")
+    assert counter(kernel.workdir / "side.log") == 2
+    assert kernel.states()[-3:] == [("EXECUTED", "FORGOTTEN"), ("FORGOTTEN", "RUNNING"), ("RUNNING", "EXECUTED")]
+
+
+def test_line_magic_errors_are_usage_errors(kernel):
+    kernel.ok("%%stateful\nw = 1\n")
+    for line, words in [("%stateful show ffffffffff", "no %%stateful cell"), ("%stateful bogus", "invalid choice"), ("%stateful forget", "KEY or --all")]:
+        err = kernel.run(line).result.error_in_exec
+        assert type(err).__name__ == "UsageError" and words in str(err), (line, err)

@@ -39,16 +39,53 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-class OutputRecorder:
-    """Collects outputs in nbformat shape, merging consecutive stream text."""
+def _size(data: dict) -> int:
+    return sum(len(v) if isinstance(v, str) else 64 for v in data.values())
 
-    def __init__(self) -> None:
+
+def _utf8(text: str) -> str:
+    """Text that encodes as UTF-8: lone surrogates (undecodable bytes that
+    reached a text stream) become U+FFFD instead of failing the record."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:  # bytes smuggled in by surrogateescape: decode them for real
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+class OutputRecorder:
+    """Collects outputs in nbformat shape, merging consecutive stream text.
+
+    At most *limit* characters of output are kept (a cell printing a
+    gigabyte must not put a gigabyte into the RSSD); past it, recording
+    stops and :meth:`finish` appends a note saying so.  What the user sees
+    live is never cut.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
         self.outputs: list[dict] = []
         self.paused = 0
+        self.limit = limit
+        self.size = 0
+        self.truncated = False
         self._clear_pending = False
         # display_id -> outputs shown with it; kept aside because nbformat's
         # display_data has no place for transient data.
         self._displays: dict[str, list[dict]] = {}
+
+    def _room(self, n: int) -> int:
+        """How much of *n* more characters may be kept."""
+        if self.truncated:
+            return 0
+        if self.limit is not None and self.size + n > self.limit:
+            self.truncated = True
+            return max(0, self.limit - self.size)
+        self.size += n
+        return n
 
     def _add(self, output: dict) -> None:
         if self._clear_pending:
@@ -59,11 +96,32 @@ class OutputRecorder:
     def stream(self, name: str, text: str) -> None:
         if self.paused or not text:
             return
+        room = self._room(len(text))
+        if room < len(text):
+            text = text[:room]
+            if not text:
+                return
         last = self.outputs[-1] if self.outputs and not self._clear_pending else None
         if last and last["output_type"] == "stream" and last["name"] == name:
-            last["text"] += text
+            last["text"].append(text)  # joined in finish(): no quadratic +=
         else:
-            self._add({"output_type": "stream", "name": name, "text": text})
+            self._add({"output_type": "stream", "name": name, "text": [text]})
+
+    def finish(self) -> list[dict]:
+        """The outputs, JSON- and UTF-8-safe, with a note if any were cut."""
+        for out in self.outputs:
+            if out["output_type"] == "stream" and isinstance(out["text"], list):
+                out["text"] = _utf8("".join(out["text"]))
+        if self.truncated:
+            self.outputs.append(
+                {
+                    "output_type": "stream",
+                    "name": "stderr",
+                    "text": f"[stateful] output recorded up to {self.limit} characters; the rest was shown "
+                    "live but not recorded (StatefulMagics.max_output_size)\n",
+                }
+            )
+        return self.outputs
 
     def display(self, data: dict, metadata: dict | None, transient: dict | None, update: bool) -> None:
         display_id = (transient or {}).get("display_id")
@@ -75,11 +133,15 @@ class OutputRecorder:
                 out["metadata"] = _jsonable(metadata or {})
             return
         out = {"output_type": "display_data", "data": _jsonable(data), "metadata": _jsonable(metadata or {})}
+        if not self._room(_size(out["data"])):
+            return
         if display_id is not None:
             self._displays.setdefault(display_id, []).append(out)
         self._add(out)
 
     def result(self, data: dict, metadata: dict | None, execution_count: int | None) -> None:
+        if not self._room(_size(data)):
+            return
         self._add(
             {
                 "output_type": "execute_result",
@@ -134,9 +196,10 @@ def _patched(obj: Any, attr: str, replacement: Any) -> Iterator[None]:
 
 
 @contextmanager
-def capture(shell: Any) -> Iterator[OutputRecorder]:
-    """Tee everything *shell* shows while the block runs into a recorder."""
-    rec = OutputRecorder()
+def capture(shell: Any, limit: int | None = None) -> Iterator[OutputRecorder]:
+    """Tee everything *shell* shows while the block runs into a recorder
+    (which keeps at most *limit* characters)."""
+    rec = OutputRecorder(limit)
     pub, hook = shell.display_pub, shell.displayhook
     orig_publish, orig_clear = pub.publish, pub.clear_output
     orig_write_format, orig_start, orig_finish = (
@@ -204,23 +267,40 @@ class ReplayedResult:
         return str(self.data.get("text/plain", ""))
 
 
-def replay(outputs: list[dict], shell: Any) -> ReplayedResult | None:
+def replay(outputs: Any, shell: Any) -> tuple[ReplayedResult | None, int]:
     """Show recorded *outputs* again through *shell*, in order.
 
     Streams are written to the current ``sys.stdout``/``sys.stderr`` and
     displays go through the shell's publisher.  The cell's result is not
     shown here: it is returned, for the magic to return, so the shell shows
     it as this cell's ``execute_result`` (with this cell's prompt number).
+    Returns ``(result, how many outputs were malformed and skipped)``: the
+    JSON may have been written by another tool.
     """
-    result = None
+    if not isinstance(outputs, list):
+        return None, 1
+    result, skipped = None, 0
     for out in outputs:
-        kind = out.get("output_type")
-        if kind == "stream":
-            stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
-            stream.write(out.get("text", ""))
-            stream.flush()  # keep stdout/stderr interleaving as recorded
-        elif kind == "display_data":
-            shell.display_pub.publish(data=out.get("data", {}), metadata=out.get("metadata", {}))
-        elif kind == "execute_result":
-            result = ReplayedResult(out.get("data", {}), out.get("metadata", {}))
-    return result
+        try:
+            kind = out.get("output_type")
+            if kind == "stream":
+                text = out["text"]
+                text = "".join(text) if isinstance(text, list) else text
+                stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
+                stream.write(str(text))
+                stream.flush()  # keep stdout/stderr interleaving as recorded
+            elif kind == "display_data":
+                data, metadata = out["data"], out.get("metadata", {})
+                if not isinstance(data, dict) or not isinstance(metadata, dict):
+                    raise TypeError("data and metadata must be objects")
+                shell.display_pub.publish(data=data, metadata=metadata)
+            elif kind == "execute_result":
+                data, metadata = out["data"], out.get("metadata", {})
+                if not isinstance(data, dict) or not isinstance(metadata, dict):
+                    raise TypeError("data and metadata must be objects")
+                result = ReplayedResult(data, metadata)
+            elif kind != "error":
+                raise TypeError(f"unknown output_type {kind!r}")
+        except (AttributeError, KeyError, TypeError, ValueError):
+            skipped += 1
+    return result, skipped

@@ -19,8 +19,9 @@ from typing import Any, Iterator
 
 import click
 
-from . import __version__, report
+from . import __version__, render, report
 from .store import DEFAULT_RSSD, ENV_RSSD, RSSDError, Store
+from .trust import Signer
 
 
 class Fail(click.ClickException):
@@ -62,72 +63,6 @@ def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-# -- formatting -------------------------------------------------------------------
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.3g}ms"
-    if seconds < 120:
-        return f"{seconds:.3g}s"
-    minutes, sec = divmod(seconds, 60)
-    if minutes < 120:
-        return f"{int(minutes)}m{int(sec):02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{int(hours)}h{int(minutes):02d}m"
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
-
-
-def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
-    """Columns padded to their widest cell (the last one is not padded)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = []
-    for cells in [headers, *rows]:
-        parts = []
-        for i, cell in enumerate(cells):
-            if i in right:
-                parts.append(cell.rjust(widths[i]))
-            elif i == len(cells) - 1:
-                parts.append(cell)
-            else:
-                parts.append(cell.ljust(widths[i]))
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
-
-
-def _indent(text: str, prefix: str = "    ") -> str:
-    return "\n".join(prefix + line for line in text.splitlines()) or prefix
-
-
-def _output_text(out: dict) -> tuple[str, str]:
-    kind = out.get("output_type")
-    if kind == "stream":
-        text = out.get("text", "")
-        return out.get("name", "stream"), "".join(text) if isinstance(text, list) else text
-    if kind in ("execute_result", "display_data"):
-        data = out.get("data", {})
-        label = "result" if kind == "execute_result" else "display"
-        plain = data.get("text/plain")
-        if plain is not None:
-            return label, "".join(plain) if isinstance(plain, list) else plain
-        return label, "<" + ", ".join(sorted(data)) + ">"
-    if kind == "error":
-        return "error", f"{out.get('ename')}: {out.get('evalue')}"
-    return str(kind), ""
-
-
 # -- commands ---------------------------------------------------------------------
 
 
@@ -162,21 +97,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
     if not cells:
         click.echo(f"no %%stateful cells in {ctx.obj['db']}", err=True)
         return
-    rows = [
-        [
-            c["key"][:12],
-            c["name"] if c["name"] is not None else "-",
-            c["state"] or "-",
-            report.first_line(c["source"] or "", 40),
-            c["executed_at"] or "-",
-            c["host"] or "-",
-            fmt_duration(c["duration_s"]),
-            str(c["hits"]),
-        ]
-        for c in cells
-    ]
-    headers = ["KEY", "NAME", "STATE", "SOURCE", "EXECUTED AT (UTC)", "HOST", "DURATION", "HITS"]
-    click.echo(table(headers, rows, right={6, 7}))
+    click.echo(render.cells_text(cells))
 
 
 @main.command("show")
@@ -190,55 +111,7 @@ def show_cmd(ctx: click.Context, key: str, as_json: bool) -> None:
     if as_json:
         emit_json(cell)
         return
-    state = cell["state"] or "-"
-    if cell["state"] == "EXECUTED":
-        state += (
-            f" (executed {cell['executed_at']} UTC on {cell['host'] or '?'} "
-            f"in {fmt_duration(cell['duration_s'])}; replayed {cell['hits']} time(s))"
-        )
-    lines = [
-        f"key     {cell['key']}",
-        f"scope   {cell['scope']}",
-        f"kind    {cell['kind']}" + (f" (--name {cell['name']})" if cell["name"] is not None else ""),
-        f"state   {state}",
-        "",
-        "source",
-        _indent(cell["source"] or ""),
-        "",
-        "transitions (UTC)",
-    ]
-    rows = [
-        [t["id"], t["at"] or "-", t["from"], t["to"], t["host"] or "-", t["session"] or "-", t["reason"] or ""]
-        for t in cell["transitions"]
-    ]
-    lines.append(_indent(table(["ID", "AT", "FROM", "TO", "HOST", "SESSION", "REASON"], rows), "  "))
-    if cell["outputs"] is not None:
-        lines += ["", "outputs replayed on the next run"]
-        if not cell["outputs"]:
-            lines.append("    (none)")
-        for out in cell["outputs"]:
-            label, text = _output_text(out)
-            lines.append(_indent(text.rstrip("\n"), f"    {label:<8}| "))
-        lines += ["", "names restored on the next run"]
-        names = cell["names"] or {}
-        if not names:
-            lines.append("    (none)")
-        else:
-            rows = [
-                [
-                    name,
-                    spec.get("kind") or "-",
-                    spec.get("type") or "-",
-                    fmt_bytes(spec["size"]) if spec.get("size") is not None else "-",
-                    spec.get("error") or "",
-                ]
-                for name, spec in names.items()
-            ]
-            lines.append(_indent(table(["NAME", "KIND", "TYPE", "SIZE", "NOTE"], rows, right={3}), "    "))
-    if cell["error"]:
-        err = cell["error"]
-        lines += ["", f"last failure ({err.get('state')}, {err.get('at')} UTC)", f"    {err.get('ename')}: {err.get('evalue')}"]
-    click.echo("\n".join(lines))
+    click.echo(render.cell_text(cell))
 
 
 @main.command("forget")
@@ -285,20 +158,7 @@ def stats_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json(s)
         return
-    st = s["storage"]
-    states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(s["by_state"].items()))
-    rows = [
-        ["file", f"{s['path']} ({fmt_bytes(st['file_bytes'])}, WAL {fmt_bytes(st['wal_bytes'])})"],
-        ["cells", f"{s['cells']}" + (f" ({states})" if states else "")],
-        ["executed", str(s["executed"])],
-        ["transitions", str(s["transitions"])],
-        ["hits", str(s["hits"])],
-        ["time saved", fmt_duration(s["time_saved_s"])],
-        ["blobs", f"{st['blobs']} ({fmt_bytes(st['blob_bytes'])})"],
-        ["result JSON", fmt_bytes(st["result_json_bytes"])],
-        ["unreferenced", f"{st['unreferenced_blobs']} blobs ({fmt_bytes(st['unreferenced_blob_bytes'])}; `rssd-magic gc` frees them)"],
-    ]
-    click.echo("\n".join(f"{k:<13}{v}" for k, v in rows))
+    click.echo(render.stats_text(s))
 
 
 @main.command("gc")
@@ -318,9 +178,30 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
         return
     verb = "would free" if dry_run else "freed"
     click.echo(
-        f"{verb} {r['deleted']} blob(s), {fmt_bytes(r['bytes_freed'])}; "
-        f"kept {r['kept']} blob(s), {fmt_bytes(r['kept_bytes'])}"
+        f"{verb} {r['deleted']} blob(s), {render.fmt_bytes(r['bytes_freed'])}; "
+        f"kept {r['kept']} blob(s), {render.fmt_bytes(r['kept_bytes'])}"
     )
+
+
+@main.command("trust")
+@click.option("--secret", metavar="KEY", envvar="RSSD_MAGIC_SECRET", help="Team key (default: your per-user key).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def trust_cmd(ctx: click.Context, secret: str | None, as_json: bool) -> None:
+    """Trust this RSSD: sign its stored values with your key.
+
+    Values written by someone else (another user's key, a merged RSSD) are
+    never unpickled until you do this. Blobs that are missing or don't match
+    their digests stay untrusted and are listed.
+    """
+    with opened(ctx, write=True) as store:
+        r = report.trust(store, Signer.load(secret))
+    if as_json:
+        emit_json(r)
+        return
+    click.echo(f"signed {r['signed']} value(s) in {r['cells']} cell(s) with key {r['key_id']}")
+    for bad in r["refused"]:
+        click.echo(f"not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

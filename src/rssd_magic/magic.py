@@ -10,23 +10,26 @@ subclasses get one).
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import html
 import os
 import re
+import shlex
 import sqlite3
 import sys
 import time
 import traceback
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool, Float, Unicode
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
+from traitlets import Bool, Float, Int, Unicode
 
-from . import __version__
+from . import __version__, render, report
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .capture import _patched, capture, replay
 from .claims import DEFAULT_LEASE_S
@@ -117,6 +120,15 @@ class StatefulMagics(Magics):
         help="Team key for signing stored values (default: $RSSD_MAGIC_SECRET, else a per-user "
         "key created in the Jupyter data directory). Values signed with another key are not unpickled.",
     ).tag(config=True)
+    max_output_size = Int(
+        10_000_000,
+        allow_none=True,
+        help="Characters of a cell's output that are recorded (None: no limit). Output past it is "
+        "shown live but not replayed; a note says so.",
+    ).tag(config=True)
+    busy_timeout_seconds = Float(
+        30.0, help="How long a write waits for another process's lock on the RSSD before failing."
+    ).tag(config=True)
     wait_seconds = Float(
         None,
         allow_none=True,
@@ -156,7 +168,7 @@ class StatefulMagics(Magics):
         store = self._stores.get(path)
         if store is None:
             try:
-                store = Store.open(path, self._session_args())
+                store = Store.open(path, self._session_args(), busy_timeout_s=self.busy_timeout_seconds)
             except RSSDError as exc:
                 raise UsageError(f"%%stateful: {exc}. The cell was not run.") from None
             self._stores[path] = store
@@ -311,10 +323,67 @@ class StatefulMagics(Magics):
             _note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
         return self._run(store, key, outcome.running, cell)
 
+    # -- the line magic: %stateful list|show|forget|stats|gc|trust -------------
+
+    @line_magic("stateful")
+    def stateful_line(self, line: str) -> Any:
+        """Inspect and manage the recorded state of %%stateful cells.
+
+        %stateful list               the cells: key, name, state, source, when, where, hits
+        %stateful show KEY           source, every transition, what a replay shows
+        %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
+        %stateful stats              cells, hits, time saved, storage
+        %stateful gc                 delete blobs no current result refers to
+        %stateful trust              sign this RSSD's values with your key
+
+        KEY is any unique prefix of a cell key (or a --name). Every command
+        takes --db PATH (default: as for %%stateful).
+        """
+        args = _line_parser().parse_args(shlex.split(line))
+        store = self.store(args.db)
+        try:
+            store.flush_hits()
+            if args.command == "list":
+                return _Rendered(render.cells_text, render.cells_html, report.list_cells(store))
+            if args.command == "show":
+                cell = report.show_cell(store, report.resolve_key(store, args.key)["key"])
+                return _Rendered(render.cell_text, None, cell)
+            if args.command == "forget":
+                if bool(args.key) == args.all:
+                    raise UsageError("%stateful forget: give KEY or --all")
+                done = (
+                    report.forget_all(store)
+                    if args.all
+                    else report.forget(store, report.resolve_key(store, args.key)["key"])
+                )
+                print(f"forgot {len(done)} cell(s): " + ", ".join(d["key"][:12] for d in done) if done else "nothing to forget")
+                return None
+            if args.command == "stats":
+                return _Rendered(render.stats_text, None, report.stats(store))
+            if args.command == "gc":
+                r = report.gc(store)
+                print(f"freed {r['deleted']} blob(s), {render.fmt_bytes(r['bytes_freed'])}")
+                return None
+            r = report.trust(store, self.signer)
+            print(f"signed {r['signed']} value(s) in {r['cells']} cell(s) of {store.path} with your key")
+            for bad in r["refused"]:
+                _note(f"[stateful] not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}")
+            return None
+        except report.ReportError as exc:
+            raise UsageError(f"%stateful {args.command}: {exc}") from None
+
     # -- replay ---------------------------------------------------------------
 
     def _replay(self, store: Store, key: CellKey, done: Transition, quiet: bool) -> Any:
-        result = done.result()
+        try:
+            result = done.result()
+            if not isinstance(result, dict):
+                raise ValueError(f"a JSON {type(result).__name__}, not an object")
+        except ValueError as exc:
+            raise StatefulRunError(
+                f"the recorded result of cell {key.digest[:12]} in {store.path} is unreadable ({exc}); "
+                "nothing was replayed and the cell was not run (--force runs it and records it again)"
+            ) from None
         specs = result.get("names", {})
         trusted = trusted_names(self.signer, specs, store.signatures) if specs else set()
         values, missing = load_names(specs, store.get_blob, self.shell.user_ns, trusted.__contains__)
@@ -339,7 +408,10 @@ class StatefulMagics(Magics):
                     f"[stateful] values signed by another key are never unpickled; if you trust "
                     f"{store.path}, run %stateful trust (or: rssd-magic --db {store.path} trust)"
                 )
-        return replay(result.get("outputs", []), self.shell)
+        replayed, skipped = replay(result.get("outputs", []), self.shell)
+        if skipped:
+            _note(f"[stateful] {skipped} recorded output(s) of {store.path} were malformed and not shown")
+        return replayed
 
     def _banner(self, text: str) -> None:
         """The replay banner: a display of its own (never merged into the
@@ -366,7 +438,7 @@ class StatefulMagics(Magics):
 
         started = time.perf_counter()
         try:
-            with capture(shell) as rec, _patched(shell, "_showtraceback", keep_traceback):
+            with capture(shell, self.max_output_size) as rec, _patched(shell, "_showtraceback", keep_traceback):
                 outcome = shell.run_cell(cell, store_history=False)
         except BaseException as exc:  # interrupted outside the body itself
             self._finish(store, running, INTERRUPTED, {"format": RESULT_FORMAT, "error": _error(exc, None)}, "interrupted")
@@ -382,7 +454,7 @@ class StatefulMagics(Magics):
 
         if error is not None:
             err = _error(error, shown.get("stb"))
-            outputs = rec.outputs + [{"output_type": "error", **{k: err[k] for k in ("ename", "evalue")}, "traceback": shown.get("stb", [])}]
+            outputs = rec.finish() + [{"output_type": "error", **{k: err[k] for k in ("ename", "evalue")}, "traceback": shown.get("stb", [])}]
             to_state = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
             self._finish(store, running, to_state, {**base, "outputs": outputs, "error": err}, f"{err['ename']}: {err['evalue']}"[:500])
             raise _for_display(error, shown.get("stb"))
@@ -400,7 +472,7 @@ class StatefulMagics(Magics):
             store,
             running,
             EXECUTED,
-            {**base, "outputs": rec.outputs, "names": specs},
+            {**base, "outputs": rec.finish(), "names": specs},
             "completed",
             blobs,
             sign_specs(self.signer, specs),
@@ -414,6 +486,36 @@ class StatefulMagics(Magics):
         except (sqlite3.Error, ValueError) as exc:
             # The cell ran and its output is on screen; only the record failed.
             _note(f"[stateful] RSSD {store.path}: the run could not be recorded ({exc}); it will run again next time")
+
+
+class _Rendered:
+    """A report value that shows as text in a terminal and HTML in a notebook."""
+
+    def __init__(self, text, html_, value):
+        self.value, self._text, self._html = value, text, html_
+
+    def __repr__(self) -> str:
+        return self._text(self.value)
+
+    def _repr_html_(self) -> str | None:
+        return self._html(self.value) if self._html else None
+
+
+@lru_cache(maxsize=1)
+def _line_parser() -> MagicArgumentParser:
+    parser = MagicArgumentParser(prog="%stateful", add_help=False)
+    parser.add_argument("--db", metavar="PATH")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=MagicArgumentParser)
+    for name in ("list", "stats", "gc", "trust"):
+        sub.add_parser(name).add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    show = sub.add_parser("show")
+    show.add_argument("key")
+    forget = sub.add_parser("forget")
+    forget.add_argument("key", nargs="?")
+    forget.add_argument("--all", action="store_true")
+    for p in (show, forget):
+        p.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    return parser
 
 
 def _error(exc: BaseException, stb: list[str] | None) -> dict:

@@ -32,6 +32,7 @@ from urllib.parse import unquote
 
 from .keys import URI_PREFIX
 from .store import EXECUTED, Store
+from .trust import IntegrityError, Signer, sign_specs, signed_kinds
 
 FORGOTTEN = "FORGOTTEN"
 
@@ -472,9 +473,8 @@ def _collect_digests(node: Any, out: set[str]) -> None:
             _collect_digests(v, out)
 
 
-def referenced_digests(conn: sqlite3.Connection) -> set[str]:
-    """Blob digests referenced by the current EXECUTED result of any cell."""
-    out: set[str] = set()
+def _current_results(conn: sqlite3.Connection) -> Iterable[tuple[dict, dict]]:
+    """``(group, parsed result)`` for every cell whose state is EXECUTED."""
     for g in _groups(conn):
         if g["latest_id"] is None:
             continue
@@ -485,10 +485,53 @@ def referenced_digests(conn: sqlite3.Connection) -> set[str]:
         ).fetchone()
         if row and row[0]:
             try:
-                _collect_digests(json.loads(row[0]), out)
+                result = json.loads(row[0])
             except ValueError:
-                pass
+                continue
+            if isinstance(result, dict):
+                yield g, result
+
+
+def referenced_digests(conn: sqlite3.Connection) -> set[str]:
+    """Blob digests referenced by the current EXECUTED result of any cell."""
+    out: set[str] = set()
+    for _, result in _current_results(conn):
+        _collect_digests(result, out)
     return out
+
+
+def trust(store: Store, signer: Signer) -> dict:
+    """Sign with *signer* every payload of every current EXECUTED result whose
+    blobs are intact: the user's decision to trust this RSSD, recorded as
+    signature rows of their key (other keys' rows are left as they are).
+
+    Returns ``signed`` (payloads), ``cells`` and ``refused``: the names whose
+    blobs are missing or don't match their digests, which stay untrusted.
+    """
+    rows: list[tuple[str, str, str]] = []
+    refused: list[dict] = []
+    cells = 0
+    for g, result in _current_results(store.conn):
+        names = result.get("names")
+        if not isinstance(names, dict):
+            continue
+        cells += 1
+        for name, spec in names.items():
+            if not signed_kinds(spec):
+                continue
+            digests: set[str] = set()
+            _collect_digests(spec, digests)
+            try:
+                for digest in digests:
+                    store.get_blob(digest)  # reads and checks the digest
+            except (KeyError, IntegrityError) as exc:
+                why = "a blob is missing" if isinstance(exc, KeyError) else str(exc)
+                refused.append({"key": g["key"], "name": name, "why": why})
+                continue
+            rows += sign_specs(signer, {name: spec})
+    with store.transaction() as c:
+        store.add_signatures(rows, c)
+    return {"signed": len(rows), "cells": cells, "refused": refused, "key_id": signer.key_id}
 
 
 def _garbage_rows(conn: sqlite3.Connection) -> list[tuple[str, int]]:

@@ -152,6 +152,7 @@ class Store:
         self._pending_hits: dict[str, int] = {}
         self._hits_since = 0.0
         self._beat: Heartbeat | None = None
+        self.busy_timeout_s = BUSY_TIMEOUT_MS / 1000
 
     # -- opening -------------------------------------------------------------
 
@@ -163,6 +164,7 @@ class Store:
         *,
         create: bool = True,
         readonly: bool = False,
+        busy_timeout_s: float = BUSY_TIMEOUT_MS / 1000,
     ) -> "Store":
         """Open the RSSD at *path*, or raise RSSDError naming the cause.
 
@@ -182,7 +184,7 @@ class Store:
                 uri=True,
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,
-                timeout=BUSY_TIMEOUT_MS / 1000,
+                timeout=busy_timeout_s,
                 cached_statements=64,
             )
         except sqlite3.Error as exc:
@@ -199,12 +201,13 @@ class Store:
             if not has_state_tables(conn):
                 conn.close()
                 raise RSSDError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             return cls(path, conn)
         try:
-            cls._configure(conn)
+            cls._configure(conn, busy_timeout_s)
             cls._ensure_schema(conn)
             store = cls(path, conn)
+            store.busy_timeout_s = busy_timeout_s
             if session_args is not None:
                 store.start_session(session_args)
             return store
@@ -213,10 +216,10 @@ class Store:
             raise RSSDError(f"RSSD {path}: cannot be prepared ({exc})") from None
 
     @staticmethod
-    def _configure(conn: sqlite3.Connection) -> None:
+    def _configure(conn: sqlite3.Connection, busy_timeout_s: float) -> None:
         # surveilr's own settings, plus a busy timeout so a second writer
         # waits instead of failing.
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -310,6 +313,12 @@ class Store:
                 except sqlite3.OperationalError:
                     pass  # busy or read-only: keep counting, try again later
             self._hits_since = now
+
+    def flush_hits(self) -> None:
+        """Write the pending hit counts now (before reporting them)."""
+        if self._pending_hits:
+            with self.transaction() as c:
+                self._flush_hits(c)
 
     def _flush_hits(self, c: sqlite3.Connection) -> None:
         if not self._pending_hits:
@@ -442,7 +451,7 @@ class Store:
 
     def _heartbeat(self) -> Heartbeat:
         if self._beat is None:
-            self._beat = Heartbeat(self.path, BUSY_TIMEOUT_MS / 1000)
+            self._beat = Heartbeat(self.path, self.busy_timeout_s)
         return self._beat
 
     def finish_run(

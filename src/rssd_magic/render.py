@@ -1,0 +1,171 @@
+"""Text and HTML renderings of what report.py returns, shared by the
+``rssd-magic`` CLI and the ``%stateful`` line magic (no IPython, no click)."""
+
+from __future__ import annotations
+
+import html
+
+from .report import first_line
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.3g}ms"
+    if seconds < 120:
+        return f"{seconds:.3g}s"
+    minutes, sec = divmod(seconds, 60)
+    if minutes < 120:
+        return f"{int(minutes)}m{int(sec):02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)}h{int(minutes):02d}m"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Columns padded to their widest cell (the last one is not padded)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = []
+    for cells in [headers, *rows]:
+        parts = []
+        for i, cell in enumerate(cells):
+            if i in right:
+                parts.append(cell.rjust(widths[i]))
+            elif i == len(cells) - 1:
+                parts.append(cell)
+            else:
+                parts.append(cell.ljust(widths[i]))
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines()) or prefix
+
+
+def _output_text(out: dict) -> tuple[str, str]:
+    kind = out.get("output_type")
+    if kind == "stream":
+        text = out.get("text", "")
+        return out.get("name", "stream"), "".join(text) if isinstance(text, list) else text
+    if kind in ("execute_result", "display_data"):
+        data = out.get("data", {})
+        label = "result" if kind == "execute_result" else "display"
+        plain = data.get("text/plain")
+        if plain is not None:
+            return label, "".join(plain) if isinstance(plain, list) else plain
+        return label, "<" + ", ".join(sorted(data)) + ">"
+    if kind == "error":
+        return "error", f"{out.get('ename')}: {out.get('evalue')}"
+    return str(kind), ""
+
+
+def cells_text(cells: list[dict]) -> str:
+    """``list``: one aligned line per cell."""
+    return table(CELL_HEADERS, [_cell_row(c) for c in cells], right={6, 7})
+
+
+def cells_html(cells: list[dict]) -> str:
+    """``list`` as an HTML table, for notebooks."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in CELL_HEADERS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in _cell_row(c)) + "</tr>" for c in cells
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CELL_HEADERS = ["KEY", "NAME", "STATE", "SOURCE", "EXECUTED AT (UTC)", "HOST", "DURATION", "HITS"]
+
+
+def _cell_row(c: dict) -> list[str]:
+    return [
+        c["key"][:12],
+        c["name"] if c["name"] is not None else "-",
+        c["state"] or "-",
+        first_line(c["source"] or "", 40),
+        c["executed_at"] or "-",
+        c["host"] or "-",
+        fmt_duration(c["duration_s"]),
+        str(c["hits"]),
+    ]
+
+
+def cell_text(cell: dict) -> str:
+    """``show``: source, every transition, what the next run replays."""
+    state = cell["state"] or "-"
+    if cell["state"] == "EXECUTED":
+        state += (
+            f" (executed {cell['executed_at']} UTC on {cell['host'] or '?'} "
+            f"in {fmt_duration(cell['duration_s'])}; replayed {cell['hits']} time(s))"
+        )
+    lines = [
+        f"key     {cell['key']}",
+        f"scope   {cell['scope']}",
+        f"kind    {cell['kind']}" + (f" (--name {cell['name']})" if cell["name"] is not None else ""),
+        f"state   {state}",
+        "",
+        "source",
+        _indent(cell["source"] or ""),
+        "",
+        "transitions (UTC)",
+    ]
+    rows = [
+        [t["id"], t["at"] or "-", t["from"], t["to"], t["host"] or "-", t["session"] or "-", t["reason"] or ""]
+        for t in cell["transitions"]
+    ]
+    lines.append(_indent(table(["ID", "AT", "FROM", "TO", "HOST", "SESSION", "REASON"], rows), "  "))
+    if cell["outputs"] is not None:
+        lines += ["", "outputs replayed on the next run"]
+        if not cell["outputs"]:
+            lines.append("    (none)")
+        for out in cell["outputs"]:
+            label, text = _output_text(out)
+            lines.append(_indent(text.rstrip("\n"), f"    {label:<8}| "))
+        lines += ["", "names restored on the next run"]
+        names = cell["names"] or {}
+        if not names:
+            lines.append("    (none)")
+        else:
+            rows = [
+                [
+                    name,
+                    spec.get("kind") or "-",
+                    spec.get("type") or "-",
+                    fmt_bytes(spec["size"]) if spec.get("size") is not None else "-",
+                    spec.get("error") or "",
+                ]
+                for name, spec in names.items()
+            ]
+            lines.append(_indent(table(["NAME", "KIND", "TYPE", "SIZE", "NOTE"], rows, right={3}), "    "))
+    if cell["error"]:
+        err = cell["error"]
+        lines += ["", f"last failure ({err.get('state')}, {err.get('at')} UTC)", f"    {err.get('ename')}: {err.get('evalue')}"]
+    return "\n".join(lines)
+
+
+def stats_text(s: dict) -> str:
+    """``stats`` as aligned label/value lines."""
+    st = s["storage"]
+    states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(s["by_state"].items()))
+    rows = [
+        ["file", f"{s['path']} ({fmt_bytes(st['file_bytes'])}, WAL {fmt_bytes(st['wal_bytes'])})"],
+        ["cells", f"{s['cells']}" + (f" ({states})" if states else "")],
+        ["executed", str(s["executed"])],
+        ["transitions", str(s["transitions"])],
+        ["hits", str(s["hits"])],
+        ["time saved", fmt_duration(s["time_saved_s"])],
+        ["blobs", f"{st['blobs']} ({fmt_bytes(st['blob_bytes'])})"],
+        ["result JSON", fmt_bytes(st["result_json_bytes"])],
+        ["unreferenced", f"{st['unreferenced_blobs']} blobs ({fmt_bytes(st['unreferenced_blob_bytes'])}; `rssd-magic gc` frees them)"],
+    ]
+    return "\n".join(f"{k:<13}{v}" for k, v in rows)
