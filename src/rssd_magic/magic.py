@@ -35,12 +35,14 @@ from .capture import _patched, capture, replay
 from .claims import DEFAULT_LEASE_S
 from .keys import CellKey, cell_key
 from .names import names_bound, snapshot
-from .serialize import UNTRUSTED, dump_names, load_names
+from .serialize import UNTRUSTED, dump_names, dump_value, load_names, load_value
 from .store import DEFAULT_RSSD, ENV_RSSD, EXECUTED, FAILED, INTERRUPTED, RSSDError, Store, Transition
 from .trust import Signer, sign_specs, trusted_names
 from .ttl import age_s, parse_duration
 
 RESULT_FORMAT = "rssd_magic.result.v1"
+#: Key under which the cell's result value is signed beside its names.
+RESULT_VALUE = "\0result"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -385,9 +387,10 @@ class StatefulMagics(Magics):
                 "nothing was replayed and the cell was not run (--force runs it and records it again)"
             ) from None
         specs = result.get("names", {})
-        trusted = trusted_names(self.signer, specs, store.signatures) if specs else set()
-        values, missing = load_names(specs, store.get_blob, self.shell.user_ns, trusted.__contains__)
-        self.shell.user_ns.update(values)
+        value_spec = result.get("result_value")
+        signed = {**specs, RESULT_VALUE: value_spec} if isinstance(specs, dict) else {RESULT_VALUE: value_spec}
+        trusted = trusted_names(self.signer, signed, store.signatures)
+        _, missing = load_names(specs, store.get_blob, self.shell.user_ns, trusted.__contains__)
         if not quiet:
             self._banner(
                 f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
@@ -411,7 +414,26 @@ class StatefulMagics(Magics):
         replayed, skipped = replay(result.get("outputs", []), self.shell)
         if skipped:
             _note(f"[stateful] {skipped} recorded output(s) of {store.path} were malformed and not shown")
+        if replayed is not None and value_spec is not None:
+            try:
+                value = load_value(value_spec, store.get_blob, self.shell.user_ns, RESULT_VALUE in trusted)
+            except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
+                return replayed
+            self._show_result(value, replayed.data, replayed.metadata)
+            return None
         return replayed
+
+    def _show_result(self, value: Any, data: dict, metadata: dict) -> None:
+        """Show the recorded bundle as this cell's result, with ``_`` and
+        ``Out[n]`` bound to the restored value: the display hook's own steps,
+        with the recorded formatting instead of formatting *value* again."""
+        hook = self.shell.displayhook
+        hook.start_displayhook()
+        hook.write_output_prompt()
+        hook.update_user_ns(value)
+        hook.fill_exec_result(value)
+        hook.write_format_data(data, metadata)
+        hook.finish_displayhook()
 
     def _banner(self, text: str) -> None:
         """The replay banner: a display of its own (never merged into the
@@ -462,6 +484,11 @@ class StatefulMagics(Magics):
         python = shell.transform_cell(cell)
         names = names_bound(shell.user_ns, before, python)
         specs, blobs = dump_names(shell.user_ns, names)
+        outputs = rec.finish()
+        if any(o["output_type"] == "execute_result" for o in outputs):
+            # Kept so a replay binds _ / Out[n] to the value, not a stand-in.
+            base["result_value"], value_blobs = dump_value(outcome.result)
+            blobs += value_blobs
         bad = {n: s["error"] for n, s in specs.items() if s["kind"] == "unserializable"}
         if bad:
             _note(
@@ -472,10 +499,10 @@ class StatefulMagics(Magics):
             store,
             running,
             EXECUTED,
-            {**base, "outputs": rec.finish(), "names": specs},
+            {**base, "outputs": outputs, "names": specs},
             "completed",
             blobs,
-            sign_specs(self.signer, specs),
+            sign_specs(self.signer, {**specs, RESULT_VALUE: base.get("result_value")}),
         )
         return None
 

@@ -515,6 +515,7 @@ def trust(store: Store, signer: Signer) -> dict:
         names = result.get("names")
         if not isinstance(names, dict):
             continue
+        names = {**names, "(result)": result.get("result_value")}
         cells += 1
         for name, spec in names.items():
             if not signed_kinds(spec):

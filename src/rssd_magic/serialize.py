@@ -24,6 +24,7 @@ spec refers to them by digest.
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import sys
@@ -63,27 +64,43 @@ def _is_inline(value: Any) -> bool:
     return False
 
 
-def _pickle(value: Any) -> tuple[bytes, list[pickle.PickleBuffer], str]:
-    buffers: list[pickle.PickleBuffer] = []
+def _pickle(value: Any) -> list[tuple[str, bytes, list[pickle.PickleBuffer]]]:
+    """``[(pickler, stream, out-of-band buffers), …]``, best first.
 
-    def keep(buf: pickle.PickleBuffer) -> bool:
-        # Returning a false value sends the buffer out-of-band.
-        if buf.raw().nbytes < MIN_OUT_OF_BAND:
-            return True
-        buffers.append(buf)
-        return False
+    A plain pickle that names ``__main__`` refers to objects the notebook
+    defines.  In a fresh kernel they may exist already (a class from an
+    ordinary cell that ran before this one): loading *by reference* then gives
+    an instance of the notebook's own class.  When they don't, the cloudpickle
+    stream rebuilds them *by value*.  The buffers of both are content-addressed,
+    so data they share is stored once.
+    """
 
+    def dumps(dump) -> tuple[bytes, list[pickle.PickleBuffer]]:
+        buffers: list[pickle.PickleBuffer] = []
+
+        def keep(buf: pickle.PickleBuffer) -> bool:
+            # Returning a false value sends the buffer out-of-band.
+            if buf.raw().nbytes < MIN_OUT_OF_BAND:
+                return True
+            buffers.append(buf)
+            return False
+
+        return dump(value, protocol=5, buffer_callback=keep), buffers
+
+    streams = []
     try:
-        data = pickle.dumps(value, protocol=5, buffer_callback=keep)
-        # A plain pickle that names __main__ refers to objects defined in the
-        # notebook; a fresh kernel does not have them yet, so pickle by value.
+        data, buffers = dumps(pickle.dumps)
         if b"__main__" not in data:
-            return data, buffers, "pickle"
-    except Exception:
+            return [("pickle", data, buffers)]
+        streams.append(("pickle", data, buffers))
+    except Exception:  # noqa: BLE001 - lambdas, local classes: cloudpickle's job
         pass
-    buffers.clear()
-    data = cloudpickle.dumps(value, protocol=5, buffer_callback=keep)
-    return data, buffers, "cloudpickle"
+    data, buffers = dumps(cloudpickle.dumps)
+    return streams + [("cloudpickle", data, buffers)]
+
+
+def _is_closed_file(value: Any) -> bool:
+    return isinstance(value, io.IOBase) and value.closed
 
 
 def dump_value(value: Any) -> tuple[dict, list[Blob]]:
@@ -92,27 +109,38 @@ def dump_value(value: Any) -> tuple[dict, list[Blob]]:
         return {"kind": "json", "value": value}, []
     if isinstance(value, types.ModuleType):
         return {"kind": "module", "module": value.__name__}, []
+    if _is_closed_file(value):
+        # ``with open(...) as f`` leaves a closed file behind: nothing to
+        # keep, and nothing worth a warning.
+        return {"kind": "skipped", "type": type_name(value), "why": "closed file"}, []
     try:
-        data, buffers, pickler = _pickle(value)
+        streams = _pickle(value)
     except Exception as exc:  # noqa: BLE001 - any pickling failure is reported, not raised
         return {
             "kind": "unserializable",
             "type": type_name(value),
             "error": f"{type(exc).__name__}: {exc}",
         }, []
-    blobs: list[Blob] = [(stream_digest(data), data)]
-    for buf in buffers:
-        raw = buf.raw()
-        blobs.append((buffer_digest(raw), raw))
+    blobs: dict[str, Any] = {}
+    refs = []
+    for pickler, data, buffers in streams:
+        ref = {"pickler": pickler, "blob": stream_digest(data), "buffers": []}
+        blobs[ref["blob"]] = data
+        for buf in buffers:
+            raw = buf.raw()
+            digest = buffer_digest(raw)
+            blobs[digest] = raw
+            ref["buffers"].append(digest)
+        refs.append(ref)
     spec = {
         "kind": "pickle",
         "type": type_name(value),
-        "pickler": pickler,
-        "blob": blobs[0][0],
-        "buffers": [d for d, _ in blobs[1:]],
-        "size": sum(memoryview(b).nbytes for _, b in blobs),
+        **refs[-1],
+        "size": sum(memoryview(b).nbytes for b in blobs.values()),
     }
-    return spec, blobs
+    if len(refs) == 2:
+        spec["by_reference"] = refs[0]
+    return spec, list(blobs.items())
 
 
 def dump_names(namespace: dict, names: list[str]) -> tuple[dict[str, dict], list[Blob]]:
@@ -126,24 +154,83 @@ def dump_names(namespace: dict, names: list[str]) -> tuple[dict[str, dict], list
     return specs, blobs
 
 
-def _rebind_globals(value: Any, namespace: dict) -> Any:
-    """Give a function restored by value the notebook's globals back.
+def _rebound(func: types.FunctionType, namespace: dict) -> types.FunctionType:
+    fresh = types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__, func.__closure__)
+    fresh.__kwdefaults__ = func.__kwdefaults__
+    fresh.__qualname__ = func.__qualname__
+    fresh.__doc__ = func.__doc__
+    fresh.__annotations__ = func.__annotations__
+    fresh.__dict__.update(func.__dict__)
+    return fresh
 
-    cloudpickle rebuilds a notebook function with a private copy of the
-    globals it referenced; the user expects it to see the live namespace, as
-    if the cell had just defined it.
+
+def _rebind_globals(value: Any, namespace: dict) -> Any:
+    """Give functions (and methods of classes) restored by value the
+    notebook's globals back.
+
+    cloudpickle rebuilds notebook code with a private copy of the globals it
+    referenced; the user expects it to read the live namespace, as if the
+    cell had just defined it.
     """
     if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
-        fresh = types.FunctionType(
-            value.__code__, namespace, value.__name__, value.__defaults__, value.__closure__
-        )
-        fresh.__kwdefaults__ = value.__kwdefaults__
-        fresh.__qualname__ = value.__qualname__
-        fresh.__doc__ = value.__doc__
-        fresh.__annotations__ = value.__annotations__
-        fresh.__dict__.update(value.__dict__)
-        return fresh
+        return _rebound(value, namespace)
+    if isinstance(value, type) and value.__module__ == "__main__":
+        for attr, member in list(vars(value).items()):
+            if isinstance(member, types.FunctionType):
+                setattr(value, attr, _rebound(member, namespace))
+            elif isinstance(member, (staticmethod, classmethod)) and isinstance(member.__func__, types.FunctionType):
+                setattr(value, attr, type(member)(_rebound(member.__func__, namespace)))
+            elif isinstance(member, property):
+                parts = [
+                    _rebound(f, namespace) if isinstance(f, types.FunctionType) else f
+                    for f in (member.fget, member.fset, member.fdel)
+                ]
+                setattr(value, attr, property(*parts, member.__doc__))
+    elif value.__class__.__module__ == "__main__" and isinstance(value.__class__, type):
+        _rebind_globals(value.__class__, namespace)
     return value
+
+
+def _unpickle(ref: dict, get_blob: Callable[[str], Any]) -> Any:
+    buffers = [get_blob(d) for d in ref.get("buffers", ())]
+    return pickle.loads(get_blob(ref["blob"]), buffers=buffers)
+
+
+def _load_pickle(spec: dict, get_blob: Callable[[str], Any], namespace: dict) -> Any:
+    by_ref = spec.get("by_reference")
+    if by_ref:
+        try:
+            return _unpickle(by_ref, get_blob)
+        except (AttributeError, ImportError, pickle.UnpicklingError):
+            pass  # the notebook doesn't define it (yet): rebuild it by value
+    return _rebind_globals(_unpickle(spec, get_blob), namespace)
+
+
+class NotRestored(Exception):
+    """A spec that yields no value; ``why`` is empty when that is expected."""
+
+    def __init__(self, why: str = ""):
+        super().__init__(why)
+        self.why = why
+
+
+def load_value(spec: Any, get_blob: Callable[[str], Any], namespace: dict, trusted: bool) -> Any:
+    """Rebuild one value from its spec, or raise NotRestored (or the loader's error)."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "json":
+        return spec["value"]
+    if kind == "module":
+        __import__(spec["module"])
+        return sys.modules[spec["module"]]
+    if kind == "pickle":
+        if not trusted:
+            raise NotRestored(UNTRUSTED)
+        return _load_pickle(spec, get_blob, namespace)
+    if kind == "skipped":
+        raise NotRestored()
+    if kind == "unserializable":
+        raise NotRestored(f"was not serializable ({spec.get('error', 'unknown reason')})")
+    raise NotRestored(f"unknown kind {kind!r}")
 
 
 def load_names(
@@ -156,30 +243,19 @@ def load_names(
 
     A pickle is only loaded when ``trusted(name)`` says its payload carries
     a valid signature; *get_blob* must verify each blob against its digest.
+    Each value is bound into *namespace* as soon as it is rebuilt, so a later
+    name (an instance) can find an earlier one (its class) by reference.
     """
     values: dict[str, Any] = {}
     missing: dict[str, str] = {}
     if not isinstance(specs, dict):
         return values, {"(names)": f"recorded names are not a JSON object ({type(specs).__name__})"}
     for name, spec in specs.items():
-        kind = spec.get("kind") if isinstance(spec, dict) else None
         try:
-            if kind == "pickle" and not trusted(name):
-                missing[name] = UNTRUSTED
-                continue
-            if kind == "json":
-                values[name] = spec["value"]
-            elif kind == "module":
-                __import__(spec["module"])
-                values[name] = sys.modules[spec["module"]]
-            elif kind == "pickle":
-                buffers = [get_blob(d) for d in spec.get("buffers", ())]
-                value = pickle.loads(get_blob(spec["blob"]), buffers=buffers)
-                values[name] = _rebind_globals(value, namespace)
-            elif kind == "unserializable":
-                missing[name] = f"was not serializable ({spec.get('error', 'unknown reason')})"
-            else:
-                missing[name] = f"unknown kind {kind!r}"
+            values[name] = namespace[name] = load_value(spec, get_blob, namespace, trusted(name))
+        except NotRestored as exc:
+            if exc.why:
+                missing[name] = exc.why
         except KeyError as exc:
             missing[name] = f"blob {str(exc.args[0])[:24]}… is missing from the RSSD"
         except Exception as exc:  # noqa: BLE001 - a bad value must not stop the replay
