@@ -52,6 +52,7 @@ def acquire(
     rerun_reason: str = "",
     wait_s: float | None = None,
     lease_s: float = DEFAULT_LEASE_S,
+    first_reason: str = "first run",
     on_wait: Callable[[Claim, float], None] = lambda holder, waited: None,
 ) -> ClaimOutcome:
     """Claim the cell (``run``) or get its committed result (``done``).
@@ -64,7 +65,13 @@ def acquire(
     started = time.monotonic()
     while True:
         outcome = store.claim(
-            key, source, elaboration, rerun_of=rerun_of, rerun_reason=rerun_reason, lease_s=lease_s
+            key,
+            source,
+            elaboration,
+            rerun_of=rerun_of,
+            rerun_reason=rerun_reason,
+            lease_s=lease_s,
+            first_reason=first_reason,
         )
         if outcome.kind != "held":
             return outcome

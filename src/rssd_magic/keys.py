@@ -70,8 +70,11 @@ def _digest(*parts: str) -> str:
     return h.hexdigest()
 
 
-def code_hash(code: str, extra: str = "") -> str:
-    """Hash of the normalized code (what says "the code changed")."""
+def code_hash(code: str, extra: str = "", strict: bool = False) -> str:
+    """Hash of the code (what says "the code changed"): normalized, or with
+    *strict* the raw text, where any edit counts."""
+    if strict:
+        return _digest(KEY_VERSION, "raw", code, extra)
     return _digest(KEY_VERSION, "code", normalize_code(code), extra)
 
 
@@ -79,8 +82,11 @@ def code_hash(code: str, extra: str = "") -> str:
 class CellKey:
     """Where a cell's state is filed.
 
-    ``digest`` is the 64-hex key users see (a prefix is enough for the CLI);
-    ``ingest_src`` is the URI stored in ``orchestration_session_entry``.
+    ``digest`` is the 64-hex key users see (a prefix is enough for the CLI).
+    ``base`` is the key of the code alone; cells whose inputs are part of the
+    key (see deps.py) file each set of inputs under ``base~inputs``, so the
+    runs of one code on other inputs are one index range away (to say why a
+    cell ran again).
     """
 
     scope: str
@@ -88,10 +94,18 @@ class CellKey:
     ident: str  # the code hash, or the user's name
     digest: str
     code_hash: str
+    base: str
+    inputs: str = ""
+
+    @property
+    def base_src(self) -> str:
+        """``ingest_src`` of the code alone (the prefix of every variant)."""
+        return f"{URI_PREFIX}{quote(self.scope, safe='/.-_~')}#{self.base}"
 
     @property
     def ingest_src(self) -> str:
-        return f"{URI_PREFIX}{quote(self.scope, safe='/.-_~')}#{self.digest}"
+        """The URI stored in ``orchestration_session_entry``."""
+        return self.base_src + (f"~{self.inputs[:32]}" if self.inputs else "")
 
     @property
     def name(self) -> str | None:
@@ -99,16 +113,28 @@ class CellKey:
 
 
 @lru_cache(maxsize=1024)
-def cell_key(code: str, scope: str, name: str | None = None, extra: str = "") -> CellKey:
+def cell_key(
+    code: str,
+    scope: str,
+    name: str | None = None,
+    extra: str = "",
+    inputs: str = "",
+    strict: bool = False,
+) -> CellKey:
     """Compute the key of a cell.
 
-    *extra* is folded into code keys only: it carries whatever else decides
-    whether two runs are "the same" (for SQL cells, the target database and
-    parameters).  Named cells ignore it: a name runs once, whatever changed.
-    Memoized: a notebook re-runs the same few cells, and tokenizing them is
-    most of a replay's own cost.
+    *extra* is folded into code keys: it carries whatever else decides what
+    the code does (for SQL cells, the target database and parameters).
+    *inputs* is the digest of the values the cell reads (deps.py): the same
+    code on other inputs is another key, filed next to it.  Named cells
+    ignore both: a name runs once, whatever changed.  Memoized: a notebook
+    re-runs the same few cells, and tokenizing them is most of a replay's
+    own cost.
     """
-    chash = code_hash(code, extra)
+    chash = code_hash(code, extra, strict)
     if name is not None:
-        return CellKey(scope, "name", name, _digest(KEY_VERSION, scope, "name", name), chash)
-    return CellKey(scope, "code", chash, _digest(KEY_VERSION, scope, "code", chash), chash)
+        digest = _digest(KEY_VERSION, scope, "name", name)
+        return CellKey(scope, "name", name, digest, chash, digest)
+    base = _digest(KEY_VERSION, scope, "code", chash)
+    digest = _digest(KEY_VERSION, base, "inputs", inputs) if inputs else base
+    return CellKey(scope, "code", chash, digest, chash, base, inputs)

@@ -33,6 +33,7 @@ from . import __version__, render, report
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .capture import _patched, capture, replay
 from .claims import DEFAULT_LEASE_S
+from .deps import collect_inputs, explain, inputs_digest, read_names
 from .keys import CellKey, cell_key
 from .names import names_bound, snapshot
 from .serialize import UNTRUSTED, dump_names, dump_value, load_names, load_value
@@ -147,6 +148,8 @@ class StatefulMagics(Magics):
         self._resolved: dict[tuple, Store] = {}
         self._args: dict[str, Any] = {}
         self._signer: Signer | None = None
+        self._transformed: dict[str, str] = {}
+        self._said: set[tuple] = set()
         self._signer_source: str | None = None
         self.clock = time.time  # what --ttl compares against; tests set their own
         atexit.register(self.close)
@@ -235,6 +238,17 @@ class StatefulMagics(Magics):
         action="store_true",
         help="Never execute: replay the recorded result, or fail if there is none.",
     )
+    @argument(
+        "--ignore", nargs="+", metavar="NAME", help="Names the cell reads that must not be part of its key."
+    )
+    @argument(
+        "--deps-file", nargs="+", metavar="PATH", help="Files (globs allowed) whose content is part of the key."
+    )
+    @argument("--deps-env", nargs="+", metavar="VAR", help="Environment variables whose value is part of the key.")
+    @argument(
+        "--deps-package", nargs="+", metavar="NAME", help="Installed packages whose version is part of the key."
+    )
+    @argument("--strict", action="store_true", help="Key on the raw text: any edit, even a comment, re-runs.")
     @argument("--db", metavar="PATH", help=f"RSSD file (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
     @argument(
         "--name",
@@ -274,7 +288,11 @@ class StatefulMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%%stateful: --ttl: {exc}") from None
         store = self.store(args.db)
-        key = cell_key(cell, self.scope(args.scope, store), args.name)
+        python = self._python(cell)
+        inputs = self._inputs(python, args, cell) if args.name is None else {}
+        key = cell_key(
+            cell, self.scope(args.scope, store), args.name, inputs=inputs_digest(inputs), strict=args.strict
+        )
         quiet = args.quiet or self.quiet
         latest = store.latest(key)
         executed = latest is not None and latest.to_state == EXECUTED
@@ -297,6 +315,13 @@ class StatefulMagics(Magics):
             return self._replay(store, key, latest, quiet)
         if rerun and rerun.startswith("stale"):
             _note(f"[stateful] running again: result is {rerun}")
+        first_reason = "first run"
+        if latest is None and key.inputs:
+            earlier = store.latest_variant(key)
+            if earlier is not None:
+                why = explain(_result_inputs(earlier), inputs) or "inputs changed"
+                first_reason = f"inputs changed: {why}"
+                _note(f"[stateful] running again: {why}")
         status = _Status(self.shell)
         try:
             outcome = acquire(
@@ -308,6 +333,7 @@ class StatefulMagics(Magics):
                 rerun_reason=f"{rerun} after {EXECUTED}" if rerun else "",
                 wait_s=self.wait_seconds if args.wait is None else args.wait,
                 lease_s=self.lease_seconds,
+                first_reason=first_reason,
                 on_wait=status.waiting,
             )
         except sqlite3.Error as exc:
@@ -323,7 +349,35 @@ class StatefulMagics(Magics):
             return self._replay(store, key, outcome.previous, quiet)
         if outcome.abandoned is not None:
             _note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
-        return self._run(store, key, outcome.running, cell)
+        return self._run(store, key, outcome.running, cell, python, inputs)
+
+    # -- inputs (dependency-aware keys) ----------------------------------------
+
+    def _python(self, cell: str) -> str:
+        """The cell as Python (IPython syntax transformed), memoized."""
+        python = self._transformed.get(cell)
+        if python is None:
+            if len(self._transformed) > 512:
+                self._transformed.clear()
+            python = self._transformed[cell] = self.shell.transform_cell(cell)
+        return python
+
+    def _inputs(self, python: str, args, cell: str) -> dict:
+        """What the cell reads, fingerprinted; declared files, env, packages."""
+        ignore = set(args.ignore or ())
+        read = [n for n in _read_names(python) if n not in ignore]
+        inputs = collect_inputs(
+            self.shell.user_ns, read, args.deps_file or (), args.deps_env or (), args.deps_package or ()
+        )
+        blind = {n: e.get("reason") for n, e in inputs.get("names", {}).items() if e.get("digest") is None}
+        said = (cell, tuple(sorted(blind)))
+        if blind and said not in self._said:
+            self._said.add(said)
+            _note(
+                "[stateful] left out of the key (can't be fingerprinted; --ignore NAME to silence): "
+                + "; ".join(f"{n} ({why})" for n, why in blind.items())
+            )
+        return inputs
 
     # -- the line magic: %stateful list|show|forget|stats|gc|trust -------------
 
@@ -448,7 +502,7 @@ class StatefulMagics(Magics):
 
     # -- run ------------------------------------------------------------------
 
-    def _run(self, store: Store, key: CellKey, running: Transition, cell: str) -> None:
+    def _run(self, store: Store, key: CellKey, running: Transition, cell: str, python: str, inputs: dict) -> None:
         shell = self.shell
         before = snapshot(shell.user_ns)
         shown: dict[str, list[str]] = {}
@@ -473,6 +527,8 @@ class StatefulMagics(Magics):
             "duration_s": round(duration, 6),
             "code_hash": key.code_hash,
         }
+        if inputs:
+            base["inputs"] = inputs
 
         if error is not None:
             err = _error(error, shown.get("stb"))
@@ -481,7 +537,6 @@ class StatefulMagics(Magics):
             self._finish(store, running, to_state, {**base, "outputs": outputs, "error": err}, f"{err['ename']}: {err['evalue']}"[:500])
             raise _for_display(error, shown.get("stb"))
 
-        python = shell.transform_cell(cell)
         names = names_bound(shell.user_ns, before, python)
         specs, blobs = dump_names(shell.user_ns, names)
         outputs = rec.finish()
@@ -543,6 +598,19 @@ def _line_parser() -> MagicArgumentParser:
     for p in (show, forget):
         p.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
     return parser
+
+
+@lru_cache(maxsize=512)
+def _read_names(python: str) -> tuple[str, ...]:
+    return tuple(read_names(python))
+
+
+def _result_inputs(transition: Transition) -> dict | None:
+    try:
+        inputs = transition.result().get("inputs")
+    except (ValueError, AttributeError):
+        return None
+    return inputs if isinstance(inputs, dict) else None
 
 
 def _error(exc: BaseException, stb: list[str] | None) -> dict:

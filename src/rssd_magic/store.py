@@ -108,6 +108,17 @@ def has_state_tables(conn: sqlite3.Connection) -> bool:
     )
 
 
+def _header_page_size(header: bytes) -> int:
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
+
+
+def _header_pages(header: bytes) -> int:
+    """Pages the header says the file has (0 when that field isn't valid)."""
+    change_counter, valid_for = header[24:28], header[92:96]
+    return int.from_bytes(header[28:32], "big") if change_counter == valid_for else 0
+
+
 def check_path(path: Path, readonly: bool = False) -> bool:
     """Refuse unusable paths before SQLite sees them; True when the file exists.
 
@@ -126,11 +137,13 @@ def check_path(path: Path, readonly: bool = False) -> bool:
     if st.st_size:
         try:
             with open(path, "rb") as fh:
-                header = fh.read(len(SQLITE_HEADER))
+                header = fh.read(100)
         except OSError as exc:
             raise RSSDError(f"RSSD {path}: cannot be read ({exc.strerror})") from None
-        if header != SQLITE_HEADER:
+        if not header.startswith(SQLITE_HEADER):
             raise RSSDError(f"RSSD {path}: not a SQLite database (wrong file header)")
+        if len(header) < 100 or _header_pages(header) * _header_page_size(header) > st.st_size:
+            raise RSSDError(f"RSSD {path}: truncated (the file is shorter than its SQLite header says)")
     if readonly:
         return True
     if not os.access(path, os.W_OK) or not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
@@ -349,6 +362,24 @@ class Store:
         row = (conn or self.conn).execute(self._LATEST_SQL, (key.ingest_src,)).fetchone()
         return Transition(*row) if row else None
 
+    def latest_variant(self, key: CellKey) -> Transition | None:
+        """The latest EXECUTED run of the same code on other inputs (an index
+        range over ``ingest_src``), to say why this one runs."""
+        row = self.conn.execute(
+            """SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id,
+                      s.from_state, s.to_state, s.transition_result, s.transition_reason,
+                      s.transitioned_at
+               FROM orchestration_session_state AS s
+               WHERE s.session_entry_id IN (
+                   SELECT orchestration_session_entry_id FROM orchestration_session_entry
+                   WHERE ingest_src >= ? AND ingest_src < ? AND ingest_src != ?)
+                 AND s.to_state = 'EXECUTED'
+               ORDER BY s.orchestration_session_state_id DESC
+               LIMIT 1""",
+            (key.base_src, key.base_src + "\x7f", key.ingest_src),
+        ).fetchone()
+        return Transition(*row) if row else None
+
     def _entry_id(self, c: sqlite3.Connection, key: CellKey, source: str) -> str:
         row = c.execute(
             """SELECT orchestration_session_entry_id FROM orchestration_session_entry
@@ -369,6 +400,8 @@ class Store:
                 dumps(
                     {
                         "key": key.digest,
+                        "code_key": key.base,
+                        "inputs": key.inputs or None,
                         "scope": key.scope,
                         "kind": key.kind,
                         "name": key.name,
@@ -388,6 +421,7 @@ class Store:
         rerun_of: str | None = None,
         rerun_reason: str = "",
         lease_s: float = DEFAULT_LEASE_S,
+        first_reason: str = "first run",
     ) -> ClaimOutcome:
         """Atomically decide, and record, who runs the cell now.
 
@@ -408,7 +442,7 @@ class Store:
             previous = self.latest(key, c)
             abandoned = None
             if previous is None:
-                reason = "first run"
+                reason = first_reason
             elif previous.to_state == EXECUTED:
                 if previous.state_id != rerun_of:
                     return ClaimOutcome("done", previous)
