@@ -20,6 +20,7 @@ import sqlite3
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
 from traitlets import Bool, Float, Int, Unicode
 
-from . import __version__, render, report
+from . import __version__, render, report, sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .capture import _patched, capture, replay
 from .claims import DEFAULT_LEASE_S
@@ -59,6 +60,19 @@ class StatefulRunError(Exception):
 
     def _render_traceback_(self) -> list[str]:
         return [f"{type(self).__name__}: {self}"]
+
+
+class SQLCellError(StatefulRunError):
+    """A statement of a --sql cell failed: the database's own message."""
+
+
+@dataclass
+class _SQLCell:
+    body: str
+    conn: Any
+    params: dict
+    extra: str
+    out: str | None
 
 
 class _Status:
@@ -150,6 +164,7 @@ class StatefulMagics(Magics):
         self._signer: Signer | None = None
         self._transformed: dict[str, str] = {}
         self._said: set[tuple] = set()
+        self._sql_conns: dict[Path, sqlite3.Connection] = {}
         self._signer_source: str | None = None
         self.clock = time.time  # what --ttl compares against; tests set their own
         atexit.register(self.close)
@@ -220,6 +235,9 @@ class StatefulMagics(Magics):
 
     def close(self) -> None:
         """Close every RSSD this kernel opened, marking its sessions finished."""
+        for conn in self._sql_conns.values():
+            conn.close()
+        self._sql_conns.clear()
         for store in self._stores.values():
             store.close()
         self._stores.clear()
@@ -248,6 +266,13 @@ class StatefulMagics(Magics):
     @argument(
         "--deps-package", nargs="+", metavar="NAME", help="Installed packages whose version is part of the key."
     )
+    @argument("--sql", action="store_true", help="The cell is SQL (several statements allowed), run at most once.")
+    @argument(
+        "--conn",
+        metavar="NAME",
+        help="With --sql: the connection in the notebook to run on (DuckDB or sqlite3); default: the RSSD itself.",
+    )
+    @argument("--out", metavar="NAME", help="With --sql: bind the result table to NAME as a pandas DataFrame.")
     @argument("--strict", action="store_true", help="Key on the raw text: any edit, even a comment, re-runs.")
     @argument("--db", metavar="PATH", help=f"RSSD file (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
     @argument(
@@ -288,11 +313,18 @@ class StatefulMagics(Magics):
         except ValueError as exc:
             raise UsageError(f"%%stateful: --ttl: {exc}") from None
         store = self.store(args.db)
-        python = self._python(cell)
-        inputs = self._inputs(python, args, cell) if args.name is None else {}
-        key = cell_key(
-            cell, self.scope(args.scope, store), args.name, inputs=inputs_digest(inputs), strict=args.strict
-        )
+        scope = self.scope(args.scope, store)
+        if args.sql:
+            sql_cell = self._sql_cell(cell, args, store)
+            python, inputs = "", {}
+            key = cell_key(sql.normalize_sql(cell), scope, args.name, extra=sql_cell.extra)
+        else:
+            if args.conn or args.out:
+                raise UsageError("%%stateful: --conn and --out go with --sql")
+            sql_cell = None
+            python = self._python(cell)
+            inputs = self._inputs(python, args, cell) if args.name is None else {}
+            key = cell_key(cell, scope, args.name, inputs=inputs_digest(inputs), strict=args.strict)
         quiet = args.quiet or self.quiet
         latest = store.latest(key)
         executed = latest is not None and latest.to_state == EXECUTED
@@ -349,7 +381,88 @@ class StatefulMagics(Magics):
             return self._replay(store, key, outcome.previous, quiet)
         if outcome.abandoned is not None:
             _note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
+        if sql_cell is not None:
+            return self._run_sql(store, key, outcome.running, sql_cell)
         return self._run(store, key, outcome.running, cell, python, inputs)
+
+    # -- SQL cells ------------------------------------------------------------
+
+    def _sql_cell(self, body: str, args, store: Store) -> "_SQLCell":
+        """Resolve the target and parameters of a --sql cell (nothing runs)."""
+        try:
+            import pandas  # noqa: F401 - result tables are DataFrames
+            import pyarrow  # noqa: F401 - and large ones are stored as Parquet
+        except ImportError as exc:
+            raise UsageError(
+                f"%%stateful --sql needs pandas and pyarrow ({exc}): pip install 'rssd_magic[sql]'"
+            ) from None
+        ns = self.shell.user_ns
+        if args.conn:
+            if args.conn not in ns:
+                raise UsageError(f"%%stateful --conn {args.conn}: no such name in the notebook")
+            conn = ns[args.conn]
+        else:
+            conn = self._rssd_sql(store)
+        try:
+            _, params = sql.bind(body, ns)
+            extra = sql.key_extra(body, conn, params)
+        except sql.SQLUsageError as exc:
+            option = f" --conn {args.conn}" if args.conn else ""
+            raise UsageError(f"%%stateful --sql{option}: {exc}. The cell was not run.") from None
+        return _SQLCell(body, conn, params, extra, args.out)
+
+    def _rssd_sql(self, store: Store) -> sqlite3.Connection:
+        """A connection of its own for the user's SQL on the RSSD itself: what
+        a cell does (PRAGMAs, transactions) must not touch the state's."""
+        conn = self._sql_conns.get(store.path)
+        if conn is None:
+            conn = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False, timeout=store.busy_timeout_s)
+            self._sql_conns[store.path] = conn
+        return conn
+
+    def _run_sql(self, store: Store, key: CellKey, running: Transition, cell: "_SQLCell") -> None:
+        started = time.perf_counter()
+        base = {"format": RESULT_FORMAT, "host": store.host, "code_hash": key.code_hash}
+        try:
+            res = sql.run_sql(cell.conn, cell.body, cell.params)
+        except sql.SQLExecutionError as exc:
+            base["duration_s"] = round(time.perf_counter() - started, 6)
+            err = {"ename": exc.error_type or "SQLError", "evalue": str(exc), "traceback": str(exc), "sql": exc.as_dict()}
+            self._finish(store, running, FAILED, {**base, "outputs": [], "error": err}, str(exc).splitlines()[0][:500])
+            raise SQLCellError(str(exc)) from None
+        except KeyboardInterrupt as exc:
+            self._finish(store, running, INTERRUPTED, {**base, "error": _error(exc, None)}, "interrupted")
+            raise
+        base["duration_s"] = round(time.perf_counter() - started, 6)
+        base["sql"] = res.as_dict()
+        outputs: list[dict] = []
+        specs: dict[str, dict] = {}
+        blobs: list = []
+        if res.frame is None:
+            summary = f"{res.summary()}\n"
+            print(summary, end="")
+            outputs.append({"output_type": "stream", "name": "stdout", "text": summary})
+        else:
+            spec, blobs = sql.dump_frame(res.frame)
+            data, metadata = sql.frame_bundle(res.frame)
+            base["result_value"] = spec
+            if cell.out:
+                specs[cell.out] = spec
+                self.shell.user_ns[cell.out] = res.frame
+            self._show_result(res.frame, data, metadata)
+            outputs.append(
+                {"output_type": "execute_result", "execution_count": self.shell.execution_count, "data": data, "metadata": metadata}
+            )
+        self._finish(
+            store,
+            running,
+            EXECUTED,
+            {**base, "outputs": outputs, "names": specs},
+            "completed",
+            blobs,
+            sign_specs(self.signer, {**specs, RESULT_VALUE: base.get("result_value")}),
+        )
+        return None
 
     # -- inputs (dependency-aware keys) ----------------------------------------
 

@@ -222,9 +222,15 @@ def load_value(spec: Any, get_blob: Callable[[str], Any], namespace: dict, trust
     if kind == "module":
         __import__(spec["module"])
         return sys.modules[spec["module"]]
-    if kind == "pickle":
+    if kind in ("pickle", "frame"):
+        # Checked for every binary payload, even data-only formats: nothing
+        # from the RSSD is deserialized unless we (or a trusted key) wrote it.
         if not trusted:
             raise NotRestored(UNTRUSTED)
+        if kind == "frame":
+            from .sql import load_frame
+
+            return load_frame(spec, get_blob, trusted=True)
         return _load_pickle(spec, get_blob, namespace)
     if kind == "skipped":
         raise NotRestored()
