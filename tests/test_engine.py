@@ -141,3 +141,24 @@ def test_blobs_read_back_in_chunks(tmp_path, monkeypatch):
     store.finish_run(running, "EXECUTED", {"names": {}}, "completed", [(digest, data)])
     assert bytes(store.get_blob(digest)) == data
     store.close()
+
+
+def test_plan_decides_replay_rerun_and_why(tmp_path):
+    import time as _time
+
+    from rssd_magic.plan import NothingToReplay, plan
+
+    store = Store.open(tmp_path / "p.db", {"test": True})
+    key = cell_key("x = 1", "s")
+    with pytest.raises(NothingToReplay, match="never run"):
+        plan(store, key, None, replay_only=True)
+    assert plan(store, key, None).first_reason == "first run"
+    running = store.claim(key, "x = 1", {}).running
+    done = store.finish_run(running, "EXECUTED", {"names": {}}, "completed")
+    assert plan(store, key, done).replay == done
+    forced = plan(store, key, done, force=True)
+    assert forced.replay is None and forced.rerun_of == done.state_id and forced.rerun_reason.startswith("forced")
+    stale = plan(store, key, done, ttl_s=60, ttl_text="1m", now=_time.time() + 3600)
+    assert stale.replay is None and stale.rerun_reason.startswith("stale") and "--ttl 1m" in stale.note
+    assert plan(store, key, done, ttl_s=60, ttl_text="1m", now=_time.time()).replay == done
+    store.close()

@@ -34,13 +34,14 @@ from . import __version__, render, report, sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .capture import _patched, capture, replay
 from .claims import DEFAULT_LEASE_S
-from .deps import collect_inputs, explain, inputs_digest, read_names
+from .deps import collect_inputs, inputs_digest, read_names
 from .keys import CellKey, cell_key
 from .names import names_bound, snapshot
+from .plan import NothingToReplay, plan
 from .serialize import UNTRUSTED, dump_names, dump_value, load_names, load_value
 from .store import DEFAULT_RSSD, ENV_RSSD, EXECUTED, FAILED, INTERRUPTED, RSSDError, Store, Transition
 from .trust import Signer, sign_specs, trusted_names
-from .ttl import age_s, parse_duration
+from .ttl import parse_duration
 
 RESULT_FORMAT = "rssd_magic.result.v1"
 #: Key under which the cell's result value is signed beside its names.
@@ -327,33 +328,29 @@ class StatefulMagics(Magics):
             key = cell_key(cell, scope, args.name, inputs=inputs_digest(inputs), strict=args.strict)
         quiet = args.quiet or self.quiet
         latest = store.latest(key)
-        executed = latest is not None and latest.to_state == EXECUTED
-        rerun = "forced (--force)" if args.force else None
-        if executed and ttl is not None and not rerun:
-            age = age_s(latest.transitioned_at, self.clock())
-            if age > ttl:
-                rerun = f"stale: executed {latest.transitioned_at} UTC, {age:.0f}s ago, older than --ttl {args.ttl}"
-        if args.replay_only:
-            if not executed:
-                state = latest.to_state if latest else "never run"
-                raise UsageError(
-                    f"%%stateful --replay-only: this cell has no executed result in {store.path} "
-                    f"(state: {state}, key {key.digest[:12]}); it was not run"
-                )
-            rerun = None
-        if executed and not rerun:
+        if latest is not None and latest.to_state == EXECUTED and not (args.force or ttl or args.replay_only):
             # The hot path: one indexed read, no write.
             store.note_hit(latest.state_id)
             return self._replay(store, key, latest, quiet)
-        if rerun and rerun.startswith("stale"):
-            _note(f"[stateful] running again: result is {rerun}")
-        first_reason = "first run"
-        if latest is None and key.inputs:
-            earlier = store.latest_variant(key)
-            if earlier is not None:
-                why = explain(_result_inputs(earlier), inputs) or "inputs changed"
-                first_reason = f"inputs changed: {why}"
-                _note(f"[stateful] running again: {why}")
+        try:
+            todo = plan(
+                store,
+                key,
+                latest,
+                inputs=inputs,
+                force=args.force,
+                ttl_s=ttl,
+                ttl_text=args.ttl or "",
+                replay_only=args.replay_only,
+                now=self.clock(),
+            )
+        except NothingToReplay as exc:
+            raise UsageError(f"%%stateful --replay-only: {exc}; it was not run") from None
+        if todo.replay is not None:
+            store.note_hit(todo.replay.state_id)
+            return self._replay(store, key, todo.replay, quiet)
+        if todo.note:
+            _note(f"[stateful] {todo.note}")
         status = _Status(self.shell)
         try:
             outcome = acquire(
@@ -361,11 +358,11 @@ class StatefulMagics(Magics):
                 key,
                 cell,
                 {"source": cell, "code_hash": key.code_hash},
-                rerun_of=latest.state_id if executed else None,
-                rerun_reason=f"{rerun} after {EXECUTED}" if rerun else "",
+                rerun_of=todo.rerun_of,
+                rerun_reason=todo.rerun_reason,
                 wait_s=self.wait_seconds if args.wait is None else args.wait,
                 lease_s=self.lease_seconds,
-                first_reason=first_reason,
+                first_reason=todo.first_reason,
                 on_wait=status.waiting,
             )
         except sqlite3.Error as exc:
@@ -716,14 +713,6 @@ def _line_parser() -> MagicArgumentParser:
 @lru_cache(maxsize=512)
 def _read_names(python: str) -> tuple[str, ...]:
     return tuple(read_names(python))
-
-
-def _result_inputs(transition: Transition) -> dict | None:
-    try:
-        inputs = transition.result().get("inputs")
-    except (ValueError, AttributeError):
-        return None
-    return inputs if isinstance(inputs, dict) else None
 
 
 def _error(exc: BaseException, stb: list[str] | None) -> dict:
