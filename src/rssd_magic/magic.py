@@ -450,15 +450,7 @@ class StatefulMagics(Magics):
             outputs.append(
                 {"output_type": "execute_result", "execution_count": self.shell.execution_count, "data": data, "metadata": metadata}
             )
-        self._finish(
-            store,
-            running,
-            EXECUTED,
-            {**base, "outputs": outputs, "names": specs},
-            "completed",
-            blobs,
-            sign_specs(self.signer, {**specs, RESULT_VALUE: base.get("result_value")}),
-        )
+        self._executed(store, running, {**base, "outputs": outputs, "names": specs}, blobs)
         return None
 
     # -- inputs (dependency-aware keys) ----------------------------------------
@@ -660,16 +652,13 @@ class StatefulMagics(Magics):
                 "[stateful] executed, but these names can't be saved and won't be restored on replay: "
                 + "; ".join(f"{n} ({why})" for n, why in bad.items())
             )
-        self._finish(
-            store,
-            running,
-            EXECUTED,
-            {**base, "outputs": outputs, "names": specs},
-            "completed",
-            blobs,
-            sign_specs(self.signer, {**specs, RESULT_VALUE: base.get("result_value")}),
-        )
+        self._executed(store, running, {**base, "outputs": outputs, "names": specs}, blobs)
         return None
+
+    def _executed(self, store: Store, running: Transition, result: dict, blobs: list) -> None:
+        """Record a completed run, its blobs and the signatures of its payloads."""
+        signed = {**result["names"], RESULT_VALUE: result.get("result_value")}
+        self._finish(store, running, EXECUTED, result, "completed", blobs, sign_specs(self.signer, signed))
 
     @staticmethod
     def _finish(store, running, to_state, result, reason, blobs=(), signatures=()) -> None:
