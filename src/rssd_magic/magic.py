@@ -372,11 +372,15 @@ class StatefulMagics(Magics):
         except (WaitTimeout, HolderFailed) as exc:
             status.done(str(exc))
             raise StatefulRunError(str(exc)) from None
+        except KeyboardInterrupt:
+            status.done("stopped waiting (interrupted); the cell was not run here")
+            raise
         if outcome.kind == "done":
             status.done("the other kernel finished; replaying its result")
             store.note_hit(outcome.previous.state_id)
             return self._replay(store, key, outcome.previous, quiet)
         if outcome.abandoned is not None:
+            status.done("the other kernel died; running the cell here")
             _note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
         if sql_cell is not None:
             return self._run_sql(store, key, outcome.running, sql_cell)
@@ -636,7 +640,8 @@ class StatefulMagics(Magics):
             err = _error(error, shown.get("stb"))
             outputs = rec.finish() + [{"output_type": "error", **{k: err[k] for k in ("ename", "evalue")}, "traceback": shown.get("stb", [])}]
             to_state = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
-            self._finish(store, running, to_state, {**base, "outputs": outputs, "error": err}, f"{err['ename']}: {err['evalue']}"[:500])
+            why = f"{err['ename']}: {err['evalue']}" if err["evalue"] else err["ename"]
+            self._finish(store, running, to_state, {**base, "outputs": outputs, "error": err}, why[:500])
             raise _for_display(error, shown.get("stb"))
 
         names = names_bound(shell.user_ns, before, python)
