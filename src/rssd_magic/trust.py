@@ -49,17 +49,37 @@ def buffer_digest(data: Any) -> str:
     return "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
 
 
+class Verifier:
+    """Checks bytes against a digest as they are read, chunk by chunk (one
+    pass over a large blob instead of a second one after reading it)."""
+
+    def __init__(self, digest: str):
+        self.digest = digest
+        algo = digest.partition(":")[0]
+        if algo == "sha256":
+            self._hash = hashlib.sha256()
+        elif algo == "xxh3-128":
+            self._hash = xxhash.xxh3_128()
+        else:
+            raise IntegrityError(f"blob {digest[:24]}…: unknown digest algorithm {algo!r}")
+        self._prefix = algo + ":"
+
+    def update(self, data: Any) -> None:
+        self._hash.update(data)
+
+    def check(self) -> None:
+        """Raise IntegrityError unless what was read has the digest."""
+        if not hmac.compare_digest(self._prefix + self._hash.hexdigest(), self.digest):
+            raise IntegrityError(
+                f"blob {self.digest[:24]}… does not match its digest (changed after it was written)"
+            )
+
+
 def verify(digest: str, data: Any) -> None:
     """Raise IntegrityError unless *data* has *digest*."""
-    algo = digest.partition(":")[0]
-    if algo == "sha256":
-        actual = stream_digest(data)
-    elif algo == "xxh3-128":
-        actual = buffer_digest(data)
-    else:
-        raise IntegrityError(f"blob {digest[:24]}…: unknown digest algorithm {algo!r}")
-    if not hmac.compare_digest(actual, digest):
-        raise IntegrityError(f"blob {digest[:24]}… does not match its digest (changed after it was written)")
+    verifier = Verifier(digest)
+    verifier.update(data)
+    verifier.check()
 
 
 def payload_id(spec: dict) -> str:

@@ -1,0 +1,573 @@
+#!/usr/bin/env python
+"""Benchmarks of ``%%stateful`` in one in-process IPython shell (issue 6).
+
+Every figure is printed beside its peer, measured in the same run with
+interleaved rounds (A, B, A, B, ...) and reported as medians:
+
+a. replay (hit) of ``%%stateful\\nx = 1`` minus a plain ``x = 1``;
+   peer: ``y = cached_f(1)`` with a joblib.Memory-cached function (already
+   cached) minus plain.                                   target <= 0.3 ms
+b. first run (miss) of a trivial cell minus plain, distinct code each round;
+   peer: a joblib.Memory miss (new argument) minus plain.   target <= 2 ms
+c. replay restoring a 200 MB float64 array vs joblib.Memory loading the same
+   array (both warm: each file was just written and read once, so both come
+   from the page cache).                                  target <= 1.2x
+   RSSD growth when the array is recorded vs its size.    target <= 1.1x
+d. replay latency with 5,000 other cells recorded vs with 1.
+                                                          target <= 1.25x
+
+Usage::
+
+    pip install -e '.[bench]'
+    python bench/bench_replay.py            # full run, well under a minute
+    python bench/bench_replay.py --quick    # smoke run (50 MB array, fewer rounds)
+    python bench/bench_replay.py --json results.json
+    python bench/bench_replay.py --proposed # also figure c with bench/proposed.py's
+                                            # blob reader patched in (a what-if)
+    python bench/bench_replay.py --only ad  # some figures only
+
+Timing: each figure's variants run in turn, once per round (A, B, A, B, ...),
+each call timed with time.perf_counter; the table shows medians.  What the
+cells print (banners, notes) goes to a sink that drops it, the same for
+every variant.  Only one in-process shell: IPython's own cost per cell is in
+the "plain" figure and subtracted where the figure says "minus plain".
+
+Not part of the pytest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    NullWriter,
+    Row,
+    fmt_ms,
+    interleaved,
+    loadavg,
+    machine,
+    machine_line,
+    print_table,
+    record_run,
+    save_json,
+    summary,
+    verdict,
+)
+
+OUT = sys.__stdout__
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.__stderr__, flush=True)
+
+
+# Functions the joblib peer caches.  They live in this file (not in a cell) so
+# joblib can read their source, as it would from a module of the user's.
+def ident(a):
+    return a
+
+
+def array_sum(a):
+    return float(a.sum())
+
+
+BIG_N = 25_000_000  # float64 elements: 200 MB
+
+
+def make_big(n=None):
+    import numpy as np
+
+    return np.random.default_rng(0).random(n or BIG_N)
+
+
+class Bench:
+    def __init__(self, workdir: Path, quick: bool, big_mb: int | None, proposed: bool = False):
+        import joblib
+        from IPython.core.interactiveshell import InteractiveShell
+
+        self.quick = quick
+        self.proposed = proposed
+        self.workdir = workdir
+        self.big_n = (big_mb or (50 if quick else 200)) * 1_000_000 // 8
+        self.db = workdir / "main.sqlite.db"
+        self.shell = InteractiveShell.instance()
+        self.shell.run_line_magic("load_ext", "rssd_magic")
+        self.magics = self.shell.magics_manager.registry["StatefulMagics"]
+        self.magics.rssd_path = str(self.db)
+        self.magics.quiet = False  # the default: replays show their banner
+        self.magics.store()  # creates the RSSD, so every figure starts from an existing file
+        self.memory = joblib.Memory(location=str(workdir / "joblib"), verbose=0)
+        ns = self.shell.user_ns
+        ns["cached_f"] = self.memory.cache(ident)
+        ns["make_big"] = make_big
+        ns["cached_big"] = self.memory.cache(make_big)
+        ns["BIG_N"] = self.big_n
+        self.rows: list[Row] = []
+        self.raw: dict[str, dict] = {}
+
+    # -- helpers ----------------------------------------------------------------
+
+    def run(self, code: str):
+        """run_cell that fails loudly (the sinks swallow what a cell shows)."""
+        result = self.shell.run_cell(code)
+        if not result.success:
+            err = result.error_before_exec or result.error_in_exec
+            raise RuntimeError(f"cell failed: {code!r}: {err!r}")
+        return result
+
+    def cell(self, code: str):
+        return lambda: self.run(code)
+
+    def quiet_cell(self, code: str):
+        """The same cell with the banner turned off by configuration (not by
+        --quiet, whose parsing would cost about what the banner does)."""
+
+        def run():
+            self.magics.quiet = True
+            try:
+                self.run(code)
+            finally:
+                self.magics.quiet = False
+
+        return run
+
+    def proposed_cell(self, code: str):
+        """The same replay with bench/proposed.py's get_blob patched in."""
+        import proposed
+        from rssd_magic.store import Store
+
+        def run():
+            saved = Store.get_blob
+            Store.get_blob = proposed.get_blob
+            try:
+                self.run(code)
+            finally:
+                Store.get_blob = saved
+
+        return run
+
+    def transitions(self, body: str, db: Path | None = None) -> list[str]:
+        """to_state of every transition recorded for the cell *body* (found by
+        the source its entry records, so whatever goes into the key: scope,
+        input fingerprints), in order."""
+        conn = sqlite3.connect(f"file:{db or self.db}?mode=ro", uri=True)
+        try:
+            return [
+                s
+                for (s,) in conn.execute(
+                    """SELECT s.to_state FROM orchestration_session_state s
+                       JOIN orchestration_session_entry e ON e.orchestration_session_entry_id = s.session_entry_id
+                       WHERE e.ingest_src LIKE 'rssd-magic:%'
+                         AND rtrim(json_extract(e.elaboration, '$.source'), char(10, 13, 32)) = ?
+                       ORDER BY s.orchestration_session_state_id""",
+                    (body.rstrip(),),
+                )
+            ]
+        finally:
+            conn.close()
+
+    def time_variants(
+        self, name: str, variants: dict, rounds: int, warmup: int = 3, setup: dict | None = None
+    ) -> dict[str, dict]:
+        for fn in variants.values():
+            for _ in range(warmup):
+                fn()
+        gc.collect()
+        samples = interleaved(variants, rounds, setup)
+        stats = {k: summary(v) for k, v in samples.items()}
+        self.raw[name] = stats
+        return stats
+
+    # -- a. replay hit ------------------------------------------------------------
+
+    def hit(self) -> None:
+        rounds = 300 if self.quick else 3000
+        body = "x = 1"
+        ours = f"%%stateful\n{body}"
+        self.run(ours)  # records it
+        assert self.transitions(body) == ["RUNNING", "EXECUTED"], self.transitions(body)
+        s = self.time_variants(
+            "a_hit",
+            {
+                "plain": self.cell(body),
+                "ours": self.cell(ours),
+                "ours_quiet": self.quiet_cell(ours),
+                "joblib": self.cell("y = cached_f(1)"),
+            },
+            rounds,
+        )
+        assert self.transitions(body) == ["RUNNING", "EXECUTED"], "the hit loop executed the cell again"
+        plain = s["plain"]["median"]
+        ours_d = s["ours"]["median"] - plain
+        quiet_d = s["ours_quiet"]["median"] - plain
+        jl_d = s["joblib"]["median"] - plain
+        self.rows.append(
+            Row(
+                "a. replay hit, trivial cell (minus plain)",
+                fmt_ms(ours_d),
+                f"joblib hit {fmt_ms(jl_d)}",
+                f"{ours_d / jl_d:.2f}x joblib; plain {fmt_ms(plain)}",
+                "<= 0.3 ms",
+                verdict(ours_d, 0.3e-3),
+                {"ours_minus_plain_s": ours_d, "joblib_minus_plain_s": jl_d, "plain_s": plain, "rounds": rounds},
+            )
+        )
+        self.rows.append(
+            Row(
+                "a'. same, StatefulMagics.quiet (no banner)",
+                fmt_ms(quiet_d),
+                f"joblib hit {fmt_ms(jl_d)}",
+                f"{quiet_d / jl_d:.2f}x joblib; banner costs {fmt_ms(ours_d - quiet_d)}",
+                "(info)",
+                "info",
+                {"ours_minus_plain_s": quiet_d},
+            )
+        )
+
+    # -- b. miss ------------------------------------------------------------------
+
+    def miss(self) -> None:
+        rounds = 60 if self.quick else 400
+        counter = iter(range(10**9))
+        offset = 10**6  # joblib arguments never used before
+
+        def ours():
+            i = next(counter)
+            self.run(f'%%stateful\n"miss {i}"\nx = 1')
+
+        def plain():
+            i = next(counter)
+            self.run(f'"plain {i}"\nx = 1')
+
+        def joblib_miss():
+            i = next(counter)
+            self.run(f"y = cached_f({offset + i})")
+
+        force = "%%stateful --force\nx = 2"
+        self.run(force)
+        s = self.time_variants(
+            "b_miss",
+            {"plain": plain, "ours": ours, "ours_force": self.cell(force), "joblib": joblib_miss},
+            rounds,
+        )
+        if self.transitions('"miss 3"\nx = 1') != ["RUNNING", "EXECUTED"]:
+            raise RuntimeError("miss cells did not execute exactly once")
+        stored = sum(1 for f in (self.workdir / "joblib").rglob("output.pkl") if "ident" in str(f))
+        if stored < rounds:
+            raise RuntimeError(f"the joblib peer did not miss: {stored} results stored for {rounds} rounds")
+        plain_s = s["plain"]["median"]
+        ours_d = s["ours"]["median"] - plain_s
+        force_d = s["ours_force"]["median"] - plain_s
+        jl_d = s["joblib"]["median"] - plain_s
+        self.rows.append(
+            Row(
+                "b. first run (miss), trivial cell (minus plain)",
+                fmt_ms(ours_d),
+                f"joblib miss {fmt_ms(jl_d)}",
+                f"{ours_d / jl_d:.2f}x joblib",
+                "<= 2 ms",
+                verdict(ours_d, 2e-3),
+                {"ours_minus_plain_s": ours_d, "joblib_minus_plain_s": jl_d, "rounds": rounds},
+            )
+        )
+        self.rows.append(
+            Row(
+                "b'. same cell re-run with --force",
+                fmt_ms(force_d),
+                f"joblib miss {fmt_ms(jl_d)}",
+                f"{force_d / jl_d:.2f}x joblib",
+                "(info)",
+                "info",
+                {"ours_minus_plain_s": force_d},
+            )
+        )
+
+    # -- c. 200 MB array ----------------------------------------------------------------
+
+    @staticmethod
+    def _files_size(db: Path) -> tuple[int, int]:
+        wal = Path(str(db) + "-wal")
+        return db.stat().st_size, wal.stat().st_size if wal.exists() else 0
+
+    @staticmethod
+    def _logical_size(db: Path) -> int:
+        """page_count x page_size as a reader sees it (the WAL included)."""
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            (page,) = conn.execute("PRAGMA page_size").fetchone()
+            return pages * page
+        finally:
+            conn.close()
+
+    def big(self) -> None:
+        rounds = 2 if self.quick else 7
+        nbytes = self.big_n * 8
+        mb = nbytes / 1e6
+        ours = "%%stateful\nbig = make_big(BIG_N)"
+        peer = "big_j = cached_big(BIG_N)"
+
+        logical0 = self._logical_size(self.db)
+        files0 = sum(self._files_size(self.db))
+        t0 = time.perf_counter()
+        self.run(ours)
+        record_s = time.perf_counter() - t0
+        logical1 = self._logical_size(self.db)
+        main1, wal1 = self._files_size(self.db)
+        t0 = time.perf_counter()
+        self.run(peer)
+        dump_s = time.perf_counter() - t0
+        joblib_bytes = sum(f.stat().st_size for f in (self.workdir / "joblib").rglob("*") if f.is_file() and "make_big" in str(f))
+        compute_s = min(self._time_once(lambda: make_big(self.big_n)) for _ in range(2))
+
+        import numpy as np
+
+        # Both warm: run each replay/load once before timing, then interleave.
+        # The names are dropped first so the check proves the replay restored them.
+        ns = self.shell.user_ns
+        ns.pop("big"), ns.pop("big_j")
+        self.run(ours)
+        self.run(peer)
+        if "big" not in ns or not np.array_equal(ns["big"], ns["big_j"]):
+            raise RuntimeError("the replay did not restore the array (see the [stateful] note: untrusted? missing blob?)")
+        variants = {"ours": self.cell(ours), "joblib": self.cell(peer)}
+        setup = {}
+        if self.proposed:
+            import proposed
+
+            conn = self.magics.store().conn
+            variants["proposed"] = self.proposed_cell(ours)
+            variants["proposed_kept"] = self.proposed_cell(ours)
+            # Untimed: the engine's connection as it opens (no mapping) before
+            # the current reader; a fresh, empty mapping before the proposed
+            # one (as in a new kernel).
+            setup["ours"] = lambda: proposed.set_mmap(conn, False)
+            setup["proposed"] = lambda: (proposed.set_mmap(conn, False), proposed.set_mmap(conn, True))
+            setup["proposed_kept"] = lambda: proposed.set_mmap(conn, True)  # mapped by the call before
+        s = self.time_variants("c_big", variants, rounds, warmup=0, setup=setup)
+        if self.transitions("big = make_big(BIG_N)") != ["RUNNING", "EXECUTED"]:
+            raise RuntimeError("the 200 MB cell executed again instead of replaying")
+        o, j = s["ours"]["median"], s["joblib"]["median"]
+        growth = logical1 - logical0
+        self.rows.append(
+            Row(
+                f"c. replay {mb:.0f} MB float64 array (warm)",
+                fmt_ms(o),
+                f"joblib load {fmt_ms(j)}",
+                f"{o / j:.2f}x",
+                "<= 1.2x",
+                verdict(o / j, 1.2),
+                {"ours_s": o, "joblib_s": j, "nbytes": nbytes, "rounds": rounds, "ours_GBps": nbytes / o / 1e9, "joblib_GBps": nbytes / j / 1e9},
+            )
+        )
+        if self.proposed:
+            for variant, label in (
+                ("proposed", "c*. what-if: proposed.py reader, new mapping"),
+                ("proposed_kept", "c**. what-if: proposed.py reader, mapping kept"),
+            ):
+                p = s[variant]["median"]
+                self.rows.append(
+                    Row(
+                        label,
+                        fmt_ms(p),
+                        f"joblib load {fmt_ms(j)}",
+                        f"{p / j:.2f}x",
+                        "<= 1.2x",
+                        verdict(p / j, 1.2) + " (what-if)",
+                        {"proposed_s": p, "joblib_s": j},
+                    )
+                )
+        self.rows.append(
+            Row(
+                "c'. RSSD growth / data size",
+                f"{growth / nbytes:.3f}x",
+                f"joblib {joblib_bytes / nbytes:.3f}x",
+                f"+{(growth - nbytes) / 1e6:.1f} MB",
+                "<= 1.1x",
+                verdict(growth / nbytes, 1.1),
+                {"growth_bytes": growth, "joblib_bytes": joblib_bytes, "nbytes": nbytes},
+            )
+        )
+        self.rows.append(
+            Row(
+                "c''. disk right after recording (db + -wal)",
+                f"{(main1 + wal1 - files0) / nbytes:.3f}x",
+                f"joblib {joblib_bytes / nbytes:.3f}x",
+                f"-wal file {wal1 / 1e6:.0f} MB",
+                "(info)",
+                "info",
+                {"main_bytes": main1, "wal_bytes": wal1, "before_bytes": files0},
+            )
+        )
+        self.rows.append(
+            Row(
+                f"c'''. first run recording {mb:.0f} MB (minus compute)",
+                fmt_ms(record_s - compute_s),
+                f"joblib dump {fmt_ms(dump_s - compute_s)}",
+                f"{(record_s - compute_s) / (dump_s - compute_s):.2f}x; compute {fmt_ms(compute_s)}",
+                "(info, 1 sample)",
+                "info",
+                {"record_s": record_s, "dump_s": dump_s, "compute_s": compute_s},
+            )
+        )
+        self.reads_big(rounds)
+        # Free the arrays before the next figure.
+        for name in ("big", "big_j"):
+            self.shell.user_ns.pop(name, None)
+        gc.collect()
+
+    def reads_big(self, rounds: int) -> None:
+        """Info: a cell that *reads* the big array.  Its key fingerprints what
+        it reads (dependency-aware keys), so each replay hashes the array; the
+        joblib peer hashes its argument on each call too."""
+        ns = self.shell.user_ns
+        ns["cached_sum"] = self.memory.cache(array_sum)
+        body = "s = array_sum(big)"
+        ns["array_sum"] = array_sum
+        ours, peer = f"%%stateful\n{body}", "s = cached_sum(big)"
+        self.run(ours)
+        self.run(peer)
+        st = self.time_variants(
+            "c_reads_big", {"plain": self.cell(body), "ours": self.cell(ours), "joblib": self.cell(peer)}, rounds, warmup=1
+        )
+        if self.transitions(body).count("RUNNING") != 1:
+            raise RuntimeError("the cell reading the array executed again instead of replaying")
+        o, j, p = st["ours"]["median"], st["joblib"]["median"], st["plain"]["median"]
+        mb = self.big_n * 8 / 1e6
+        self.rows.append(
+            Row(
+                f"c4. replay of a cell reading the {mb:.0f} MB array",
+                fmt_ms(o),
+                f"joblib hit {fmt_ms(j)}",
+                f"{o / j:.2f}x joblib; computing it: {fmt_ms(p)}",
+                "(info)",
+                "info",
+                {"ours_s": o, "joblib_s": j, "plain_s": p},
+            )
+        )
+
+    @staticmethod
+    def _time_once(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    # -- d. many cells --------------------------------------------------------------
+
+    def populate(self, db: Path, n: int) -> float:
+        """Record *n* distinct cells through the store API, as %%stateful would."""
+        from rssd_magic.keys import cell_key
+        from rssd_magic.store import Store
+
+        t0 = time.perf_counter()
+        store = Store.open(db, {"bench": "populate"})
+        try:
+            for i in range(n):
+                src = f'"other {i}"\nv{i % 50} = {i}\nprint({i})'
+                key = cell_key(src, self.magics.default_scope)
+                result = {
+                    "format": "rssd_magic.result.v1",
+                    "host": store.host,
+                    "duration_s": 0.001,
+                    "code_hash": key.code_hash,
+                    "outputs": [{"output_type": "stream", "name": "stdout", "text": f"{i}\n"}],
+                    "names": {f"v{i % 50}": {"kind": "json", "value": i}},
+                }
+                record_run(store, key, src, result)
+        finally:
+            store.close()
+        return time.perf_counter() - t0
+
+    def many(self) -> None:
+        rounds = 300 if self.quick else 3000
+        n_other = 5000
+        db1 = self.workdir / "one.sqlite.db"
+        db5k = self.workdir / "many.sqlite.db"
+        populate_s = self.populate(db5k, n_other)
+        log(f"  populated {n_other} cells in {populate_s:.1f} s")
+        body = "x = 1"
+        c1 = f"%%stateful --db {db1}\n{body}"
+        c5k = f"%%stateful --db {db5k}\n{body}"
+        self.run(c1)
+        self.run(c5k)
+        s = self.time_variants("d_many", {"one": self.cell(c1), "many": self.cell(c5k)}, rounds)
+        for db in (db1, db5k):
+            if self.transitions(body, db) != ["RUNNING", "EXECUTED"]:
+                raise RuntimeError(f"{db}: the cell executed again instead of replaying")
+        one, many = s["one"]["median"], s["many"]["median"]
+        self.rows.append(
+            Row(
+                f"d. replay latency, {n_other} other cells vs 1",
+                fmt_ms(many),
+                f"1 cell {fmt_ms(one)}",
+                f"{many / one:.3f}x ({(many - one) * 1e6:+.0f} us)",
+                "<= 1.25x",
+                verdict(many / one, 1.25),
+                {"many_s": many, "one_s": one, "n_other": n_other, "rounds": rounds, "populate_s": populate_s},
+            )
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 50 MB array, few rounds")
+    ap.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    ap.add_argument("--big-mb", type=int, help="size of the array of figure c (default 200; 50 with --quick)")
+    ap.add_argument(
+        "--proposed",
+        action="store_true",
+        help="figure c also with bench/proposed.py's blob reader patched in (a what-if; src/ is untouched)",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (RSSDs, joblib cache)")
+    ap.add_argument(
+        "--only", default="abcd", help="which figures to run, e.g. --only ad (default: abcd)"
+    )
+    args = ap.parse_args(argv)
+
+    info = machine()
+    print(machine_line(info), file=OUT)
+    workdir = Path(tempfile.mkdtemp(prefix="rssd-bench-"))
+    print(f"workdir: {workdir} (temp dir; page cache warm for both sides of every figure)", file=OUT, flush=True)
+    bench = Bench(workdir, args.quick, args.big_mb, args.proposed)
+    steps = {"a": ("a. replay hit", bench.hit), "b": ("b. miss", bench.miss), "c": ("c. big array", bench.big), "d": ("d. 5,000 cells", bench.many)}
+    started = time.perf_counter()
+    saved = sys.stdout, sys.stderr
+    try:
+        for letter in args.only:
+            title, step = steps[letter]
+            log(f"running {title} ...")
+            t0 = time.perf_counter()
+            # What cells show (banners, notes) goes to a sink, the same for
+            # every variant: the cost of showing it is measured, not its I/O.
+            sys.stdout = sys.stderr = NullWriter()
+            try:
+                step()
+            finally:
+                sys.stdout, sys.stderr = saved
+            log(f"  done in {time.perf_counter() - t0:.1f} s")
+    finally:
+        bench.magics.close()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_table(bench.rows)
+    missed = [r.figure for r in bench.rows if r.verdict == "MISS"]
+    print(f"total {time.perf_counter() - started:.0f} s; {loadavg()} at end; " + (f"MISSED: {', '.join(missed)}" if missed else "all targets met"), file=OUT)
+    if args.quick:
+        print("(--quick: smaller array and fewer rounds; a smoke run, not the figures of record)", file=OUT)
+    if args.json:
+        save_json(args.json, {"machine": info, "quick": args.quick, "rows": bench.rows, "raw": bench.raw})
+        print(f"saved {args.json}", file=OUT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
