@@ -458,3 +458,38 @@ def test_instance_of_plain_cell_class_is_still_an_instance_after_replay(tmp_path
     assert text_of(first.cells[3]) == "True True\n"
     assert len(banners(second.cells[2])) == 1
     assert text_of(second.cells[3]) == "True True\n"
+
+
+# -- dependency-aware keys, the line magic, loading by config -----------------
+
+INPUTS = "import pandas as pd\ndf = pd.DataFrame({{'x': [1, 2, 3]}})\nscale = {scale}\ndef weight(v):\n    return v * scale\n"
+READS = "%%stateful\nopen('reads.log', 'a').write('ran\\n')\nresult = weight(float(df['x'].sum()))\nprint(result)\n"
+
+
+def test_keys_with_inputs_are_stable_across_kernels_and_changes_rerun_with_a_reason(tmp_path):
+    cells = [LOAD, INPUTS.format(scale=2), READS, "%stateful list"]
+    first = execute(cells, tmp_path)
+    second = execute(cells, tmp_path)  # fresh kernel, equal inputs rebuilt as new objects
+    assert text_of(first.cells[2]) == text_of(second.cells[2]) == "12.0\n"
+    assert len(banners(second.cells[2])) == 1, "same inputs -> same key in a fresh kernel"
+    changed = execute([LOAD, INPUTS.format(scale=3), READS], tmp_path)
+    assert "18.0" in text_of(changed.cells[2])
+    # The cell reads weight(), whose fingerprint covers the global it reads.
+    assert "running again: input weight changed" in text_of(changed.cells[2], "stderr")
+    assert (tmp_path / "reads.log").read_text().count("ran") == 2
+    reasons = [r for (r,) in query(tmp_path / DEFAULT_DB, "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' ORDER BY 1")]
+    assert reasons[0] == "first run" and reasons[1].startswith("inputs changed: input weight changed")
+
+    listed = [o for o in second.cells[3].outputs if o["output_type"] == "execute_result"][0]["data"]
+    assert "<table>" in listed["text/html"] and "EXECUTED" in listed["text/plain"]
+    assert "open('reads.log'" in listed["text/plain"]
+
+
+def test_extension_loads_from_kernel_config(tmp_path):
+    nb = execute(
+        ["%%stateful\nprint('loaded by config')\n"],
+        tmp_path,
+        extra_arguments=["--InteractiveShellApp.extensions=['rssd_magic']"],
+    )
+    assert text_of(nb.cells[0]) == "loaded by config\n"
+    assert query(tmp_path / DEFAULT_DB, "SELECT count(*) FROM orchestration_session_state WHERE to_state = 'EXECUTED'") == [(1,)]
