@@ -4,7 +4,6 @@ input digests and the "why it ran again" line."""
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import pickle

@@ -7,7 +7,6 @@ import re
 
 import nbformat
 import numpy as np
-import pytest
 
 from conftest import counter
 

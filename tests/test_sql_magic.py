@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import duckdb
-import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal
 
@@ -29,13 +28,13 @@ def count_tables(path, name):
 
 
 def test_create_then_select_runs_once_and_replays_the_table(kernel):
-    kernel.ok(f"import duckdb\ncon = duckdb.connect('w.duckdb')\nlimit = 3")
+    kernel.ok("import duckdb\ncon = duckdb.connect('w.duckdb')\nlimit = 3")
     first = kernel.ok(CREATE)
     df = kernel.shell.user_ns["df"]
     assert list(df["i"]) == [0, 1, 2] and list(df["s"]) == ["n0", "n1", "n2"]
     assert kernel.shell.user_ns["_"] is df
     kernel.restart()
-    kernel.ok(f"import duckdb\ncon = duckdb.connect('w.duckdb')\nlimit = 3")
+    kernel.ok("import duckdb\ncon = duckdb.connect('w.duckdb')\nlimit = 3")
     second = kernel.ok(CREATE.replace("-- the rows to look at\n", "").replace("SELECT i", "SELECT   i"))
     assert second.banner and "already exists" not in second.stdout + second.stderr
     assert_frame_equal(kernel.shell.user_ns["df"], df)

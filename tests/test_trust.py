@@ -11,12 +11,11 @@ import stat
 import subprocess
 import sys
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import counter
-from rssd_magic.trust import Signer, stream_digest
+from rssd_magic.trust import stream_digest
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 CELL = "%%stateful\n" + APPEND + "import collections\nprint('shown')\nsecret_sauce = collections.Counter('aab')\nplain = 5\n"

@@ -498,7 +498,7 @@ def target_identity(conn: Any) -> str:
             ).fetchone()
         finally:
             cur.close()
-    except (sqlite3.ProgrammingError,) as exc:
+    except sqlite3.ProgrammingError as exc:
         raise SQLUsageError(f"the SQLite connection can't be used: {exc}") from None
     except Exception as exc:  # duckdb.ConnectionException for closed connections
         if type(exc).__module__.split(".")[0] in ("duckdb", "_duckdb"):
