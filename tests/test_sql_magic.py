@@ -147,3 +147,23 @@ def test_sql_cells_in_two_fresh_kernels(tmp_path):
         nb = execute(failing, tmp_path, allow_errors=True)
         (err,) = errors_of(nb.cells[2])
         assert err["ename"] == "SQLCellError" and "nope" in err["evalue"]
+
+
+def test_duckdb_lock_in_a_plain_cell_names_the_holder_in_one_line(kernel, tmp_path):
+    path = tmp_path / "held.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb,sys;c=duckdb.connect(sys.argv[1]);print('ready',flush=True);sys.stdin.read()", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        ran = kernel.run(f"import duckdb\nduckdb.connect({str(path)!r})")
+        assert type(ran.result.error_in_exec).__name__ == "IOException"
+        assert f"PID {holder.pid}" in ran.stdout and "Traceback" not in ran.stdout
+        other = kernel.run("import duckdb\nduckdb.connect('/nonexistent-dir/x.duckdb')")
+        assert "Traceback (most recent call last)" in other.stdout, "other IO errors keep their traceback"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)

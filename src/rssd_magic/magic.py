@@ -732,8 +732,37 @@ def _for_display(exc: BaseException, stb: list[str] | None) -> BaseException:
     return stand_in(str(exc))
 
 
+def _watch_for_duckdb(shell) -> None:
+    """Once the notebook imports duckdb, show its lock conflicts as one line
+    naming the process that holds the file (DuckDB allows one writer per
+    file; its raw error is an IO Error dump).  Installed on first sight of
+    the module, so loading the extension does not import duckdb, and only
+    when the user has no custom exception handler of their own."""
+
+    def check(*_args) -> None:
+        duckdb = sys.modules.get("duckdb")
+        if duckdb is None:
+            return
+        shell.events.unregister("pre_run_cell", check)
+        if shell.custom_exceptions:
+            return
+
+        def on_io_error(shell, etype, value, tb, tb_offset=None):
+            message = sql.describe_lock_error(value)
+            if message is None:
+                return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+            shell._showtraceback(etype, value, [f"{etype.__name__}: {message}"])
+            return None
+
+        shell.set_custom_exc((duckdb.IOException,), on_io_error)
+
+    shell.events.register("pre_run_cell", check)
+    check()
+
+
 def load(ipython) -> None:
     ipython.register_magics(StatefulMagics)
+    _watch_for_duckdb(ipython)
 
 
 def unload(ipython) -> None:
