@@ -247,6 +247,22 @@ class StatefulMagics(Magics):
     # -- the magic ------------------------------------------------------------
 
     @magic_arguments()
+    @argument("--db", metavar="PATH", help=f"RSSD file (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
+    @argument(
+        "--name",
+        metavar="NAME",
+        help="Key the cell by NAME instead of its code: it runs once per name even if edited.",
+    )
+    @argument("--scope", metavar="SCOPE", help="Key scope (default: the notebook, else StatefulMagics.default_scope).")
+    @argument("--force", action="store_true", help="Run again even if executed; history is kept.")
+    @argument("--quiet", action="store_true", help="No replay banner.")
+    @argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="While another kernel runs this cell, wait at most SECONDS for its result "
+        "(default: StatefulMagics.wait_seconds; unset = as long as it lives).",
+    )
     @argument(
         "--ttl",
         metavar="DURATION",
@@ -257,6 +273,7 @@ class StatefulMagics(Magics):
         action="store_true",
         help="Never execute: replay the recorded result, or fail if there is none.",
     )
+    @argument("--strict", action="store_true", help="Key on the raw text: any edit, even a comment, re-runs.")
     @argument(
         "--ignore", nargs="+", metavar="NAME", help="Names the cell reads that must not be part of its key."
     )
@@ -274,23 +291,6 @@ class StatefulMagics(Magics):
         help="With --sql: the connection in the notebook to run on (DuckDB or sqlite3); default: the RSSD itself.",
     )
     @argument("--out", metavar="NAME", help="With --sql: bind the result table to NAME as a pandas DataFrame.")
-    @argument("--strict", action="store_true", help="Key on the raw text: any edit, even a comment, re-runs.")
-    @argument("--db", metavar="PATH", help=f"RSSD file (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
-    @argument(
-        "--name",
-        metavar="NAME",
-        help="Key the cell by NAME instead of its code: it runs once per name even if edited.",
-    )
-    @argument("--scope", metavar="SCOPE", help="Key scope (default: the notebook, else StatefulMagics.default_scope).")
-    @argument("--force", action="store_true", help="Run again even if executed; history is kept.")
-    @argument("--quiet", action="store_true", help="No replay banner.")
-    @argument(
-        "--wait",
-        type=float,
-        metavar="SECONDS",
-        help="While another kernel runs this cell, wait at most SECONDS for its result "
-        "(default: StatefulMagics.wait_seconds; unset = as long as it lives).",
-    )
     @cell_magic
     def stateful(self, line: str, cell: str) -> Any:
         """Run this cell at most once; replay its outputs and names afterwards.
@@ -300,7 +300,9 @@ class StatefulMagics(Magics):
         displays, result) and the names it bound.  Every later run, in this
         kernel or a fresh one, replays that record instead of executing.  A
         cell that fails is recorded with its traceback and runs again next
-        time.  Inspect the state with ``sqlite3``: see the README.
+        time.  The key covers the normalized code and the values it reads.
+        See and manage the state with ``%stateful list|show|forget|stats``,
+        the ``rssd-magic`` command, or ``sqlite3``: see the README.
         """
         args = self._args.get(line)
         if args is None:  # argparse is slow; a notebook repeats few option lines
