@@ -115,6 +115,28 @@ def has_state_tables(conn: sqlite3.Connection) -> bool:
     )
 
 
+def _read_header(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(100)
+
+
+def _looks_truncated(path: Path) -> bool:
+    """True when the file is shorter than the page count in its header.
+
+    With a live -wal file the header may run ahead of the file (a checkpoint
+    writes page 1 first) and SQLite sizes the database from the WAL, so only
+    a file without one is judged.  The WAL is looked at first and the size
+    last, so a checkpoint finishing in between can't fake a short file.
+    """
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return False
+    with open(path, "rb") as fh:
+        header = fh.read(100)
+        size = os.fstat(fh.fileno()).st_size
+    return len(header) < 100 or _header_pages(header) * _header_page_size(header) > size
+
+
 def _header_page_size(header: bytes) -> int:
     size = int.from_bytes(header[16:18], "big")
     return 65536 if size == 1 else size
@@ -143,20 +165,15 @@ def check_path(path: Path, readonly: bool = False) -> bool:
     st = path.stat()
     if st.st_size:
         try:
-            with open(path, "rb") as fh:
-                header = fh.read(100)
+            header = _read_header(path)
         except OSError as exc:
             raise RSSDError(f"RSSD {path}: cannot be read ({exc.strerror})") from None
         if not header.startswith(SQLITE_HEADER):
             raise RSSDError(f"RSSD {path}: not a SQLite database (wrong file header)")
-        # With a live -wal file the header may run ahead of the file (a
-        # checkpoint writes page 1 first); SQLite sizes the database from the
-        # WAL then, so only a file without one can be judged by its header.
-        wal = path.with_name(path.name + "-wal")
-        has_wal = wal.exists() and wal.stat().st_size > 0
-        if len(header) < 100 or (
-            not has_wal and _header_pages(header) * _header_page_size(header) > st.st_size
-        ):
+        # A checkpoint by another connection can make a healthy file look
+        # short for an instant: only a file that still looks short a moment
+        # later is called truncated.
+        if _looks_truncated(path) and (time.sleep(0.05) or _looks_truncated(path)):
             raise RSSDError(f"RSSD {path}: truncated (the file is shorter than its SQLite header says)")
     if readonly:
         return True
