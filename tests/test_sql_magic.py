@@ -106,7 +106,9 @@ def test_sql_usage_errors_name_the_option(kernel):
         assert type(err).__name__ == "UsageError" and words in str(err), (cell, err)
 
 
-def test_duckdb_lock_held_by_another_process_is_named(kernel, tmp_path):
+@pytest.fixture
+def locked_duckdb(tmp_path):
+    """A DuckDB file held open for writing by another process: (path, pid)."""
     path = tmp_path / "locked.duckdb"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import duckdb,sys;c=duckdb.connect(sys.argv[1]);print('ready',flush=True);sys.stdin.read()", str(path)],
@@ -116,13 +118,18 @@ def test_duckdb_lock_held_by_another_process_is_named(kernel, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "ready"
-        kernel.ok("import duckdb\nmem = duckdb.connect()")
-        ran = kernel.run(f"%%stateful --sql --conn mem\nATTACH '{path}' AS other;\nSELECT 1;")
-        err = ran.result.error_in_exec
-        assert type(err).__name__ == "SQLCellError" and f"PID {holder.pid}" in str(err)
+        yield path, holder.pid
     finally:
         holder.stdin.close()
         holder.wait(timeout=10)
+
+
+def test_duckdb_lock_held_by_another_process_is_named(kernel, locked_duckdb):
+    path, pid = locked_duckdb
+    kernel.ok("import duckdb\nmem = duckdb.connect()")
+    ran = kernel.run(f"%%stateful --sql --conn mem\nATTACH '{path}' AS other;\nSELECT 1;")
+    err = ran.result.error_in_exec
+    assert type(err).__name__ == "SQLCellError" and f"PID {pid}" in str(err)
 
 
 @pytest.mark.kernel
@@ -149,21 +156,10 @@ def test_sql_cells_in_two_fresh_kernels(tmp_path):
         assert err["ename"] == "SQLCellError" and "nope" in err["evalue"]
 
 
-def test_duckdb_lock_in_a_plain_cell_names_the_holder_in_one_line(kernel, tmp_path):
-    path = tmp_path / "held.duckdb"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb,sys;c=duckdb.connect(sys.argv[1]);print('ready',flush=True);sys.stdin.read()", str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        ran = kernel.run(f"import duckdb\nduckdb.connect({str(path)!r})")
-        assert type(ran.result.error_in_exec).__name__ == "IOException"
-        assert f"PID {holder.pid}" in ran.stdout and "Traceback" not in ran.stdout
-        other = kernel.run("import duckdb\nduckdb.connect('/nonexistent-dir/x.duckdb')")
-        assert "Traceback (most recent call last)" in other.stdout, "other IO errors keep their traceback"
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
+def test_duckdb_lock_in_a_plain_cell_names_the_holder_in_one_line(kernel, locked_duckdb):
+    path, pid = locked_duckdb
+    ran = kernel.run(f"import duckdb\nduckdb.connect({str(path)!r})")
+    assert type(ran.result.error_in_exec).__name__ == "IOException"
+    assert f"PID {pid}" in ran.stdout and "Traceback" not in ran.stdout
+    other = kernel.run("import duckdb\nduckdb.connect('/nonexistent-dir/x.duckdb')")
+    assert "Traceback (most recent call last)" in other.stdout, "other IO errors keep their traceback"
