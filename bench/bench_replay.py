@@ -22,8 +22,6 @@ Usage::
     python bench/bench_replay.py            # full run, well under a minute
     python bench/bench_replay.py --quick    # smoke run (50 MB array, fewer rounds)
     python bench/bench_replay.py --json results.json
-    python bench/bench_replay.py --proposed # also figure c with bench/proposed.py's
-                                            # blob reader patched in (a what-if)
     python bench/bench_replay.py --only ad  # some figures only
 
 Timing: each figure's variants run in turn, once per round (A, B, A, B, ...),
@@ -90,12 +88,11 @@ def make_big(n=None):
 
 
 class Bench:
-    def __init__(self, workdir: Path, quick: bool, big_mb: int | None, proposed: bool = False):
+    def __init__(self, workdir: Path, quick: bool, big_mb: int | None):
         import joblib
         from IPython.core.interactiveshell import InteractiveShell
 
         self.quick = quick
-        self.proposed = proposed
         self.workdir = workdir
         self.big_n = (big_mb or (50 if quick else 200)) * 1_000_000 // 8
         self.db = workdir / "main.sqlite.db"
@@ -137,21 +134,6 @@ class Bench:
                 self.run(code)
             finally:
                 self.magics.quiet = False
-
-        return run
-
-    def proposed_cell(self, code: str):
-        """The same replay with bench/proposed.py's get_blob patched in."""
-        import proposed
-        from rssd_magic.store import Store
-
-        def run():
-            saved = Store.get_blob
-            Store.get_blob = proposed.get_blob
-            try:
-                self.run(code)
-            finally:
-                Store.get_blob = saved
 
         return run
 
@@ -340,20 +322,7 @@ class Bench:
         if "big" not in ns or not np.array_equal(ns["big"], ns["big_j"]):
             raise RuntimeError("the replay did not restore the array (see the [stateful] note: untrusted? missing blob?)")
         variants = {"ours": self.cell(ours), "joblib": self.cell(peer)}
-        setup = {}
-        if self.proposed:
-            import proposed
-
-            conn = self.magics.store().conn
-            variants["proposed"] = self.proposed_cell(ours)
-            variants["proposed_kept"] = self.proposed_cell(ours)
-            # Untimed: the engine's connection as it opens (no mapping) before
-            # the current reader; a fresh, empty mapping before the proposed
-            # one (as in a new kernel).
-            setup["ours"] = lambda: proposed.set_mmap(conn, False)
-            setup["proposed"] = lambda: (proposed.set_mmap(conn, False), proposed.set_mmap(conn, True))
-            setup["proposed_kept"] = lambda: proposed.set_mmap(conn, True)  # mapped by the call before
-        s = self.time_variants("c_big", variants, rounds, warmup=0, setup=setup)
+        s = self.time_variants("c_big", variants, rounds, warmup=0)
         if self.transitions("big = make_big(BIG_N)") != ["RUNNING", "EXECUTED"]:
             raise RuntimeError("the 200 MB cell executed again instead of replaying")
         o, j = s["ours"]["median"], s["joblib"]["median"]
@@ -369,23 +338,6 @@ class Bench:
                 {"ours_s": o, "joblib_s": j, "nbytes": nbytes, "rounds": rounds, "ours_GBps": nbytes / o / 1e9, "joblib_GBps": nbytes / j / 1e9},
             )
         )
-        if self.proposed:
-            for variant, label in (
-                ("proposed", "c*. what-if: proposed.py reader, new mapping"),
-                ("proposed_kept", "c**. what-if: proposed.py reader, mapping kept"),
-            ):
-                p = s[variant]["median"]
-                self.rows.append(
-                    Row(
-                        label,
-                        fmt_ms(p),
-                        f"joblib load {fmt_ms(j)}",
-                        f"{p / j:.2f}x",
-                        "<= 1.2x",
-                        verdict(p / j, 1.2) + " (what-if)",
-                        {"proposed_s": p, "joblib_s": j},
-                    )
-                )
         self.rows.append(
             Row(
                 "c'. RSSD growth / data size",
@@ -522,11 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 50 MB array, few rounds")
     ap.add_argument("--json", metavar="PATH", help="also save the results as JSON")
     ap.add_argument("--big-mb", type=int, help="size of the array of figure c (default 200; 50 with --quick)")
-    ap.add_argument(
-        "--proposed",
-        action="store_true",
-        help="figure c also with bench/proposed.py's blob reader patched in (a what-if; src/ is untouched)",
-    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (RSSDs, joblib cache)")
     ap.add_argument(
         "--only", default="abcd", help="which figures to run, e.g. --only ad (default: abcd)"
@@ -537,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line(info), file=OUT)
     workdir = Path(tempfile.mkdtemp(prefix="rssd-bench-"))
     print(f"workdir: {workdir} (temp dir; page cache warm for both sides of every figure)", file=OUT, flush=True)
-    bench = Bench(workdir, args.quick, args.big_mb, args.proposed)
+    bench = Bench(workdir, args.quick, args.big_mb)
     steps = {"a": ("a. replay hit", bench.hit), "b": ("b. miss", bench.miss), "c": ("c. big array", bench.big), "d": ("d. 5,000 cells", bench.many)}
     started = time.perf_counter()
     saved = sys.stdout, sys.stderr

@@ -167,11 +167,6 @@ def main(argv=None) -> int:
     ap.add_argument("--big-replays", type=int, default=3, help="big replays to profile (default 3)")
     ap.add_argument("--top", type=int, default=20, help="functions to list (default 20)")
     ap.add_argument("--html", metavar="DIR", help="also save pyinstrument HTML reports in DIR")
-    ap.add_argument(
-        "--proposed",
-        action="store_true",
-        help="profile the big replay with bench/proposed.py's blob reader patched in (a what-if)",
-    )
     args = ap.parse_args(argv)
 
     try:
@@ -224,17 +219,10 @@ def main(argv=None) -> int:
 
             from rssd_magic.store import Store
 
-            reader = Store.get_blob
-            if args.proposed:
-                import proposed
-
-                Store.get_blob = reader = proposed.get_blob
-                proposed.set_mmap(magics.store().conn, True)
-            what = " (what-if: bench/proposed.py reader, mapping kept)" if args.proposed else ""
-            profile(f"big replay: {args.big_mb} MB float64 array{what}", big_loop, use_pyi, 0.001, args.top, args.html)
+            profile(f"big replay: {args.big_mb} MB float64 array", big_loop, use_pyi, 0.001, args.top, args.html)
             # pyinstrument can't split a function's own time between its
             # lines; for the blob reader that split is the whole story.
-            report = line_times(reader, lambda: run(shell, big), n)
+            report = line_times(Store.get_blob, lambda: run(shell, big), n)
             if report:
                 print("\n-- line times inside " + report, file=OUT, flush=True)
         magics.close()

@@ -188,15 +188,15 @@ def check_path(path: Path, readonly: bool = False) -> bool:
 class Store:
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection):
+    def __init__(self, path: Path, conn: sqlite3.Connection, busy_timeout_s: float = BUSY_TIMEOUT_MS / 1000):
         self.path = path
         self.conn = conn
+        self.busy_timeout_s = busy_timeout_s
         self.host = socket.gethostname()
         self.session_id: str | None = None
         self._pending_hits: dict[str, int] = {}
         self._hits_since = 0.0
         self._beat: Heartbeat | None = None
-        self.busy_timeout_s = BUSY_TIMEOUT_MS / 1000
 
     # -- opening -------------------------------------------------------------
 
@@ -247,12 +247,11 @@ class Store:
                 raise RSSDError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            return cls(path, conn)
+            return cls(path, conn, busy_timeout_s)
         try:
             cls._configure(conn, busy_timeout_s)
             cls._ensure_schema(conn)
-            store = cls(path, conn)
-            store.busy_timeout_s = busy_timeout_s
+            store = cls(path, conn, busy_timeout_s)
             if session_args is not None:
                 store.start_session(session_args)
             return store
