@@ -13,13 +13,20 @@ users can see what was kept) of one of these kinds:
     bytes-like data) handed out-of-band so they are stored as raw bytes in
     their own blobs and read back without copies.  Objects that plain pickle
     can't rebuild in a fresh kernel (functions and classes defined in the
-    notebook, lambdas) go through cloudpickle, which pickles them by value.
+    notebook, lambdas) go through cloudpickle, which pickles them by value;
+    a by-reference pickle is kept beside it (``by_reference``) and tried
+    first, so an instance of a class the notebook defines stays one.
+``frame``
+    a SQL result table (see sql.py).
+``skipped``
+    a closed file: nothing to keep, nothing to warn about.
 ``unserializable``
     the value could not be pickled: the reason, so replay can say which
     names were not restored.
 
 Blobs are returned to the caller as ``(digest, buffer)`` pairs to store; the
-spec refers to them by digest.
+spec refers to them by digest.  Loading a pickle or a frame requires the
+caller to vouch for its signature (trust.py): nothing unsigned is unpickled.
 """
 
 from __future__ import annotations
