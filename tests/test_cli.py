@@ -514,3 +514,14 @@ def test_cli_does_not_import_ipython():
     code = "import sys, rssd_magic.cli, rssd_magic.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_db_option_is_accepted_after_the_command_too(tmp_path):
+    import subprocess as sp
+    import sys as _sys
+
+    missing = tmp_path / "nope.db"
+    out = sp.run([_sys.executable, "-m", "rssd_magic", "list", "--db", str(missing)], capture_output=True, text=True)
+    assert out.returncode != 0 and str(missing) in out.stderr and not missing.exists()
+    out = sp.run([_sys.executable, "-m", "rssd_magic", "trust", "--db", str(missing)], capture_output=True, text=True)
+    assert out.returncode != 0 and "no such file" in out.stderr

@@ -120,9 +120,14 @@ class Heartbeat:
             self._held.pop(state_id, None)
 
     def stop(self) -> None:
+        """Drop every claim and let the thread close its connection (so the
+        last connection to close can checkpoint and remove the -wal file)."""
         with self._lock:
             self._held.clear()
             self._wake.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
 
     def _run(self) -> None:
         conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)

@@ -84,7 +84,20 @@ def main(ctx: click.Context, db: str | None) -> None:
     ctx.obj["db"] = resolve_db(db)
 
 
+def _db_here(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(dict)["db"] = resolve_db(value)
+
+
+#: ``--db`` is accepted after the command too (``rssd-magic list --db x.db``),
+#: the way people type it; there it overrides the one before the command.
+db_option = click.option(
+    "--db", metavar="PATH", expose_value=False, callback=_db_here, help="RSSD file (as before the command)."
+)
+
+
 @main.command("list")
+@db_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of cells.")
 @click.pass_context
 def list_cmd(ctx: click.Context, as_json: bool) -> None:
@@ -101,6 +114,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command("show")
+@db_option
 @click.argument("key")
 @click.option("--json", "as_json", is_flag=True, help="Print the cell as a JSON object.")
 @click.pass_context
@@ -115,6 +129,7 @@ def show_cmd(ctx: click.Context, key: str, as_json: bool) -> None:
 
 
 @main.command("forget")
+@db_option
 @click.argument("key", required=False)
 @click.option("--all", "all_", is_flag=True, help="Forget every executed cell.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was forgotten as JSON.")
@@ -149,6 +164,7 @@ def forget_cmd(ctx: click.Context, key: str | None, all_: bool, as_json: bool) -
 
 
 @main.command("stats")
+@db_option
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as a JSON object.")
 @click.pass_context
 def stats_cmd(ctx: click.Context, as_json: bool) -> None:
@@ -162,6 +178,7 @@ def stats_cmd(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command("gc")
+@db_option
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
@@ -184,6 +201,7 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
 
 
 @main.command("trust")
+@db_option
 @click.option("--secret", metavar="KEY", envvar="RSSD_MAGIC_SECRET", help="Team key (default: your per-user key).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
