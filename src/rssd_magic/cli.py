@@ -10,7 +10,6 @@ and exit status 1.  Importing it does not import IPython.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import sys
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from typing import Any, Iterator
 import click
 
 from . import __version__, render, report
-from .store import DEFAULT_RSSD, ENV_RSSD, RSSDError, Store
+from .store import DEFAULT_RSSD, ENV_RSSD, RSSDError, Store, resolve_rssd
 from .trust import Signer
 
 
@@ -29,12 +28,6 @@ class Fail(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"rssd-magic: {self.format_message()}", err=True)
-
-
-def resolve_db(db: str | None) -> Path:
-    """--db, then $SURVEILR_STATEDB_FS_PATH, then ./resource-surveillance.sqlite.db."""
-    raw = db or os.environ.get(ENV_RSSD) or DEFAULT_RSSD
-    return Path(raw).expanduser().absolute()
 
 
 @contextmanager
@@ -81,12 +74,12 @@ def main(ctx: click.Context, db: str | None) -> None:
     --name given to the cell).
     """
     ctx.ensure_object(dict)
-    ctx.obj["db"] = resolve_db(db)
+    ctx.obj["db"] = resolve_rssd(db)
 
 
 def _db_here(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
-        ctx.ensure_object(dict)["db"] = resolve_db(value)
+        ctx.ensure_object(dict)["db"] = resolve_rssd(value)
 
 
 #: ``--db`` is accepted after the command too (``rssd-magic list --db x.db``),

@@ -39,7 +39,17 @@ from .keys import CellKey, cell_key
 from .names import names_bound, snapshot
 from .plan import NothingToReplay, plan
 from .serialize import UNTRUSTED, dump_names, dump_value, load_names, load_value
-from .store import DEFAULT_RSSD, ENV_RSSD, EXECUTED, FAILED, INTERRUPTED, RSSDError, Store, Transition
+from .store import (
+    DEFAULT_RSSD,
+    ENV_RSSD,
+    EXECUTED,
+    FAILED,
+    INTERRUPTED,
+    RSSDError,
+    Store,
+    Transition,
+    resolve_rssd,
+)
 from .trust import Signer, sign_specs, trusted_names
 from .ttl import parse_duration
 
@@ -172,11 +182,6 @@ class StatefulMagics(Magics):
 
     # -- configuration --------------------------------------------------------
 
-    def resolve_path(self, db: str | None) -> Path:
-        """--db, then the config, then the environment, then surveilr's default."""
-        raw = db or self.rssd_path or os.environ.get(ENV_RSSD) or DEFAULT_RSSD
-        return Path(raw).expanduser().absolute()
-
     def store(self, db: str | None = None) -> Store:
         """The open store for this cell's RSSD (opened once per kernel and file)."""
         # Resolving a path costs more than the replay's query: remember it per
@@ -185,7 +190,7 @@ class StatefulMagics(Magics):
         store = self._resolved.get(where)
         if store is not None and store.conn is not None:
             return store
-        path = self.resolve_path(db)
+        path = resolve_rssd(db, self.rssd_path)
         store = self._stores.get(path)
         if store is None:
             try:

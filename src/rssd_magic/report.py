@@ -31,7 +31,7 @@ from typing import Any, Iterable
 from urllib.parse import unquote
 
 from .keys import URI_PREFIX
-from .store import EXECUTED, Store
+from .store import EXECUTED, Store, has_table
 from .trust import IntegrityError, Signer, sign_specs, signed_kinds
 
 FORGOTTEN = "FORGOTTEN"
@@ -50,12 +50,6 @@ class ReportError(Exception):
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone() is not None
 
 
 def _loads(text: str | None) -> dict:
@@ -88,7 +82,7 @@ def _groups(conn: sqlite3.Connection) -> list[dict]:
         """(SELECT total(h.hits) FROM orchestration_session_state AS s
                JOIN rssd_magic_hit AS h ON h.state_id = s.orchestration_session_state_id
             WHERE s.session_entry_id = e.orchestration_session_entry_id)"""
-        if _has_table(conn, "rssd_magic_hit")
+        if has_table(conn, "rssd_magic_hit")
         else "0"
     )
     rows = conn.execute(
@@ -218,7 +212,7 @@ def list_cells(store: Store) -> list[dict]:
     ``updated_at`` and ``state_id`` of the latest transition.
     """
     conn = store.conn
-    with_hits = _has_table(conn, "rssd_magic_hit")
+    with_hits = has_table(conn, "rssd_magic_hit")
     return [_summary(conn, g, with_hits) for g in _groups(conn)]
 
 
@@ -251,7 +245,7 @@ def resolve_key(store: Store, prefix: str) -> dict:
         raise ReportError(
             f"{how} is ambiguous: it matches {len(matches)} cells: {shown}{more}; give more characters"
         )
-    return _summary(conn, matches[0], _has_table(conn, "rssd_magic_hit"))
+    return _summary(conn, matches[0], has_table(conn, "rssd_magic_hit"))
 
 
 def _describe(g: dict) -> str:
@@ -279,7 +273,7 @@ def show_cell(store: Store, key: str) -> dict:
     """
     conn = store.conn
     g = _group(conn, key)
-    with_hits = _has_table(conn, "rssd_magic_hit")
+    with_hits = has_table(conn, "rssd_magic_hit")
     info = _summary(conn, g, with_hits)
     ids = g["entry_ids"]
     hits = (
@@ -418,7 +412,7 @@ def stats(store: Store) -> dict:
     ).fetchone()
     hits, saved = 0, 0.0
     # CROSS JOIN keeps the (small) hit table outside: one PK probe per hit.
-    if _has_table(conn, "rssd_magic_hit"):
+    if has_table(conn, "rssd_magic_hit"):
         hits, saved = conn.execute(
             """SELECT total(h.hits),
                       total(h.hits * coalesce(json_extract(s.transition_result, '$.duration_s'), 0))
@@ -429,7 +423,7 @@ def stats(store: Store) -> dict:
         ).fetchone()
     blobs, blob_bytes = 0, 0
     garbage = {"blobs": 0, "bytes": 0}
-    if _has_table(conn, "rssd_magic_blob"):
+    if has_table(conn, "rssd_magic_blob"):
         blobs, blob_bytes = conn.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()
         garbage = _garbage(conn)
     wal = store.path.with_name(store.path.name + "-wal")
@@ -558,7 +552,7 @@ def gc(store: Store, dry_run: bool = False) -> dict:
     *dry_run*, nothing is deleted (and the store may be read-only).
     """
     conn = store.conn
-    if not _has_table(conn, "rssd_magic_blob"):
+    if not has_table(conn, "rssd_magic_blob"):
         return {"deleted": 0, "bytes_freed": 0, "kept": 0, "kept_bytes": 0, "dry_run": dry_run}
     if dry_run:
         conn.execute("BEGIN")  # one consistent snapshot, no write lock

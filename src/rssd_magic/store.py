@@ -106,13 +106,19 @@ class ClaimOutcome:
     abandoned: Transition | None = None
 
 
-def has_state_tables(conn: sqlite3.Connection) -> bool:
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
     return (
-        conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'orchestration_session_state'"
-        ).fetchone()
+        conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
         is not None
     )
+
+
+def resolve_rssd(db: str | os.PathLike | None = None, configured: str | None = None) -> Path:
+    """Which RSSD file: *db* (``--db``), then *configured* (the magic's
+    ``rssd_path``), then ``$SURVEILR_STATEDB_FS_PATH``, then surveilr's default
+    ``./resource-surveillance.sqlite.db``."""
+    raw = db or configured or os.environ.get(ENV_RSSD) or DEFAULT_RSSD
+    return Path(raw).expanduser().absolute()
 
 
 def _read_header(path: Path) -> bytes:
@@ -242,7 +248,7 @@ class Store:
             conn.close()
             raise RSSDError(f"RSSD {path}: incompatible schema: " + "; ".join(problems))
         if readonly:
-            if not has_state_tables(conn):
+            if not has_table(conn, "orchestration_session_state"):
                 conn.close()
                 raise RSSDError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
