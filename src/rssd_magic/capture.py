@@ -181,7 +181,7 @@ class Tee:
 
 
 @contextmanager
-def _patched(obj: Any, attr: str, replacement: Any) -> Iterator[None]:
+def patched(obj: Any, attr: str, replacement: Any) -> Iterator[None]:
     """Shadow a bound method on one instance, then remove the shadow."""
     had_own = attr in vars(obj)
     saved = vars(obj).get(attr)
@@ -237,9 +237,9 @@ def capture(shell: Any, limit: int | None = None) -> Iterator[OutputRecorder]:
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = Tee(out, "stdout", rec), Tee(err, "stderr", rec)
     try:
-        with _patched(pub, "publish", publish), _patched(pub, "clear_output", clear_output), _patched(
+        with patched(pub, "publish", publish), patched(pub, "clear_output", clear_output), patched(
             hook, "write_format_data", write_format_data
-        ), _patched(hook, "start_displayhook", start_displayhook), _patched(
+        ), patched(hook, "start_displayhook", start_displayhook), patched(
             hook, "finish_displayhook", finish_displayhook
         ):
             yield rec

@@ -32,7 +32,7 @@ from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__, render, report, sql
 from .acquire import HolderFailed, WaitTimeout, acquire
-from .capture import _patched, capture, replay
+from .capture import capture, patched, replay
 from .claims import DEFAULT_LEASE_S
 from .deps import collect_inputs, inputs_digest, read_names
 from .keys import CellKey, cell_key
@@ -218,15 +218,7 @@ class StatefulMagics(Magics):
         if explicit:
             return explicit
         notebook = self._notebook()
-        if not notebook:
-            return self.default_scope
-        nb = Path(notebook)
-        if nb.is_absolute():
-            try:
-                return nb.relative_to(store.path.parent).as_posix()
-            except ValueError:
-                return nb.as_posix()
-        return nb.as_posix()
+        return _notebook_scope(notebook, store.path.parent) if notebook else self.default_scope
 
     def _session_args(self) -> dict:
         import IPython
@@ -334,16 +326,12 @@ class StatefulMagics(Magics):
             inputs = self._inputs(python, args, cell) if args.name is None else {}
             key = cell_key(cell, scope, args.name, inputs=inputs_digest(inputs), strict=args.strict)
         quiet = args.quiet or self.quiet
-        latest = store.latest(key)
-        if latest is not None and latest.to_state == EXECUTED and not (args.force or ttl or args.replay_only):
-            # The hot path: one indexed read, no write.
-            store.note_hit(latest.state_id)
-            return self._replay(store, key, latest, quiet)
         try:
+            # The hot path is this one indexed read, then a replay: no write.
             todo = plan(
                 store,
                 key,
-                latest,
+                store.latest(key),
                 inputs=inputs,
                 force=args.force,
                 ttl_s=ttl,
@@ -354,7 +342,6 @@ class StatefulMagics(Magics):
         except NothingToReplay as exc:
             raise UsageError(f"%%stateful --replay-only: {exc}; it was not run") from None
         if todo.replay is not None:
-            store.note_hit(todo.replay.state_id)
             return self._replay(store, key, todo.replay, quiet)
         if todo.note:
             _note(f"[stateful] {todo.note}")
@@ -384,7 +371,6 @@ class StatefulMagics(Magics):
             raise
         if outcome.kind == "done":
             status.done("the other kernel finished; replaying its result")
-            store.note_hit(outcome.previous.state_id)
             return self._replay(store, key, outcome.previous, quiet)
         if outcome.abandoned is not None:
             status.done("the other kernel died; running the cell here")
@@ -430,19 +416,18 @@ class StatefulMagics(Magics):
 
     def _run_sql(self, store: Store, key: CellKey, running: Transition, cell: "_SQLCell") -> None:
         started = time.perf_counter()
-        base = {"format": RESULT_FORMAT, "host": store.host, "code_hash": key.code_hash}
         try:
             res = sql.run_sql(cell.conn, cell.body, cell.params)
         except sql.SQLExecutionError as exc:
-            base["duration_s"] = round(time.perf_counter() - started, 6)
             err = {"ename": exc.error_type or "SQLError", "evalue": str(exc), "traceback": str(exc), "sql": exc.as_dict()}
-            self._finish(store, running, FAILED, {**base, "outputs": [], "error": err}, str(exc).splitlines()[0][:500])
+            result = {**_result_base(store, key, started), "outputs": [], "error": err}
+            self._finish(store, running, FAILED, result, str(exc).splitlines()[0][:500])
             raise SQLCellError(str(exc)) from None
         except KeyboardInterrupt as exc:
-            self._finish(store, running, INTERRUPTED, {**base, "error": _error(exc, None)}, "interrupted")
+            result = {**_result_base(store, key, started), "error": _error(exc, None)}
+            self._finish(store, running, INTERRUPTED, result, "interrupted")
             raise
-        base["duration_s"] = round(time.perf_counter() - started, 6)
-        base["sql"] = res.as_dict()
+        base = {**_result_base(store, key, started), "sql": res.as_dict()}
         outputs: list[dict] = []
         specs: dict[str, dict] = {}
         blobs: list = []
@@ -544,6 +529,7 @@ class StatefulMagics(Magics):
     # -- replay ---------------------------------------------------------------
 
     def _replay(self, store: Store, key: CellKey, done: Transition, quiet: bool) -> Any:
+        store.note_hit(done.state_id)
         try:
             result = done.result()
             if not isinstance(result, dict):
@@ -627,25 +613,19 @@ class StatefulMagics(Magics):
 
         started = time.perf_counter()
         try:
-            with capture(shell, self.max_output_size) as rec, _patched(shell, "_showtraceback", keep_traceback):
+            with capture(shell, self.max_output_size) as rec, patched(shell, "_showtraceback", keep_traceback):
                 outcome = shell.run_cell(cell, store_history=False)
         except BaseException as exc:  # interrupted outside the body itself
-            self._finish(store, running, INTERRUPTED, {"format": RESULT_FORMAT, "error": _error(exc, None)}, "interrupted")
+            result = {**_result_base(store, key, started, inputs), "error": _error(exc, None)}
+            self._finish(store, running, INTERRUPTED, result, "interrupted")
             raise
-        duration = time.perf_counter() - started
         error = outcome.error_before_exec or outcome.error_in_exec
-        base = {
-            "format": RESULT_FORMAT,
-            "host": store.host,
-            "duration_s": round(duration, 6),
-            "code_hash": key.code_hash,
-        }
-        if inputs:
-            base["inputs"] = inputs
+        base = _result_base(store, key, started, inputs)
 
         if error is not None:
             err = _error(error, shown.get("stb"))
-            outputs = rec.finish() + [{"output_type": "error", **{k: err[k] for k in ("ename", "evalue")}, "traceback": shown.get("stb", [])}]
+            shown_error = {"output_type": "error", "ename": err["ename"], "evalue": err["evalue"], "traceback": shown.get("stb", [])}
+            outputs = rec.finish() + [shown_error]
             to_state = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
             why = f"{err['ename']}: {err['evalue']}" if err["evalue"] else err["ename"]
             self._finish(store, running, to_state, {**base, "outputs": outputs, "error": err}, why[:500])
@@ -711,9 +691,35 @@ def _line_parser() -> MagicArgumentParser:
     return parser
 
 
+@lru_cache(maxsize=64)
+def _notebook_scope(notebook: str, rssd_dir: Path) -> str:
+    # Memoized: path arithmetic costs a few percent of a replay.
+    nb = Path(notebook)
+    if nb.is_absolute():
+        try:
+            return nb.relative_to(rssd_dir).as_posix()
+        except ValueError:
+            pass
+    return nb.as_posix()
+
+
 @lru_cache(maxsize=512)
 def _read_names(python: str) -> tuple[str, ...]:
     return tuple(read_names(python))
+
+
+def _result_base(store: Store, key: CellKey, started: float, inputs: dict | None = None) -> dict:
+    """The fields every recorded ``transition_result`` has (and ``inputs``
+    when the key depends on them)."""
+    base = {
+        "format": RESULT_FORMAT,
+        "host": store.host,
+        "duration_s": round(time.perf_counter() - started, 6),
+        "code_hash": key.code_hash,
+    }
+    if inputs:
+        base["inputs"] = inputs
+    return base
 
 
 def _error(exc: BaseException, stb: list[str] | None) -> dict:

@@ -201,7 +201,7 @@ class Store:
         self.host = socket.gethostname()
         self.session_id: str | None = None
         self._pending_hits: dict[str, int] = {}
-        self._hits_since = 0.0
+        self._hits_flushed = time.monotonic()
         self._beat: Heartbeat | None = None
 
     # -- opening -------------------------------------------------------------
@@ -357,14 +357,13 @@ class Store:
         passed: a replay does not pay for a synchronous write."""
         self._pending_hits[state_id] = self._pending_hits.get(state_id, 0) + 1
         now = time.monotonic()
-        if now - self._hits_since > HIT_FLUSH_S:
-            if self._hits_since:
-                try:
-                    with self.transaction() as c:
-                        self._flush_hits(c)
-                except sqlite3.OperationalError:
-                    pass  # busy or read-only: keep counting, try again later
-            self._hits_since = now
+        if now - self._hits_flushed > HIT_FLUSH_S:
+            self._hits_flushed = now
+            try:
+                with self.transaction() as c:
+                    self._flush_hits(c)
+            except sqlite3.OperationalError:
+                pass  # busy or read-only: keep counting, try again later
 
     def flush_hits(self) -> None:
         """Write the pending hit counts now (before reporting them)."""
@@ -385,16 +384,22 @@ class Store:
 
     # -- cell state -----------------------------------------------------------
 
-    _LATEST_SQL = """
+    # The columns of a Transition, in its field order.
+    _STATE = """
         SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id,
                s.from_state, s.to_state, s.transition_result, s.transition_reason,
                s.transitioned_at
-        FROM orchestration_session_state AS s
+        FROM orchestration_session_state AS s"""
+
+    _LATEST_SQL = (
+        _STATE
+        + """
         WHERE s.session_entry_id IN (
             SELECT orchestration_session_entry_id FROM orchestration_session_entry
             WHERE ingest_src = ?)
         ORDER BY s.orchestration_session_state_id DESC
         LIMIT 1"""
+    )
 
     def latest(self, key: CellKey, conn: sqlite3.Connection | None = None) -> Transition | None:
         """The cell's latest transition, or None if it never ran."""
@@ -405,10 +410,8 @@ class Store:
         """The latest EXECUTED run of the same code on other inputs (an index
         range over ``ingest_src``), to say why this one runs."""
         row = self.conn.execute(
-            """SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id,
-                      s.from_state, s.to_state, s.transition_result, s.transition_reason,
-                      s.transitioned_at
-               FROM orchestration_session_state AS s
+            self._STATE
+            + """
                WHERE s.session_entry_id IN (
                    SELECT orchestration_session_entry_id FROM orchestration_session_entry
                    WHERE ingest_src >= ? AND ingest_src < ? AND ingest_src != ?)
