@@ -20,6 +20,8 @@ from rssd_magic.keys import cell_key
 from rssd_magic.store import Store
 
 KEY = cell_key("slow()", "claims-test")
+#: The history of a cell whose first holder died and was taken over.
+TAKEOVER = [("INITIAL", "RUNNING"), ("RUNNING", "ABANDONED"), ("ABANDONED", "RUNNING"), ("RUNNING", "EXECUTED")]
 
 # A racer: open the RSSD, acquire the cell, "run" it (append to a file, sleep),
 # record EXECUTED, print what happened.
@@ -54,6 +56,16 @@ def racer(db, log, hold=0.0, *extra):
     )
 
 
+def until(condition, timeout=20.0) -> bool:
+    """Poll *condition* until it holds or *timeout* seconds pass."""
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def states(db):
     conn = sqlite3.connect(db)
     try:
@@ -82,10 +94,7 @@ def test_six_processes_race_exactly_one_runs_the_others_replay(tmp_path):
 def test_holder_killed_mid_run_is_taken_over_at_once(tmp_path):
     db, log = tmp_path / "k.db", tmp_path / "ran.log"
     victim = racer(db, log, 30.0)
-    deadline = time.time() + 20
-    while time.time() < deadline and not log.exists():
-        time.sleep(0.05)
-    assert log.exists(), victim.communicate(timeout=5)
+    assert until(log.exists), victim.communicate(timeout=5)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=10)
 
@@ -98,12 +107,7 @@ def test_holder_killed_mid_run_is_taken_over_at_once(tmp_path):
     assert took < 2.0
     store.finish_run(outcome.running, "EXECUTED", {"names": {}}, "completed")
     store.close()
-    assert states(db) == [
-        ("INITIAL", "RUNNING"),
-        ("RUNNING", "ABANDONED"),
-        ("ABANDONED", "RUNNING"),
-        ("RUNNING", "EXECUTED"),
-    ]
+    assert states(db) == TAKEOVER
     third = racer(db, log)
     assert third.communicate(timeout=30)[0].strip() == "done"
 
@@ -111,10 +115,7 @@ def test_holder_killed_mid_run_is_taken_over_at_once(tmp_path):
 def test_unreaped_zombie_holder_counts_as_dead(tmp_path):
     db, log = tmp_path / "z.db", tmp_path / "ran.log"
     zombie = racer(db, log, 0.0, "die")  # exits without finishing; we don't reap it yet
-    deadline = time.time() + 20
-    while time.time() < deadline and process_started(zombie.pid) is not None:
-        time.sleep(0.05)
-    assert process_started(zombie.pid) is None, "an exited, unreaped child must read as dead"
+    assert until(lambda: process_started(zombie.pid) is None), "an exited, unreaped child must read as dead"
     assert os.path.exists(f"/proc/{zombie.pid}"), "still a zombie: the test must not have reaped it"
     store = Store.open(db, {"test": True})
     outcome = acquire(store, KEY, "slow()", {}, wait_s=2)
@@ -161,9 +162,7 @@ def test_live_lease_of_another_host_is_waited_for_then_bounded(tmp_path):
 def test_waiter_replays_right_after_the_holder_commits(tmp_path):
     db, log = tmp_path / "c.db", tmp_path / "ran.log"
     holder = racer(db, log, 1.5)
-    deadline = time.time() + 20
-    while time.time() < deadline and not log.exists():
-        time.sleep(0.02)
+    assert until(log.exists)
     store = Store.open(db, {"test": True})
     seen = []
     outcome = acquire(store, KEY, "slow()", {}, on_wait=lambda h, waited: seen.append((h.pid, waited)))

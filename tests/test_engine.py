@@ -21,14 +21,23 @@ from rssd_magic.trust import buffer_digest
 SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestration.sql"
 
 
+ENGINE = [
+    "acquire", "capture", "claims", "deps", "ids", "keys", "names", "plan",
+    "render", "report", "schema", "serialize", "sql", "store", "trust", "ttl",
+]  # fmt: skip
+
+
 def test_engine_modules_do_not_import_ipython():
-    code = (
-        "import sys; import rssd_magic.keys, rssd_magic.store, rssd_magic.serialize, "
-        "rssd_magic.capture, rssd_magic.names, rssd_magic.schema; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('IPython', 'ipykernel')))"
-    )
+    imports = "; ".join(f"import rssd_magic.{m}" for m in ENGINE)
+    code = f"import sys; {imports}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('IPython', 'ipykernel')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_module_is_either_engine_or_adapter():
+    package = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == set(ENGINE) | {"magic", "cli"}, "a new module must be classified here"
 
 
 @pytest.mark.skipif(not SHARED_DDL.exists(), reason="shared/rssd not beside this checkout")

@@ -38,6 +38,8 @@ from kernel_util import (
 pytestmark = pytest.mark.kernel
 
 LOAD = "%load_ext rssd_magic"
+#: The history of a cell whose first holder died and was taken over.
+TAKEOVER = [("INITIAL", "RUNNING"), ("RUNNING", "ABANDONED"), ("ABANDONED", "RUNNING"), ("RUNNING", "EXECUTED")]
 DEFAULT_DB = "resource-surveillance.sqlite.db"
 ENV_RSSD = "SURVEILR_STATEDB_FS_PATH"
 HOST = socket.gethostname()
@@ -278,12 +280,7 @@ def test_sigkilled_holder_is_taken_over_at_once(tmp_path):
     assert_never_locked(second)
 
     check_rssd(db)
-    assert pairs(db) == [
-        ("INITIAL", "RUNNING"),
-        ("RUNNING", "ABANDONED"),
-        ("ABANDONED", "RUNNING"),
-        ("RUNNING", "EXECUTED"),
-    ]
+    assert pairs(db) == TAKEOVER
     assert len(executed_ids(db)) == 1
     (reason,) = query(db, "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'ABANDONED'")
     assert str(victim.pid) in reason[0]
@@ -408,12 +405,7 @@ def test_holder_killed_while_two_kernels_wait_one_takes_over(killed_while_waitin
         assert text_of(nb.cells[2]) == f"ran_in {taker_pid}\n"
     assert run["after_kill"] < 10
     check_rssd(db)
-    assert pairs(db) == [
-        ("INITIAL", "RUNNING"),
-        ("RUNNING", "ABANDONED"),
-        ("ABANDONED", "RUNNING"),
-        ("RUNNING", "EXECUTED"),
-    ]
+    assert pairs(db) == TAKEOVER
     assert query(db, "SELECT count(*) FROM rssd_magic_claim") == [(0,)]
 
 

@@ -76,6 +76,22 @@ def test_recorded_outputs_are_valid_nbformat_in_order(kernel):
     nbformat.validate(nb)
 
 
+def test_updated_and_cleared_displays_replay_as_they_ended(kernel):
+    cell = (
+        "%%stateful\n"
+        "from IPython.display import display, clear_output\n"
+        "display('gone')\n"
+        "clear_output()\n"
+        "h = display('step 1', display_id=True)\n"
+        "h.update('step 2')\n"
+        "display('kept')\n"
+    )
+    kernel.ok(cell)
+    kernel.restart()
+    replayed = [d.data["text/plain"] for d in kernel.ok(cell).shown]
+    assert replayed == ["'step 2'", "'kept'"]
+
+
 def test_quiet_hides_banner_by_option_and_by_config(kernel):
     kernel.ok("%%stateful\nv = 1\n")
     assert not kernel.ok("%%stateful --quiet\nv = 1\n").banner
@@ -202,6 +218,7 @@ def test_keyboard_interrupt_is_recorded_and_not_executed(kernel):
     ran = kernel.run("%%stateful\n" + APPEND + "raise KeyboardInterrupt\n")
     assert isinstance(ran.result.error_in_exec, KeyboardInterrupt)
     assert kernel.states()[-1] == ("RUNNING", "INTERRUPTED")
+    assert kernel.rows("SELECT count(*) FROM rssd_magic_claim") == [(0,)], "the claim is released"
     kernel.run("%%stateful\n" + APPEND + "raise KeyboardInterrupt\n")
     assert counter(kernel.workdir / "side.log") == 2
 
