@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 
@@ -237,11 +237,16 @@ def capture(shell: Any, limit: int | None = None) -> Iterator[OutputRecorder]:
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = Tee(out, "stdout", rec), Tee(err, "stderr", rec)
     try:
-        with patched(pub, "publish", publish), patched(pub, "clear_output", clear_output), patched(
-            hook, "write_format_data", write_format_data
-        ), patched(hook, "start_displayhook", start_displayhook), patched(
-            hook, "finish_displayhook", finish_displayhook
-        ):
+        with ExitStack() as stack:
+            # Each replacement is named after the method it shadows.
+            for obj, replacement in (
+                (pub, publish),
+                (pub, clear_output),
+                (hook, write_format_data),
+                (hook, start_displayhook),
+                (hook, finish_displayhook),
+            ):
+                stack.enter_context(patched(obj, replacement.__name__, replacement))
             yield rec
     finally:
         # Restore only what we installed: a cell may have replaced the

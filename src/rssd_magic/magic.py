@@ -96,6 +96,7 @@ class _Status:
 
     def __init__(self, shell):
         self.shell = shell
+        self.live = hasattr(shell, "kernel")  # a Jupyter kernel can update a display
         self.display_id: str | None = None
         self._last = -1.0
 
@@ -111,15 +112,15 @@ class _Status:
         text = f"waiting {waited:.0f}s for {holder.describe()} to finish this cell"
         if self.display_id is None:
             self.display_id = os.urandom(8).hex()
-            if hasattr(self.shell, "kernel"):
+            if self.live:
                 self._show(text, update=False)
             else:
                 _note(f"[stateful] {text}")
-        elif hasattr(self.shell, "kernel"):
+        elif self.live:
             self._show(text, update=True)
 
     def done(self, text: str) -> None:
-        if self.display_id is not None and hasattr(self.shell, "kernel"):
+        if self.display_id is not None and self.live:
             self._show(text, update=True)
 
 
