@@ -231,8 +231,9 @@ def test_undecodable_bytes_on_stdout_are_recorded_as_replacement_chars(kernel):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(noise=st.binary(min_size=0, max_size=200), where=st.sampled_from(["blob", "result"]))
 def test_random_bytes_never_crash_the_replay_or_get_unpickled(kernel, noise, where):
-    cell = "%%stateful\nimport collections\nvalue = collections.OrderedDict(a=1)\nprint('hello')\n"
+    cell = "%%stateful\n" + APPEND + "import collections\nvalue = collections.OrderedDict(a=1)\nprint('hello')\n"
     kernel.ok(cell)
+    runs = counter(kernel.workdir / "side.log")
     conn = sqlite3.connect(kernel.db)
     conn.execute("PRAGMA ignore_check_constraints = ON")
     if where == "blob":
@@ -247,9 +248,11 @@ def test_random_bytes_never_crash_the_replay_or_get_unpickled(kernel, noise, whe
     kernel.restart()
     ran = kernel.run(cell)
     err = ran.result.error_in_exec
-    assert err is None or type(err).__name__ in ("StatefulRunError",), err
+    assert err is None or type(err).__name__ == "StatefulRunError", err
+    assert "value" not in kernel.shell.user_ns, "corrupted bytes are never unpickled"
+    assert counter(kernel.workdir / "side.log") == runs, "the cell is not re-run silently"
     if where == "blob":
-        assert "value" not in kernel.shell.user_ns, "corrupted bytes are never unpickled"
+        assert "hello" in ran.stdout, "plain outputs still replay"
     kernel.restart()
     conn = sqlite3.connect(kernel.db)
     conn.execute("DELETE FROM rssd_magic_blob")
