@@ -80,6 +80,11 @@ def test_line_magic_list_show_stats_forget(kernel):
     assert counter(kernel.workdir / "side.log") == 2
     assert kernel.states()[-3:] == [("EXECUTED", "FORGOTTEN"), ("FORGOTTEN", "RUNNING"), ("RUNNING", "EXECUTED")]
 
+    kernel.ok("%%stateful\nother = 2\n")
+    assert "forgot 2 cell(s)" in kernel.ok("%stateful forget --all").stdout
+    assert "nothing to forget" in kernel.ok("%stateful forget --all").stdout
+    assert kernel.rows("SELECT count(*) FROM orchestration_session_state WHERE to_state = 'FORGOTTEN'") == [(3,)]
+
 
 def test_line_magic_errors_are_usage_errors(kernel):
     kernel.ok("%%stateful\nw = 1\n")
