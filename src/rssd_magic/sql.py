@@ -71,9 +71,13 @@ import re
 import sqlite3
 import sys
 import uuid
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from functools import lru_cache
+from itertools import chain
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
+from .serialize import Blob, dump_value, load_names, type_name
 from .trust import stream_digest
 
 #: Bumped whenever what goes into :func:`key_extra` changes.
@@ -86,8 +90,6 @@ JSON_MAX_BYTES = 256 * 1024
 COMPRESSION = "zstd"
 #: Rows shown by the HTML/text table (the frame itself keeps all rows).
 DISPLAY_MAX_ROWS = 60
-
-Blob = tuple[str, Any]
 
 
 class SQLUsageError(ValueError):
@@ -133,14 +135,11 @@ class SQLExecutionError(Exception):
 
     def outcome(self) -> str:
         """What the failure left behind, in words."""
-        kept = _ranges(self.committed)
-        if self.rolled_back and not self.committed:
-            return "rolled back: the cell changed nothing"
-        if self.rolled_back:
-            return f"rolled back; statement{'s' if len(self.committed) > 1 else ''} {kept} had already been committed"
-        if self.committed:
-            return f"not rolled back: statement{'s' if len(self.committed) > 1 else ''} {kept} had already been committed"
-        return "nothing was committed"
+        if not self.committed:
+            return "rolled back: the cell changed nothing" if self.rolled_back else "nothing was committed"
+        plural = "s" if len(self.committed) > 1 else ""
+        kept = f"statement{plural} {_ranges(self.committed)} had already been committed"
+        return f"rolled back; {kept}" if self.rolled_back else f"not rolled back: {kept}"
 
     def describe(self) -> str:
         if self.headline:
@@ -164,18 +163,13 @@ class SQLExecutionError(Exception):
 
 def _ranges(indexes: tuple[int, ...]) -> str:
     """``(0, 1, 2, 4)`` → ``"1-3, 5"`` (1-based, as users count statements)."""
-    parts: list[str] = []
-    run: list[int] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive indexes
     for i in sorted(indexes):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(f"{run[0] + 1}" if len(run) == 1 else f"{run[0] + 1}-{run[-1] + 1}")
-        run = [i]
-    if run:
-        parts.append(f"{run[0] + 1}" if len(run) == 1 else f"{run[0] + 1}-{run[-1] + 1}")
-    return ", ".join(parts)
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in runs)
 
 
 # -- tokens -----------------------------------------------------------------
@@ -196,10 +190,30 @@ _NUMBER = re.compile(
     r"(?:0[xX][0-9a-fA-F_]+|\d[\d_]*(?:\.[\d_]*)?(?:[eE][+-]?\d+)?|\.\d[\d_]*(?:[eE][+-]?\d+)?)\w*"
 )
 _DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$", re.UNICODE)
+_DOLLAR_POSITIONAL = re.compile(r"\$\d+")
+_QMARK_POSITIONAL = re.compile(r"\?\d*")
 _PUNCT = set(",;()[]{}")
 # A ``:`` right after one of these closes an operand (``a:b``, ``1:n``,
 # ``'k':v``, ``x)::t``) rather than starting a ``:name`` parameter.
 _NOT_BEFORE_PARAM = set("'\"`)]}:$.")
+
+
+def _quoted_end(text: str, i: int, backslash: bool) -> int:
+    """End of the string or quoted identifier opening at ``text[i]``: a
+    doubled quote is an escaped one, and with *backslash* so is ``\\x``."""
+    quote, n = text[i], len(text)
+    i += 1
+    while i < n:
+        c = text[i]
+        if backslash and c == "\\":
+            i += 2
+        elif c != quote:
+            i += 1
+        elif i + 1 < n and text[i + 1] == quote:
+            i += 2
+        else:
+            return i + 1
+    return n
 
 
 def _tokens(text: str) -> Iterator[Token]:
@@ -235,23 +249,8 @@ def _tokens(text: str) -> Iterator[Token]:
                 ch == "'" and prev is not None and not gap and prev.end == start
                 and prev.kind == "word" and prev.text in ("E", "e")
             )
-            i += 1
-            while i < n:
-                c = text[i]
-                if backslash and c == "\\":
-                    i += 2
-                    continue
-                if c == ch:
-                    if i + 1 < n and text[i + 1] == ch:  # doubled quote: escaped
-                        i += 2
-                        continue
-                    i += 1
-                    break
-                i += 1
-            else:
-                i = n
-            kind = "string" if ch == "'" else "qident"
-            tok = Token(kind, text[start:i], start, i, gap)
+            i = _quoted_end(text, i, backslash)
+            tok = Token("string" if ch == "'" else "qident", text[start:i], start, i, gap)
         elif ch == "$":
             m = _DOLLAR_TAG.match(text, i)
             if m:  # $$…$$ or $tag$…$tag$: a DuckDB dollar-quoted string
@@ -263,10 +262,9 @@ def _tokens(text: str) -> Iterator[Token]:
                 if m:
                     i = m.end()
                     tok = Token("param", m.group(), start, i, gap)
-                elif i + 1 < n and text[i + 1].isdigit():
-                    m = re.compile(r"\d+").match(text, i + 1)
+                elif m := _DOLLAR_POSITIONAL.match(text, i):
                     i = m.end()
-                    tok = Token("positional", text[start:i], start, i, gap)
+                    tok = Token("positional", m.group(), start, i, gap)
                 else:
                     i += 1
                     tok = Token("op", ch, start, i, gap)
@@ -280,7 +278,7 @@ def _tokens(text: str) -> Iterator[Token]:
                 i += 1
                 tok = Token("op", ch, start, i, gap)
         elif ch == "?":
-            m = re.compile(r"\?\d*").match(text, i)
+            m = _QMARK_POSITIONAL.match(text, i)
             i = m.end()
             tok = Token("positional", m.group(), start, i, gap)
         elif ch.isdigit() or (ch == "." and i + 1 < n and text[i + 1].isdigit()):
@@ -299,20 +297,26 @@ def _tokens(text: str) -> Iterator[Token]:
         gap = False
 
 
-def _statements(text: str) -> list[list[Token]]:
+_Statement = tuple[Token, ...]
+
+
+@lru_cache(maxsize=32)
+def _statements(text: str) -> tuple[_Statement, ...]:
     """Token lists of the statements in *text* (empty statements dropped).
 
     ``;`` ends a statement except inside a SQLite trigger body
     (``CREATE TRIGGER … BEGIN …; …; END``), where ``CASE … END`` nests too.
+    Memoized: a cell's body is normalized, bound, keyed and run, and each of
+    these starts from its tokens.
     """
-    out: list[list[Token]] = []
+    out: list[_Statement] = []
     cur: list[Token] = []
     depth = 0  # BEGIN/CASE … END nesting inside a trigger
     trigger = False
     for tok in _tokens(text):
         if tok.kind == "punct" and tok.text == ";" and depth == 0:
             if cur:
-                out.append(cur)
+                out.append(tuple(cur))
             cur, trigger = [], False
             continue
         cur.append(tok)
@@ -326,14 +330,24 @@ def _statements(text: str) -> list[list[Token]]:
         elif trigger and word == "END" and depth:
             depth -= 1
     if cur:
-        out.append(cur)
-    return out
+        out.append(tuple(cur))
+    return tuple(out)
+
+
+def _source(text: str, toks: _Statement) -> str:
+    """The statement *toks* of *text* as written."""
+    return text[toks[0].start : toks[-1].end]
 
 
 def split_statements(text: str) -> list[str]:
     """The statements of *text*, each as written (interior comments kept,
     surrounding ones and the ``;`` dropped)."""
-    return [text[toks[0].start : toks[-1].end] for toks in _statements(text)]
+    return [_source(text, toks) for toks in _statements(text)]
+
+
+def _first_word(toks: _Statement) -> str:
+    """The statement's leading keyword, upper-cased ("" if it starts otherwise)."""
+    return toks[0].text.upper() if toks[0].kind == "word" else ""
 
 
 _WORDISH = {"word", "number", "string", "qident", "param", "positional"}
@@ -345,7 +359,7 @@ def _side(tok: Token) -> str:
     return "o" if tok.kind == "op" else "p"
 
 
-def _normalize_tokens(toks: list[Token]) -> str:
+def _normalize_tokens(toks: _Statement) -> str:
     parts: list[str] = []
     prev: Token | None = None
     for tok in toks:
@@ -371,7 +385,7 @@ def normalize_sql(text: str) -> str:
 def placeholders(sql: str) -> list[str]:
     """Names of the ``$name``/``:name`` parameters *sql* uses, in order."""
     seen: dict[str, None] = {}
-    for tok in _tokens(sql):
+    for tok in chain.from_iterable(_statements(sql)):
         if tok.kind == "param":
             seen.setdefault(tok.text, None)
     return list(seen)
@@ -384,11 +398,18 @@ def bind(sql: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     Raises :class:`SQLUsageError` for positional parameters and for names
     missing from *namespace* (all of them named).
     """
+    return _bind(sql, chain.from_iterable(_statements(sql)), namespace, 0, len(sql))
+
+
+def _bind(
+    sql: str, toks: Iterable[Token], namespace: Mapping[str, Any], start: int, end: int
+) -> tuple[str, dict[str, Any]]:
+    """:func:`bind` for ``sql[start:end]``, whose tokens are *toks*."""
     parts: list[str] = []
-    last = 0
+    last = start
     params: dict[str, Any] = {}
     missing: list[str] = []
-    for tok in _tokens(sql):
+    for tok in toks:
         if tok.kind == "positional":
             raise SQLUsageError(
                 f"positional SQL parameter {tok.text} is not supported: "
@@ -396,8 +417,7 @@ def bind(sql: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
             )
         if tok.kind != "param":
             continue
-        parts.append(sql[last : tok.start])
-        parts.append("$" + tok.text)
+        parts += (sql[last : tok.start], "$" + tok.text)
         last = tok.end
         if tok.text in params or tok.text in missing:
             continue
@@ -406,19 +426,13 @@ def bind(sql: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         else:
             missing.append(tok.text)
     if missing:
-        names = ", ".join(f"${m}" for m in missing)
+        plural = "s" if len(missing) > 1 else ""
         raise SQLUsageError(
-            f"SQL parameter{'s' if len(missing) > 1 else ''} {names} "
-            f"{'are' if len(missing) > 1 else 'is'} not defined: no variable{'s' if len(missing) > 1 else ''} "
-            + ", ".join(repr(m) for m in missing)
-            + " in the namespace"
+            f"SQL parameter{plural} {', '.join(f'${m}' for m in missing)} {'are' if plural else 'is'} not defined: "
+            f"no variable{plural} {', '.join(repr(m) for m in missing)} in the namespace"
         )
-    parts.append(sql[last:])
+    parts.append(sql[last:end])
     return "".join(parts), params
-
-
-def _first_words(toks: list[Token], count: int = 3) -> list[str]:
-    return [t.text.upper() for t in toks[:count] if t.kind == "word"]
 
 
 # -- targets ----------------------------------------------------------------
@@ -437,22 +451,23 @@ def _engine(conn: Any) -> str:
     )
 
 
+_URI_SCHEME = re.compile(r"[A-Za-z][\w+.-]+:")
+
+
 def _file_identity(path: str) -> str:
     # Relative paths are resolved against the current folder; URIs such as
     # MotherDuck's ``md:db`` are kept as they are.
-    if re.match(r"^[A-Za-z][\w+.-]+:", path) and not os.path.isabs(path):
+    if _URI_SCHEME.match(path) and not os.path.isabs(path):
         return path
     return os.path.realpath(os.path.abspath(path))
 
 
-# One token per in-memory DuckDB connection; weak so closed connections go.
+# One token per in-memory DuckDB connection, by id(); the weak reference drops
+# the entry when the connection is freed (its id may then be reused).
 _duckdb_tokens: dict[int, tuple[Any, str]] = {}
-_SQLITE_IDENTITY_FN = "rssd_magic_connection_identity"
 
 
 def _duckdb_memory_token(conn: Any) -> str:
-    import weakref
-
     key = id(conn)
     entry = _duckdb_tokens.get(key)
     if entry is not None and entry[0]() is conn:
@@ -460,6 +475,9 @@ def _duckdb_memory_token(conn: Any) -> str:
     token = uuid.uuid4().hex
     _duckdb_tokens[key] = (weakref.ref(conn, lambda _r, k=key: _duckdb_tokens.pop(k, None)), token)
     return token
+
+
+_SQLITE_IDENTITY_FN = "rssd_magic_connection_identity"
 
 
 def _sqlite_memory_token(conn: sqlite3.Connection) -> str:
@@ -513,6 +531,7 @@ def target_identity(conn: Any) -> str:
 
 
 def _sha(data: Any) -> str:
+    # Bare hex, not trust.stream_digest's "sha256:…": the key format is fixed.
     return hashlib.sha256(data).hexdigest()
 
 
@@ -543,9 +562,9 @@ def _canonical(value: Any, path: str = "") -> Any:
     if isinstance(value, uuid.UUID):
         return {"$uuid": str(value)}
     if isinstance(value, int):  # int subclasses (IntEnum …)
-        return {"$int": int(value), "type": _type_name(value)}
+        return {"$int": int(value), "type": type_name(value)}
     if isinstance(value, float):
-        return {"$float": repr(float(value)), "type": _type_name(value)}
+        return {"$float": repr(float(value)), "type": type_name(value)}
     if type(value) is list:
         return [_canonical(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if type(value) is tuple:
@@ -572,7 +591,7 @@ def _canonical(value: Any, path: str = "") -> Any:
         if isinstance(value, (pd.DataFrame, pd.Series, pd.Index)):
             frame = value.to_frame() if not isinstance(value, pd.DataFrame) else value
             shape = {
-                "type": _type_name(value),
+                "type": type_name(value),
                 "dtypes": [str(d) for d in frame.dtypes],
                 "columns": [str(c) for c in frame.columns],
                 "index": None if isinstance(value, pd.Index) else str(value.index.dtype),
@@ -583,24 +602,24 @@ def _canonical(value: Any, path: str = "") -> Any:
         data = pickle.dumps(value, protocol=5)
     except Exception as exc:  # noqa: BLE001 - reported as a usage error
         raise SQLUsageError(
-            f"SQL parameter {path or 'value'} of type {_type_name(value)} can't be encoded "
+            f"SQL parameter {path or 'value'} of type {type_name(value)} can't be encoded "
             f"for the cell key ({type(exc).__name__}: {exc})"
         ) from None
-    return {"$pickle_sha256": _sha(data), "type": _type_name(value)}
-
-
-def _type_name(value: Any) -> str:
-    t = type(value)
-    return f"{t.__module__}.{t.__qualname__}"
+    return {"$pickle_sha256": _sha(data), "type": type_name(value)}
 
 
 def _dumps(obj: Any) -> str:
+    """Canonical JSON for keys: store.dumps's form with sorted keys (store.dumps keeps dict order)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k): _canonical(v, f"${k}") for k, v in params.items()}
 
 
 def canonical_params(params: Mapping[str, Any]) -> str:
     """Canonical JSON of the parameter values (key order does not matter)."""
-    return _dumps({str(k): _canonical(v, f"${k}") for k, v in params.items()})
+    return _dumps(_canonical_params(params))
 
 
 def key_extra(sql: str, conn: Any, params: Mapping[str, Any] | None = None) -> str:
@@ -615,7 +634,7 @@ def key_extra(sql: str, conn: Any, params: Mapping[str, Any] | None = None) -> s
             "v": SQL_KEY_VERSION,
             "sql": _sha(normalize_sql(sql).encode("utf-8")),
             "target": target_identity(conn),
-            "params": json.loads(canonical_params(params or {})),
+            "params": _canonical_params(params or {}),
         }
     )
 
@@ -630,33 +649,29 @@ _READ_FIRST = {"SELECT", "VALUES", "EXPLAIN"}
 _WRITE_WORDS = {"INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER"}
 
 
-def _outside_transaction(engine: str, toks: list[Token]) -> bool:
+def _outside_transaction(engine: str, toks: _Statement) -> bool:
     """Must this statement run on its own, outside any transaction?"""
-    words = _first_words(toks, 3)
-    if not words:
-        return False
-    if engine == "sqlite":
-        if words[0] == "VACUUM":
-            return True
-        if words[0] == "PRAGMA":
-            # PRAGMA [schema.]name = value | (value)
-            rest = toks[1:]
-            if len(rest) > 2 and rest[1].text == ".":
-                rest = rest[2:]
-            if len(rest) < 2 or rest[0].kind != "word":
-                return False
-            return rest[0].text.upper() in _SQLITE_OUTSIDE_PRAGMAS and rest[1].text in ("=", "(")
-        return False
-    return words[0] == "CHECKPOINT" or words[:2] == ["FORCE", "CHECKPOINT"]
-
-
-def _is_read(toks: list[Token]) -> bool:
-    words = _first_words(toks, 1)
-    if words and words[0] in _READ_FIRST:
+    words = [t.text.upper() for t in toks[:3] if t.kind == "word"]
+    if engine == "duckdb":
+        return words[:1] == ["CHECKPOINT"] or words[:2] == ["FORCE", "CHECKPOINT"]
+    if words[:1] == ["VACUUM"]:
         return True
-    if words and words[0] == "WITH":
+    if words[:1] != ["PRAGMA"]:
+        return False
+    # PRAGMA [schema.]name = value | (value)
+    rest = toks[1:]
+    if len(rest) > 2 and rest[1].text == ".":
+        rest = rest[2:]
+    if len(rest) < 2 or rest[0].kind != "word":
+        return False
+    return rest[0].text.upper() in _SQLITE_OUTSIDE_PRAGMAS and rest[1].text in ("=", "(")
+
+
+def _is_read(toks: _Statement) -> bool:
+    word = _first_word(toks)
+    if word == "WITH":
         return not any(t.kind == "word" and t.text.upper() in _WRITE_WORDS for t in toks)
-    return False
+    return word in _READ_FIRST
 
 
 @dataclass(frozen=True)
@@ -794,9 +809,9 @@ class _SQLiteRunner(_Runner):
         cur = self.conn.execute(sql, params) if params else self.conn.execute(sql)
         try:
             if cur.description is None:
-                return ("changes" if cur.rowcount >= 0 else "status"), None, (
-                    cur.rowcount if cur.rowcount >= 0 else None
-                )
+                if cur.rowcount >= 0:
+                    return "changes", None, cur.rowcount
+                return "status", None, None
             names = [d[0] for d in cur.description]
             rows = cur.fetchall()
             return "rows", _sqlite_frame(names, rows), len(rows)
@@ -869,9 +884,7 @@ def _sqlite_frame(names: list[str], rows: list[tuple]) -> Any:
     return frame
 
 
-def _runner(conn: Any) -> _Runner:
-    engine = _engine(conn)
-    return _SQLiteRunner(conn) if engine == "sqlite" else _DuckDBRunner(conn)
+_RUNNERS: dict[str, type[_Runner]] = {"sqlite": _SQLiteRunner, "duckdb": _DuckDBRunner}
 
 
 def run_sql(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> SQLResult:
@@ -883,37 +896,19 @@ def run_sql(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> SQL
     and the target are checked before anything runs (:class:`SQLUsageError`);
     a failing statement raises :class:`SQLExecutionError` after the rollback.
     """
-    params = params or {}
     statements = _statements(sql)
     if not statements:
         raise SQLUsageError("the cell has no SQL statements")
     engine = _engine(conn)
-    texts = [sql[t[0].start : t[-1].end] for t in statements]
-    bound = [bind(text, params) for text in texts]
+    texts = [_source(sql, toks) for toks in statements]
+    bound = [_bind(sql, toks, params or {}, toks[0].start, toks[-1].end) for toks in statements]
     if engine == "duckdb":
         for _, p in bound:
-            lowered: dict[str, str] = {}
-            for name in p:
-                other = lowered.setdefault(name.lower(), name)
-                if other != name:
-                    raise SQLUsageError(
-                        f"DuckDB parameter names ignore case: ${other} and ${name} would be the same parameter"
-                    )
-    as_written = any(_first_words(t, 1) and _first_words(t, 1)[0] in _TXN_CONTROL for t in statements)
-    alone = [(not as_written) and _outside_transaction(engine, t) for t in statements]
-    mode = "as-written" if as_written else ("split" if any(alone) else "transaction")
+            _check_duckdb_names(p)
+    mode, groups = _plan(engine, statements)
+    as_written = mode == "as-written"
 
-    # Groups of statement indexes, each run as one transaction (or alone).
-    groups: list[tuple[bool, list[int]]] = []  # (transactional, indexes)
-    for i in range(len(statements)):
-        if as_written or alone[i]:
-            groups.append((False, [i]))
-        elif groups and groups[-1][0]:
-            groups[-1][1].append(i)
-        else:
-            groups.append((True, [i]))
-
-    runner = _runner(conn)
+    runner = _RUNNERS[engine](conn)
     outcomes: list[StatementOutcome] = []
     frame, frame_index = None, None
     committed: list[int] = []
@@ -921,77 +916,108 @@ def run_sql(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> SQL
     current = -1
     is_open = False  # as-written cells: inside a transaction they opened
     try:
-        try:
-            for transactional, indexes in groups:
-                if transactional:
-                    runner.begin(read_only=all(_is_read(statements[i]) for i in indexes))
-                for i in indexes:
-                    current = i
-                    kind, result, rowcount = runner.execute(*bound[i])
-                    outcomes.append(StatementOutcome(i, texts[i], kind, rowcount))
-                    if kind == "rows":
-                        frame, frame_index = result, i
-                    pending.append(i)
-                    if not transactional:
-                        is_open = _open_after(runner, statements[i], is_open)
-                        if not is_open:
-                            committed.extend(pending)
-                            pending.clear()
-                if transactional:
-                    current = indexes[-1]
-                    runner.commit()
-                    committed.extend(pending)
-                    pending.clear()
-            current = len(statements) - 1
-            if as_written and runner.in_transaction():
-                rolled_back = runner.rollback()
-                message = "the cell ended inside a transaction it opened (BEGIN without COMMIT)"
-                raise SQLExecutionError(
-                    message,
-                    headline=message,
-                    engine=engine,
-                    index=current,
-                    statement=texts[current],
-                    total=len(statements),
-                    rolled_back=rolled_back,
-                    committed=tuple(committed),
-                )
-        except BaseException as exc:
-            if isinstance(exc, (SQLExecutionError, SQLUsageError)):
-                raise
-            try:
-                rolled_back = runner.rollback()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                rolled_back = False
-            if not _is_engine_error(exc):
-                raise
-            raw = str(exc)
+        for transactional, indexes in groups:
+            if transactional:
+                runner.begin(read_only=all(_is_read(statements[i]) for i in indexes))
+            for i in indexes:
+                current = i
+                kind, result, rowcount = runner.execute(*bound[i])
+                outcomes.append(StatementOutcome(i, texts[i], kind, rowcount))
+                if kind == "rows":
+                    frame, frame_index = result, i
+                pending.append(i)
+                if not transactional:
+                    is_open = _open_after(runner, statements[i], is_open)
+                    if not is_open:
+                        committed.extend(pending)
+                        pending.clear()
+            if transactional:
+                current = indexes[-1]
+                runner.commit()
+                committed.extend(pending)
+                pending.clear()
+        current = len(statements) - 1
+        if as_written and runner.in_transaction():
+            rolled_back = runner.rollback()
+            message = "the cell ended inside a transaction it opened (BEGIN without COMMIT)"
             raise SQLExecutionError(
-                describe_lock_error(exc) or raw,
+                message,
+                headline=message,
                 engine=engine,
                 index=current,
-                statement=texts[current] if current >= 0 else "",
+                statement=texts[current],
                 total=len(statements),
                 rolled_back=rolled_back,
                 committed=tuple(committed),
-                engine_message=raw,
-                error_type=f"{type(exc).__module__.lstrip('_')}.{type(exc).__name__}",
-            ) from None
+            )
+    except (SQLExecutionError, SQLUsageError):
+        raise
+    except BaseException as exc:
+        try:
+            rolled_back = runner.rollback()
+        except Exception:  # noqa: BLE001 - the original error matters more
+            rolled_back = False
+        if not _is_engine_error(exc):
+            raise
+        raw = str(exc)
+        raise SQLExecutionError(
+            describe_lock_error(exc) or raw,
+            engine=engine,
+            index=current,
+            statement=texts[current] if current >= 0 else "",
+            total=len(statements),
+            rolled_back=rolled_back,
+            committed=tuple(committed),
+            engine_message=raw,
+            error_type=f"{type(exc).__module__.lstrip('_')}.{type(exc).__name__}",
+        ) from None
     finally:
         runner.close()
     return SQLResult(frame, frame_index, outcomes, mode, engine)
 
 
-def _open_after(runner: _Runner, toks: list[Token], was_open: bool) -> bool:
+def _check_duckdb_names(params: Mapping[str, Any]) -> None:
+    """Refuse names DuckDB would take for one parameter (it ignores case)."""
+    lowered: dict[str, str] = {}
+    for name in params:
+        other = lowered.setdefault(name.lower(), name)
+        if other != name:
+            raise SQLUsageError(
+                f"DuckDB parameter names ignore case: ${other} and ${name} would be the same parameter"
+            )
+
+
+def _plan(engine: str, statements: tuple[_Statement, ...]) -> tuple[str, list[tuple[bool, list[int]]]]:
+    """``(mode, groups)``: how :func:`run_sql` runs the statements.
+
+    Each group is ``(transactional, statement indexes)``: one transaction,
+    or statements run one by one without one of ours (as written, or alone
+    because they can't run inside a transaction).
+    """
+    as_written = any(_first_word(toks) in _TXN_CONTROL for toks in statements)
+    alone = [as_written or _outside_transaction(engine, toks) for toks in statements]
+    groups: list[tuple[bool, list[int]]] = []
+    for i, by_itself in enumerate(alone):
+        if by_itself:
+            groups.append((False, [i]))
+        elif groups and groups[-1][0]:
+            groups[-1][1].append(i)
+        else:
+            groups.append((True, [i]))
+    mode = "as-written" if as_written else ("split" if any(alone) else "transaction")
+    return mode, groups
+
+
+def _open_after(runner: _Runner, toks: _Statement, was_open: bool) -> bool:
     """After an as-written statement: is a transaction open now?"""
     if runner.engine == "sqlite":
         return runner.in_transaction()
     # DuckDB has no flag and probing costs a BEGIN per statement; the
     # keywords tell (DuckDB has no savepoints).
-    words = _first_words(toks, 1)
-    if words and words[0] in ("BEGIN", "START"):
+    word = _first_word(toks)
+    if word in ("BEGIN", "START"):
         return True
-    if words and words[0] in ("COMMIT", "END", "ROLLBACK", "ABORT"):
+    if word in ("COMMIT", "END", "ROLLBACK", "ABORT"):
         return False
     return was_open
 
@@ -1002,6 +1028,8 @@ _LOCK_RE = re.compile(
     r'Could not set lock on file "(?P<path>[^"]*)":\s*Conflicting lock is held in\s+'
     r"(?P<program>.*?)\s*\(PID (?P<pid>\d+)\)(?:\s+by user (?P<user>[^.\s]+))?"
 )
+# The same error when DuckDB's wording of the holder is not the one above.
+_LOCK_PATH_RE = re.compile(r'lock on file "([^"]*)"')
 
 
 def _cmdline(pid: int) -> str | None:
@@ -1025,7 +1053,7 @@ def describe_lock_error(exc: BaseException | str) -> str | None:
     if not m:
         if "Could not set lock on file" not in text:
             return None
-        path = re.search(r'lock on file "([^"]*)"', text)
+        path = _LOCK_PATH_RE.search(text)
         where = path.group(1) if path else "the database file"
         return f"DuckDB database {where} is locked by another process (DuckDB allows one writing process per file)"
     pid = int(m.group("pid"))
@@ -1247,7 +1275,6 @@ def _same_dtype(a: Any, b: Any) -> bool:
 def _dump_arrow(df: Any, cols: tuple[list, str]) -> tuple[dict, list[Blob]] | None:
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     arrow_names = _arrow_names(cols[0])
     frame = df.copy(deep=False)
@@ -1260,11 +1287,8 @@ def _dump_arrow(df: Any, cols: tuple[list, str]) -> tuple[dict, list[Blob]] | No
         kinds = {type(v) for v in values if v is not None}
         if len(kinds) == 1 and kinds <= {str, bytes, bytearray}:
             continue  # an Arrow string or binary column
-        if kinds and kinds <= _SCALARS:
-            try:
-                encoded = [None if v is None else _dumps(_cell(v)) for v in values]
-            except _NotScalar:
-                return None
+        if kinds and kinds <= _SCALARS:  # a SQLite-style mix: tagged JSON per cell
+            encoded = [None if v is None else _dumps(_cell(v)) for v in values]
             frame.isetitem(i, pd.Series(encoded, dtype=object, index=df.index))
             json_columns.append(i)
     try:
@@ -1291,19 +1315,7 @@ def _dump_arrow(df: Any, cols: tuple[list, str]) -> tuple[dict, list[Blob]] | No
         type(probe.index) is type(df.index) and _same_dtype(probe.index.dtype, df.index.dtype)
     ):
         return None
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=COMPRESSION)
-    data = sink.getvalue()
-    spec["format"] = "parquet"
-    # Parquet has no second-resolution timestamps (and lacks a few other
-    # Arrow types); when it would change one, Arrow IPC keeps the table as is.
-    if not pq.read_schema(pa.BufferReader(data)).remove_metadata().equals(table.schema.remove_metadata()):
-        sink = pa.BufferOutputStream()
-        options = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
-        with pa.ipc.new_file(sink, table.schema, options=options) as writer:
-            writer.write_table(table)
-        data = sink.getvalue()
-        spec["format"] = "arrow"
+    spec["format"], data = _table_blob(table)
     # SHA-256 (not the fast raw-buffer hash): these bytes get parsed.
     digest = stream_digest(data)
     spec["blob"] = digest
@@ -1311,12 +1323,29 @@ def _dump_arrow(df: Any, cols: tuple[list, str]) -> tuple[dict, list[Blob]] | No
     return spec, [(digest, data)]
 
 
+def _table_blob(table: Any) -> tuple[str, Any]:
+    """``(format, bytes)`` of *table*: Parquet, or Arrow IPC when Parquet
+    would change a column type (it has no second-resolution timestamps, and
+    lacks a few other Arrow types)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=COMPRESSION)
+    data = sink.getvalue()
+    if pq.read_schema(pa.BufferReader(data)).remove_metadata().equals(table.schema.remove_metadata()):
+        return "parquet", data
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return "arrow", sink.getvalue()
+
+
 def dump_frame(df: Any) -> tuple[dict, list[Blob]]:
     """``(spec, blobs)`` for a result frame: JSON when small, else Parquet
     (Arrow IPC, or a pickle, when Parquet can't keep a dtype).  The spec says
     ``format``, ``rows``, ``columns`` and ``dtypes`` whatever the route."""
-    from .serialize import dump_value
-
     cols = _columns_desc(df)
     if cols is not None:
         spec = _dump_json(df, cols)
@@ -1341,7 +1370,9 @@ def load_frame(spec: dict, get_blob: Callable[[str], Any], trusted: bool = False
 
     JSON, Parquet and Arrow are data and load regardless; the pickle route
     runs code, so it loads only when the payload is *trusted* (its
-    signature checked).  KeyError when a blob is missing.
+    signature checked).  A missing Parquet/Arrow blob is a KeyError; a
+    pickle that can't be loaded (untrusted, blob missing, …) a ValueError
+    saying why.
     """
     import pandas as pd
 
@@ -1360,8 +1391,6 @@ def load_frame(spec: dict, get_blob: Callable[[str], Any], trusted: bool = False
         table = pq.read_table(source) if fmt == "parquet" else pa.ipc.open_file(source).read_all()
         return _arrow_to_frame(table, spec)
     if fmt == "pickle":
-        from .serialize import load_names
-
         values, missing = load_names({"frame": spec["value"]}, get_blob, {}, trusted=lambda _name: trusted)
         if "frame" in missing:
             raise ValueError(f"the result table {missing['frame']}")
