@@ -553,3 +553,9 @@ def test_frame_bundle_is_a_table():
     assert "beta" in data["text/plain"]
     assert data["text/html"].count("<tr") < 100  # long results are cut for display
     assert isinstance(metadata, dict)
+
+
+def test_non_ascii_digits_are_not_numbers():
+    # "²" passes str.isdigit(); it must tokenize as an ordinary character.
+    assert normalize_sql("select  'x²'  ,  x²") == normalize_sql("select 'x²', x²")
+    assert normalize_sql("select ²") == normalize_sql("select   ²")

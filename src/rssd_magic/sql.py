@@ -216,6 +216,9 @@ def _quoted_end(text: str, i: int, backslash: bool) -> int:
     return n
 
 
+_DIGITS = frozenset("0123456789")
+
+
 def _tokens(text: str) -> Iterator[Token]:
     """Yield the tokens of *text*; comments and whitespace only set ``gap``.
 
@@ -281,7 +284,9 @@ def _tokens(text: str) -> Iterator[Token]:
             m = _QMARK_POSITIONAL.match(text, i)
             i = m.end()
             tok = Token("positional", m.group(), start, i, gap)
-        elif ch.isdigit() or (ch == "." and i + 1 < n and text[i + 1].isdigit()):
+        # ASCII digits only: str.isdigit() is also true for "²", which the
+        # number pattern doesn't match.
+        elif ch in _DIGITS or (ch == "." and i + 1 < n and text[i + 1] in _DIGITS):
             m = _NUMBER.match(text, i)
             i = m.end()
             tok = Token("number", m.group(), start, i, gap)
