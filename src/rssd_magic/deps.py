@@ -52,8 +52,6 @@ from .names import is_shell_name
 #: same value could come out different, so old keys never alias new ones.
 FINGERPRINT_VERSION = "rssd_magic.fp.v1"
 
-_GLOB_CHARS = frozenset("*?[")
-
 
 # ---------------------------------------------------------------------------
 # Which names a cell reads
@@ -77,22 +75,28 @@ class _Scope:
         self.declared_global = set(declared_global)
 
 
-def _arg_names(args: ast.arguments) -> set[str]:
-    every = [*args.posonlyargs, *args.args, *args.kwonlyargs]
-    every += [a for a in (args.vararg, args.kwarg) if a is not None]
-    return {a.arg for a in every}
+def _every_arg(args: ast.arguments) -> list[ast.arg]:
+    every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+    return [a for a in every if a is not None]
 
 
-def _signature_parts(args: ast.arguments, annotations: bool) -> list[ast.AST]:
-    """The parts of a signature evaluated where the ``def`` runs."""
-    parts: list[ast.AST] = [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
-    if annotations:
-        every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
-        parts += [a.annotation for a in every if a is not None and a.annotation is not None]
-    return parts
-
-
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _outer_parts(node: ast.AST) -> list[ast.AST]:
+    """The parts of a ``def``, ``lambda`` or ``class`` evaluated where it
+    runs, not in its own scope, in evaluation order: decorators, bases and
+    keywords, defaults, annotations, return annotation."""
+    if isinstance(node, ast.ClassDef):
+        return [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]
+    args = node.args
+    parts = [*args.defaults, *(d for d in args.kw_defaults if d is not None)]
+    if isinstance(node, ast.Lambda):
+        return parts
+    annotations = [a.annotation for a in _every_arg(args) if a.annotation is not None]
+    returns = [node.returns] if node.returns is not None else []
+    return [*node.decorator_list, *parts, *annotations, *returns]
 
 
 def _function_bindings(body: list[ast.AST]) -> tuple[set[str], set[str]]:
@@ -112,17 +116,10 @@ def _function_bindings(body: list[ast.AST]) -> tuple[set[str], set[str]]:
             if not isinstance(node.ctx, ast.Load):
                 names.add(node.id)
             continue
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            names.add(node.name)
-            stack += node.decorator_list + _signature_parts(node.args, True)
-            stack += [node.returns] if node.returns is not None else []
-            continue
-        if isinstance(node, ast.ClassDef):
-            names.add(node.name)
-            stack += node.decorator_list + node.bases + [k.value for k in node.keywords]
-            continue
-        if isinstance(node, ast.Lambda):
-            stack += _signature_parts(node.args, False)
+        if isinstance(node, _DEFS):
+            if not isinstance(node, ast.Lambda):
+                names.add(node.name)
+            stack += _outer_parts(node)
             continue
         if isinstance(node, _COMPREHENSIONS):
             for sub in ast.walk(node):
@@ -160,9 +157,9 @@ class _ReadFinder(ast.NodeVisitor):
         self.module = _Scope("module")
         self.scopes: list[_Scope] = [self.module]
         self.ever_bound: set[str] = set()
-        self.immediate: set[str] = set()
-        self.deferred: set[str] = set()
-        self.order: dict[str, None] = {}  # first appearance, for a stable result
+        # name → read while the top level runs (else only in a function
+        # body); in order of first appearance, for a stable result.
+        self.reads: dict[str, bool] = {}
 
     # -- resolution ---------------------------------------------------------
 
@@ -179,12 +176,9 @@ class _ReadFinder(ast.NodeVisitor):
             if name in scope.names:
                 return
         if any(s.kind == "function" for s in self.scopes):
-            self.deferred.add(name)
+            self.reads.setdefault(name, False)
         elif name not in self.module.names:
-            self.immediate.add(name)
-        else:
-            return
-        self.order.setdefault(name)
+            self.reads[name] = True
 
     def _store(self, name: str) -> None:
         scope = self.scopes[-1]
@@ -208,8 +202,7 @@ class _ReadFinder(ast.NodeVisitor):
                 return
 
     def result(self) -> list[str]:
-        wanted = self.immediate | (self.deferred - self.ever_bound)
-        return [n for n in self.order if n in wanted]
+        return [n for n, now in self.reads.items() if now or n not in self.ever_bound]
 
     # -- nodes whose evaluation order differs from their field order --------
 
@@ -291,30 +284,25 @@ class _ReadFinder(ast.NodeVisitor):
 
     # -- scopes ---------------------------------------------------------------
 
-    def _function(self, args: ast.arguments, body: list[ast.AST]) -> None:
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        for part in _outer_parts(node):
+            self.visit(part)
+        if isinstance(node, ast.Lambda):
+            body = [node.body]
+        else:
+            body = node.body
+            self._store(node.name)  # before the body: a recursive call is no input
         local, declared = _function_bindings(body)
-        self.scopes.append(_Scope("function", (local | _arg_names(args)) - declared, declared))
+        params = {a.arg for a in _every_arg(node.args)}
+        self.scopes.append(_Scope("function", (local | params) - declared, declared))
         for stmt in body:
             self.visit(stmt)
         self.scopes.pop()
 
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-        for part in node.decorator_list + _signature_parts(node.args, True):
-            self.visit(part)
-        if node.returns is not None:
-            self.visit(node.returns)
-        self._store(node.name)  # before the body: a recursive call is no input
-        self._function(node.args, node.body)
-
-    visit_AsyncFunctionDef = visit_FunctionDef
-
-    def visit_Lambda(self, node: ast.Lambda) -> None:
-        for part in _signature_parts(node.args, False):
-            self.visit(part)
-        self._function(node.args, [node.body])
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
-        for part in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+        for part in _outer_parts(node):
             self.visit(part)
         self.scopes.append(_Scope("class"))
         for stmt in node.body:
@@ -995,32 +983,37 @@ def fingerprint_names(namespace: Mapping[str, Any], names: Iterable[str]) -> dic
 # ---------------------------------------------------------------------------
 
 _FILE_CHUNK = 8 << 20
-#: (size, mtime, inode, ctime) → digest per absolute path: re-running a cell
-#: does not re-read an unchanged multi-GB input.
-_file_cache: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+#: absolute path → ((size, mtime, ctime, inode, device), digest): re-running
+#: a cell does not re-read an unchanged multi-GB input.  The stamp names the
+#: file itself, so a symlink pointed elsewhere is a change without resolving
+#: the path (``realpath`` costs several times the ``stat``) on every run.
+_file_cache: dict[str, tuple[tuple[int, ...], str]] = {}
 
 
 def _file_digest(path: str) -> str:
     st = os.stat(path)
-    stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    real = os.path.realpath(path)
-    cached = _file_cache.get(real)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    where = os.path.abspath(path)
+    cached = _file_cache.get(where)
     if cached is not None and cached[0] == stamp:
         return cached[1]
-    h = xxhash.xxh3_128()
-    buf = bytearray(_FILE_CHUNK)
-    view = memoryview(buf)
     with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    digest = h.hexdigest()
-    _file_cache[real] = (stamp, digest)
+        if st.st_size < _FILE_CHUNK:  # most files: one read, no buffer to zero
+            digest = xxhash.xxh3_128_hexdigest(f.read())
+        else:
+            h = xxhash.xxh3_128()
+            buf = bytearray(_FILE_CHUNK)  # reused: far faster than a new chunk per read
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+            digest = h.hexdigest()
+    _file_cache[where] = (stamp, digest)
     return digest
 
 
 def _expand(pattern: str) -> list[str]:
     path = os.path.expanduser(pattern)
-    matches = sorted(glob.glob(path, recursive=True)) if _GLOB_CHARS & set(path) else [path]
+    matches = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
     files: list[str] = []
     for match in matches:
         if os.path.isdir(match):
@@ -1103,7 +1096,8 @@ def collect_inputs(
 
 
 def _identity(entry: Any) -> Any:
-    """What of a names entry decides the key: the digest, else the type."""
+    """What of an entry decides the key: a name by its digest, else by its
+    type (``"?"`` + hint); a file, env var or package by its recorded value."""
     if isinstance(entry, Mapping):
         return entry.get("digest") or "?" + str(entry.get("hint", ""))
     return entry
@@ -1128,6 +1122,7 @@ def inputs_digest(inputs: Mapping[str, Mapping[str, Any]] | None) -> str:
 
 
 def _name_change(name: str, old: Mapping | None, new: Mapping | None) -> str | None:
+    # old / new: the name's entry in each run, None when that run did not read it.
     if old is None and new is None:
         return None
     if new is None:
@@ -1150,37 +1145,51 @@ def _name_change(name: str, old: Mapping | None, new: Mapping | None) -> str | N
     return f"input {name} changed ({str(old['digest'])[:6]} → {short}, {hint})"
 
 
-def _file_change(path: str, old: Any, new: Any, known: bool) -> str | None:
-    if old == new and known:
+#: Stands for a file pattern one of the runs did not declare.
+_ABSENT = object()
+
+
+def _file_change(path: str, old: Any, new: Any) -> str | None:
+    # Unlike the other sections, a recorded None (no match) is not the same
+    # as not declared: a new pattern that matches nothing is worth saying.
+    if old == new:
         return None
+    if new is _ABSENT:
+        return None if old is None else f"file {path} removed"
     if new is None:
-        return f"no file matches {path}" if _GLOB_CHARS & set(path) else f"file {path} missing"
+        return f"no file matches {path}" if glob.has_magic(path) else f"file {path} missing"
     if isinstance(new, str) and new.startswith("error:"):
         return f"file {path} unreadable ({new[6:]})"
-    if not known or old is None:
+    if old is None or old is _ABSENT:
         return f"new file {path}"
     return f"file {path} changed"
 
 
-def _env_change(name: str, old: Any, new: Any) -> str | None:
+def _declared_change(wording: tuple[str, str, str], key: str, old: Any, new: Any) -> str | None:
+    """An env var or a package: *wording* for None (unset, not installed) to
+    a value, for a value to None, and for one value to another."""
     if old == new:
         return None
-    if old is None:
-        return f"env {name} set"
-    if new is None:
-        return f"env {name} unset"
-    return f"env {name} changed"
+    added, removed, changed = wording
+    template = added if old is None else removed if new is None else changed
+    return template.format(key=key, old=old, new=new)
 
 
-def _package_change(name: str, old: Any, new: Any) -> str | None:
-    if old == new:
-        return None
-    if old is None:
-        return f"package {name} {new} installed"
-    if new is None:
-        return f"package {name} {old} uninstalled"
-    return f"package {name} {old} → {new}"
+_ENV_WORDING = ("env {key} set", "env {key} unset", "env {key} changed")
+_PACKAGE_WORDING = (
+    "package {key} {new} installed",
+    "package {key} {old} uninstalled",
+    "package {key} {old} → {new}",
+)
 
+#: What explain() reports, in order: the section, how to word a change of one
+#: of its keys, and what stands for a key one run did not record.
+_CHANGES = (
+    ("names", _name_change, None),
+    ("files", _file_change, _ABSENT),
+    ("env", functools.partial(_declared_change, _ENV_WORDING), None),
+    ("packages", functools.partial(_declared_change, _PACKAGE_WORDING), None),
+)
 
 #: explain() names at most this many changes, then says how many more.
 MAX_EXPLAINED = 5
@@ -1193,25 +1202,11 @@ def explain(old: Mapping[str, Mapping] | None, new: Mapping[str, Mapping] | None
     """
     old, new = old or {}, new or {}
     changes: list[str] = []
-
-    def keys(section: str) -> tuple[Mapping, Mapping, list[str]]:
+    for section, change, absent in _CHANGES:
         o, n = old.get(section) or {}, new.get(section) or {}
-        return o, n, list(n) + [k for k in o if k not in n]
-
-    o, n, every = keys("names")
-    changes += [c for k in every if (c := _name_change(k, o.get(k), n.get(k)))]
-    o, n, every = keys("files")
-    for k in every:
-        if k not in n:
-            if o[k] is not None:
-                changes.append(f"file {k} removed")
-        elif c := _file_change(k, o.get(k), n[k], k in o):
-            changes.append(c)
-    o, n, every = keys("env")
-    changes += [c for k in every if (c := _env_change(k, o.get(k), n.get(k)))]
-    o, n, every = keys("packages")
-    changes += [c for k in every if (c := _package_change(k, o.get(k), n.get(k)))]
-
+        for k in [*n, *(k for k in o if k not in n)]:
+            if said := change(k, o.get(k, absent), n.get(k, absent)):
+                changes.append(said)
     if len(changes) > MAX_EXPLAINED:
         more = len(changes) - MAX_EXPLAINED
         changes = changes[:MAX_EXPLAINED] + [f"and {more} more"]
