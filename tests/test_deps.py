@@ -803,3 +803,12 @@ def test_arrays_equal_by_content(items, data):
     b = a.copy()
     b[i] = b[i] + 1 if b[i] + 1 != b[i] else -b[i] - 1
     assert fp(b) != fp(a)
+
+
+def test_a_failing_hint_does_not_cost_the_fingerprint():
+    class Odd(list):
+        def __len__(self):
+            raise RuntimeError("no length")
+
+    fp_, reason = try_fingerprint(Odd([1, 2]))
+    assert fp_ is not None and reason is None

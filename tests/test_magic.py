@@ -420,3 +420,13 @@ def test_surveilr_rssd_with_other_tables_is_used_and_left_intact(kernel):
     assert counter(kernel.workdir / "side.log") == 1
     assert theirs() == before
     assert kernel.rows("PRAGMA integrity_check") == [("ok",)]
+
+
+def test_code_nested_too_deeply_to_analyse_still_runs_and_replays(kernel):
+    # ast walks recurse: 600 chained additions exceed the recursion limit.
+    cell = "%%stateful\n" + APPEND + "a = 1\ntotal = " + " + ".join(["a"] * 600) + "\n"
+    kernel.ok(cell)
+    assert kernel.shell.user_ns["total"] == 600
+    kernel.restart()
+    kernel.ok(cell)
+    assert kernel.shell.user_ns["total"] == 600 and counter(kernel.workdir / "side.log") == 1

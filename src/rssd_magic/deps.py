@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping
 
 import xxhash
 
-from .names import is_shell_name
+from .names import analyse, is_shell_name
 
 #: Folded into :func:`inputs_digest`: bump it whenever a fingerprint of the
 #: same value could come out different, so old keys never alias new ones.
@@ -342,14 +342,12 @@ def read_names(python_code: str, namespace: Mapping[str, Any] | None = None) -> 
     In order of first appearance.  Builtins are left out unless *namespace*
     shadows them (a notebook's own ``input = ...`` is an input); so are the
     names the shell manages (``_``, ``Out``, ``get_ipython`` …), which change
-    on every run.  Code that does not parse reads nothing we can know: [].
+    on every run.  Code that can't be analysed (names.analyse) reads
+    nothing we can know: [].
     """
-    try:
-        tree = ast.parse(python_code)
-    except (SyntaxError, ValueError):
-        return []
     finder = _ReadFinder()
-    finder.visit(tree)
+    if not analyse(python_code, finder):
+        return []
     shadowed = namespace if namespace is not None else {}
     # Looked up now, not at import: IPython adds ``display`` & co. to builtins.
     builtin = vars(builtins)
@@ -517,7 +515,10 @@ class _Hasher:
             return None, str(exc)
         except Exception as exc:  # noqa: BLE001 - any failure is a reason, not a crash
             return None, f"{_type_name(value)}: {type(exc).__name__}: {exc}"
-        hint, shown = _describe(value)
+        try:
+            hint, shown = _describe(value)
+        except Exception:  # noqa: BLE001 - a hint is for messages; its failure must not cost the key
+            hint, shown = _type_name(value), None
         return Fingerprint(digest[1:].hex(), hint, shown), None
 
     def digest(self, value: Any) -> bytes:

@@ -92,15 +92,22 @@ class _Binder(ast.NodeVisitor):
     visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
 
 
-def bound_names(python_code: str) -> set[str]:
-    """Names *python_code* binds at module level (empty if it doesn't parse)."""
+def analyse(python_code: str, visitor: ast.NodeVisitor) -> bool:
+    """Run *visitor* over the module *python_code*; False when the code can't
+    be analysed: it doesn't parse, or it nests deeper than the recursive AST
+    walk can go (``a + a + …`` with hundreds of terms).  Such a cell still
+    runs; it just gets no answers from its code."""
     try:
-        tree = ast.parse(python_code)
-    except SyntaxError:
-        return set()
+        visitor.visit(ast.parse(python_code))
+    except (SyntaxError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def bound_names(python_code: str) -> set[str]:
+    """Names *python_code* binds at module level (empty if it can't be analysed)."""
     binder = _Binder()
-    binder.visit(tree)
-    return binder.names
+    return binder.names if analyse(python_code, binder) else set()
 
 
 def snapshot(namespace: dict) -> dict[str, int]:
