@@ -36,6 +36,7 @@ import math
 import pickle
 import sys
 import types
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import cloudpickle
@@ -221,29 +222,100 @@ class NotRestored(Exception):
         self.why = why
 
 
+# -- codecs ----------------------------------------------------------------------
+#
+# Each spec kind is read back by one codec: how to load it, which blobs it
+# refers to (gc keeps them, trust checks them), and whether loading it runs
+# code or interprets bytes (then only a signed spec is loaded).  Kinds that
+# live in other modules register themselves on import; the ones this module
+# can't import without a cycle (SQL result tables) are imported by name the
+# first time a spec of their kind is seen.
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How specs of one ``kind`` are loaded, and what they refer to."""
+
+    kind: str
+    load: Callable[[dict, Callable[[str], Any], dict], Any]
+    blobs: Callable[[dict], list[str]] = lambda spec: []
+    signed: bool = False
+
+
+CODECS: dict[str, Codec] = {}
+#: Kinds registered by a module of their own, imported on first use.
+_PLUGINS = {"frame": "rssd_magic.sql"}
+
+
+def register(codec: Codec) -> Codec:
+    CODECS[codec.kind] = codec
+    return codec
+
+
+def codec_for(spec: Any) -> Codec | None:
+    """The codec of *spec*'s kind (None for a kind nobody registered)."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if not isinstance(kind, str):
+        return None
+    codec = CODECS.get(kind)
+    if codec is None and kind in _PLUGINS:
+        import importlib
+
+        importlib.import_module(_PLUGINS[kind])
+        codec = CODECS.get(kind)
+    return codec
+
+
+def spec_blobs(spec: Any) -> list[str]:
+    """Digests of the blobs *spec* refers to (none for an unknown kind)."""
+    codec = codec_for(spec)
+    if codec is None:
+        return []
+    return [d for d in codec.blobs(spec) if isinstance(d, str)]
+
+
+def _ref_blobs(ref: Any) -> list[str]:
+    if not isinstance(ref, dict):
+        return []
+    buffers = ref.get("buffers")
+    return [ref.get("blob"), *(buffers if isinstance(buffers, list) else [])]
+
+
+def _pickle_blobs(spec: dict) -> list[str]:
+    return _ref_blobs(spec) + _ref_blobs(spec.get("by_reference"))
+
+
+def _unserializable(spec: dict, get_blob, namespace) -> Any:
+    raise NotRestored(f"was not serializable ({spec.get('error', 'unknown reason')})")
+
+
+def _skipped(spec: dict, get_blob, namespace) -> Any:
+    raise NotRestored()
+
+
+def _module(spec: dict, get_blob, namespace) -> Any:
+    __import__(spec["module"])
+    return sys.modules[spec["module"]]
+
+
+register(Codec("json", lambda spec, get_blob, namespace: spec["value"]))
+register(Codec("module", _module))
+register(Codec("pickle", _load_pickle, _pickle_blobs, signed=True))
+register(Codec("skipped", _skipped))
+register(Codec("unserializable", _unserializable))
+
+
 def load_value(spec: Any, get_blob: Callable[[str], Any], namespace: dict, trusted: bool) -> Any:
     """Rebuild one value from its spec, or raise NotRestored (or the loader's error)."""
-    kind = spec.get("kind") if isinstance(spec, dict) else None
-    if kind == "json":
-        return spec["value"]
-    if kind == "module":
-        __import__(spec["module"])
-        return sys.modules[spec["module"]]
-    if kind in ("pickle", "frame"):
-        # Checked for every binary payload, even data-only formats: nothing
-        # from the RSSD is deserialized unless we (or a trusted key) wrote it.
-        if not trusted:
-            raise NotRestored(UNTRUSTED)
-        if kind == "frame":
-            from .sql import load_frame
-
-            return load_frame(spec, get_blob, trusted=True)
-        return _load_pickle(spec, get_blob, namespace)
-    if kind == "skipped":
-        raise NotRestored()
-    if kind == "unserializable":
-        raise NotRestored(f"was not serializable ({spec.get('error', 'unknown reason')})")
-    raise NotRestored(f"unknown kind {kind!r}")
+    codec = codec_for(spec)
+    if codec is None:
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        raise NotRestored(f"unknown kind {kind!r}")
+    # Checked for every binary payload, even data-only formats: nothing
+    # from the RSSD is deserialized unless we (or a trusted key) wrote it.
+    if codec.signed and not trusted:
+        raise NotRestored(UNTRUSTED)
+    return codec.load(spec, get_blob, namespace)
 
 
 def load_names(

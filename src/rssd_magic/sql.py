@@ -77,7 +77,7 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
-from .serialize import Blob, dump_value, load_names, type_name
+from .serialize import Blob, Codec, dump_value, load_names, register, spec_blobs, type_name
 from .trust import stream_digest
 
 #: Bumped whenever what goes into :func:`key_extra` changes.
@@ -1414,3 +1414,13 @@ def frame_bundle(df: Any) -> tuple[dict, dict]:
             html = df.to_html(max_rows=DISPLAY_MAX_ROWS)
         text = repr(df)
     return {"text/plain": text, "text/html": html}, {}
+
+
+def _frame_blobs(spec: dict) -> list[str]:
+    """Blobs of a result table: its Parquet/Arrow blob, or its inner pickle's."""
+    inner = spec.get("value")
+    return [spec.get("blob"), *(spec_blobs(inner) if isinstance(inner, dict) else [])]
+
+
+# Result tables are one more kind of stored value, loaded like the others.
+register(Codec("frame", lambda spec, get_blob, namespace: load_frame(spec, get_blob, trusted=True), _frame_blobs, signed=True))
