@@ -158,5 +158,5 @@ def transitions(path: str | os.PathLike) -> list[tuple[str, str, str, str]]:
            JOIN orchestration_session_entry AS e
              ON e.orchestration_session_entry_id = s.session_entry_id
            WHERE e.ingest_src LIKE 'rssd-magic:%'
-           ORDER BY s.orchestration_session_state_id""",
+           ORDER BY s.rowid""",
     )

@@ -494,10 +494,10 @@ def test_empty_file_is_refused(tmp_path):
 
 
 def test_rssd_without_cells(tmp_path):
-    from rssd_magic.store import Store
+    from rssd_magic.backends.sqlite import SqliteBackend
 
     db = tmp_path / DB_NAME
-    Store.open(db).close()  # a fresh RSSD: tables, no cells
+    SqliteBackend.open(db).close()  # a fresh RSSD: tables, no cells
     assert as_json(db, "list", "--json") == []
     empty = cli("--db", str(db), "list")
     assert empty.returncode == 0 and empty.stdout == "" and "no %%stateful cells" in empty.stderr

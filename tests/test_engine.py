@@ -14,17 +14,23 @@ from rssd_magic import serialize
 from rssd_magic.ids import new_ulid
 from rssd_magic.keys import cell_key, normalize_code
 from rssd_magic.names import bound_names
-from rssd_magic.schema import EXPECTED_COLUMNS
-from rssd_magic.store import RSSDError, Store
+from rssd_magic.backends.base import ClaimRequest, StoreError
+from rssd_magic.backends.sqlite import SqliteBackend
+from rssd_magic.backends.sqlite_schema import EXPECTED_COLUMNS
+from rssd_magic.claims import current_holder
+from rssd_magic.lifecycle import EXECUTED, FAILED, REFUSE, REPLAY, RUN, RUNNING, WAIT, decide
 from rssd_magic.trust import buffer_digest
 
 SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestration.sql"
 
 
 ENGINE = [
-    "acquire", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names", "plan",
-    "record", "render", "report", "schema", "serialize", "sql", "store", "trust", "ttl",
+    "acquire", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names",
+    "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl",
+    "backends", "backends.base", "backends.sqlite", "backends.sqlite_reports", "backends.sqlite_schema",
 ]  # fmt: skip
+ADAPTERS = ["magic", "cli"]
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
 
 
 def test_engine_modules_do_not_import_ipython():
@@ -34,10 +40,20 @@ def test_engine_modules_do_not_import_ipython():
     assert out.strip() == "[]"
 
 
+def _modules() -> set[str]:
+    """Every module of the package, dotted, relative to it (a package by its name)."""
+    out = set()
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts and parts != ("__main__",):
+            out.add(".".join(parts))
+    return out
+
+
 def test_every_module_is_either_engine_or_adapter():
-    package = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
-    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
-    assert modules == set(ENGINE) | {"magic", "cli"}, "a new module must be classified here"
+    assert _modules() == set(ENGINE) | set(ADAPTERS), "a new module must be classified here"
 
 
 @pytest.mark.skipif(not SHARED_DDL.exists(), reason="shared/rssd not beside this checkout")
@@ -124,8 +140,8 @@ def test_serialize_round_trips_and_reports_failures():
 
 def test_store_refuses_missing_file_without_creating_it(tmp_path):
     path = tmp_path / "nope.db"
-    with pytest.raises(RSSDError, match="no such file"):
-        Store.open(path, create=False)
+    with pytest.raises(StoreError, match="no such file"):
+        SqliteBackend.open(path, create=False)
     assert not path.exists()
 
 
@@ -133,41 +149,41 @@ def test_store_readonly_refuses_plain_sqlite_without_rssd_tables(tmp_path):
     path = tmp_path / "plain.db"
     sqlite3.connect(path).execute("CREATE TABLE t(x)").connection.close()
     before = path.read_bytes()
-    with pytest.raises(RSSDError, match="not an RSSD"):
-        Store.open(path, readonly=True)
+    with pytest.raises(StoreError, match="not an RSSD"):
+        SqliteBackend.open(path, readonly=True)
     assert path.read_bytes() == before
 
 
 def test_blobs_read_back_in_chunks(tmp_path, monkeypatch):
-    from rssd_magic import store as store_mod
+    from rssd_magic.backends import sqlite as sqlite_backend
 
-    monkeypatch.setattr(store_mod, "READ_CHUNK", 1000)
-    store = Store.open(tmp_path / "b.db", {"test": True})
+    monkeypatch.setattr(sqlite_backend, "READ_CHUNK", 1000)
+    store = SqliteBackend.open(tmp_path / "b.db", session_args={"test": True})
     data = np.random.default_rng(0).bytes(10_500)
     digest = buffer_digest(data)
-    key = cell_key("x", "s")
-    running = store.claim(key, "x", {}).running
-    store.finish_run(running, "EXECUTED", {"names": {}}, "completed", [(digest, data)])
-    assert bytes(store.get_blob(digest)) == data
+    ask = ClaimRequest(cell_key("x", "s"), "x", {}, current_holder(store.session_id), 60.0)
+    mine = store.claim(ask)
+    store.finish(mine.running, mine.claim.token, "EXECUTED", '{"names":{}}', "completed", [(digest, data)])
+    assert bytes(store.blobs.get(digest)) == data
     store.close()
 
 
-def test_plan_decides_replay_rerun_and_why(tmp_path):
-    import time as _time
-
-    from rssd_magic.plan import NothingToReplay, plan
-
-    store = Store.open(tmp_path / "p.db", {"test": True})
-    key = cell_key("x = 1", "s")
-    with pytest.raises(NothingToReplay, match="never run"):
-        plan(store, key, None, replay_only=True)
-    assert plan(store, key, None).first_reason == "first run"
-    running = store.claim(key, "x = 1", {}).running
-    done = store.finish_run(running, "EXECUTED", {"names": {}}, "completed")
-    assert plan(store, key, done).replay == done
-    forced = plan(store, key, done, force=True)
-    assert forced.replay is None and forced.rerun_of == done.state_id and forced.rerun_reason.startswith("forced")
-    stale = plan(store, key, done, ttl_s=60, ttl_text="1m", now=_time.time() + 3600)
-    assert stale.replay is None and stale.rerun_reason.startswith("stale") and "--ttl 1m" in stale.note
-    assert plan(store, key, done, ttl_s=60, ttl_text="1m", now=_time.time()).replay == done
-    store.close()
+@pytest.mark.parametrize(
+    "latest, rerun, replay_only, action, reason",
+    [
+        (None, None, False, RUN, "first run"),
+        (None, None, True, REFUSE, ""),
+        (EXECUTED, None, False, REPLAY, ""),
+        (EXECUTED, None, True, REPLAY, ""),
+        (EXECUTED, "forced (--force)", False, RUN, "forced (--force) after EXECUTED"),
+        (EXECUTED, "stale: old", True, REPLAY, ""),
+        (RUNNING, None, False, WAIT, ""),
+        (RUNNING, None, True, REFUSE, ""),
+        (FAILED, None, False, RUN, "retry after FAILED"),
+        ("FORGOTTEN", None, False, RUN, "retry after FORGOTTEN"),
+        ("ABANDONED", None, True, REFUSE, ""),
+    ],
+)
+def test_decision_table(latest, rerun, replay_only, action, reason):
+    decision = decide(latest, rerun=rerun, replay_only=replay_only)
+    assert (decision.action, decision.reason) == (action, reason)

@@ -16,7 +16,7 @@ def reasons(kernel):
         r
         for (r,) in kernel.rows(
             "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' "
-            "ORDER BY orchestration_session_state_id"
+            "ORDER BY rowid"
         )
     ]
 
@@ -73,7 +73,7 @@ def test_declared_file_env_and_package_deps(kernel, monkeypatch):
     assert counter(kernel.workdir / "side.log") == 3
     (inputs,) = kernel.rows(
         "SELECT json_extract(transition_result, '$.inputs') FROM orchestration_session_state "
-        "WHERE to_state = 'EXECUTED' ORDER BY orchestration_session_state_id DESC LIMIT 1"
+        "WHERE to_state = 'EXECUTED' ORDER BY rowid DESC LIMIT 1"
     )[0]
     inputs = json.loads(inputs)
     assert set(inputs) == {"files", "env", "packages"} and inputs["packages"]["numpy"]

@@ -283,7 +283,7 @@ def test_failed_and_interrupted_cells_are_not_cached(tmp_path):
         "SELECT to_state, json_extract(transition_result, '$.error.ename'), "
         "json_extract(transition_result, '$.error.traceback') IS NOT NULL "
         "FROM orchestration_session_state WHERE to_state IN ('FAILED', 'INTERRUPTED', 'EXECUTED') "
-        "ORDER BY orchestration_session_state_id",
+        "ORDER BY rowid",
     )
     assert errors == [("FAILED", "ValueError", 1), ("INTERRUPTED", "KeyboardInterrupt", 1)] * 2
 

@@ -86,7 +86,7 @@ def executed_ids(db: Path) -> list[str]:
         for (sid,) in query(
             db,
             "SELECT orchestration_session_state_id FROM orchestration_session_state "
-            "WHERE to_state = 'EXECUTED' ORDER BY orchestration_session_state_id",
+            "WHERE to_state = 'EXECUTED' ORDER BY rowid",
         )
     ]
 
@@ -210,7 +210,7 @@ def test_six_kernels_race_one_runs_five_replay(tmp_path):
     check_rssd(db)
     assert pairs(db) == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
     assert query(db, "SELECT count(*) FROM orchestration_session") == [(N_KERNELS,)]
-    assert query(db, "SELECT count(*) FROM rssd_magic_claim") == [(0,)]
+    assert query(db, "SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)]
 
     # Replay delay per waiter: from the EXECUTED row's ULID time (taken just
     # before the commit) to the clock cell right after the replay (an upper
@@ -284,7 +284,7 @@ def test_sigkilled_holder_is_taken_over_at_once(tmp_path):
     assert len(executed_ids(db)) == 1
     (reason,) = query(db, "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'ABANDONED'")
     assert str(victim.pid) in reason[0]
-    assert query(db, "SELECT count(*) FROM rssd_magic_claim") == [(0,)]
+    assert query(db, "SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)]
 
     # A third kernel replays the takeover's result.
     third = execute(cells, tmp_path)
@@ -337,7 +337,7 @@ def test_wait_option_gives_up_with_the_holders_host_and_pid(tmp_path):
 
     check_rssd(db)
     assert pairs(db) == [("INITIAL", "RUNNING"), ("RUNNING", "INTERRUPTED")]
-    assert query(db, "SELECT count(*) FROM rssd_magic_claim") == [(0,)]
+    assert query(db, "SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)]
     finished = query(db, "SELECT orch_finished_at FROM orchestration_session")
     assert len(finished) == 2 and all(f is not None for (f,) in finished), finished
 
@@ -406,7 +406,7 @@ def test_holder_killed_while_two_kernels_wait_one_takes_over(killed_while_waitin
     assert run["after_kill"] < 10
     check_rssd(db)
     assert pairs(db) == TAKEOVER
-    assert query(db, "SELECT count(*) FROM rssd_magic_claim") == [(0,)]
+    assert query(db, "SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)]
 
 
 def test_taker_status_line_does_not_still_say_waiting(killed_while_waiting):

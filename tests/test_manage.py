@@ -29,7 +29,7 @@ def test_ttl_reruns_a_stale_result_and_records_why(kernel):
     assert "stale" in ran.stderr
     (reason,) = kernel.rows(
         "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' "
-        "ORDER BY orchestration_session_state_id DESC LIMIT 1"
+        "ORDER BY rowid DESC LIMIT 1"
     )[0]
     assert reason.startswith("stale: executed") and "--ttl 30m" in reason
     kernel.magics.clock = time.time

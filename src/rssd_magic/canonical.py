@@ -43,6 +43,18 @@ def canonical_bytes(obj: Any) -> bytes:
     return canonical(obj).encode("utf-8", "surrogatepass")
 
 
+def loads_object(text: str | bytes | None) -> dict:
+    """A JSON object written by anyone (another tool, an older version):
+    ``{}`` when *text* is empty, not JSON, too deep, or not an object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def utc_now() -> str:
     """Now, as SQLite's CURRENT_TIMESTAMP writes it (UTC, seconds)."""
     return datetime.now(timezone.utc).strftime(TIMESTAMP_FORMAT)

@@ -1,115 +1,187 @@
-"""Run claims: who is running a cell right now, and whether they still are.
+"""Who runs a cell now, and whether they still do — judged without trusting
+another host's clock, hostname or pid.
 
-"At most once" across kernels needs more than a transaction: a kernel that
-starts a 40-minute cell must tell the others "mine, wait" for 40 minutes, and
-a kernel that dies half-way (SIGKILL, OOM, reboot) must not block the cell
-forever nor count as having run it.
+A kernel that starts a 40-minute cell tells the others "mine, wait" with a
+claim (backends record it); a kernel that dies half-way (SIGKILL, OOM, a
+lost machine) must neither block the cell forever nor count as having run
+it.  The rules, each from a way the previous version broke:
 
-A claim is the ``RUNNING`` transition (history, append-only) plus one row of
-our own ``rssd_magic_claim`` table saying who holds it: host, pid, the pid's
-start time and a heartbeat.  Liveness is decided like this:
-
-* **same host**: the process is asked directly.  A pid that is gone, a
-  zombie (killed but not yet reaped by its parent) or a pid reused by a newer
-  process (other start time) means the holder is dead — at once, no lease.
-* **other host**: a lease.  The holder's :class:`Heartbeat` thread renews
-  ``heartbeat_at`` every ``lease/3`` seconds; a lease that lapsed means dead.
+* **Pids compare only inside one PID namespace of one running kernel.**  A
+  holder is described by its boot id, PID namespace, pid and start time in
+  clock ticks since boot (:class:`~rssd_magic.backends.base.Holder`).  Only
+  when boot id and namespace match ours is the process asked directly: gone,
+  a zombie, or a pid now used by a newer process means dead at once.
+  Hostnames decide nothing (containers share them; VMs get renamed).
+* **Leases are measured on the waiter's own monotonic clock.**  The holder's
+  heartbeat bumps a counter; a waiter that sees it not move for
+  ``lease_s`` of its own time calls the holder dead.  Clock skew between
+  hosts, or a clock set a day ahead, can't fake a lapsed (or live) lease.
+  A store with one clock every client shares (PostgreSQL) may also say how
+  long the holder has been silent (``Claim.silent_s``).
+* **A stale holder can't do harm**: taking over gives a larger fencing token,
+  and a run's end is recorded only while its own claim holds (backends).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from typing import Callable
 
-import psutil
+from .backends.base import Claim, Holder, Renewer
 
-#: Seconds a claim from another host stays valid without a heartbeat.
+#: Seconds a claim may go without a visible heartbeat before it is taken over.
 DEFAULT_LEASE_S = 60.0
 
 
-def process_started(pid: int) -> float | None:
-    """Start time of *pid* (seconds since the epoch), None if it isn't running."""
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (which may hold
+    spaces and parentheses, so split after the last ``)``)."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of *pid* in clock ticks since boot, None if it isn't
+    running (gone, or a zombie that is dead but not yet reaped).  Ticks since
+    boot, unlike wall-clock start times, don't move when a clock is set."""
+    fields = _stat_fields(pid)
+    if fields is not None:
+        if fields[0] in ("Z", "X"):
+            return None
+        return int(fields[19])
+    if os.path.exists("/proc/self/stat"):
+        return None  # Linux, and the pid has no entry: gone
+    import psutil  # other systems: wall-clock start, to the second
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
-        return proc.create_time()
+        return int(proc.create_time())
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
     except psutil.AccessDenied:
-        return -1.0  # exists, owned by someone else: alive, start time unknown
+        return -1  # exists, owned by someone else: alive, start unknown
 
 
-MY_PID = os.getpid()
-MY_START = process_started(MY_PID) or 0.0
+def _boot_id() -> str:
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    if boot:
+        return boot
+    import psutil
+
+    return f"boot-{psutil.boot_time():.0f}"
 
 
-@dataclass(frozen=True)
-class Claim:
-    """One row of ``rssd_magic_claim``: the holder of a RUNNING transition."""
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "pidns-unknown"
 
-    entry_id: str
-    state_id: str
-    session_id: str
-    host: str
-    pid: int
-    pid_started: float
-    claimed_at: float
-    heartbeat_at: float
-    lease_s: float
 
-    def dead_because(self, now: float | None = None) -> str | None:
-        """Why the holder is dead, or None while it is (or may be) alive."""
-        if self.host == socket.gethostname():
-            if self.pid == MY_PID and abs(self.pid_started - MY_START) < 1:
-                # Our own claim, yet we are asking: a run of ours that never
-                # finished (its record failed).  Nothing of ours runs it now.
-                return f"its run in this kernel (pid {self.pid}) did not finish"
-            started = process_started(self.pid)
-            if started is None:
-                return f"process {self.pid} on {self.host} is gone"
-            if started > 0 and abs(started - self.pid_started) > 1:
-                return f"process {self.pid} on {self.host} was replaced (pid reused)"
-            return None
-        now = time.time() if now is None else now
-        silent = now - self.heartbeat_at
-        if silent > self.lease_s:
-            return f"lease of {self.host} (pid {self.pid}) lapsed {silent:.0f}s ago (lease {self.lease_s:.0f}s)"
+def current_holder(session_id: str = "") -> Holder:
+    """This process, as a claim records it."""
+    pid = os.getpid()
+    return Holder(
+        host=socket.gethostname(),
+        machine=_read("/etc/machine-id") or _read("/var/lib/dbus/machine-id") or "",
+        boot=_boot_id(),
+        pidns=_pid_namespace(),
+        pid=pid,
+        started=process_start(pid) or 0,
+        session_id=session_id,
+    )
+
+
+ME = current_holder()
+
+
+def process_verdict(holder: Holder, me: Holder = ME) -> str | None:
+    """Why *holder* is certainly dead, judged by asking the process itself —
+    or None when it may be alive, or when its process can't be seen from
+    here (another kernel or PID namespace: then only the heartbeat tells)."""
+    if holder.boot != me.boot or holder.pidns != me.pidns:
         return None
+    if holder.pid == me.pid and holder.started == me.started:
+        # Our own claim, yet we are asking: a run of ours that never ended
+        # (its record failed and the claim was dropped in memory).
+        return f"its run in this kernel (pid {holder.pid}) did not finish"
+    started = process_start(holder.pid)
+    if started is None:
+        return f"process {holder.pid} on {holder.host} is gone"
+    if started >= 0 and started != holder.started:
+        return f"process {holder.pid} on {holder.host} was replaced (pid reused)"
+    return None
 
-    def describe(self) -> str:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.claimed_at))
-        return f"host {self.host}, pid {self.pid}, since {since} UTC"
 
+class Watch:
+    """A waiter's view of one holder: when its heartbeat was last seen to
+    move, on this process's monotonic clock."""
 
-def new_claim(entry_id: str, state_id: str, session_id: str, lease_s: float) -> Claim:
-    now = time.time()
-    return Claim(entry_id, state_id, session_id, socket.gethostname(), MY_PID, MY_START, now, now, lease_s)
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._seen: tuple[str, int, int] | None = None
+        self._since = 0.0
+
+    def verdict(self, claim: Claim) -> str | None:
+        """Why the holder of *claim* is dead, or None while it may be alive."""
+        dead = process_verdict(claim.holder)
+        if dead is not None:
+            return dead
+        if claim.silent_s is not None and claim.silent_s > claim.lease_s:
+            return (
+                f"no heartbeat from {claim.holder.describe()} for {claim.silent_s:.0f}s "
+                f"(lease {claim.lease_s:.0f}s, by the store's clock)"
+            )
+        now = self._clock()
+        seen = (claim.state_id, claim.token, claim.beat)
+        if seen != self._seen:
+            self._seen, self._since = seen, now
+            return None
+        silent = now - self._since
+        if silent > claim.lease_s:
+            return f"no heartbeat from {claim.holder.describe()} for {silent:.0f}s (lease {claim.lease_s:.0f}s)"
+        return None
 
 
 class Heartbeat:
-    """Renews this process's claims while cells run.
+    """Renews this process's claims while their cells run.
 
-    It uses a connection of its own: SQLite connections carry transaction
-    state, and a heartbeat must never land inside (or be rolled back with)
-    the main thread's transaction.
+    A daemon thread beats every third of the shortest lease through the
+    backend's :class:`~rssd_magic.backends.base.Renewer` (a connection of
+    its own).  :meth:`release` must be called on every path out of a run —
+    after its end is recorded, and also when recording it failed: then the
+    claim stays in the store but stops beating, and other kernels take it
+    over once the lease lapses, instead of waiting as long as this kernel
+    lives.
     """
 
-    def __init__(self, path, busy_timeout_s: float):
-        self._path = path
-        self._timeout = busy_timeout_s
-        self._held: dict[str, float] = {}  # state_id -> lease
+    def __init__(self, open_renewer: Callable[[], Renewer]):
+        self._open = open_renewer
+        self._held: dict[str, tuple[int, float]] = {}  # state_id -> (token, lease)
+        self._lost: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def hold(self, state_id: str, lease_s: float) -> None:
+    def hold(self, state_id: str, token: int, lease_s: float) -> None:
         with self._lock:
-            self._held[state_id] = lease_s
+            self._held[state_id] = (token, lease_s)
+            self._lost.discard(state_id)
             if self._thread is None:
                 self._wake = threading.Event()
                 self._thread = threading.Thread(target=self._run, name="rssd-magic-heartbeat", daemon=True)
@@ -119,18 +191,26 @@ class Heartbeat:
         with self._lock:
             self._held.pop(state_id, None)
 
+    def holds(self, state_id: str) -> bool:
+        with self._lock:
+            return state_id in self._held
+
+    def lost(self, state_id: str) -> bool:
+        """True once a beat found the claim taken over by another kernel."""
+        with self._lock:
+            return state_id in self._lost
+
     def stop(self) -> None:
-        """Drop every claim and let the thread close its connection (so the
-        last connection to close can checkpoint and remove the -wal file)."""
+        """Drop every claim and let the thread close its connection."""
         with self._lock:
             self._held.clear()
             self._wake.set()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)
+            thread.join(timeout=5)
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
+        renewer = None
         try:
             while True:
                 with self._lock:
@@ -139,13 +219,26 @@ class Heartbeat:
                     if not self._held:
                         self._thread = None
                         return
-                    interval = min(self._held.values()) / 3
+                    interval = min(lease for _, lease in self._held.values()) / 3
                 self._wake.wait(interval)
                 with self._lock:
-                    beats = [(time.time(), sid) for sid in self._held]
+                    held = {sid: token for sid, (token, _) in self._held.items()}
+                if not held:
+                    continue
                 try:
-                    conn.executemany("UPDATE rssd_magic_claim SET heartbeat_at = ? WHERE state_id = ?", beats)
-                except sqlite3.Error:
-                    pass  # busy for longer than the timeout: the next beat will do
+                    if renewer is None:
+                        renewer = self._open()
+                    gone = renewer.renew(held)
+                except Exception:  # noqa: BLE001 - busy or unreachable: the next beat will try again
+                    continue
+                if gone:
+                    with self._lock:
+                        self._lost |= gone
+                        for sid in gone:
+                            self._held.pop(sid, None)
         finally:
-            conn.close()
+            if renewer is not None:
+                try:
+                    renewer.close()
+                except Exception:  # noqa: BLE001 - closing a dead connection
+                    pass

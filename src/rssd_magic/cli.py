@@ -10,16 +10,15 @@ and exit status 1.  Importing it does not import IPython.
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import click
 
 from . import __version__, render, report
-from .store import DEFAULT_RSSD, ENV_RSSD, RSSDError, Store, resolve_rssd
+from .backends import DEFAULT_RSSD, ENV_DB, ENV_RSSD, open_backend, resolve_location
+from .backends.base import StateBackend, StoreError
 from .trust import Signer
 
 
@@ -31,25 +30,23 @@ class Fail(click.ClickException):
 
 
 @contextmanager
-def opened(ctx: click.Context, write: bool = False) -> Iterator[Store]:
-    """The RSSD, validated read-only first (so a SQLite file that is not an
+def opened(ctx: click.Context, write: bool = False) -> Iterator[StateBackend]:
+    """The store, validated read-only first (so a SQLite file that is not an
     RSSD is refused, never given tables), then reopened for writing if asked."""
-    path: Path = ctx.obj["db"]
+    location: str = ctx.obj["db"]
     try:
-        store = Store.open(path, create=False, readonly=True)
+        backend = open_backend(location, create=False, readonly=True)
         if write:
-            store.close()
-            store = Store.open(path, create=False)
-    except RSSDError as exc:
+            backend.close()
+            backend = open_backend(location, create=False)
+    except StoreError as exc:
         raise Fail(str(exc)) from None
     try:
-        yield store
-    except sqlite3.Error as exc:
-        raise Fail(f"RSSD {path}: {exc}") from None
-    except report.ReportError as exc:
+        yield backend
+    except (StoreError, report.ReportError) as exc:
         raise Fail(str(exc)) from None
     finally:
-        store.close()
+        backend.close()
 
 
 def emit_json(value: Any) -> None:
@@ -63,7 +60,7 @@ def emit_json(value: Any) -> None:
 @click.option(
     "--db",
     metavar="PATH",
-    help=f"RSSD file (default: ${ENV_RSSD}, then ./{DEFAULT_RSSD}). Never created.",
+    help=f"RSSD file or postgresql:// URL (default: ${ENV_DB}, ${ENV_RSSD}, then ./{DEFAULT_RSSD}). Never created.",
 )
 @click.version_option(__version__, prog_name="rssd-magic")
 @click.pass_context
@@ -74,18 +71,18 @@ def main(ctx: click.Context, db: str | None) -> None:
     --name given to the cell).
     """
     ctx.ensure_object(dict)
-    ctx.obj["db"] = resolve_rssd(db)
+    ctx.obj["db"] = resolve_location(db)
 
 
 def _db_here(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
-        ctx.ensure_object(dict)["db"] = resolve_rssd(value)
+        ctx.ensure_object(dict)["db"] = resolve_location(value)
 
 
 #: ``--db`` is accepted after the command too (``rssd-magic list --db x.db``),
 #: the way people type it; there it overrides the one before the command.
 db_option = click.option(
-    "--db", metavar="PATH", expose_value=False, callback=_db_here, help="RSSD file (as before the command)."
+    "--db", metavar="PATH|URL", expose_value=False, callback=_db_here, help="The store (as before the command)."
 )
 
 

@@ -59,19 +59,17 @@ def decide(latest_state: str | None, *, rerun: str | None = None, replay_only: b
     ============================  ==============  =====================
     none                          refuse          run ("first run")
     EXECUTED                      replay          replay, or run if *rerun*
-    RUNNING                       wait            wait
+    RUNNING                       refuse          wait
     FAILED, INTERRUPTED,          refuse          run ("retry after …")
     ABANDONED, FORGOTTEN, other
     ============================  ==============  =====================
     """
+    if replay_only:
+        return Decision(REPLAY if latest_state == EXECUTED else REFUSE)
     if latest_state == RUNNING:
         return Decision(WAIT)
     if latest_state == EXECUTED:
-        if rerun and not replay_only:
-            return Decision(RUN, f"{rerun} after {EXECUTED}")
-        return Decision(REPLAY)
-    if replay_only:
-        return Decision(REFUSE)
+        return Decision(RUN, f"{rerun} after {EXECUTED}") if rerun else Decision(REPLAY)
     if latest_state is None:
         return Decision(RUN, "first run")
     return Decision(RUN, f"retry after {latest_state}")

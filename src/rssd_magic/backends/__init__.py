@@ -1,0 +1,109 @@
+"""Where cell state lives, and which backend keeps it.
+
+A location is a file path (a surveilr RSSD, SQLite) or a URL whose scheme
+names a backend (``postgresql://…``).  :func:`resolve_location` applies the
+precedence users configure; :func:`open_backend` picks the backend through
+:data:`REGISTRY`, so a new backend is one module and one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from .base import StateBackend, StoreError
+
+#: surveilr's default RSSD file name, and the variable surveilr reads for it
+#: (a file path only: surveilr opens it).
+DEFAULT_RSSD = "resource-surveillance.sqlite.db"
+ENV_RSSD = "SURVEILR_STATEDB_FS_PATH"
+#: Our own variable: a path or any backend URL; checked before surveilr's.
+ENV_DB = "RSSD_MAGIC_DB"
+
+#: URL scheme -> "module:Class".  Modules are imported on first use, so a
+#: backend's driver is only needed by those who use it.
+REGISTRY = {
+    "file": "rssd_magic.backends.sqlite:SqliteBackend",
+    "postgresql": "rssd_magic.backends.postgres:PostgresBackend",
+    "postgres": "rssd_magic.backends.postgres:PostgresBackend",
+}
+#: What to install when a backend's module or driver is missing.
+INSTALL_HINT = {
+    "postgresql": "pip install 'rssd_magic[postgres]'",
+    "postgres": "pip install 'rssd_magic[postgres]'",
+}
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme_of(location: str) -> str:
+    """``postgresql`` for a PostgreSQL URL, ``file`` for a path or file URL."""
+    match = _URL.match(location)
+    return match.group(1).lower() if match else "file"
+
+
+def resolve_location(db: str | os.PathLike | None = None, configured: str | None = None) -> str:
+    """Which store: *db* (``--db``), then *configured* (``rssd_path``), then
+    ``$RSSD_MAGIC_DB``, then ``$SURVEILR_STATEDB_FS_PATH``, then surveilr's
+    default ``./resource-surveillance.sqlite.db``.  Paths come back absolute;
+    URLs as given."""
+    raw = os.fspath(db) if db else (configured or os.environ.get(ENV_DB) or os.environ.get(ENV_RSSD) or DEFAULT_RSSD)
+    scheme = scheme_of(raw)
+    if scheme == "file":
+        if raw.startswith("file://"):
+            raw = urlsplit(raw).path
+        return str(Path(raw).expanduser().absolute())
+    return raw
+
+
+def redact(location: str) -> str:
+    """*location* fit for a message: a URL loses its password."""
+    if scheme_of(location) == "file":
+        return location
+    parts = urlsplit(location)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def backend_class(location: str) -> type:
+    """The backend class for *location* (StoreError when none can serve it)."""
+    scheme = scheme_of(location)
+    target = REGISTRY.get(scheme)
+    if target is None:
+        known = ", ".join(sorted(s for s in REGISTRY if s != "file"))
+        raise StoreError(f"{redact(location)}: no backend for {scheme}:// URLs (known: a file path, {known})")
+    module_name, _, cls_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = INSTALL_HINT.get(scheme, "")
+        raise StoreError(
+            f"{redact(location)}: the {scheme} backend can't be loaded ({exc})" + (f"; {hint}" if hint else "")
+        ) from None
+    return getattr(module, cls_name)
+
+
+def open_backend(location: str, **options) -> StateBackend:
+    """Open the store at *location* (see the backend's ``open`` for options:
+    ``session_args``, ``create``, ``readonly``, ``busy_timeout_s`` …)."""
+    return backend_class(location).open(location, **options)
+
+
+__all__ = [
+    "DEFAULT_RSSD",
+    "ENV_DB",
+    "ENV_RSSD",
+    "REGISTRY",
+    "StateBackend",
+    "StoreError",
+    "backend_class",
+    "open_backend",
+    "redact",
+    "resolve_location",
+    "scheme_of",
+]

@@ -1,0 +1,353 @@
+"""The storage seam: what the engine needs from a place that keeps cell state.
+
+Two protocols.  :class:`StateBackend` keeps the rows — sessions, cells and
+their transitions, claims, signatures, hit counts — and answers the
+listings reports need.  :class:`BlobStore` keeps content-addressed bytes.
+A backend is one module under ``backends/`` that registers itself by URL
+scheme (``backends/__init__.py``); the engine never sees a driver, a
+connection or a line of SQL for the state store.
+
+Promises every backend keeps (``tests/test_backend_contract.py`` holds each
+backend to them):
+
+* **Order by the store.**  "Latest" is the store's own insertion order
+  (SQLite's rowid, a PostgreSQL sequence), carried as ``Transition.seq``.
+  Ids and timestamps carry the writer's clock and never decide anything.
+* **Short transactions.**  Nothing is held open while a cell runs: a claim
+  is one transaction, each heartbeat one, the end of a run one.
+* **Claims are decided atomically** (:meth:`StateBackend.claim`): of any
+  number of racing kernels exactly one gets ``run``.  Every claim of an
+  entry gets a larger fencing ``token`` than the one before.
+* **Ends are compare-and-append** (:meth:`StateBackend.finish`): a run's
+  EXECUTED, FAILED or INTERRUPTED lands only while its own RUNNING is still
+  the latest transition of its cell and its token still holds the claim;
+  otherwise :class:`Fenced` is raised and nothing is written.
+* **Every driver error becomes** :class:`StoreError` with a message naming
+  the file or URL: callers never catch ``sqlite3.Error`` or ``psycopg.Error``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from ..keys import CellKey
+from ..record import RunRecord
+
+Blob = tuple[str, Any]  # (digest, bytes-like)
+
+
+class StoreError(Exception):
+    """The state store can't be used or written; the message names the file
+    or URL and the cause, in one line."""
+
+
+class Fenced(Exception):
+    """A run's end was refused: its claim was taken over meanwhile.
+
+    ``by`` describes the run that holds the cell now (or what became of it).
+    """
+
+    def __init__(self, by: str):
+        super().__init__(by)
+        self.by = by
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One row of ``orchestration_session_state`` for a cell.
+
+    ``seq`` is the store's insertion order (the only order that counts);
+    ``transitioned_at`` is the writer's clock, for people to read.
+    """
+
+    state_id: str
+    entry_id: str
+    session_id: str
+    from_state: str
+    to_state: str
+    result_json: str | None
+    reason: str | None
+    transitioned_at: str
+    seq: int = 0
+
+    def record(self) -> RunRecord:
+        """The parsed ``transition_result`` (RecordError when it is not one)."""
+        return RunRecord.from_json(self.result_json)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The process that holds a claim, described so that another process can
+    tell whether it still runs *without trusting any clock or hostname*.
+
+    Pids can only be compared inside one PID namespace of one running kernel:
+    ``boot`` (the kernel's boot id) and ``pidns`` say which, ``started`` is
+    the process start in clock ticks since boot (immune to clock changes).
+    ``machine`` (``/etc/machine-id``) and ``host`` are for people to read.
+    """
+
+    host: str
+    machine: str
+    boot: str
+    pidns: str
+    pid: int
+    started: int
+    session_id: str
+
+    def describe(self) -> str:
+        return f"host {self.host}, pid {self.pid}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who runs a cell now: the RUNNING transition it claimed, its fencing
+    token, and its heartbeat.
+
+    ``beat`` grows with every heartbeat; a waiter judges a holder by whether
+    it sees ``beat`` move on its *own* monotonic clock.  ``silent_s`` is the
+    time since the last beat measured by the store's single clock, when it
+    has one every client shares (PostgreSQL's ``clock_timestamp()``); None
+    where it doesn't (SQLite files are shared by hosts with their own clocks).
+    ``claimed_at`` is the holder's clock, for people to read.
+    """
+
+    entry_id: str
+    state_id: str
+    token: int
+    holder: Holder
+    beat: int
+    lease_s: float
+    claimed_at: str
+    silent_s: float | None = None
+
+    def describe(self) -> str:
+        return f"{self.holder.describe()}, since {self.claimed_at} UTC"
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """What :meth:`StateBackend.claim` is asked.
+
+    *rerun_of* is the EXECUTED state the caller chose to run again (``--force``,
+    a lapsed ``--ttl``) with *rerun_reason*; *first_reason* is recorded when
+    the cell never ran (``first run``, ``inputs changed: …``).  *takeover* is
+    a claim the caller judged dead (*dead_because* says why): it is taken over
+    only if the claim is still exactly that one (same state, token and beat).
+    """
+
+    key: CellKey
+    source: str
+    elaboration: dict
+    holder: Holder
+    lease_s: float
+    rerun_of: str | None = None
+    rerun_reason: str = ""
+    first_reason: str = "first run"
+    takeover: Claim | None = None
+    dead_because: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    """What :meth:`StateBackend.claim` decided.
+
+    ``run``: this process holds the cell (``running``, ``claim`` are ours;
+    ``abandoned`` is the takeover record when a dead holder was replaced).
+    ``done``: ``previous`` is an EXECUTED result to replay.
+    ``held``: ``claim`` is the live holder's; ``previous`` its RUNNING.
+    """
+
+    kind: str
+    previous: Transition | None
+    running: Transition | None = None
+    claim: Claim | None = None
+    abandoned: Transition | None = None
+
+
+@dataclass
+class CellRow:
+    """One cell for the reports: its entries (several when RSSDs were merged),
+    grouped by ``ingest_src``, and its latest transition."""
+
+    ingest_src: str
+    elaboration: dict
+    entry_ids: list[str]
+    transitions: int
+    hits_total: int
+    latest: Transition | None = None
+    latest_host: str | None = None
+    latest_duration_s: float | None = None
+    latest_hits: int = 0
+    source: str | None = None
+
+
+@dataclass
+class HistoryRow:
+    """One transition of a cell, as ``show`` lists it."""
+
+    id: str
+    from_state: str
+    to_state: str
+    at: str | None
+    reason: str | None
+    session: str | None
+    host: str | None
+    duration_s: float | None
+    hits: int | None
+    error: dict | None = None
+
+
+@dataclass
+class StorageStats:
+    """What ``stats`` reports about the store itself."""
+
+    location: str
+    transitions: int = 0
+    result_json_bytes: int = 0
+    hits: int = 0
+    time_saved_s: float = 0.0
+    blobs: int = 0
+    blob_bytes: int = 0
+    file_bytes: int = 0
+    wal_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class BlobStore(Protocol):
+    """Content-addressed bytes: a digest names its blob forever."""
+
+    def get(self, digest: str) -> Any:
+        """One blob as a writable buffer, checked against *digest* while it
+        is read (IntegrityError on a mismatch); KeyError when missing."""
+
+    def put_many(self, blobs: Iterable[Blob]) -> None:
+        """Store blobs (idempotent: a digest already stored is skipped)."""
+
+    def sizes(self) -> dict[str, int]:
+        """``{digest: size}`` of every stored blob."""
+
+    def delete(self, digests: Iterable[str]) -> int:
+        """Delete blobs; returns how many existed."""
+
+
+class Renewer(Protocol):
+    """A heartbeat's own connection (never the main thread's: a beat must not
+    land inside, or be rolled back with, another transaction)."""
+
+    def renew(self, held: dict[str, int]) -> set[str]:
+        """Bump the beat of each ``{state_id: token}`` claim still held with
+        that token; return the state ids no longer held (taken over)."""
+
+    def close(self) -> None: ...
+
+
+class StateBackend(Protocol):
+    """An opened state store.  One instance per kernel and location."""
+
+    #: What messages name: the file path, or the URL without its password.
+    location: str
+    #: This host's name (for records and messages only).
+    host: str
+    #: This process's ``orchestration_session`` id, once started.
+    session_id: str | None
+    blobs: BlobStore
+
+    # -- opening and closing -----------------------------------------------------
+
+    def start_session(self, args: dict) -> str:
+        """Open this process's ``orchestration_session`` (once) and return its
+        id; *args* go to ``args_json``."""
+
+    def close(self, *, failed: bool = False) -> None:
+        """Write pending hits, finish the session (*failed*: a cell of it
+        failed), close connections.  Never raises."""
+
+    # -- the hot path -----------------------------------------------------------
+
+    def latest(self, key: CellKey) -> Transition | None:
+        """The cell's latest transition by store order (None: never ran).
+        One indexed read: this is all a replay costs the store."""
+
+    def latest_variant(self, key: CellKey) -> Transition | None:
+        """The latest EXECUTED run of the same code on other inputs (to say
+        why this one runs), or None."""
+
+    def note_hit(self, state_id: str) -> None:
+        """Count a replay; may be buffered (no synchronous write)."""
+
+    def flush_hits(self) -> None:
+        """Write buffered hit counts now."""
+
+    # -- claims ---------------------------------------------------------------
+
+    def claim(self, request: ClaimRequest) -> ClaimOutcome:
+        """Decide and record, atomically, who runs the cell now (see
+        :func:`rssd_magic.lifecycle.decide`): replay (``done``), wait for a
+        live holder (``held``), or append RUNNING with a new claim (``run``),
+        recording ``RUNNING → ABANDONED`` first when taking over."""
+
+    def claim_of(self, running: Transition) -> Claim | None:
+        """The claim on a RUNNING transition (None when nobody holds it)."""
+
+    def renewer(self) -> Renewer:
+        """A new heartbeat connection (used from another thread)."""
+
+    def finish(
+        self,
+        running: Transition,
+        token: int,
+        to_state: str,
+        result_json: str | None,
+        reason: str,
+        blobs: Iterable[Blob] = (),
+        signatures: Iterable[tuple[str, str, str]] = (),
+    ) -> Transition:
+        """End a run: append ``RUNNING → to_state`` with its record, blobs and
+        signatures, and release the claim, in one transaction — only while
+        *running* is still the cell's latest transition and *token* still
+        holds it (:class:`Fenced` otherwise).  Every blob in *blobs* exists
+        when the record commits (large ones may be written beforehand)."""
+
+    def append_if_latest(
+        self, entry_id: str, from_state: str, to_state: str, result_json: str | None, reason: str, if_latest: str
+    ) -> Transition | None:
+        """Append one transition only if *if_latest* is still the latest
+        transition of the entry's cell (None otherwise): ``forget`` can't
+        land after a newer run."""
+
+    # -- signatures -------------------------------------------------------------
+
+    def signatures(self, key_id: str, payload_ids: Iterable[str]) -> dict[str, str]:
+        """``{payload_id: signature}`` made by *key_id* (missing ones absent)."""
+
+    def add_signatures(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Record ``(payload_id, key_id, signature)`` rows (idempotent)."""
+
+    # -- the user's SQL on the store itself (--sql without --conn) -----------------
+
+    def sql_connection(self) -> Any:
+        """A DB-API connection of its own for the user's SQL cells, so nothing
+        a cell does (PRAGMAs, transactions) touches the state's connection."""
+
+    # -- reports ---------------------------------------------------------------
+
+    def cells(self) -> list[CellRow]:
+        """Every ``%%stateful`` cell, in the order first seen."""
+
+    def history(self, cell: CellRow) -> list[HistoryRow]:
+        """Every transition of *cell*, in store order."""
+
+    def result_of(self, state_id: str) -> str | None:
+        """The ``transition_result`` text of one transition."""
+
+    def current_results(self) -> Iterator[tuple[CellRow, str]]:
+        """``(cell, result_json)`` of every cell whose state is EXECUTED."""
+
+    def storage(self) -> StorageStats:
+        """Counts and sizes for ``stats``."""
+
+    def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
+        """Delete the blobs no current EXECUTED record refers to, deciding and
+        deleting in one write transaction.  *digests_of(result_json)* names a
+        record's blobs.  Returns ``(deleted [(digest, size)], kept, kept_bytes)``."""

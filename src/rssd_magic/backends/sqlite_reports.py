@@ -1,0 +1,187 @@
+"""The listings ``%stateful list/show/stats/gc`` need, in SQLite's SQL.
+
+Our cells are the ``orchestration_session_entry`` rows whose ``ingest_src``
+starts with ``rssd-magic:``, found by a range scan of the ``ingest_src``
+index.  Entries with the same ``ingest_src`` (two RSSDs merged) are one
+cell, first seen with its smallest rowid.  A cell's state is its latest
+transition by rowid.  Host and duration are pulled out of a record with
+``json_extract``, so listing 5,000 cells never loads their outputs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING, Callable
+
+from ..canonical import loads_object
+from ..keys import URI_PREFIX
+from ..lifecycle import EXECUTED
+from .base import CellRow, HistoryRow, StorageStats, Transition
+
+if TYPE_CHECKING:
+    from .sqlite import SqliteBackend
+
+_LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
+
+
+def cells(conn: sqlite3.Connection) -> list[CellRow]:
+    rows = conn.execute(
+        """SELECT e.rowid, e.orchestration_session_entry_id, e.ingest_src, e.elaboration,
+                  (SELECT count(*) FROM orchestration_session_state AS s
+                    WHERE s.session_entry_id = e.orchestration_session_entry_id),
+                  (SELECT s.rowid FROM orchestration_session_state AS s
+                    WHERE s.session_entry_id = e.orchestration_session_entry_id
+                    ORDER BY s.rowid DESC LIMIT 1),
+                  (SELECT total(h.hits) FROM orchestration_session_state AS s
+                     JOIN rssd_magic_hit AS h ON h.state_id = s.orchestration_session_state_id
+                    WHERE s.session_entry_id = e.orchestration_session_entry_id)
+           FROM orchestration_session_entry AS e
+           WHERE e.ingest_src >= ? AND e.ingest_src < ?""",
+        (_LO, _HI),
+    ).fetchall()
+    # Sorted here, not by ORDER BY: that would tempt the planner to walk the
+    # whole table in rowid order instead of the ingest_src range.
+    rows.sort(key=lambda r: r[0])
+    groups: dict[str, CellRow] = {}
+    latest_seq: dict[str, int] = {}
+    for _, entry_id, src, elaboration, n, latest, hits in rows:
+        cell = groups.get(src)
+        if cell is None:
+            cell = groups[src] = CellRow(src, loads_object(elaboration), [], 0, 0)
+        cell.entry_ids.append(entry_id)
+        cell.transitions += n
+        cell.hits_total += int(hits or 0)
+        if latest is not None and latest > latest_seq.get(src, -1):
+            latest_seq[src] = latest
+    for src, cell in groups.items():
+        if src in latest_seq:
+            _fill_latest(conn, cell, latest_seq[src])
+        cell.source = _latest_source(conn, cell)
+    return list(groups.values())
+
+
+def _fill_latest(conn: sqlite3.Connection, cell: CellRow, seq: int) -> None:
+    row = conn.execute(
+        """SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id, s.from_state,
+                  s.to_state, s.transition_result, s.transition_reason, s.transitioned_at, s.rowid,
+                  json_extract(s.transition_result, '$.host'),
+                  json_extract(s.transition_result, '$.duration_s'),
+                  (SELECT h.hits FROM rssd_magic_hit AS h WHERE h.state_id = s.orchestration_session_state_id)
+           FROM orchestration_session_state AS s WHERE s.rowid = ?""",
+        (seq,),
+    ).fetchone()
+    cell.latest = Transition(*row[:9])
+    host, duration, hits = row[9:]
+    cell.latest_host = host if isinstance(host, str) else None
+    cell.latest_duration_s = duration if isinstance(duration, (int, float)) else None
+    cell.latest_hits = int(hits or 0)
+
+
+def _latest_source(conn: sqlite3.Connection, cell: CellRow) -> str | None:
+    """The code of the cell's latest run (a ``--name`` cell may have been
+    edited since its entry was made), else the entry's."""
+    marks = ", ".join("?" * len(cell.entry_ids))
+    row = conn.execute(
+        f"""SELECT json_extract(s.elaboration, '$.source') FROM orchestration_session_state AS s
+            WHERE s.session_entry_id IN ({marks}) AND json_valid(s.elaboration)
+              AND json_extract(s.elaboration, '$.source') IS NOT NULL
+            ORDER BY s.rowid DESC LIMIT 1""",
+        cell.entry_ids,
+    ).fetchone()
+    source = row[0] if row else cell.elaboration.get("source")
+    return source if isinstance(source, str) else None
+
+
+def history(conn: sqlite3.Connection, cell: CellRow) -> list[HistoryRow]:
+    marks = ", ".join("?" * len(cell.entry_ids))
+    rows = conn.execute(
+        f"""SELECT s.orchestration_session_state_id, s.from_state, s.to_state, s.transitioned_at,
+                   s.transition_reason, s.session_id,
+                   coalesce(d.name, json_extract(s.transition_result, '$.host')),
+                   json_extract(s.transition_result, '$.duration_s'),
+                   json_extract(s.transition_result, '$.error.ename'),
+                   json_extract(s.transition_result, '$.error.evalue'),
+                   (SELECT h.hits FROM rssd_magic_hit AS h WHERE h.state_id = s.orchestration_session_state_id)
+            FROM orchestration_session_state AS s
+            LEFT JOIN orchestration_session AS o ON o.orchestration_session_id = s.session_id
+            LEFT JOIN device AS d ON d.device_id = o.device_id
+            WHERE s.session_entry_id IN ({marks})
+            ORDER BY s.rowid""",
+        cell.entry_ids,
+    ).fetchall()
+    out = []
+    for sid, frm, to, at, reason, session, host, duration, ename, evalue, hits in rows:
+        error = None if ename is None else {"ename": str(ename), "evalue": str(evalue) if evalue is not None else ""}
+        duration = duration if isinstance(duration, (int, float)) else None
+        out.append(HistoryRow(sid, frm, to, at, reason, session, host, duration, hits, error))
+    return out
+
+
+def storage(backend: "SqliteBackend") -> StorageStats:
+    conn = backend.conn
+    transitions, json_bytes = conn.execute(
+        """SELECT count(*), total(length(CAST(s.transition_result AS BLOB)))
+           FROM orchestration_session_entry AS e
+           JOIN orchestration_session_state AS s ON s.session_entry_id = e.orchestration_session_entry_id
+           WHERE e.ingest_src >= ? AND e.ingest_src < ?""",
+        (_LO, _HI),
+    ).fetchone()
+    # CROSS JOIN keeps the (small) hit table outside: one PK probe per hit.
+    hits, saved = conn.execute(
+        """SELECT total(h.hits),
+                  total(h.hits * coalesce(CASE WHEN json_valid(s.transition_result)
+                                          THEN json_extract(s.transition_result, '$.duration_s') END, 0))
+           FROM rssd_magic_hit AS h
+           CROSS JOIN orchestration_session_state AS s ON s.orchestration_session_state_id = h.state_id
+           WHERE s.to_state = ?""",
+        (EXECUTED,),
+    ).fetchone()
+    blobs, blob_bytes = conn.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()
+    path = backend.path
+    wal = path.with_name(path.name + "-wal")
+    return StorageStats(
+        location=str(path),
+        transitions=int(transitions),
+        result_json_bytes=int(json_bytes),
+        hits=int(hits),
+        time_saved_s=round(float(saved), 6),
+        blobs=int(blobs),
+        blob_bytes=int(blob_bytes),
+        file_bytes=path.stat().st_size if path.exists() else 0,
+        wal_bytes=wal.stat().st_size if wal.exists() else 0,
+    )
+
+
+def _referenced(conn: sqlite3.Connection, digests_of: Callable[[str], set[str]]) -> set[str]:
+    keep: set[str] = set()
+    for cell in cells(conn):
+        if cell.latest is not None and cell.latest.to_state == EXECUTED and cell.latest.result_json:
+            keep |= digests_of(cell.latest.result_json)
+    return keep
+
+
+def gc(backend: "SqliteBackend", digests_of: Callable[[str], set[str]], dry_run: bool):
+    """Blobs no current EXECUTED record refers to, deleted (unless
+    *dry_run*) in the same transaction that found them: a kernel finishing a
+    run at the same moment can't lose a blob it just referenced."""
+    conn = backend.conn
+
+    def doomed_in(c: sqlite3.Connection) -> list[tuple[str, int]]:
+        keep = _referenced(c, digests_of)
+        return [(d, int(s or 0)) for d, s in c.execute("SELECT digest, size FROM rssd_magic_blob") if d not in keep]
+
+    if dry_run:
+        conn.execute("BEGIN")  # one consistent snapshot, no write lock
+        try:
+            doomed = doomed_in(conn)
+            kept, kept_bytes = conn.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()
+        finally:
+            conn.execute("ROLLBACK")
+        freed = sum(s for _, s in doomed)
+        return doomed, int(kept) - len(doomed), int(kept_bytes) - freed
+    with backend._write() as c:
+        doomed = doomed_in(c)
+        c.executemany("DELETE FROM rssd_magic_blob WHERE digest = ?", [(d,) for d, _ in doomed])
+        kept, kept_bytes = c.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()
+    return doomed, int(kept), int(kept_bytes)
+
