@@ -24,7 +24,21 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 ENGINE = [
     "acquire", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names", "plan",
     "record", "render", "report", "schema", "serialize", "sql", "store", "trust", "ttl",
+    "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
 ]  # fmt: skip
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
+
+
+def _modules(package: Path) -> dict[str, Path]:
+    """Dotted name (relative to the package, ``""`` for its ``__init__``) →
+    file, for every module under *package*, subpackages included."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
 
 
 def test_engine_modules_do_not_import_ipython():
@@ -35,8 +49,7 @@ def test_engine_modules_do_not_import_ipython():
 
 
 def test_every_module_is_either_engine_or_adapter():
-    package = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
-    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
+    modules = set(_modules(PACKAGE)) - {"", "__main__"}
     assert modules == set(ENGINE) | {"magic", "cli"}, "a new module must be classified here"
 
 
