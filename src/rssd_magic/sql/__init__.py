@@ -11,8 +11,10 @@ connection, or the RSSD itself.  One module per idea:
     which engine a connection is, and :func:`target_identity`, the database
     it names in the key;
 ``key``
-    :func:`bind` (``$name``/``:name`` parameters from the notebook) and
-    :func:`key_extra` (SQL, target and parameter values);
+    :func:`bind` (``$name``/``:name`` parameters from the notebook),
+    :func:`key_extra` (SQL, target and the parameters' fingerprints),
+    :func:`params_inputs`, and :func:`legacy_key_extra` for records keyed
+    before parameters were fingerprinted;
 ``run``
     :func:`run_sql`: statements, transactions and rollback, giving a
     :class:`SQLResult` or raising :class:`SQLExecutionError`;
@@ -40,10 +42,13 @@ from .frames import (
     load_frame,
 )
 from .key import (
+    LEGACY_SQL_KEY_VERSION,
     SQL_KEY_VERSION,
     bind,
     canonical_params,
     key_extra,
+    legacy_key_extra,
+    params_inputs,
 )
 from .lexer import SQLUsageError, normalize_sql, placeholders, split_statements
 from .locks import describe_lock_error
@@ -55,6 +60,7 @@ __all__ = [
     "DISPLAY_MAX_ROWS",
     "JSON_MAX_BYTES",
     "JSON_MAX_CELLS",
+    "LEGACY_SQL_KEY_VERSION",
     "SQL_KEY_VERSION",
     "SQLExecutionError",
     "SQLResult",
@@ -66,8 +72,10 @@ __all__ = [
     "dump_frame",
     "frame_bundle",
     "key_extra",
+    "legacy_key_extra",
     "load_frame",
     "normalize_sql",
+    "params_inputs",
     "placeholders",
     "run_sql",
     "split_statements",

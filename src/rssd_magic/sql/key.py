@@ -8,8 +8,17 @@ do something different.
   comments and spacing do not count, string literals and quoted
   identifiers count byte for byte;
 * the target's identity (:func:`~rssd_magic.sql.target.target_identity`);
-* the parameters' values, as canonical JSON (hashes for large or non-JSON
-  values).
+* the parameters' values, fingerprinted by the code that fingerprints a
+  Python cell's inputs (:mod:`rssd_magic.deps`): a DataFrame or an array
+  passed as ``$df`` hashes as it would if a Python cell read ``df``, and
+  :func:`params_inputs` gives them in the ``{"names": …}`` shape a run
+  records, so "why it re-ran" is said the same way for both kinds of cell.
+
+Keys of version 1 (:data:`LEGACY_SQL_KEY_VERSION`) encoded the parameters
+with a JSON form of their own.  :func:`legacy_key_extra` still computes
+that extra byte for byte: a SQL cell recorded under a v1 key must replay,
+not run again (a re-run ``CREATE TABLE`` fails with "already exists"), so
+the runner looks it up when the v2 key has no record.
 
 Parameters are written ``$name`` or ``:name`` on both engines: SQLite reads
 both natively and :func:`bind` rewrites ``:name`` to DuckDB's ``$name``.
@@ -25,17 +34,24 @@ import decimal
 import hashlib
 import math
 import pickle
+import types
 import uuid
 from itertools import chain
 from typing import Any, Iterable, Mapping
 
 from ..canonical import canonical
+from ..deps import fingerprint_names
 from ..serialize import type_name
 from .lexer import SQLUsageError, Token, normalize_sql, parse_statements
 from .target import target_identity
 
 #: Bumped whenever what goes into :func:`key_extra` changes.
-SQL_KEY_VERSION = "rssd_magic.sql.v1"
+#: v2: parameters by their :mod:`rssd_magic.deps` fingerprints.  A change of
+#: the fingerprints themselves changes their digests, hence the keys, without
+#: a bump here.
+SQL_KEY_VERSION = "rssd_magic.sql.v2"
+#: The version :func:`legacy_key_extra` writes (parameters as v1 JSON).
+LEGACY_SQL_KEY_VERSION = "rssd_magic.sql.v1"
 
 
 # -- binding ----------------------------------------------------------------
@@ -93,9 +109,93 @@ def _sha(data: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _refuse_code(name: str, value: Any) -> None:
+    """A function, class or module is code, not a value an engine can bind;
+    refused before anything runs (v1 refused the unpicklable ones as
+    unkeyable; the fingerprinter hashes code, which would let them through
+    to fail inside the engine)."""
+    if callable(value) or isinstance(value, types.ModuleType):
+        raise SQLUsageError(f"SQL parameter ${name} is {type_name(value)}, not a value SQL can bind")
+
+
+def params_inputs(params: Mapping[str, Any] | None) -> dict[str, dict]:
+    """The parameters as a run's inputs: ``{"names": {name: fingerprint}}``
+    (``{}`` without parameters), the shape :func:`rssd_magic.deps.explain`
+    compares, so the runner can record it and say which parameter changed.
+
+    Raises :class:`SQLUsageError` naming a parameter that can't be
+    fingerprinted or is not a value: unlike a Python cell's input, it can't
+    just be left out of the key, since the SQL reads exactly that value.
+    """
+    if not params:
+        return {}
+    for name, value in params.items():
+        _refuse_code(name, value)
+    names = fingerprint_names(params, list(params))
+    for name, entry in names.items():
+        if entry.get("digest") is None:
+            raise SQLUsageError(
+                f"SQL parameter ${name} of type {entry.get('hint')} can't be fingerprinted "
+                f"for the cell key ({entry.get('reason')})"
+            )
+    return {"names": names}
+
+
+def key_extra(
+    sql: str,
+    conn: Any,
+    params: Mapping[str, Any] | None = None,
+    *,
+    inputs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The ``extra`` to pass to :func:`rssd_magic.keys.cell_key` for a SQL cell.
+
+    It holds the normalized SQL's hash too, so the key follows
+    :func:`normalize_sql` even though ``cell_key`` normalizes its *code*
+    argument as Python: pass ``normalize_sql(body)`` as the code.  Pass
+    *inputs* (from :func:`params_inputs`) when the caller has them already,
+    so large parameters are not fingerprinted twice.
+    """
+    target = target_identity(conn)
+    if inputs is None:
+        inputs = params_inputs(params)
+    # Only the digests decide: hints and shown values are for messages.
+    digests = {name: entry["digest"] for name, entry in (inputs.get("names") or {}).items()}
+    return canonical(
+        {
+            "v": SQL_KEY_VERSION,
+            "sql": _sha(normalize_sql(sql).encode("utf-8")),
+            "target": target,
+            "params": digests,
+        }
+    )
+
+
+# -- v1 keys (legacy lookup) ---------------------------------------------------
+
+
+def legacy_key_extra(sql: str, conn: Any, params: Mapping[str, Any] | None = None) -> str:
+    """The v1 :func:`key_extra`, byte for byte: the key a SQL cell was
+    recorded under before parameters were fingerprinted.  Only for looking
+    up such a record; new records are keyed by :func:`key_extra`.
+
+    Raises :class:`SQLUsageError` where v1 did: for a value v1 could not
+    encode, no v1 record can exist.
+    """
+    return canonical(
+        {
+            "v": LEGACY_SQL_KEY_VERSION,
+            "sql": _sha(normalize_sql(sql).encode("utf-8")),
+            "target": target_identity(conn),
+            "params": _canonical_params(params or {}),
+        }
+    )
+
+
 def _canonical(value: Any, path: str = "") -> Any:
-    """A JSON value that is equal for equal parameter values, and stable
-    across kernels (no ids, no set or hash order)."""
+    """v1's JSON form of a parameter value: equal for equal values, and
+    stable across kernels (no ids, no set or hash order).  Frozen: any
+    change here changes the keys of cells recorded by v1."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if type(value) is int:
@@ -171,22 +271,5 @@ def _canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def canonical_params(params: Mapping[str, Any]) -> str:
-    """Canonical JSON of the parameter values (key order does not matter)."""
+    """v1's canonical JSON of the parameter values (key order does not matter)."""
     return canonical(_canonical_params(params))
-
-
-def key_extra(sql: str, conn: Any, params: Mapping[str, Any] | None = None) -> str:
-    """The ``extra`` to pass to :func:`rssd_magic.keys.cell_key` for a SQL cell.
-
-    It holds the normalized SQL's hash too, so the key follows
-    :func:`normalize_sql` even though ``cell_key`` normalizes its *code*
-    argument as Python: pass ``normalize_sql(body)`` as the code.
-    """
-    return canonical(
-        {
-            "v": SQL_KEY_VERSION,
-            "sql": _sha(normalize_sql(sql).encode("utf-8")),
-            "target": target_identity(conn),
-            "params": _canonical_params(params or {}),
-        }
-    )
