@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import sqlite3
 import subprocess
 import sys
@@ -27,10 +28,106 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 ENGINE = [
     "acquire", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl",
-    "backends", "backends.base", "backends.sqlite", "backends.sqlite_reports", "backends.sqlite_schema",
+    "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
+    "backends.sqlite_schema",
+    "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
 ]  # fmt: skip
 ADAPTERS = ["magic", "cli"]
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
+
+
+def _modules(package: Path) -> dict[str, Path]:
+    """Dotted name (relative to the package, ``""`` for its ``__init__``) →
+    file, for every module under *package*, subpackages included."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+#: Functions whose imports are not edges: IPython calls these hooks on the
+#: loaded package (``%load_ext rssd_magic``), and they are how the package
+#: reaches its adapter; magic.py's ``from . import __version__`` would
+#: otherwise close a loop through them.
+ENTRY_POINTS = {"": {"load_ipython_extension", "unload_ipython_extension"}}
+
+
+def import_graph(
+    package: Path, name: str = "rssd_magic", entry_points: dict[str, set[str]] = ENTRY_POINTS
+) -> dict[str, set[str]]:
+    """Module → the modules of the package it imports (``from .x import``,
+    ``from . import x``, ``import name.x``), by dotted name relative to
+    *package*.  Imports inside functions count too (a lazy import is still
+    a dependency), except in the *entry_points* functions.
+
+    ``from .pkg import y`` counts as importing ``pkg.y`` when that is a
+    module, else ``pkg`` (y is a name defined there).
+    """
+    modules = _modules(package)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+
+    def resolve(target: str) -> str | None:
+        # The longest prefix of *target* that is one of our modules.
+        parts = target.split(".") if target else []
+        while parts and ".".join(parts) not in modules:
+            parts.pop()
+        return ".".join(parts) if ".".join(parts) in modules else None
+
+    for mod, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        here = mod.split(".") if mod else []
+        base = here if is_pkg else here[:-1]  # the package a relative import starts from
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        hooks = entry_points.get(mod, set())
+        tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name in hooks)]
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == name or alias.name.startswith(name + "."):
+                        targets.append(alias.name[len(name) + 1 :])
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    start = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                    src = ".".join(start + ([node.module] if node.module else []))
+                elif node.module and (node.module == name or node.module.startswith(name + ".")):
+                    src = node.module[len(name) + 1 :]
+                else:
+                    continue
+                for alias in node.names:
+                    sub = f"{src}.{alias.name}" if src else alias.name
+                    targets.append(sub if sub in modules else src)
+            for target in targets:
+                found = resolve(target)
+                if found is not None and found != mod:
+                    graph[mod].add(found)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of *graph* as ``[a, b, …, a]``, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
 
 
 def test_engine_modules_do_not_import_ipython():
@@ -40,20 +137,37 @@ def test_engine_modules_do_not_import_ipython():
     assert out.strip() == "[]"
 
 
-def _modules() -> set[str]:
-    """Every module of the package, dotted, relative to it (a package by its name)."""
-    out = set()
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE).with_suffix("").parts
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        if parts and parts != ("__main__",):
-            out.add(".".join(parts))
-    return out
-
-
 def test_every_module_is_either_engine_or_adapter():
-    assert _modules() == set(ENGINE) | set(ADAPTERS), "a new module must be classified here"
+    modules = set(_modules(PACKAGE)) - {"", "__main__"}
+    assert modules == set(ENGINE) | set(ADAPTERS), "a new module must be classified here"
+
+
+def test_no_import_cycles():
+    graph = import_graph(PACKAGE)
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    assert graph["runner"] >= {"sql", "deps"}, "the graph must see `from . import x` and `from .x import y`"
+    assert graph["sql.frames"] >= {"serialize"}, "the frame codec registers itself in serialize"
+
+
+def test_the_cycle_check_sees_cycles(tmp_path):
+    pkg = tmp_path / "rssd_magic"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .b import f\n")
+    (pkg / "a.py").write_text("def g():\n    import rssd_magic.sub.b\n")
+    (pkg / "sub" / "b.py").write_text("from ..c import h\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    (pkg / "d.py").write_text("from .sub import f, b\nfrom rssd_magic import c\nimport json\n")
+    graph = import_graph(pkg)
+    assert graph == {
+        "": set(), "a": {"sub.b"}, "sub": {"sub.b"}, "sub.b": {"c"}, "c": {"a"}, "d": {"sub", "sub.b", "c"},
+    }  # fmt: skip
+    assert find_cycle(graph) == ["a", "sub.b", "c", "a"]
+    (pkg / "c.py").write_text("import json\n")
+    assert find_cycle(import_graph(pkg)) is None
+    (pkg / "sub" / "b.py").write_text("def late():\n    from .. import d\n")  # lazy: still a cycle
+    cycle = find_cycle(import_graph(pkg))
+    assert cycle[0] == cycle[-1] and set(cycle) == {"d", "sub", "sub.b"}
 
 
 @pytest.mark.skipif(not SHARED_DDL.exists(), reason="shared/rssd not beside this checkout")
@@ -155,7 +269,7 @@ def test_store_readonly_refuses_plain_sqlite_without_rssd_tables(tmp_path):
 
 
 def test_blobs_read_back_in_chunks(tmp_path, monkeypatch):
-    from rssd_magic.backends import sqlite as sqlite_backend
+    from rssd_magic.backends import sqlite_blobs as sqlite_backend
 
     monkeypatch.setattr(sqlite_backend, "READ_CHUNK", 1000)
     store = SqliteBackend.open(tmp_path / "b.db", session_args={"test": True})

@@ -21,10 +21,9 @@ settings through a :class:`Config` (the adapter's traitlets).
 
 from __future__ import annotations
 
+import html
 import os
-import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -32,35 +31,22 @@ from typing import Any, Callable, Protocol
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import ClaimRequest, Fenced, StateBackend, StoreError, Transition
-from .capture import OutputRecorder, capture, replay
+from .backends.base import ClaimRequest, StateBackend, StoreError, Transition
+from .capture import replay
 from .claims import Heartbeat, current_holder
 from .deps import collect_inputs, explain, inputs_digest, read_names
 from .keys import CellKey, cell_key
-from .lifecycle import EXECUTED, FAILED, INTERRUPTED, REFUSE, REPLAY, decide
-from .names import names_bound, snapshot
-from .record import RESULT_VALUE, RecordError, RunRecord
-from .serialize import UNTRUSTED, dump_names, dump_value, load_names, load_value
-from .trust import Signer, sign_specs, trusted_names
+from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
+from .record import RESULT_VALUE, RecordError
+from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError
+from .serialize import UNTRUSTED, load_names, load_value
+from .trust import Signer, trusted_names
 from .ttl import age_s
 
 
 class UsageProblem(Exception):
     """The user's options or setup are wrong; shown as one line (the adapter
     turns it into IPython's ``UsageError``).  The cell was not run."""
-
-
-class StatefulRunError(Exception):
-    """A cell that could not be run or replayed for a reason outside the
-    user's code (waited too long, the holder failed, an unreadable record).
-    Shown as one line, without a traceback."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__}: {self}"]
-
-
-class SQLCellError(StatefulRunError):
-    """A statement of a --sql cell failed: the database's own message."""
 
 
 @dataclass(frozen=True)
@@ -84,16 +70,6 @@ class CellOptions:
     sql: bool = False
     conn: str | None = None
     out: str | None = None
-
-
-@dataclass
-class Executed:
-    """What running the body gave: its result, or the error and the
-    traceback lines the shell formatted for it."""
-
-    result: Any = None
-    error: BaseException | None = None
-    traceback: list[str] | None = None
 
 
 class ShellPort(Protocol):
@@ -125,15 +101,6 @@ class Config(Protocol):
     allow_network_fs: bool
     clock: Callable[[], float]
     signer: Signer
-
-
-@dataclass
-class _SQLCell:
-    body: str
-    conn: Any
-    params: dict
-    extra: str
-    out: str | None
 
 
 class CellRunner:
@@ -214,6 +181,8 @@ class CellRunner:
         quiet = opts.quiet or self.config.quiet
         # The hot path is this one indexed read, then a replay: no write.
         latest = backend.latest(key)
+        if latest is None:
+            key, latest = self._earlier_key(backend, key, cell, scope, opts, sql_cell)
         state = latest.to_state if latest is not None else None
         rerun, note = self._rerun(latest, opts)
         decision = decide(state, rerun=rerun, replay_only=opts.replay_only)
@@ -266,7 +235,7 @@ class CellRunner:
             self.port.note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
         beat = self._heartbeat(backend)
         beat.hold(outcome.running.state_id, outcome.claim.token, self.config.lease_seconds)
-        run = _Run(self, backend, key, outcome.running, outcome.claim.token, inputs)
+        run = Run(self.port, self.config, backend, key, outcome.running, outcome.claim.token, inputs)
         try:
             if sql_cell is not None:
                 return run.sql(sql_cell)
@@ -275,6 +244,24 @@ class CellRunner:
             # On every path out, even when the end could not be recorded:
             # a claim that stops beating is taken over once its lease lapses.
             beat.release(outcome.running.state_id)
+
+    def _earlier_key(
+        self, backend: StateBackend, key: CellKey, cell: str, scope: str, opts: CellOptions, sql_cell: SQLCell | None
+    ) -> tuple[CellKey, Transition | None]:
+        """A cell recorded under a key an earlier version computed keeps that
+        key: it replays, and never runs again just because keys changed form.
+        Looked up only when the current key has no record (one more indexed
+        read, on the way to running anyway)."""
+        if sql_cell is not None and opts.name is None:
+            try:
+                extra = sql.legacy_key_extra(sql_cell.body, sql_cell.conn, sql_cell.params)
+            except sql.SQLUsageError:
+                return key, None  # no v1 key exists for such parameters
+            earlier = cell_key(sql.normalize_sql(cell), scope, opts.name, extra=extra)
+            latest = backend.latest(earlier)
+            if latest is not None:
+                return earlier, latest
+        return key, None
 
     def scope(self, explicit: str | None, backend: StateBackend) -> str:
         """--scope, else the notebook's path (relative to the RSSD when it
@@ -324,7 +311,7 @@ class CellRunner:
 
     # -- SQL cells ------------------------------------------------------------------
 
-    def _sql_cell(self, body: str, opts: CellOptions, backend: StateBackend) -> _SQLCell:
+    def _sql_cell(self, body: str, opts: CellOptions, backend: StateBackend) -> SQLCell:
         """Resolve the target and parameters of a --sql cell (nothing runs)."""
         try:
             import pandas  # noqa: F401 - result tables are DataFrames
@@ -346,7 +333,7 @@ class CellRunner:
         except sql.SQLUsageError as exc:
             option = f" --conn {opts.conn}" if opts.conn else ""
             raise UsageProblem(f"%%stateful --sql{option}: {exc}. The cell was not run.") from None
-        return _SQLCell(body, conn, params, extra, opts.out)
+        return SQLCell(body, conn, params, extra, opts.out)
 
     # -- replay ---------------------------------------------------------------------
 
@@ -394,8 +381,6 @@ class CellRunner:
     def _banner(self, text: str) -> None:
         """The replay banner: a display of its own (never merged into the
         cell's stderr), tagged in metadata so tools can tell it apart."""
-        import html
-
         self.port.publish(
             {
                 "text/plain": f"[stateful] {text}",
@@ -403,156 +388,6 @@ class CellRunner:
             },
             {"rssd_magic": {"banner": True}},
         )
-
-
-@dataclass
-class _Run:
-    """One claimed run: executes the body and records how it ended."""
-
-    runner: CellRunner
-    backend: StateBackend
-    key: CellKey
-    running: Transition
-    token: int
-    inputs: dict
-    started: float = field(default_factory=time.perf_counter)
-
-    def record(self, **fields: Any) -> RunRecord:
-        """A record with what every run has (and ``inputs`` when the key
-        depends on them)."""
-        return RunRecord(
-            host=self.backend.host,
-            duration_s=round(time.perf_counter() - self.started, 6),
-            code_hash=self.key.code_hash,
-            inputs=self.inputs or None,
-            **fields,
-        )
-
-    def python(self, cell: str, python: str) -> None:
-        port = self.runner.port
-        ns = port.user_ns
-        before = snapshot(ns)
-        try:
-            with capture(port.shell, self.runner.config.max_output_size) as rec:
-                executed = port.execute(cell)
-        except BaseException as exc:  # interrupted outside the body itself
-            self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted")
-            raise
-        if executed.error is not None:
-            err = _error(executed.error, executed.traceback)
-            shown = {"output_type": "error", "ename": err["ename"], "evalue": err["evalue"],
-                     "traceback": executed.traceback or []}  # fmt: skip
-            record = self.record(outputs=rec.finish() + [shown], error=err)
-            to_state = INTERRUPTED if isinstance(executed.error, KeyboardInterrupt) else FAILED
-            self.end(to_state, record, record.error_line()[:500])
-            raise _for_display(executed.error, executed.traceback)
-        self.executed(rec, lambda: self._python_payload(ns, before, python, rec, executed))
-        return None
-
-    def _python_payload(self, ns: dict, before: dict, python: str, rec: OutputRecorder, executed: Executed):
-        names = names_bound(ns, before, python)
-        specs, blobs = dump_names(ns, names)
-        record = self.record(outputs=rec.finish(), names=specs)
-        if any(o["output_type"] == "execute_result" for o in record.outputs):
-            # Kept so a replay binds _ / Out[n] to the value, not a stand-in.
-            record.result_value, value_blobs = dump_value(executed.result)
-            blobs += value_blobs
-        bad = {n: s["error"] for n, s in specs.items() if s["kind"] == "unserializable"}
-        if bad:
-            self.runner.port.note(
-                "[stateful] executed, but these names can't be saved and won't be restored on replay: "
-                + "; ".join(f"{n} ({why})" for n, why in bad.items())
-            )
-        return record, blobs
-
-    def sql(self, cell: _SQLCell) -> None:
-        port = self.runner.port
-        try:
-            res = sql.run_sql(cell.conn, cell.body, cell.params)
-        except sql.SQLExecutionError as exc:
-            err = {"ename": exc.error_type or "SQLError", "evalue": str(exc), "traceback": str(exc), "sql": exc.as_dict()}
-            self.end(FAILED, self.record(error=err), str(exc).splitlines()[0][:500])
-            raise SQLCellError(str(exc)) from None
-        except KeyboardInterrupt as exc:
-            self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted")
-            raise
-
-        def payload():
-            record = self.record(sql=res.as_dict())
-            blobs: list = []
-            if res.frame is None:
-                summary = f"{res.summary()}\n"
-                print(summary, end="")
-                record.outputs.append({"output_type": "stream", "name": "stdout", "text": summary})
-            else:
-                spec, blobs = sql.dump_frame(res.frame)
-                data, metadata = sql.frame_bundle(res.frame)
-                record.result_value = spec
-                if cell.out:
-                    record.names[cell.out] = spec
-                    port.user_ns[cell.out] = res.frame
-                port.show_result(res.frame, data, metadata)
-                count = getattr(port.shell, "execution_count", None)
-                record.outputs.append(
-                    {"output_type": "execute_result", "execution_count": count, "data": data, "metadata": metadata}
-                )
-            return record, blobs
-
-        self.executed(None, payload)
-        return None
-
-    def executed(self, rec: OutputRecorder | None, payload: Callable[[], tuple[RunRecord, list]]) -> None:
-        """Serialize what a successful run left and record it EXECUTED.  A
-        failure while serializing ends the run too (FAILED, or INTERRUPTED on
-        Ctrl-C): the cell ran, so its output stays, and it runs again next
-        time rather than leaving a claim behind."""
-        try:
-            record, blobs = payload()
-            signatures = sign_specs(self.runner.config.signer, record.payloads_to_sign())
-        except KeyboardInterrupt as exc:
-            self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted while recording")
-            raise
-        except Exception as exc:  # noqa: BLE001 - anything a value's pickling may raise
-            self.end_unrecorded(exc)
-            return
-        self.end(EXECUTED, record, "completed", blobs, signatures)
-
-    def end(self, to_state: str, record: RunRecord, reason: str, blobs=(), signatures=()) -> bool:
-        """Record how the run ended: a compare-and-append.  False when it was
-        not recorded (taken over, or the store refused it)."""
-        try:
-            self.backend.finish(self.running, self.token, to_state, record.dumps(), reason, blobs, signatures)
-            return True
-        except Fenced as exc:
-            self.runner.port.note(f"[stateful] this run was taken over by {exc.by}; its result was not recorded")
-            return False
-        except BaseException as exc:  # noqa: BLE001 - the record failed, whatever the cause
-            self.end_unrecorded(exc)
-            return False
-
-    def end_unrecorded(self, exc: BaseException) -> None:
-        """The run's record could not be written (a value SQLite can't hold,
-        a full disk, a lock held too long, Ctrl-C while writing): end it with
-        a small record saying so, so no kernel waits for this one.  If even
-        that fails, the claim simply stops beating (the caller releases it)."""
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        why = "interrupted while recording" if interrupted else f"could not record: {_one_line(exc)}"
-        small = self.record(error={"ename": type(exc).__name__, "evalue": _one_line(exc), "traceback": ""})
-        again: BaseException | None = None
-        try:
-            self.backend.finish(self.running, self.token, INTERRUPTED if interrupted else FAILED, small.dumps(), why[:500])
-        except Fenced:
-            pass
-        except BaseException as second:  # noqa: BLE001 - nothing more can be written
-            again = second if isinstance(second, KeyboardInterrupt) else None
-        self.runner.port.note(
-            f"[stateful] {redact(self.backend.location)}: the run could not be recorded ({_one_line(exc)}); "
-            "it will run again next time"
-        )
-        if interrupted:
-            raise exc
-        if again is not None:
-            raise again
 
 
 class _Status:
@@ -612,36 +447,6 @@ def _inputs_of(transition: Transition) -> dict | None:
         return transition.record().inputs
     except RecordError:
         return None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:299] + "…"
-
-
-def _error(exc: BaseException, stb: list[str] | None) -> dict:
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", "\n".join(stb)) if stb else "".join(traceback.format_exception(exc))
-    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
-
-
-def _for_display(exc: BaseException, stb: list[str] | None) -> BaseException:
-    """The exception to re-raise so the outer cell fails (nbclient and
-    papermill stop, as for any failing cell) and shows the body's traceback
-    exactly once, through IPython's ``_render_traceback_`` hook."""
-    if stb is None:
-        return exc
-    if not isinstance(exc, SyntaxError):
-        try:
-            exc._render_traceback_ = lambda: stb  # type: ignore[attr-defined]
-            return exc
-        except AttributeError:
-            pass  # exceptions with __slots__
-    # SyntaxErrors are formatted by the shell without the hook; stand in with
-    # an exception of the same name that uses it.
-    stand_in = type(type(exc).__name__, (Exception,), {"_render_traceback_": lambda self: stb})
-    return stand_in(str(exc))
 
 
 __all__ = [

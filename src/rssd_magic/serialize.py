@@ -17,7 +17,7 @@ users can see what was kept) of one of these kinds:
     a by-reference pickle is kept beside it (``by_reference``) and tried
     first, so an instance of a class the notebook defines stays one.
 ``frame``
-    a SQL result table (see sql.py).
+    a SQL result table (registered by sql/frames.py).
 ``skipped``
     a closed file: nothing to keep, nothing to warn about.
 ``unserializable``
@@ -244,7 +244,7 @@ class Codec:
 
 CODECS: dict[str, Codec] = {}
 #: Kinds registered by a module of their own, imported on first use.
-_PLUGINS = {"frame": "rssd_magic.sql"}
+_PLUGINS = {"frame": "rssd_magic.sql.frames"}
 
 
 def register(codec: Codec) -> Codec:

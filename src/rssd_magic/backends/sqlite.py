@@ -19,7 +19,6 @@ against it.  Design rules, each from a bug somebody shipped:
 
 from __future__ import annotations
 
-import mmap
 import os
 import socket
 import sqlite3
@@ -27,14 +26,13 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .. import __version__
 from ..canonical import dumps, utc_now
 from ..ids import new_ulid
 from ..keys import CellKey
 from ..lifecycle import ABANDONED, EXECUTED, INITIAL, REPLAY, RUNNING, WAIT, decide
-from ..trust import Verifier
 from .base import (
     Blob,
     CellRow,
@@ -48,17 +46,14 @@ from .base import (
     StoreError,
     Transition,
 )
+from . import sqlite_reports
+from .sqlite_blobs import SqliteBlobs
 from .sqlite_schema import check_path, ensure_schema, network_filesystem, own_tables_as_temp, schema_problems
 
 NATURE_ID = "rssd-magic-stateful-cell"
 NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
 
 BUSY_TIMEOUT_S = 30.0
-#: Blobs are read back in slices of this size, into one preallocated buffer:
-#: large enough to amortise the call, small enough to stay in L2.
-READ_CHUNK = 256 << 10
-#: Blobs from this size up are read into huge-page mappings (see get).
-HUGE_BUFFER = 4 << 20
 #: SQLite reads pages through a file mapping this large (no pread per page).
 MMAP_SIZE = 1 << 30
 #: The -wal file is cut back to this size when it is reset.
@@ -87,7 +82,7 @@ class SqliteBackend:
         self.notice = notice
         self.host = socket.gethostname()
         self.session_id: str | None = None
-        self.blobs = SqliteBlobs(self)
+        self.blobs = SqliteBlobs(lambda: self.conn, self._write)
         self._pending_hits: dict[str, int] = {}
         self._hits_flushed = time.monotonic()
         self._user_sql: sqlite3.Connection | None = None
@@ -517,14 +512,10 @@ class SqliteBackend:
     # -- reports -----------------------------------------------------------------------------
 
     def cells(self) -> list[CellRow]:
-        from .sqlite_reports import cells
-
-        return cells(self.conn)
+        return sqlite_reports.cells(self.conn)
 
     def history(self, cell: CellRow) -> list[HistoryRow]:
-        from .sqlite_reports import history
-
-        return history(self.conn, cell)
+        return sqlite_reports.history(self.conn, cell)
 
     def result_of(self, state_id: str) -> str | None:
         row = self.conn.execute(
@@ -539,14 +530,10 @@ class SqliteBackend:
                 yield cell, cell.latest.result_json
 
     def storage(self) -> StorageStats:
-        from .sqlite_reports import storage
-
-        return storage(self)
+        return sqlite_reports.storage(self.conn, self.path)
 
     def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
-        from .sqlite_reports import gc
-
-        return gc(self, digests_of, dry_run)
+        return sqlite_reports.gc(self.conn, self._write, digests_of, dry_run)
 
 
 class SqliteRenewer:
@@ -574,76 +561,6 @@ class SqliteRenewer:
 
     def close(self) -> None:
         self.conn.close()
-
-
-class SqliteBlobs:
-    """``rssd_magic_blob``: content-addressed bytes in the RSSD."""
-
-    def __init__(self, backend: SqliteBackend):
-        self._backend = backend
-
-    def get(self, digest: str) -> bytearray | mmap.mmap:
-        """Read a blob into one writable buffer, checking its digest on the way.
-
-        Measured on a 200 MB array (bench/profile_replay.py): zero-filling a
-        ``bytearray`` cost more than joblib's whole load, so large blobs go
-        into a private anonymous mapping with huge pages (zeroed by the
-        kernel, faulted in 2 MiB at a time, what numpy's allocator does), and
-        are read in slices small enough to stay in cache.  numpy arrays built
-        on either buffer are writable.
-        """
-        conn = self._backend.conn
-        row = conn.execute("SELECT rowid, size FROM rssd_magic_blob WHERE digest = ?", (digest,)).fetchone()
-        if row is None:
-            raise KeyError(digest)
-        rowid, size = row
-        out = _buffer(size)
-        view = memoryview(out)
-        verifier = Verifier(digest)
-        try:
-            with conn.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
-                for offset in range(0, size, READ_CHUNK):
-                    chunk = blob.read(READ_CHUNK)
-                    verifier.update(chunk)
-                    view[offset : offset + len(chunk)] = chunk
-        finally:
-            view.release()
-        verifier.check()
-        return out
-
-    def put_many(self, blobs: Iterable[Blob], conn: sqlite3.Connection | None = None) -> None:
-        def put(c: sqlite3.Connection) -> None:
-            for digest, data in blobs:
-                c.execute(
-                    """INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)
-                       ON CONFLICT (digest) DO NOTHING""",
-                    (digest, memoryview(data).nbytes, data),
-                )
-
-        if conn is not None:
-            put(conn)
-        else:
-            with self._backend._write() as c:
-                put(c)
-
-    def sizes(self) -> dict[str, int]:
-        return dict(self._backend.conn.execute("SELECT digest, size FROM rssd_magic_blob").fetchall())
-
-    def delete(self, digests: Iterable[str]) -> int:
-        with self._backend._write() as c:
-            before = c.total_changes
-            c.executemany("DELETE FROM rssd_magic_blob WHERE digest = ?", [(d,) for d in digests])
-            return c.total_changes - before
-
-
-def _buffer(size: int) -> bytearray | mmap.mmap:
-    """A writable, zero-initialised buffer of *size* bytes."""
-    if size >= HUGE_BUFFER and hasattr(mmap, "MAP_PRIVATE"):
-        out = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            out.madvise(mmap.MADV_HUGEPAGE)
-        return out
-    return bytearray(size)
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:

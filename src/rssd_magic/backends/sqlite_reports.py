@@ -11,15 +11,14 @@ transition by rowid.  Host and duration are pulled out of a record with
 from __future__ import annotations
 
 import sqlite3
-from typing import TYPE_CHECKING, Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable
 
 from ..canonical import loads_object
 from ..keys import URI_PREFIX
 from ..lifecycle import EXECUTED
 from .base import CellRow, HistoryRow, StorageStats, Transition
-
-if TYPE_CHECKING:
-    from .sqlite import SqliteBackend
 
 _LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
 
@@ -117,8 +116,7 @@ def history(conn: sqlite3.Connection, cell: CellRow) -> list[HistoryRow]:
     return out
 
 
-def storage(backend: "SqliteBackend") -> StorageStats:
-    conn = backend.conn
+def storage(conn: sqlite3.Connection, path: Path) -> StorageStats:
     transitions, json_bytes = conn.execute(
         """SELECT count(*), total(length(CAST(s.transition_result AS BLOB)))
            FROM orchestration_session_entry AS e
@@ -137,7 +135,6 @@ def storage(backend: "SqliteBackend") -> StorageStats:
         (EXECUTED,),
     ).fetchone()
     blobs, blob_bytes = conn.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()
-    path = backend.path
     wal = path.with_name(path.name + "-wal")
     return StorageStats(
         location=str(path),
@@ -160,11 +157,16 @@ def _referenced(conn: sqlite3.Connection, digests_of: Callable[[str], set[str]])
     return keep
 
 
-def gc(backend: "SqliteBackend", digests_of: Callable[[str], set[str]], dry_run: bool):
+def gc(
+    conn: sqlite3.Connection,
+    write: Callable[[], AbstractContextManager[sqlite3.Connection]],
+    digests_of: Callable[[str], set[str]],
+    dry_run: bool,
+):
     """Blobs no current EXECUTED record refers to, deleted (unless
-    *dry_run*) in the same transaction that found them: a kernel finishing a
-    run at the same moment can't lose a blob it just referenced."""
-    conn = backend.conn
+    *dry_run*) in the same transaction that found them (*write* opens it): a
+    kernel finishing a run at the same moment can't lose a blob it just
+    referenced."""
 
     def doomed_in(c: sqlite3.Connection) -> list[tuple[str, int]]:
         keep = _referenced(c, digests_of)
@@ -179,7 +181,7 @@ def gc(backend: "SqliteBackend", digests_of: Callable[[str], set[str]], dry_run:
             conn.execute("ROLLBACK")
         freed = sum(s for _, s in doomed)
         return doomed, int(kept) - len(doomed), int(kept_bytes) - freed
-    with backend._write() as c:
+    with write() as c:
         doomed = doomed_in(c)
         c.executemany("DELETE FROM rssd_magic_blob WHERE digest = ?", [(d,) for d, _ in doomed])
         kept, kept_bytes = c.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()

@@ -1,0 +1,254 @@
+"""One claimed run of a cell: execute the body, serialize what it left, and
+record how it ended — on every path out.
+
+The claim was won (acquire.py); from here on the run must end with exactly
+one of EXECUTED, FAILED or INTERRUPTED, written as a compare-and-append
+(``StateBackend.finish``).  What can go wrong after the body ran is treated
+as carefully as the body itself:
+
+* a value that can't be serialized is named and left out (the run counts);
+* a record the store can't take (SQLite's 1 GB blob limit, a full disk, a
+  lock held past the busy timeout, Ctrl-C while writing) ends the run with a
+  small FAILED or INTERRUPTED record saying ``could not record: …``;
+* a run that was taken over meanwhile (its holder stalled past the lease)
+  records nothing and says so in one line; its output stays on screen.
+
+The caller releases the heartbeat in a ``finally``: if even the small record
+can't be written, the claim stops beating and other kernels take it over
+once the lease lapses, instead of waiting as long as this kernel lives.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import sql
+from .backends import redact
+from .backends.base import Fenced, StateBackend, Transition
+from .capture import OutputRecorder, capture
+from .keys import CellKey
+from .lifecycle import EXECUTED, FAILED, INTERRUPTED
+from .names import names_bound, snapshot
+from .record import RunRecord
+from .serialize import dump_names, dump_value
+from .trust import sign_specs
+
+@dataclass
+class Executed:
+    """What running the body gave: its result, or the error and the
+    traceback lines the shell formatted for it (the port's ``execute``)."""
+
+    result: Any = None
+    error: BaseException | None = None
+    traceback: list[str] | None = None
+
+
+@dataclass
+class SQLCell:
+    """A --sql cell ready to run: its target connection and bound parameters."""
+
+    body: str
+    conn: Any
+    params: dict
+    extra: str
+    out: str | None
+
+
+class StatefulRunError(Exception):
+    """A cell that could not be run or replayed for a reason outside the
+    user's code (waited too long, the holder failed, an unreadable record).
+    Shown as one line, without a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class SQLCellError(StatefulRunError):
+    """A statement of a --sql cell failed: the database's own message."""
+
+
+@dataclass
+class Run:
+    """One claimed run: executes the body and records how it ended."""
+
+    port: Any  # runner.ShellPort
+    config: Any  # runner.Config
+    backend: StateBackend
+    key: CellKey
+    running: Transition
+    token: int
+    inputs: dict
+    started: float = field(default_factory=time.perf_counter)
+
+    def record(self, **fields: Any) -> RunRecord:
+        """A record with what every run has (and ``inputs`` when the key
+        depends on them)."""
+        return RunRecord(
+            host=self.backend.host,
+            duration_s=round(time.perf_counter() - self.started, 6),
+            code_hash=self.key.code_hash,
+            inputs=self.inputs or None,
+            **fields,
+        )
+
+    def python(self, cell: str, python: str) -> None:
+        port = self.port
+        ns = port.user_ns
+        before = snapshot(ns)
+        try:
+            with capture(port.shell, self.config.max_output_size) as rec:
+                executed = port.execute(cell)
+        except BaseException as exc:  # interrupted outside the body itself
+            self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted")
+            raise
+        if executed.error is not None:
+            err = _error(executed.error, executed.traceback)
+            shown = {"output_type": "error", "ename": err["ename"], "evalue": err["evalue"],
+                     "traceback": executed.traceback or []}  # fmt: skip
+            record = self.record(outputs=rec.finish() + [shown], error=err)
+            to_state = INTERRUPTED if isinstance(executed.error, KeyboardInterrupt) else FAILED
+            self.end(to_state, record, record.error_line()[:500])
+            raise _for_display(executed.error, executed.traceback)
+        self.executed(rec, lambda: self._python_payload(ns, before, python, rec, executed))
+        return None
+
+    def _python_payload(self, ns: dict, before: dict, python: str, rec: OutputRecorder, executed: Executed):
+        names = names_bound(ns, before, python)
+        specs, blobs = dump_names(ns, names)
+        record = self.record(outputs=rec.finish(), names=specs)
+        if any(o["output_type"] == "execute_result" for o in record.outputs):
+            # Kept so a replay binds _ / Out[n] to the value, not a stand-in.
+            record.result_value, value_blobs = dump_value(executed.result)
+            blobs += value_blobs
+        bad = {n: s["error"] for n, s in specs.items() if s["kind"] == "unserializable"}
+        if bad:
+            self.port.note(
+                "[stateful] executed, but these names can't be saved and won't be restored on replay: "
+                + "; ".join(f"{n} ({why})" for n, why in bad.items())
+            )
+        return record, blobs
+
+    def sql(self, cell: SQLCell) -> None:
+        port = self.port
+        try:
+            res = sql.run_sql(cell.conn, cell.body, cell.params)
+        except sql.SQLExecutionError as exc:
+            err = {"ename": exc.error_type or "SQLError", "evalue": str(exc), "traceback": str(exc), "sql": exc.as_dict()}
+            self.end(FAILED, self.record(error=err), str(exc).splitlines()[0][:500])
+            raise SQLCellError(str(exc)) from None
+        except KeyboardInterrupt as exc:
+            self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted")
+            raise
+
+        def payload():
+            record = self.record(sql=res.as_dict())
+            blobs: list = []
+            if res.frame is None:
+                summary = f"{res.summary()}\n"
+                print(summary, end="")
+                record.outputs.append({"output_type": "stream", "name": "stdout", "text": summary})
+            else:
+                spec, blobs = sql.dump_frame(res.frame)
+                data, metadata = sql.frame_bundle(res.frame)
+                record.result_value = spec
+                if cell.out:
+                    record.names[cell.out] = spec
+                    port.user_ns[cell.out] = res.frame
+                port.show_result(res.frame, data, metadata)
+                count = getattr(port.shell, "execution_count", None)
+                record.outputs.append(
+                    {"output_type": "execute_result", "execution_count": count, "data": data, "metadata": metadata}
+                )
+            return record, blobs
+
+        self.executed(None, payload)
+        return None
+
+    def executed(self, rec: OutputRecorder | None, payload: Callable[[], tuple[RunRecord, list]]) -> None:
+        """Serialize what a successful run left and record it EXECUTED.  A
+        failure while serializing ends the run too (FAILED, or INTERRUPTED on
+        Ctrl-C): the cell ran, so its output stays, and it runs again next
+        time rather than leaving a claim behind."""
+        try:
+            record, blobs = payload()
+            signatures = sign_specs(self.config.signer, record.payloads_to_sign())
+        except KeyboardInterrupt as exc:
+            self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted while recording")
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything a value's pickling may raise
+            self.end_unrecorded(exc)
+            return
+        self.end(EXECUTED, record, "completed", blobs, signatures)
+
+    def end(self, to_state: str, record: RunRecord, reason: str, blobs=(), signatures=()) -> bool:
+        """Record how the run ended: a compare-and-append.  False when it was
+        not recorded (taken over, or the store refused it)."""
+        try:
+            self.backend.finish(self.running, self.token, to_state, record.dumps(), reason, blobs, signatures)
+            return True
+        except Fenced as exc:
+            self.port.note(f"[stateful] this run was taken over by {exc.by}; its result was not recorded")
+            return False
+        except BaseException as exc:  # noqa: BLE001 - the record failed, whatever the cause
+            self.end_unrecorded(exc)
+            return False
+
+    def end_unrecorded(self, exc: BaseException) -> None:
+        """The run's record could not be written (a value SQLite can't hold,
+        a full disk, a lock held too long, Ctrl-C while writing): end it with
+        a small record saying so, so no kernel waits for this one.  If even
+        that fails, the claim simply stops beating (the caller releases it)."""
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        why = "interrupted while recording" if interrupted else f"could not record: {_one_line(exc)}"
+        small = self.record(error={"ename": type(exc).__name__, "evalue": _one_line(exc), "traceback": ""})
+        again: BaseException | None = None
+        try:
+            self.backend.finish(self.running, self.token, INTERRUPTED if interrupted else FAILED, small.dumps(), why[:500])
+        except Fenced:
+            pass
+        except BaseException as second:  # noqa: BLE001 - nothing more can be written
+            again = second if isinstance(second, KeyboardInterrupt) else None
+        self.port.note(
+            f"[stateful] {redact(self.backend.location)}: the run could not be recorded ({_one_line(exc)}); "
+            "it will run again next time"
+        )
+        if interrupted:
+            raise exc
+        if again is not None:
+            raise again
+
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _error(exc: BaseException, stb: list[str] | None) -> dict:
+    text = _ANSI.sub("", "\n".join(stb)) if stb else "".join(traceback.format_exception(exc))
+    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
+
+
+def _for_display(exc: BaseException, stb: list[str] | None) -> BaseException:
+    """The exception to re-raise so the outer cell fails (nbclient and
+    papermill stop, as for any failing cell) and shows the body's traceback
+    exactly once, through IPython's ``_render_traceback_`` hook."""
+    if stb is None:
+        return exc
+    if not isinstance(exc, SyntaxError):
+        try:
+            exc._render_traceback_ = lambda: stb  # type: ignore[attr-defined]
+            return exc
+        except AttributeError:
+            pass  # exceptions with __slots__
+    # SyntaxErrors are formatted by the shell without the hook; stand in with
+    # an exception of the same name that uses it.
+    stand_in = type(type(exc).__name__, (Exception,), {"_render_traceback_": lambda self: stb})
+    return stand_in(str(exc))
