@@ -72,7 +72,7 @@ class Kernel:
 
     def states(self, db: Path | None = None) -> list[tuple[str, str]]:
         return self.rows(
-            "SELECT from_state, to_state FROM orchestration_session_state ORDER BY rowid",
+            "SELECT from_state, to_state FROM orchestration_session_state WHERE session_entry_id IS NOT NULL ORDER BY rowid",
             db=db,
         )
 

@@ -82,7 +82,7 @@ def until(condition, timeout=20.0) -> bool:
 def states(db):
     conn = sqlite3.connect(db)
     try:
-        return conn.execute("SELECT from_state, to_state FROM orchestration_session_state ORDER BY rowid").fetchall()
+        return conn.execute("SELECT from_state, to_state FROM orchestration_session_state WHERE session_entry_id IS NOT NULL ORDER BY rowid").fetchall()
     finally:
         conn.close()
 

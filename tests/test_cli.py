@@ -105,7 +105,7 @@ def sql(db: Path, query: str, *params):
 
 
 def state_rows(db: Path) -> int:
-    return sql(db, "SELECT count(*) FROM orchestration_session_state")[0][0]
+    return sql(db, "SELECT count(*) FROM orchestration_session_state WHERE session_entry_id IS NOT NULL")[0][0]
 
 
 def integrity_ok(db: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 
 import nbformat
 import numpy as np
@@ -300,7 +301,7 @@ def test_rows_follow_surveilr_conventions(kernel):
     assert len(entries) == 2 and all(re.fullmatch(r"rssd-magic:default#[0-9a-f]{64}", e) for (e,) in entries)
     ids = kernel.rows("SELECT orchestration_session_state_id FROM orchestration_session_state")
     assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for (i,) in ids)
-    assert kernel.rows("SELECT count(*) FROM orchestration_session_state WHERE from_state = 'INITIAL'") == [(2,)]
+    assert kernel.rows("SELECT count(*) FROM orchestration_session_state WHERE from_state = 'INITIAL' AND session_entry_id IS NOT NULL") == [(2,)]
     assert kernel.rows("SELECT hits FROM rssd_magic_hit") == [(1,)]
     plan = " ".join(
         str(r)
@@ -430,3 +431,33 @@ def test_code_nested_too_deeply_to_analyse_still_runs_and_replays(kernel):
     kernel.restart()
     kernel.ok(cell)
     assert kernel.shell.user_ns["total"] == 600 and counter(kernel.workdir / "side.log") == 1
+
+
+def test_surveilr_counts_runs_not_replays_and_a_failed_cell_fails_the_session(kernel):
+    # surveilr's web UI counts executions (orchestration_session_exec,
+    # exec_status 0 = success) and sessions that reached a terminal state.
+    conn = sqlite3.connect(kernel.db)
+    conn.executescript(
+        "CREATE TABLE code_notebook_cell (code_notebook_cell_id VARCHAR PRIMARY KEY, notebook_name TEXT, cell_name TEXT);"
+    )
+    conn.close()
+    kernel.ok("%%stateful --quiet\nprint('made it')\nx = 1\n")
+    kernel.ok("%%stateful --quiet\nprint('made it')\nx = 1\n")  # a replay: no exec row
+    failed = kernel.run("%%stateful\nraise ValueError('bad input')\n")
+    assert isinstance(failed.result.error_in_exec, ValueError)
+    rows = kernel.rows(
+        "SELECT exec_nature, exec_status, input_text, output_text, exec_error_text, exec_code FROM orchestration_session_exec ORDER BY rowid"
+    )
+    assert [(r[0], r[1], r[2]) for r in rows] == [("python-cell", 0, "--quiet"), ("python-cell", 1, "")]
+    assert rows[0][3] == "made it\n" and rows[0][4] is None and rows[0][5] == "print('made it')\nx = 1\n"
+    assert "ValueError: bad input" in rows[1][4]
+    (session,) = kernel.rows("SELECT orchestration_session_id FROM orchestration_session")[0]
+    kernel.restart()  # closes the store: the session ends, failed (a cell failed in it)
+    states = kernel.rows(
+        "SELECT from_state, to_state FROM orchestration_session_state WHERE session_id = ? AND session_entry_id IS NULL ORDER BY rowid",
+        (session,),
+    )
+    assert states == [("INITIAL", "surveilr_orchestration_init"), ("surveilr_orchestration_init", "surveilr_orch_failed")]
+    assert kernel.rows("PRAGMA foreign_key_check") == []
+    assert kernel.rows("SELECT count(*) FROM orchestration_session_exec WHERE NOT json_valid(elaboration)") == [(0,)]
+    assert kernel.rows("SELECT count(*) FROM code_notebook_cell") == [(0,)], "never surveilr's notebook tables"

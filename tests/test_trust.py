@@ -205,7 +205,7 @@ def test_disk_full_while_recording_keeps_output_and_writes_no_half_row(kernel):
     # The run still ends (a small FAILED record fits where the 8 MB one did
     # not) and its claim is released: nobody waits for it.
     assert kernel.states()[-1] == ("RUNNING", "FAILED"), "no EXECUTED row, no half row"
-    (reason,) = kernel.rows("SELECT transition_reason FROM orchestration_session_state ORDER BY rowid DESC LIMIT 1")[0]
+    (reason,) = kernel.rows("SELECT transition_reason FROM orchestration_session_state WHERE session_entry_id IS NOT NULL ORDER BY rowid DESC LIMIT 1")[0]
     assert reason.startswith("could not record:") and "full" in reason
     assert kernel.rows("SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)]
     assert kernel.rows("SELECT count(*) FROM rssd_magic_blob WHERE size = 8000000") == [(0,)]

@@ -217,7 +217,7 @@ class StatefulMagics(Magics):
         if opts is None:  # argparse is slow; a notebook repeats few option lines
             if len(self._options) > 256:
                 self._options.clear()
-            opts = self._options[line] = _cell_options(parse_argstring(self.stateful, line))
+            opts = self._options[line] = _cell_options(parse_argstring(self.stateful, line), line.strip())
         try:
             return self.runner.run(opts, cell)
         except UsageProblem as exc:
@@ -275,7 +275,7 @@ def _line_command(magics: StatefulMagics, backend, args) -> Any:
     return None
 
 
-def _cell_options(args: argparse.Namespace) -> CellOptions:
+def _cell_options(args: argparse.Namespace, line: str) -> CellOptions:
     """Checked options of one ``%%stateful`` line (UsageError when wrong)."""
     if args.wait is not None and args.wait < 0:
         raise UsageError("%%stateful: --wait must be a number of seconds >= 0")
@@ -285,6 +285,7 @@ def _cell_options(args: argparse.Namespace) -> CellOptions:
         raise UsageError(f"%%stateful: --ttl: {exc}") from None
     return CellOptions(
         db=args.db,
+        line=line,
         name=args.name,
         scope=args.scope,
         force=args.force,

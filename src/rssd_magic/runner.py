@@ -31,9 +31,9 @@ from typing import Any, Callable, Protocol
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import ClaimRequest, StateBackend, StoreError, Transition
+from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
 from .capture import replay
-from .claims import Heartbeat, current_holder
+from .claims import Heartbeat, current_holder, process_verdict
 from .deps import collect_inputs, explain, inputs_digest, read_names
 from .keys import CellKey, cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
@@ -54,6 +54,7 @@ class CellOptions:
     """The options of one ``%%stateful`` line (see the magic's help)."""
 
     db: str | None = None
+    line: str = ""  # the option line as typed (surveilr's exec row keeps it)
     name: str | None = None
     scope: str | None = None
     force: bool = False
@@ -114,6 +115,9 @@ class CellRunner:
         self._resolved: dict[tuple, StateBackend] = {}
         self._beats: dict[int, Heartbeat] = {}
         self._said: set[tuple] = set()
+        #: Stores in which a cell of this kernel failed: their session ends
+        #: as failed (surveilr's success-rate pages count it).
+        self._failed: set[int] = set()
 
     # -- stores ------------------------------------------------------------------
 
@@ -140,6 +144,7 @@ class CellRunner:
             self._backends[location] = backend
             if getattr(backend, "notice", None):
                 self.port.note(f"[stateful] {backend.notice}")
+            close_orphaned_sessions(backend)
         self._resolved[where] = backend
         return backend
 
@@ -155,8 +160,9 @@ class CellRunner:
             beat.stop()
         self._beats.clear()
         for backend in self._backends.values():
-            backend.close()
+            backend.close(failed=id(backend) in self._failed)
         self._backends.clear()
+        self._failed.clear()
         self._resolved.clear()
 
     # -- one cell -------------------------------------------------------------------
@@ -218,6 +224,7 @@ class CellRunner:
                 request,
                 wait_s=self.config.wait_seconds if opts.wait_s is None else opts.wait_s,
                 on_wait=status.waiting,
+                wait_for_change=backend.wait_for_change,
             )
         except StoreError as exc:
             raise UsageProblem(f"%%stateful: {exc} (cannot record the run). The cell was not run.") from None
@@ -235,7 +242,10 @@ class CellRunner:
             self.port.note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
         beat = self._heartbeat(backend)
         beat.hold(outcome.running.state_id, outcome.claim.token, self.config.lease_seconds)
-        run = Run(self.port, self.config, backend, key, outcome.running, outcome.claim.token, inputs)
+        run = Run(
+            self.port, self.config, backend, key, outcome.running, outcome.claim.token, inputs,
+            source=cell, options=opts.line, nature="sql-cell" if sql_cell is not None else "python-cell",
+        )  # fmt: skip
         try:
             if sql_cell is not None:
                 return run.sql(sql_cell)
@@ -244,6 +254,8 @@ class CellRunner:
             # On every path out, even when the end could not be recorded:
             # a claim that stops beating is taken over once its lease lapses.
             beat.release(outcome.running.state_id)
+            if run.ended != EXECUTED:
+                self._failed.add(id(backend))
 
     def _earlier_key(
         self, backend: StateBackend, key: CellKey, cell: str, scope: str, opts: CellOptions, sql_cell: SQLCell | None
@@ -423,6 +435,23 @@ class _Status:
     def done(self, text: str) -> None:
         if self.display_id is not None and self.port.live:
             self._show(text, update=True)
+
+
+def close_orphaned_sessions(backend: StateBackend) -> list[str]:
+    """Finish, as failed, the sessions that kernels killed on this machine
+    left open (their process is certainly gone); returns their ids.  Sessions
+    of other machines are left: only their own machine can tell."""
+    closed = []
+    for session_id, holder in backend.open_sessions():
+        if session_id == backend.session_id:
+            continue
+        try:
+            dead = process_verdict(Holder(**holder))
+        except TypeError:
+            continue  # written by another version: not ours to judge
+        if dead and backend.end_session(session_id, failed=True, reason=f"kernel gone: {dead}"):
+            closed.append(session_id)
+    return closed
 
 
 @lru_cache(maxsize=64)

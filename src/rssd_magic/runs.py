@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from . import sql
 from .backends import redact
-from .backends.base import Fenced, StateBackend, Transition
+from .backends.base import ExecRow, Fenced, StateBackend, Transition
 from .capture import OutputRecorder, capture
 from .keys import CellKey
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
@@ -82,7 +82,12 @@ class Run:
     running: Transition
     token: int
     inputs: dict
+    source: str = ""
+    options: str = ""
+    nature: str = "python-cell"
     started: float = field(default_factory=time.perf_counter)
+    #: The state the run ended in (None while running or when unrecorded).
+    ended: str | None = None
 
     def record(self, **fields: Any) -> RunRecord:
         """A record with what every run has (and ``inputs`` when the key
@@ -184,11 +189,31 @@ class Run:
             return
         self.end(EXECUTED, record, "completed", blobs, signatures)
 
+    def exec_row(self, to_state: str, record: RunRecord) -> ExecRow:
+        """surveilr's view of this run (``orchestration_session_exec``)."""
+        error = None
+        if record.error:
+            error = record.error.get("traceback") or record.error_line()
+        return ExecRow(
+            nature=self.nature,
+            code=self.source,
+            status=0 if to_state == EXECUTED else 1,
+            identity=self.key.digest,
+            input_text=self.options,
+            output_text=output_text(record.outputs),
+            error_text=str(error)[:EXEC_TEXT_MAX] if error else None,
+            namespace=self.key.scope,
+            elaboration={"state": to_state, "duration_s": record.duration_s, "key": self.key.digest},
+        )
+
     def end(self, to_state: str, record: RunRecord, reason: str, blobs=(), signatures=()) -> bool:
         """Record how the run ended: a compare-and-append.  False when it was
         not recorded (taken over, or the store refused it)."""
         try:
-            self.backend.finish(self.running, self.token, to_state, record.dumps(), reason, blobs, signatures)
+            self.backend.finish(
+                self.running, self.token, to_state, record.dumps(), reason, blobs, signatures, self.exec_row(to_state, record)
+            )
+            self.ended = to_state
             return True
         except Fenced as exc:
             self.port.note(f"[stateful] this run was taken over by {exc.by}; its result was not recorded")
@@ -206,8 +231,10 @@ class Run:
         why = "interrupted while recording" if interrupted else f"could not record: {_one_line(exc)}"
         small = self.record(error={"ename": type(exc).__name__, "evalue": _one_line(exc), "traceback": ""})
         again: BaseException | None = None
+        state = INTERRUPTED if interrupted else FAILED
         try:
-            self.backend.finish(self.running, self.token, INTERRUPTED if interrupted else FAILED, small.dumps(), why[:500])
+            self.backend.finish(self.running, self.token, state, small.dumps(), why[:500], exec_row=self.exec_row(state, small))
+            self.ended = state
         except Fenced:
             pass
         except BaseException as second:  # noqa: BLE001 - nothing more can be written
@@ -226,6 +253,32 @@ class Run:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:299] + "…"
+
+
+#: How much of a run's text output and error surveilr's exec row keeps.
+EXEC_TEXT_MAX = 4096
+
+
+def output_text(outputs: list[dict], limit: int = EXEC_TEXT_MAX) -> str:
+    """The first *limit* characters of what a run printed or showed as text
+    (streams, and the text/plain of displays and results), in order."""
+    parts: list[str] = []
+    size = 0
+    for out in outputs:
+        kind = out.get("output_type")
+        if kind == "stream":
+            text = out.get("text", "")
+        elif kind in ("display_data", "execute_result"):
+            text = (out.get("data") or {}).get("text/plain", "")
+            text = text + "\n" if text else ""
+        else:
+            continue
+        text = "".join(text) if isinstance(text, list) else str(text)
+        parts.append(text[: limit - size])
+        size += len(parts[-1])
+        if size >= limit:
+            break
+    return "".join(parts)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -165,6 +165,29 @@ class ClaimOutcome:
     abandoned: Transition | None = None
 
 
+@dataclass(frozen=True)
+class ExecRow:
+    """What surveilr's ``orchestration_session_exec`` says of one run (not a
+    replay): written by :meth:`StateBackend.finish` in the same transaction
+    as the run's end, so surveilr's "executions" pages count every run once.
+
+    ``nature`` is ``python-cell`` or ``sql-cell``; ``status`` 0 for success
+    (surveilr's own convention), 1 otherwise; ``identity`` the cell's key;
+    ``input_text`` its options; ``output_text`` the first ~4 KB of what it
+    printed; ``error_text`` the error, when it failed.
+    """
+
+    nature: str
+    code: str
+    status: int
+    identity: str
+    input_text: str = ""
+    output_text: str = ""
+    error_text: str | None = None
+    namespace: str | None = None
+    elaboration: dict | None = None
+
+
 @dataclass
 class CellRow:
     """One cell for the reports: its entries (several when RSSDs were merged),
@@ -254,14 +277,31 @@ class StateBackend(Protocol):
     blobs: BlobStore
 
     # -- opening and closing -----------------------------------------------------
+    #
+    # ``open(location, *, session_args=None, create=True, readonly=False,
+    # busy_timeout_s=30.0, allow_network_fs=False)`` is a classmethod of each
+    # backend (options a backend has no use for are accepted and ignored).
 
     def start_session(self, args: dict) -> str:
         """Open this process's ``orchestration_session`` (once) and return its
-        id; *args* go to ``args_json``."""
+        id; *args* go to ``args_json``, the process's Holder to ``elaboration``.
+        The session gets surveilr's first session-level state (a row with
+        ``session_entry_id`` NULL): ``INITIAL → surveilr_orchestration_init``."""
+
+    def open_sessions(self) -> list[tuple[str, dict]]:
+        """``(session_id, holder)`` of our sessions not finished yet, where
+        *holder* is the Holder (as a dict) its process recorded: the engine
+        judges which of them a killed kernel left open."""
+
+    def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
+        """Finish another process's session (a killed kernel's) as
+        :meth:`close` would, with *reason*; False if it was finished meanwhile."""
 
     def close(self, *, failed: bool = False) -> None:
-        """Write pending hits, finish the session (*failed*: a cell of it
-        failed), close connections.  Never raises."""
+        """Write pending hits and finish the session: its last session-level
+        state ``surveilr_orchestration_init → surveilr_orch_completed`` (or
+        ``surveilr_orch_failed`` when *failed*: a cell run in it failed) and
+        ``orch_finished_at``.  Closes connections.  Never raises."""
 
     # -- the hot path -----------------------------------------------------------
 
@@ -293,6 +333,11 @@ class StateBackend(Protocol):
     def renewer(self) -> Renewer:
         """A new heartbeat connection (used from another thread)."""
 
+    def wait_for_change(self, timeout: float) -> None:
+        """Sleep until another process may have ended a run (a backend that
+        can be told, such as PostgreSQL's LISTEN/NOTIFY, wakes at once), or
+        until *timeout* seconds pass."""
+
     def finish(
         self,
         running: Transition,
@@ -302,12 +347,14 @@ class StateBackend(Protocol):
         reason: str,
         blobs: Iterable[Blob] = (),
         signatures: Iterable[tuple[str, str, str]] = (),
+        exec_row: ExecRow | None = None,
     ) -> Transition:
-        """End a run: append ``RUNNING → to_state`` with its record, blobs and
-        signatures, and release the claim, in one transaction — only while
-        *running* is still the cell's latest transition and *token* still
-        holds it (:class:`Fenced` otherwise).  Every blob in *blobs* exists
-        when the record commits (large ones may be written beforehand)."""
+        """End a run: append ``RUNNING → to_state`` with its record, blobs,
+        signatures and *exec_row*, and release the claim, in one transaction —
+        only while *running* is still the cell's latest transition and
+        *token* still holds it (:class:`Fenced` otherwise, nothing written).
+        Every blob in *blobs* exists when the record commits (large ones may
+        be written beforehand, in transactions of their own)."""
 
     def append_if_latest(
         self, entry_id: str, from_state: str, to_state: str, result_json: str | None, reason: str, if_latest: str

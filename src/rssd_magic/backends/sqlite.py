@@ -25,11 +25,13 @@ import sqlite3
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .. import __version__
-from ..canonical import dumps, utc_now
+from ..canonical import dumps, loads_object, utc_now
+from ..claims import current_holder
 from ..ids import new_ulid
 from ..keys import CellKey
 from ..lifecycle import ABANDONED, EXECUTED, INITIAL, REPLAY, RUNNING, WAIT, decide
@@ -39,6 +41,7 @@ from .base import (
     Claim,
     ClaimOutcome,
     ClaimRequest,
+    ExecRow,
     Fenced,
     HistoryRow,
     Holder,
@@ -52,6 +55,11 @@ from .sqlite_schema import check_path, ensure_schema, network_filesystem, own_ta
 
 NATURE_ID = "rssd-magic-stateful-cell"
 NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
+# surveilr's own session-level states (what `surveilr orchestrate` writes),
+# so its web UI's orchestration pages count our kernels.
+SESSION_INIT = "surveilr_orchestration_init"
+SESSION_COMPLETED = "surveilr_orch_completed"
+SESSION_FAILED = "surveilr_orch_failed"
 
 BUSY_TIMEOUT_S = 30.0
 #: SQLite reads pages through a file mapping this large (no pread per page).
@@ -178,6 +186,7 @@ class SqliteBackend:
         if self.session_id is not None:
             return self.session_id
         session_id = new_ulid()
+        holder = asdict(current_holder(session_id))
         with self._write() as c:
             # surveilr's device upsert, without rewriting a row it wrote.
             c.execute(
@@ -198,15 +207,53 @@ class SqliteBackend:
             )
             c.execute(
                 """INSERT INTO orchestration_session
-                   (orchestration_session_id, device_id, orchestration_nature_id, version, args_json)
-                   VALUES (?, ?, ?, ?, ?)""",
-                (session_id, device_id, NATURE_ID, __version__, dumps(args)),
+                   (orchestration_session_id, device_id, orchestration_nature_id, version, args_json, elaboration)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                (session_id, device_id, NATURE_ID, __version__, dumps(args), dumps({"holder": holder})),
             )
-        self.session_id = session_id
+            self.session_id = session_id  # _append writes it
+            try:
+                self._append(c, None, INITIAL, SESSION_INIT, None, "kernel started", None)
+            except BaseException:
+                self.session_id = None
+                raise
         return session_id
 
     def _session(self) -> str:
         return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
+
+    def open_sessions(self) -> list[tuple[str, dict]]:
+        rows = self.conn.execute(
+            """SELECT orchestration_session_id, elaboration FROM orchestration_session
+               WHERE orchestration_nature_id = ? AND orch_finished_at IS NULL""",
+            (NATURE_ID,),
+        ).fetchall()
+        out = []
+        for sid, elaboration in rows:
+            holder = loads_object(elaboration).get("holder")
+            if isinstance(holder, dict):
+                out.append((sid, holder))
+        return out
+
+    def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
+        with self._write() as c:
+            return self._end_session(c, session_id, failed, reason)
+
+    def _end_session(self, c: sqlite3.Connection, session_id: str, failed: bool, reason: str) -> bool:
+        cur = c.execute(
+            """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
+               WHERE orchestration_session_id = ? AND orch_finished_at IS NULL""",
+            (session_id,),
+        )
+        if cur.rowcount == 0:
+            return False
+        c.execute(
+            """INSERT INTO orchestration_session_state
+               (orchestration_session_state_id, session_id, session_entry_id, from_state, to_state,
+                transition_reason, transitioned_at) VALUES (?, ?, NULL, ?, ?, ?, ?)""",
+            (new_ulid(), session_id, SESSION_INIT, SESSION_FAILED if failed else SESSION_COMPLETED, reason, utc_now()),
+        )
+        return True
 
     def close(self, *, failed: bool = False) -> None:
         if self.conn is None:
@@ -217,17 +264,17 @@ class SqliteBackend:
             if self.session_id is not None:
                 with self._write() as c:
                     self._flush_hits(c)
-                    c.execute(
-                        """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
-                           WHERE orchestration_session_id = ?""",
-                        (self.session_id,),
-                    )
+                    why = "a cell failed in this kernel" if failed else "kernel shut down"
+                    self._end_session(c, self.session_id, failed, why)
                 self.conn.execute("PRAGMA optimize")
         except (sqlite3.Error, StoreError):
             pass  # closing must never raise at interpreter exit
         finally:
             self.conn.close()
             self.conn = None
+
+    def wait_for_change(self, timeout: float) -> None:
+        time.sleep(timeout)  # SQLite can't tell another process's commit: poll
 
     # -- transactions --------------------------------------------------------------
 
@@ -391,6 +438,7 @@ class SqliteBackend:
         reason: str,
         blobs: Iterable[Blob] = (),
         signatures: Iterable[tuple[str, str, str]] = (),
+        exec_row: ExecRow | None = None,
     ) -> Transition:
         blobs = list(blobs)
         with self._write() as c:
@@ -402,7 +450,20 @@ class SqliteBackend:
             self.blobs.put_many(blobs, c)
             done = self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
             c.execute("UPDATE rssd_magic_claim SET state_id = NULL WHERE entry_id = ? AND token = ?", (running.entry_id, token))
+            if exec_row is not None:
+                self._exec(c, running.entry_id, exec_row)
         return done
+
+    def _exec(self, c: sqlite3.Connection, entry_id: str, row: ExecRow) -> None:
+        c.execute(
+            """INSERT INTO orchestration_session_exec
+               (orchestration_session_exec_id, exec_nature, session_id, session_entry_id, namespace,
+                exec_identity, exec_code, exec_status, input_text, exec_error_text, output_text, elaboration)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (new_ulid(), row.nature, self.session_id, entry_id, row.namespace, row.identity, row.code, row.status,
+             row.input_text, row.error_text, row.output_text,
+             dumps(row.elaboration) if row.elaboration is not None else None),
+        )  # fmt: skip
 
     def _who_holds(self, c: sqlite3.Connection, running: Transition, latest: Transition | None) -> str:
         if latest is not None and latest.to_state == RUNNING:
