@@ -118,6 +118,8 @@ class CellRunner:
         #: Stores in which a cell of this kernel failed: their session ends
         #: as failed (surveilr's success-rate pages count it).
         self._failed: set[int] = set()
+        #: Runs whose end could not be written yet (runs.Run.end_unrecorded).
+        self._unended: list[Run] = []
 
     # -- stores ------------------------------------------------------------------
 
@@ -154,8 +156,21 @@ class CellRunner:
             beat = self._beats[id(backend)] = Heartbeat(backend.renewer)
         return beat
 
+    def _retry_ends(self) -> None:
+        """Write the ends that could not be written before (a lock held too
+        long, a disk that was full): a run must end, so others need not wait
+        for its lease to lapse."""
+        still = []
+        for run in self._unended:
+            try:
+                run.retry_end()
+            except Exception:  # noqa: BLE001 - still unwritable: try again later
+                still.append(run)
+        self._unended = still
+
     def close(self) -> None:
         """Stop heartbeats and close every store (sessions marked finished)."""
+        self._retry_ends()
         for beat in self._beats.values():
             beat.stop()
         self._beats.clear()
@@ -170,6 +185,8 @@ class CellRunner:
     def run(self, opts: CellOptions, cell: str) -> Any:
         """Replay the cell's record, or run and record it.  Returns what the
         cell shows as its result (None when it was shown already)."""
+        if self._unended:
+            self._retry_ends()
         backend = self.backend(opts.db)
         scope = self.scope(opts.scope, backend)
         inputs: dict = {}
@@ -256,6 +273,8 @@ class CellRunner:
             beat.release(outcome.running.state_id)
             if run.ended != EXECUTED:
                 self._failed.add(id(backend))
+            if run.pending is not None:
+                self._unended.append(run)
 
     def _earlier_key(
         self, backend: StateBackend, key: CellKey, cell: str, scope: str, opts: CellOptions, sql_cell: SQLCell | None

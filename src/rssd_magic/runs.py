@@ -88,6 +88,8 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     #: The state the run ended in (None while running or when unrecorded).
     ended: str | None = None
+    #: A small end that could not be written yet: (state, record, reason, exec row).
+    pending: tuple | None = None
 
     def record(self, **fields: Any) -> RunRecord:
         """A record with what every run has (and ``inputs`` when the key
@@ -226,18 +228,19 @@ class Run:
         """The run's record could not be written (a value SQLite can't hold,
         a full disk, a lock held too long, Ctrl-C while writing): end it with
         a small record saying so, so no kernel waits for this one.  If even
-        that fails, the claim simply stops beating (the caller releases it)."""
+        that can't be written now, it is kept in :attr:`pending` and retried
+        (:meth:`retry_end`) before this kernel's next cell and at shutdown;
+        meanwhile the claim stops beating (the caller releases it), so other
+        kernels take the cell over once its lease lapses."""
         interrupted = isinstance(exc, KeyboardInterrupt)
         why = "interrupted while recording" if interrupted else f"could not record: {_one_line(exc)}"
         small = self.record(error={"ename": type(exc).__name__, "evalue": _one_line(exc), "traceback": ""})
-        again: BaseException | None = None
         state = INTERRUPTED if interrupted else FAILED
+        self.pending = (state, small.dumps(), why[:500], self.exec_row(state, small))
+        again: BaseException | None = None
         try:
-            self.backend.finish(self.running, self.token, state, small.dumps(), why[:500], exec_row=self.exec_row(state, small))
-            self.ended = state
-        except Fenced:
-            pass
-        except BaseException as second:  # noqa: BLE001 - nothing more can be written
+            self.retry_end()
+        except BaseException as second:  # noqa: BLE001 - kept pending; only Ctrl-C goes on
             again = second if isinstance(second, KeyboardInterrupt) else None
         self.port.note(
             f"[stateful] {redact(self.backend.location)}: the run could not be recorded ({_one_line(exc)}); "
@@ -248,6 +251,20 @@ class Run:
         if again is not None:
             raise again
 
+    def retry_end(self) -> bool:
+        """Write the pending small end (see :meth:`end_unrecorded`); True once
+        nothing is pending any more (written, or fenced: another kernel took
+        the cell over).  Raises what the store raised while it can't."""
+        if self.pending is None:
+            return True
+        state, result_json, reason, exec_row = self.pending
+        try:
+            self.backend.finish(self.running, self.token, state, result_json, reason, exec_row=exec_row)
+            self.ended = state
+        except Fenced:
+            pass
+        self.pending = None
+        return True
 
 
 def _one_line(exc: BaseException) -> str:

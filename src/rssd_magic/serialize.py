@@ -68,8 +68,20 @@ def _is_inline(value: Any) -> bool:
     if t is float:
         return math.isfinite(value)
     if t is str:
-        return len(value) <= MAX_INLINE_STR
+        # A lone surrogate ('x\udcff', from surrogateescape decoding) has no
+        # UTF-8 form, so it can't be JSON text in the store: pickle keeps it.
+        return len(value) <= MAX_INLINE_STR and value.isascii() or _utf8_ok(value)
     return False
+
+
+def _utf8_ok(text: str) -> bool:
+    if len(text) > MAX_INLINE_STR:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _pickle(value: Any) -> list[tuple[str, bytes, list[pickle.PickleBuffer]]]:

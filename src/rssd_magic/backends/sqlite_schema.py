@@ -290,18 +290,14 @@ def _unescape(field: str) -> str:
 
 
 def filesystem_of(path: Path) -> tuple[str, str] | None:
-    """``(fstype, mount point)`` of the filesystem holding *path* (its
-    nearest existing ancestor), from the mount table; None where there is
-    no Linux mount table to read."""
+    """``(fstype, mount point)`` of the filesystem holding *path*, from the
+    mount table; None where there is no Linux mount table to read."""
     try:
         with open(MOUNTINFO, encoding="utf-8", errors="replace") as fh:
             lines = fh.read().splitlines()
     except OSError:
         return None
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    real = os.path.realpath(probe)
+    real = os.path.realpath(path)  # symlinks resolved as far as they exist
     best: tuple[str, str] | None = None
     for line in lines:
         left, sep, right = line.partition(" - ")
