@@ -22,8 +22,8 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 
 
 ENGINE = [
-    "acquire", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names", "plan",
-    "record", "render", "report", "schema", "serialize", "sql", "store", "trust", "ttl",
+    "acquire", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle", "names", "plan",
+    "record", "render", "report", "schema", "serialize", "sql", "store", "trust", "ttl", "widgets",
 ]  # fmt: skip
 
 
