@@ -32,7 +32,7 @@ from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__, render, report, sql
 from .acquire import HolderFailed, WaitTimeout, acquire
-from .capture import capture, patched, replay
+from .capture import ReplayedResult, capture, patched, replay
 from .claims import DEFAULT_LEASE_S
 from .deps import collect_inputs, inputs_digest, read_names
 from .keys import CellKey, cell_key
@@ -565,17 +565,22 @@ class StatefulMagics(Magics):
                     f"[stateful] values signed by another key are never unpickled; if you trust "
                     f"{store.path}, run %stateful trust (or: rssd-magic --db {store.path} trust)"
                 )
-        replayed, skipped = replay(result.get("outputs", []), self.shell)
+
+        def show_result(data: dict, metadata: dict) -> None:
+            # Called by replay at the result's recorded position (e.g. before
+            # figures flushed after the cell), so the magic returns None.
+            value: Any = ReplayedResult(data, metadata)  # stand-in with the recorded bundle
+            if value_spec is not None:
+                try:
+                    value = load_value(value_spec, store.get_blob, self.shell.user_ns, RESULT_VALUE in trusted)
+                except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
+                    pass
+            self._show_result(value, data, metadata)
+
+        _, skipped = replay(result.get("outputs", []), self.shell, show_result)
         if skipped:
             _note(f"[stateful] {skipped} recorded output(s) of {store.path} were malformed and not shown")
-        if replayed is not None and value_spec is not None:
-            try:
-                value = load_value(value_spec, store.get_blob, self.shell.user_ns, RESULT_VALUE in trusted)
-            except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
-                return replayed
-            self._show_result(value, replayed.data, replayed.metadata)
-            return None
-        return replayed
+        return None
 
     def _show_result(self, value: Any, data: dict, metadata: dict) -> None:
         """Show the recorded bundle as this cell's result, with ``_`` and
