@@ -223,13 +223,17 @@ class FdTee:
                             sel.unregister(ch.read)
                     if stopping and all(c.eof for c in self._channels):
                         return
-                for key, _ in sel.select():
-                    if key.data is None:  # stop(): keep going only while pipes are open
-                        stopping = True
-                        sel.unregister(self._wake_r)
-                    else:
-                        with self.lock:
-                            self._read(key.data)
+                ready = sel.select()
+                if any(key.data is None for key, _ in ready):
+                    stopping = True  # stop(): keep going only while pipes are open
+                    sel.unregister(self._wake_r)
+                if any(key.data is not None for key, _ in ready):
+                    # Every channel, stdout first: when both pipes hold data,
+                    # the order between them is unknowable; this is the
+                    # order drain() uses too.
+                    with self.lock:
+                        for ch in self._channels:
+                            self._read(ch)
         finally:
             sel.close()
             os.close(self._wake_r)
