@@ -113,19 +113,16 @@ class OutputRecorder:
         if (self.paused and not fd) or not text:
             return
         with self.lock:
-            self._stream(name, text)
-
-    def _stream(self, name: str, text: str) -> None:
-        room = self._room(len(text))
-        if room < len(text):
-            text = text[:room]
-            if not text:
-                return
-        last = self.outputs[-1] if self.outputs and not self._clear_pending else None
-        if last and last["output_type"] == "stream" and last["name"] == name:
-            last["text"].append(text)  # joined in finish(): no quadratic +=
-        else:
-            self._add({"output_type": "stream", "name": name, "text": [text]})
+            room = self._room(len(text))
+            if room < len(text):
+                text = text[:room]
+                if not text:
+                    return
+            last = self.outputs[-1] if self.outputs and not self._clear_pending else None
+            if last and last["output_type"] == "stream" and last["name"] == name:
+                last["text"].append(text)  # joined in finish(): no quadratic +=
+            else:
+                self._add({"output_type": "stream", "name": name, "text": [text]})
 
     def finish(self) -> list[dict]:
         """The outputs, JSON- and UTF-8-safe, with a note if any were cut.
@@ -314,7 +311,7 @@ def capture(shell: Any, limit: int | None = None, *, fds: bool = True) -> Iterat
         sink = None
         if original is not None:
             sink = fdcapture.FdWriter(original, getattr(stream, "encoding", None), getattr(stream, "errors", None))
-        tees.append(Tee(stream, name, rec, sink=sink, sync=drain))
+        tees.append(Tee(stream, name, rec, sink=sink, sync=drain if tee.active else None))
     sys.stdout, sys.stderr = tees
     try:
         with ExitStack() as stack:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import select
 import selectors
 import sys
 import threading
@@ -121,6 +122,9 @@ class FdTee:
         self._channels: list[_Channel] = []
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
+        # drain() runs before every Python-level write: one poll(0) tells
+        # whether there is anything to move (no read, no exception).
+        self._pending = select.poll() if hasattr(select, "poll") else None
 
     # -- setting up -----------------------------------------------------------
 
@@ -145,7 +149,14 @@ class FdTee:
             return False
         os.close(w)  # fd itself is now the write end (and what children inherit)
         self._channels.append(_Channel(fd, name, saved, r, forward))
+        if self._pending is not None:
+            self._pending.register(r, select.POLLIN)
         return True
+
+    @property
+    def active(self) -> bool:
+        """Whether any fd is redirected."""
+        return bool(self._channels)
 
     def original(self, fd: int) -> int | None:
         """A descriptor for where *fd* pointed before the redirect."""
@@ -198,6 +209,8 @@ class FdTee:
             if not data:  # every write end is closed: nothing more can come
                 ch.eof = True
                 self._deliver(ch, b"", final=True)
+                if self._pending is not None:
+                    self._pending.unregister(ch.read)
                 os.close(ch.read)
                 if ch.restored:
                     self._close_saved(ch)
@@ -205,11 +218,15 @@ class FdTee:
             self._deliver(ch, data)
 
     def drain(self) -> None:
-        """Forward and record everything written to the fds so far."""
+        """Forward and record everything written to the fds so far.
+
+        Under the lock even when nothing is pending: the reader thread may
+        be delivering a chunk it has read, which must be recorded first."""
         if not self._channels:
             return
-        _fflush_c_streams()
         with self.lock:
+            if self._pending is not None and not self._pending.poll(0):
+                return
             for ch in self._channels:
                 self._read(ch)
 
@@ -245,7 +262,7 @@ class FdTee:
         stop recording.  Call it once, on every path out."""
         if not self._channels:
             return
-        _fflush_c_streams()
+        _fflush_c_streams()  # a C library's printf of this cell, still in its buffer
         with self.lock:
             try:
                 for ch in self._channels:
