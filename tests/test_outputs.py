@@ -115,12 +115,17 @@ def test_widget_html_is_static_and_every_value_escaped():
     (out,) = widgets.snapshot_outputs([view(box)])
     page = out["data"]["text/html"]
     assert "<script" not in page and "<img" not in page and "onerror=" not in page.replace("onerror=alert(2)&gt;", "")
-    assert "<span>bold " in page  # an HTML widget's markup is reduced to its text
+    assert "<span><b>bold</b> " in page  # an HTML widget keeps bare formatting tags only
     assert "&lt;script&gt;" in page  # a Label's value is text, escaped
     assert '<input type="range" min="0" max="10" step="1" value="7" disabled> <output>7</output>' in page
     assert '<input type="checkbox" disabled checked> on' in page
     assert "<span>&lt;b&gt;</span>" in page
     assert "secret" not in page and "secret" not in out["data"]["text/plain"]
+
+
+def test_html_widget_markup_keeps_bare_formatting_only():
+    assert widgets.safe_html('<b onclick="x()">a</b> <a href="javascript:x">link</a> <i>open') == "<b>a</b> link <i>open</i>"
+    assert widgets.safe_html("<span>x</div></span><style>p{}</style>1 &lt; 2") == "<span>x</span>1 &lt; 2"
 
 
 def test_output_widget_shows_its_outputs():

@@ -13,7 +13,8 @@ read from the widget's final state:
 * ``text/html``: a static rendering of the common kinds (HTML, Label, Text,
   progress bars, sliders, checkboxes, buttons, boxes, Output widgets,
   images); widgets of other kinds are text only.  Every value is escaped;
-  HTML widgets' markup is reduced to its text.  No script, no live input.
+  HTML widgets keep only bare formatting tags (``<b>``, ``<i>``, ``<code>``…,
+  no attributes).  No script, no live input.
 
 A widget closed during the cell (tqdm with ``leave=False``) left nothing on
 screen: its output is dropped.  ipywidgets is only looked up in
@@ -147,6 +148,46 @@ def html_text(markup: Any) -> str:
     return "".join(parser.parts)
 
 
+_FORMATTING = {"b", "strong", "i", "em", "u", "s", "code", "small", "sub", "sup", "span", "br"}
+
+
+class _Formatting(_TextOf):
+    """Text kept escaped; only plain formatting tags kept, without attributes
+    (so no script, handler, URL or style can come through), balanced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        super().handle_starttag(tag, attrs)
+        if tag in _FORMATTING and not self.skip:
+            self.parts.append(f"<{tag}>")
+            if tag != "br":
+                self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        super().handle_endtag(tag)
+        if tag in self.open:
+            while self.open:
+                last = self.open.pop()
+                self.parts.append(f"</{last}>")
+                if last == tag:
+                    break
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(_esc(data))
+
+
+def safe_html(markup: Any) -> str:
+    """An HTML fragment reduced to escaped text and bare formatting tags."""
+    parser = _Formatting()
+    parser.feed(str(markup))
+    parser.close()
+    return "".join(parser.parts) + "".join(f"</{tag}>" for tag in reversed(parser.open))
+
+
 def _fraction(widget: Any) -> float:
     lo, hi, value = (getattr(widget, k, 0) or 0 for k in ("min", "max", "value"))
     return min(1.0, max(0.0, (value - lo) / (hi - lo))) if hi > lo else 0.0
@@ -201,9 +242,10 @@ def _html(widget: Any, depth: int) -> str:
         return f'<div style="display:flex;flex-direction:{direction};gap:4px;align-items:center">{children}</div>'
     if model == "OutputModel":
         return "".join(_output_html(o, depth) for o in getattr(widget, "outputs", ()))
-    if model in ("HTMLModel", "HTMLMathModel", "LabelModel"):
-        text = html_text(widget.value) if model != "LabelModel" else widget.value
-        return f"{label}<span>{_esc(text)}</span>"
+    if model in ("HTMLModel", "HTMLMathModel"):
+        return f"{label}<span>{safe_html(widget.value)}</span>"
+    if model == "LabelModel":
+        return f"{label}<span>{_esc(widget.value)}</span>"
     if model in _TEXTS:
         value = "*" * len(widget.value) if model == "PasswordModel" else widget.value
         return f'{label}<input type="text" value="{_esc(value)}" disabled>'
