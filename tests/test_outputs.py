@@ -325,3 +325,24 @@ def test_result_replays_before_a_display_flushed_after_the_cell(kernel, monkeypa
         assert ran.result.result == 42 and shell.user_ns["_"] == 42
     finally:
         shell.events.unregister("post_execute", flush_figures)
+
+
+def test_terminal_shell_records_python_and_fd_output_once_in_order(tmp_path):
+    """A terminal's sys.stdout writes to fd 1 itself: its text must reach the
+    terminal directly, not come back through the fd pipe a second time."""
+    script = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_line_magic('load_ext', 'rssd_magic')\n"
+        "cell = '%%stateful --quiet\\nimport os, sys\\nprint(\"py 1\")\\nos.write(1, b\"from fd\\\\n\")\\n"
+        "sys.stdout.buffer.write(b\"via buffer\\\\n\")\\nprint(\"py 2\")\\n'\n"
+        "shell.run_cell(cell)\n"
+        "print('--')\n"
+        "shell.run_cell(cell)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    first, replayed = out.stdout.split("--\n")
+    assert first == replayed, "the replay shows what the terminal showed"
+    assert sorted(first.splitlines()) == ["from fd", "py 1", "py 2", "via buffer"]  # each once
+    assert first.startswith("py 1\nfrom fd\n") and first.index("via buffer") > first.index("from fd")
