@@ -245,6 +245,28 @@ def test_background_child_keeps_writing_after_the_recording(monkeypatch, tmp_pat
     assert [o["text"] for o in outputs] == ["early\n"]
 
 
+def _forked_child():
+    print("child python")  # the child's copy of the recorder: not recorded, no deadlock
+    os.write(1, b"child fd\n")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_forked_child_neither_hangs_nor_steals_the_parents_fd_output(monkeypatch, tmp_path):
+    import multiprocessing
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    with fds_into(tmp_path / "terminal"):
+        with capture(StubShell([])) as rec:
+            print("parent")
+            child = multiprocessing.get_context("fork").Process(target=_forked_child)
+            child.start()
+            child.join(30)
+            print("parent again")
+        outputs = rec.finish()
+    assert child.exitcode == 0
+    assert [o["text"] for o in outputs] == ["parent\nchild fd\nparent again\n"]
+
+
 def test_failing_cell_with_fd_output_restores_fds_and_replays_it(kernel):
     kernel.ok("%%stateful\nwarm = 1\n")  # the RSSD's own files are open from here on
     before, identity = open_fds(), (fd_identity(1), fd_identity(2))

@@ -29,6 +29,7 @@ refers to a live model that a replay's kernel doesn't have.
 from __future__ import annotations
 
 import base64
+import os
 import sys
 import threading
 from contextlib import ExitStack, contextmanager
@@ -86,6 +87,10 @@ class OutputRecorder:
         # fd output arrives on a reader thread: every change to the record
         # happens under this lock (shared with the FdTee).
         self.lock = threading.RLock()
+        # A child forked while recording (multiprocessing) has a copy of the
+        # recorder that nobody reads, and maybe of a lock held at the fork:
+        # it records nothing.  (Its fd output reaches the parent's pipes.)
+        self.pid = os.getpid()
         self._clear_pending = False
         # display_id -> outputs shown with it; kept aside because nbformat's
         # display_data has no place for transient data.
@@ -110,7 +115,7 @@ class OutputRecorder:
     def stream(self, name: str, text: str, fd: bool = False) -> None:
         """Text written to stdout/stderr (*fd*: at the file-descriptor level,
         which a display's own printing never is, so it is never paused)."""
-        if (self.paused and not fd) or not text:
+        if (self.paused and not fd) or not text or os.getpid() != self.pid:
             return
         with self.lock:
             room = self._room(len(text))
@@ -149,6 +154,8 @@ class OutputRecorder:
         return self.outputs
 
     def display(self, data: dict, metadata: dict | None, transient: dict | None, update: bool) -> None:
+        if os.getpid() != self.pid:
+            return
         with self.lock:
             self._display(data, metadata, transient, update)
 
@@ -169,6 +176,8 @@ class OutputRecorder:
         self._add(out)
 
     def result(self, data: dict, metadata: dict | None, execution_count: int | None) -> None:
+        if os.getpid() != self.pid:
+            return
         with self.lock:
             self._result(data, metadata, execution_count)
 
@@ -185,6 +194,8 @@ class OutputRecorder:
         )
 
     def clear(self, wait: bool = False) -> None:
+        if os.getpid() != self.pid:
+            return
         with self.lock:
             if wait:
                 self._clear_pending = True

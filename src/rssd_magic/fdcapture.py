@@ -125,6 +125,7 @@ class FdTee:
         # drain() runs before every Python-level write: one poll(0) tells
         # whether there is anything to move (no read, no exception).
         self._pending = select.poll() if hasattr(select, "poll") else None
+        self._pid = os.getpid()  # a forked child must not read the parent's pipes
 
     # -- setting up -----------------------------------------------------------
 
@@ -222,7 +223,7 @@ class FdTee:
 
         Under the lock even when nothing is pending: the reader thread may
         be delivering a chunk it has read, which must be recorded first."""
-        if not self._channels:
+        if not self._channels or os.getpid() != self._pid:
             return
         with self.lock:
             if self._pending is not None and not self._pending.poll(0):
@@ -260,7 +261,7 @@ class FdTee:
     def stop(self) -> None:
         """Restore the fds (always), record what was written until now, and
         stop recording.  Call it once, on every path out."""
-        if not self._channels:
+        if not self._channels or os.getpid() != self._pid:
             return
         _fflush_c_streams()  # a C library's printf of this cell, still in its buffer
         with self.lock:
