@@ -26,8 +26,8 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 
 
 ENGINE = [
-    "acquire", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names",
-    "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl",
+    "acquire", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle", "names",
+    "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
     "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
     "backends.sqlite_schema",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",

@@ -32,7 +32,7 @@ from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
 from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
-from .capture import replay
+from .capture import ReplayedResult, replay
 from .claims import Heartbeat, current_holder, process_verdict
 from .deps import collect_inputs, explain, inputs_digest, read_names
 from .keys import CellKey, cell_key
@@ -397,17 +397,24 @@ class CellRunner:
                     f"[stateful] values signed by another key are never unpickled; if you trust "
                     f"{where}, run %stateful trust (or: rssd-magic --db {where} trust)"
                 )
-        replayed, skipped = replay(record.outputs, port.shell)
+
+        def show_result(data: dict, metadata: dict) -> None:
+            # Called by replay at the result's recorded position (before the
+            # figures an inline backend flushed after the cell, say): the
+            # display hook's steps, so _ and Out[n] get the restored value,
+            # or a stand-in with the recorded bundle when it can't be had.
+            value: Any = ReplayedResult(data, metadata)
+            if record.result_value is not None:
+                try:
+                    value = load_value(record.result_value, backend.blobs.get, ns, RESULT_VALUE in trusted)
+                except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
+                    pass
+            port.show_result(value, data, metadata)
+
+        _, skipped = replay(record.outputs, port.shell, show_result)
         if skipped:
             port.note(f"[stateful] {skipped} recorded output(s) of {redact(backend.location)} were malformed and not shown")
-        if replayed is not None and record.result_value is not None:
-            try:
-                value = load_value(record.result_value, backend.blobs.get, ns, RESULT_VALUE in trusted)
-            except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
-                return replayed
-            port.show_result(value, replayed.data, replayed.metadata)
-            return None
-        return replayed
+        return None
 
     def _banner(self, text: str) -> None:
         """The replay banner: a display of its own (never merged into the
