@@ -167,7 +167,7 @@ def test_a_stale_holder_can_not_record_anything(env):
             holder.finish(mine.running, mine.claim.token, to_state, RESULT, "late", [("sha256:" + "0" * 64, b"x")])
     assert env.raw("SELECT count(*) FROM rssd_magic_blob") == [(0,)], "a fenced end writes no blob either"
     other.finish(taken.running, taken.claim.token, EXECUTED, RESULT, "completed")
-    with pytest.raises(Fenced):
+    with pytest.raises(Fenced, match=rf"host .+, pid {taken.claim.holder.pid}"):
         holder.finish(mine.running, mine.claim.token, EXECUTED, RESULT, "later still")
     assert chain(env) == [(INITIAL, RUNNING), (RUNNING, ABANDONED), (ABANDONED, RUNNING), (RUNNING, EXECUTED)]
     assert holder.renewer().renew({mine.running.state_id: mine.claim.token}) == {mine.running.state_id}

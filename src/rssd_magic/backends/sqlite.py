@@ -445,7 +445,7 @@ class SqliteBackend:
             latest = self._latest_of_entry(c, running.entry_id)
             held = self._claim_of(c, running)
             if latest is None or latest.state_id != running.state_id or held is None or held.token != token:
-                raise Fenced(self._who_holds(c, running, latest))
+                raise Fenced(self._who_took_over(c, running, token, latest))
             self._add_signatures(c, signatures)
             self.blobs.put_many(blobs, c)
             done = self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
@@ -465,11 +465,12 @@ class SqliteBackend:
              dumps(row.elaboration) if row.elaboration is not None else None),
         )  # fmt: skip
 
-    def _who_holds(self, c: sqlite3.Connection, running: Transition, latest: Transition | None) -> str:
-        if latest is not None and latest.to_state == RUNNING:
-            other = self._claim_of(c, latest)
-            if other is not None:
-                return other.holder.describe()
+    def _who_took_over(self, c: sqlite3.Connection, running: Transition, token: int, latest: Transition | None) -> str:
+        """Who holds, or last held, the cell since *running* lost it: the
+        claim row keeps its last holder after release."""
+        row = c.execute(self._CLAIM + " WHERE entry_id = ?", (running.entry_id,)).fetchone()
+        if row is not None and row[2] != token:
+            return Holder(row[4], row[5], row[6], row[7], row[8], row[9], row[3]).describe()
         state = latest.to_state if latest is not None else "nothing"
         return f"another kernel (the cell's latest state is {state})"
 
