@@ -34,9 +34,8 @@ from . import __version__, render, report, sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .capture import capture, patched, replay
 from .claims import DEFAULT_LEASE_S
-from .deps import collect_inputs, inputs_digest, read_names
+from .deps import collect_inputs, inputs_digest, names_bound, read_names, snapshot
 from .keys import CellKey, cell_key
-from .names import names_bound, snapshot
 from .plan import NothingToReplay, plan
 from .serialize import UNTRUSTED, dump_names, dump_value, load_names, load_value
 from .store import (
