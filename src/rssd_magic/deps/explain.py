@@ -2,6 +2,18 @@
 of a run (see :mod:`.declared`) into one string for ``cell_key(inputs=...)``;
 :func:`explain` turns two of them into the one line shown when a cell runs
 again although an earlier result exists (``input factor changed (2 → 3)``).
+
+The digest hashes :func:`rssd_magic.canonical.canonical_bytes`, the form
+every digest of the project uses.  While deps was one module (up to commit
+8f30161) it had its own ``json.dumps`` with ``ensure_ascii=True``.  The text,
+and so the key, is byte-identical for inputs whose names, paths, values and
+type names are ASCII (control characters included: both forms escape them),
+except U+007F (DEL), which only the old form escaped.  Anything else
+(``größe = …``, ``data/café.csv``, DEL) is now written as UTF-8 instead of a
+``\\u`` escape: such a cell's key changes once, and it runs once more after
+the upgrade.  It cannot alias an old key: an old text was printable ASCII,
+a new one with such a character is not.  ``FINGERPRINT_VERSION`` stays, so
+the ASCII keys stay.
 """
 
 from __future__ import annotations
@@ -9,9 +21,9 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import json
 from typing import Any, Mapping
 
+from ..canonical import canonical_bytes
 from .fingerprint import FINGERPRINT_VERSION
 
 
@@ -38,8 +50,7 @@ def inputs_digest(inputs: Mapping[str, Mapping[str, Any]] | None) -> str:
         for section, entries in inputs.items()
         if entries
     }
-    text = json.dumps([FINGERPRINT_VERSION, identities], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_bytes([FINGERPRINT_VERSION, identities])).hexdigest()
 
 
 def _name_change(name: str, old: Mapping | None, new: Mapping | None) -> str | None:

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import xxhash
 
+from ..canonical import fmt_bytes
 from .analysis import is_shell_name
 from .versions import module_version
 
@@ -531,14 +532,6 @@ class _Hasher:
             self._commutative(h, b"D", items, len(items))
 
 
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""  # pragma: no cover
-
-
 def _describe(v: Any) -> tuple[str, str | None]:
     """``(hint, value)`` for messages: type and size, and small values."""
     t = type(v)
@@ -563,7 +556,7 @@ def _describe(v: Any) -> tuple[str, str | None]:
     if t is str:
         return f"str of {len(v)} char{'' if len(v) == 1 else 's'}", None
     if isinstance(v, (bytes, bytearray, memoryview)):
-        return f"{t.__name__} of {_size(memoryview(v).nbytes)}", None
+        return f"{t.__name__} of {fmt_bytes(memoryview(v).nbytes)}", None
     if isinstance(v, (list, tuple, dict, set, frozenset)):
         return f"{t.__name__} of {len(v)}", None
     if isinstance(v, types.ModuleType):
