@@ -182,7 +182,7 @@ def test_every_test_snippet_gives_the_legacy_answers():
         "del a, (b, c), [d]\ndel e[0], f.g",
         "x: int\ny.z: int\nw[0]: int",
         "print(_, __name__, Out[1], _i2, get_ipython())",
-        "a = 1\ntotal = " + " + ".join(["a"] * 600),  # too deep to analyse
+        "a = 1\ntotal = " + " + ".join(["a"] * 600),  # too deep at the default recursion limit
         "def (:",
         "x = '\0'",  # a NUL in the source: ValueError or SyntaxError, by Python version
     ],
@@ -362,6 +362,23 @@ def test_analysis_is_one_frozen_memoized_answer():
     with pytest.raises(AttributeError):
         first.reads = ()  # type: ignore[misc]
     assert analyse_cell("def (:") is UNANALYSABLE and not UNANALYSABLE.analysed
+
+
+def test_a_cell_too_deep_for_the_walk_gives_no_binds_either():
+    # The one known difference from the old walkers.  The old binder did not
+    # enter function bodies, so it still answered when only a body nested too
+    # deeply; the one walk gives up on the whole cell, as read_names always
+    # did, and names_bound falls back on the namespace diff alone.
+    # As many terms as the recursion limit: twice too deep for the walk (two
+    # frames a level), not too deep for ast.parse.
+    code = "x = 1\ndef f():\n    return " + " + ".join(["a"] * sys.getrecursionlimit())
+    old_deps, old_names = legacy()
+    assert old_names.bound_names(code) == {"x", "f"} and old_deps.read_names(code) == []
+    assert analyse_cell(code) is UNANALYSABLE
+    namespace = {"x": 1}
+    before = snapshot(namespace)
+    namespace["f"] = object()
+    assert names_bound(namespace, before, code) == ["f"]  # x, the same object again, goes unseen
 
 
 def test_reads_keep_builtins_for_the_namespace_to_decide():
