@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from rssd_magic import serialize
+from rssd_magic.deps import bound_names
 from rssd_magic.ids import new_ulid
 from rssd_magic.keys import cell_key, normalize_code
-from rssd_magic.names import bound_names
 from rssd_magic.backends.base import ClaimRequest, StoreError
 from rssd_magic.backends.sqlite import SqliteBackend
 from rssd_magic.backends.sqlite_schema import EXPECTED_COLUMNS
@@ -25,12 +25,15 @@ from rssd_magic.trust import buffer_digest
 SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestration.sql"
 
 
+# Dotted names below rssd_magic: a subpackage is listed itself (its
+# __init__) and with each of its modules.
 ENGINE = [
-    "acquire", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle", "names",
+    "acquire", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
     "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
     "backends.sqlite_schema",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
+    "deps.analysis", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip
 ADAPTERS = ["magic", "cli"]
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"

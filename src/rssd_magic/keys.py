@@ -84,7 +84,7 @@ class CellKey:
 
     ``digest`` is the 64-hex key users see (a prefix is enough for the CLI).
     ``base`` is the key of the code alone; cells whose inputs are part of the
-    key (see deps.py) file each set of inputs under ``base~inputs``, so the
+    key (see deps/) file each set of inputs under ``base~inputs``, so the
     runs of one code on other inputs are one index range away (to say why a
     cell ran again).
     """
@@ -125,7 +125,7 @@ def cell_key(
 
     *extra* is folded into code keys: it carries whatever else decides what
     the code does (for SQL cells, the target database and parameters).
-    *inputs* is the digest of the values the cell reads (deps.py): the same
+    *inputs* is the digest of the values the cell reads (deps/): the same
     code on other inputs is another key, filed next to it.  Named cells
     ignore both: a name runs once, whatever changed.  Memoized: a notebook
     re-runs the same few cells, and tokenizing them is most of a replay's

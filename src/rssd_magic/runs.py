@@ -32,7 +32,7 @@ from .backends.base import ExecRow, Fenced, StateBackend, Transition
 from .capture import OutputRecorder, capture
 from .keys import CellKey
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
-from .names import names_bound, snapshot
+from .deps import names_bound, snapshot
 from .record import RunRecord
 from .serialize import dump_names, dump_value
 from .trust import sign_specs
