@@ -385,7 +385,7 @@ def test_forget_all(base, tmp_path):
     states = {c["key"]: c["state"] for c in as_json(work.db, "list", "--json")}
     assert states == {**{k: "FORGOTTEN" for k in executed}, base.cells["fail"]["key"]: "FAILED"}
     # Nothing left to forget; text output says so.
-    assert "0 cell(s) forgotten" in ok(cli("--db", str(work.db), "forget", "--all"))
+    assert "0 cells forgotten" in ok(cli("--db", str(work.db), "forget", "--all"))
     assert state_rows(work.db) == rows + 4
     # Exactly one of KEY / --all.
     assert cli("--db", str(work.db), "forget").returncode == 2
@@ -431,7 +431,7 @@ def test_gc_frees_only_unreferenced_blobs(base, tmp_path):
 
     rows = state_rows(work.db)
     out = ok(cli("--db", str(work.db), "gc"))
-    assert out.startswith("freed 2 blob(s)")
+    assert out.startswith("freed 2 blobs")
     assert {d for (d,) in sql(work.db, "SELECT digest FROM rssd_magic_blob")} == cfg_blobs
     assert state_rows(work.db) == rows  # history untouched
     again = json.loads(ok(cli("--db", str(work.db), "gc", "--json")))

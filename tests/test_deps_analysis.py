@@ -57,7 +57,7 @@ def legacy():
                 capture_output=True, text=True, check=True,
             ).stdout  # fmt: skip
         except (OSError, subprocess.CalledProcessError) as exc:
-            pytest.skip(f"the old code is not available from git ({exc})")
+            pytest.skip(f"the pre-split code is read from git history, which this checkout lacks ({exc}); use a full clone, not a shallow one")
         (where / f"{name}.py").write_text(text)
     sys.path.insert(0, str(where.parent))
     try:

@@ -173,7 +173,7 @@ def test_the_cycle_check_sees_cycles(tmp_path):
     assert cycle[0] == cycle[-1] and set(cycle) == {"d", "sub", "sub.b"}
 
 
-@pytest.mark.skipif(not SHARED_DDL.exists(), reason="shared/rssd not beside this checkout")
+@pytest.mark.skipif(not SHARED_DDL.exists(), reason=f"the team's shared schema {SHARED_DDL} is not beside this checkout (clone the workspace with its shared/ folder to compare the packaged DDL against it)")
 def test_packaged_ddl_matches_the_shared_schema_column_for_column():
     mem = sqlite3.connect(":memory:")
     mem.executescript(SHARED_DDL.read_text())

@@ -38,8 +38,8 @@ def test_changed_input_reruns_and_says_why_equal_input_replays(kernel):
     assert "input df changed" in ran.stderr and "DataFrame" in ran.stderr
     recorded = reasons(kernel)
     assert recorded[0] == "first run"
-    assert recorded[1] == "inputs changed: input factor changed (2 → 3)"
-    assert recorded[2].startswith("inputs changed: input df changed")
+    assert recorded[1] == "input factor changed (2 → 3)"
+    assert recorded[2].startswith("input df changed")
     kernel.ok("factor = 2\ndf = pd.DataFrame({'x': [1, 2, 3]})")  # back to the first inputs
     kernel.ok(USES_DF)
     assert counter(kernel.workdir / "side.log") == 3, "the first inputs' result is replayed"

@@ -478,7 +478,7 @@ def test_keys_with_inputs_are_stable_across_kernels_and_changes_rerun_with_a_rea
     assert "running again: input weight changed" in text_of(changed.cells[2], "stderr")
     assert (tmp_path / "reads.log").read_text().count("ran") == 2
     reasons = [r for (r,) in query(tmp_path / DEFAULT_DB, "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' ORDER BY 1")]
-    assert reasons[0] == "first run" and reasons[1].startswith("inputs changed: input weight changed")
+    assert reasons[0] == "first run" and reasons[1].startswith("input weight changed")
 
     listed = [o for o in second.cells[3].outputs if o["output_type"] == "execute_result"][0]["data"]
     assert "<table>" in listed["text/html"] and "EXECUTED" in listed["text/plain"]

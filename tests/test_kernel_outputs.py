@@ -17,9 +17,10 @@ from kernel_util import banners, execute, text_of
 
 pytestmark = pytest.mark.kernel
 
-pytest.importorskip("ipywidgets")
-pytest.importorskip("tqdm")
-pytest.importorskip("matplotlib")
+_HINT = "install the test extra: pip install -e '.[test]'"
+pytest.importorskip("ipywidgets", reason=f"ipywidgets is not installed; {_HINT}")
+pytest.importorskip("tqdm", reason=f"tqdm is not installed; {_HINT}")
+pytest.importorskip("matplotlib", reason=f"matplotlib is not installed; {_HINT}")
 
 VIEW = "application/vnd.jupyter.widget-view+json"
 

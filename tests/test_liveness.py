@@ -190,7 +190,7 @@ def test_a_record_from_a_clock_a_day_ahead_does_not_outrank_later_runs(tmp_path)
         [sys.executable, "-m", "rssd_magic", "--db", str(tmp_path / DB), "forget", "--all"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "1 cell(s) forgotten" in out.stdout
+    assert "1 cell forgotten" in out.stdout
     again = finish(start(tmp_path, MARK="after-forget"))
     assert again["mark"] == "after-forget" and len(ran(tmp_path)) == 3, "forget took effect"
     reasons = [r for _, to, r in chain(tmp_path) if to == "RUNNING"]

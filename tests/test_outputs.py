@@ -24,7 +24,7 @@ from IPython.core.displaypub import CapturingDisplayPublisher
 from rssd_magic import widgets
 from rssd_magic.capture import ReplayedResult, capture, replay
 
-ipywidgets = pytest.importorskip("ipywidgets")
+ipywidgets = pytest.importorskip("ipywidgets", reason="ipywidgets is not installed; install the test extra: pip install -e '.[test]'")
 
 VIEW = widgets.VIEW
 
@@ -159,7 +159,7 @@ def test_closed_widget_is_dropped_unknown_widget_is_text_only_and_without_ipywid
 
 
 def test_tqdm_notebook_bar_is_recorded_at_100_percent(kernel):
-    pytest.importorskip("tqdm")
+    pytest.importorskip("tqdm", reason="tqdm is not installed; install the test extra: pip install -e '.[test]'")
     cell = "%%stateful\nfrom tqdm.notebook import tqdm\nfor i in tqdm(range(5)):\n    pass\n"
     kernel.ok(cell)
     (row,) = kernel.rows("SELECT transition_result FROM orchestration_session_state WHERE to_state = 'EXECUTED'")

@@ -190,7 +190,7 @@ def _v1_module(monkeypatch) -> types.ModuleType:
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"commit {V1_COMMIT} is not in this checkout's history")
+        pytest.skip(f"commit {V1_COMMIT} (the v1 SQL keys) is not in this checkout's history; use a full clone, not a shallow one")
     # Its last line registers its own frame codec: keep the current one.
     monkeypatch.setitem(serialize.CODECS, "frame", serialize.codec_for({"kind": "frame"}))
     module = types.ModuleType("rssd_magic._sql_v1")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import click
 
 from . import __version__, render, report
+from .canonical import fmt_bytes, plural
 from .backends import DEFAULT_RSSD, ENV_DB, ENV_RSSD, open_backend, resolve_location
 from .backends.base import StateBackend, StoreError
 from .trust import Signer
@@ -150,7 +151,7 @@ def forget_cmd(ctx: click.Context, key: str | None, all_: bool, as_json: bool) -
         label = f" (--name {d['name']})" if d["name"] is not None else ""
         click.echo(f"forgot {d['key'][:12]}{label}: {d['from_state']} → {d['to_state']}")
     if all_:
-        click.echo(f"{len(done)} cell(s) forgotten")
+        click.echo(f"{plural(len(done), 'cell')} forgotten")
 
 
 @main.command("stats")
@@ -185,8 +186,8 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
         return
     verb = "would free" if dry_run else "freed"
     click.echo(
-        f"{verb} {r['deleted']} blob(s), {render.fmt_bytes(r['bytes_freed'])}; "
-        f"kept {r['kept']} blob(s), {render.fmt_bytes(r['kept_bytes'])}"
+        f"{verb} {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}; "
+        f"kept {plural(r['kept'], 'blob')}, {fmt_bytes(r['kept_bytes'])}"
     )
 
 
@@ -207,7 +208,7 @@ def trust_cmd(ctx: click.Context, secret: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(r)
         return
-    click.echo(f"signed {r['signed']} value(s) in {r['cells']} cell(s) with key {r['key_id']}")
+    click.echo(f"signed {plural(r['signed'], 'value')} in {plural(r['cells'], 'cell')} with key {r['key_id']}")
     for bad in r["refused"]:
         click.echo(f"not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}", err=True)
 

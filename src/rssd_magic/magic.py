@@ -14,20 +14,24 @@ import argparse
 import atexit
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from functools import lru_cache
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import MagicArgumentParser, argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__, render, report
+from .canonical import fmt_bytes, plural
 from .backends import DEFAULT_RSSD, ENV_RSSD
 from .capture import patched
 from .claims import DEFAULT_LEASE_S
+from .backends.base import StoreError
 from .runner import CellOptions, CellRunner, Executed, SQLCellError, StatefulRunError, UsageProblem
 from .trust import Signer
 from .ttl import parse_duration
@@ -217,7 +221,8 @@ class StatefulMagics(Magics):
         if opts is None:  # argparse is slow; a notebook repeats few option lines
             if len(self._options) > 256:
                 self._options.clear()
-            opts = self._options[line] = _cell_options(parse_argstring(self.stateful, line), line.strip())
+            args = self.stateful.parser.parse_args(_split("%%stateful", line))
+            opts = self._options[line] = _cell_options(args, line.strip())
         try:
             return self.runner.run(opts, cell)
         except UsageProblem as exc:
@@ -229,24 +234,26 @@ class StatefulMagics(Magics):
     def stateful_line(self, line: str) -> Any:
         """Inspect and manage the recorded state of %%stateful cells.
 
-        %stateful list               the cells: key, name, state, source, when, where, hits
+        %stateful list               the cells: key, name, scope, state, source, when, where, hits
         %stateful show KEY           source, every transition, what a replay shows
         %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
         %stateful stats              cells, hits, time saved, storage
         %stateful gc                 delete blobs no current result refers to
-        %stateful trust              sign this RSSD's values with your key
+        %stateful trust              sign this store's records with your key
 
-        KEY is any unique prefix of a cell key (or a --name). Every command
-        takes --db PATH (default: as for %%stateful).
+        KEY is any unique prefix of a cell key, or a --name. Every command
+        takes --db PATH|URL (default: as for %%stateful); it never creates a store.
         """
-        args = _line_parser().parse_args(shlex.split(line))
+        argv = _split("%stateful", line)
+        if not [a for a in argv if not a.startswith("-")]:
+            raise UsageError(f"%stateful needs a command:\n{_LINE_COMMANDS}")
+        args = _line_parser().parse_args(argv)
         try:
-            backend = self.runner.backend(args.db)
+            # Never creates a store: a typo in --db is an error, not a new file.
+            backend = self.runner.backend(args.db, create=False)
             backend.flush_hits()
             return _line_command(self, backend, args)
-        except UsageProblem as exc:
-            raise UsageError(str(exc)) from None
-        except report.ReportError as exc:
+        except (StoreError, report.ReportError) as exc:
             raise UsageError(f"%stateful {args.command}: {exc}") from None
 
 
@@ -254,22 +261,23 @@ def _line_command(magics: StatefulMagics, backend, args) -> Any:
     if args.command == "list":
         return _Rendered(render.cells_text, render.cells_html, report.list_cells(backend))
     if args.command == "show":
-        return _Rendered(render.cell_text, None, report.show_cell(backend, report.resolve_key(backend, args.key)["key"]))
+        key = report.resolve_key(backend, args.key, prog="%stateful")["key"]
+        return _Rendered(render.cell_text, None, report.show_cell(backend, key))
     if args.command == "forget":
         if bool(args.key) == args.all:
             raise UsageError("%stateful forget: give KEY or --all")
-        key = None if args.all else report.resolve_key(backend, args.key)["key"]
+        key = None if args.all else report.resolve_key(backend, args.key, prog="%stateful")["key"]
         done = report.forget_all(backend) if args.all else report.forget(backend, key)
-        print(f"forgot {len(done)} cell(s): " + ", ".join(d["key"][:12] for d in done) if done else "nothing to forget")
+        print(f"forgot {plural(len(done), 'cell')}: " + ", ".join(d["key"][:12] for d in done) if done else "nothing to forget")
         return None
     if args.command == "stats":
-        return _Rendered(render.stats_text, None, report.stats(backend))
+        return _Rendered(lambda s: render.stats_text(s, prog="%stateful"), None, report.stats(backend))
     if args.command == "gc":
         r = report.gc(backend)
-        print(f"freed {r['deleted']} blob(s), {render.fmt_bytes(r['bytes_freed'])}")
+        print(f"freed {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}")
         return None
     r = report.trust(backend, magics.signer)
-    print(f"signed {r['signed']} value(s) in {r['cells']} cell(s) of {backend.location} with your key")
+    print(f"signed {plural(r['signed'], 'value')} in {plural(r['cells'], 'cell')} of {backend.location} with your key")
     for bad in r["refused"]:
         magics.note(f"[stateful] not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}")
     return None
@@ -318,6 +326,35 @@ class _Rendered:
         return self._html(self.value) if self._html else None
 
 
+_LINE_COMMANDS = "\n".join(
+    line.strip() for line in StatefulMagics.stateful_line.__doc__.splitlines() if line.strip().startswith("%stateful ")
+)
+
+
+def _split(prog: str, line: str) -> list[str]:
+    """The option line split as a shell would (``--db "my dir/x.db"``)."""
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # an unclosed quote
+        raise UsageError(f"{prog}: {exc} in the option line: {line.strip()}") from None
+
+
+def _usage_help() -> None:
+    """``%%stateful?``: the usage line as users type it (two ``%``), under a
+    plain "Usage:" instead of reST's ``::``."""
+    parser = StatefulMagics.stateful.parser
+    parser.prog = "%stateful"  # the formatter adds one more %
+    head, _, rest = parser.format_help().replace("::\n\n  %", "", 1).partition("\n\n")
+    lines = head.splitlines()
+    # Continuation lines aligned under the first option, as argparse would.
+    indent = " " * len("  %%stateful ")
+    usage = "\n".join(["  %" + lines[0], *(indent + line.strip() for line in lines[1:])])
+    StatefulMagics.stateful.__doc__ = f"Usage:\n\n{usage}\n\n{rest}"
+
+
+_usage_help()
+
+
 @lru_cache(maxsize=1)
 def _line_parser() -> MagicArgumentParser:
     parser = MagicArgumentParser(prog="%stateful", add_help=False)
@@ -364,9 +401,31 @@ def _watch_for_duckdb(shell) -> None:
     check()
 
 
+def _close_on_sigterm(magics: StatefulMagics) -> None:
+    """Write buffered hit counts and finish sessions when the kernel is
+    stopped with SIGTERM (the default action would skip atexit), then let
+    the signal do what it did before."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    if before is signal.SIG_IGN:
+        return
+
+    def on_sigterm(signum, frame):
+        magics.close()
+        if callable(before):
+            before(signum, frame)
+        else:  # the default: end the process, as if we had not been here
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def load(ipython) -> None:
     ipython.register_magics(StatefulMagics)
     _watch_for_duckdb(ipython)
+    _close_on_sigterm(ipython.magics_manager.registry["StatefulMagics"])
 
 
 def unload(ipython) -> None:

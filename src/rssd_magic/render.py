@@ -1,36 +1,16 @@
 """Text and HTML renderings of what report.py returns, shared by the
-``rssd-magic`` CLI and the ``%stateful`` line magic (no IPython, no click)."""
+``rssd-magic`` CLI and the ``%stateful`` line magic (no IPython, no click).
+
+*prog* is how the reader runs commands where they are: ``rssd-magic`` in a
+shell, ``%stateful`` in a notebook, so a hint names what they can type.
+"""
 
 from __future__ import annotations
 
 import html
 
-from .report import first_line
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.3g}ms"
-    if seconds < 120:
-        return f"{seconds:.3g}s"
-    minutes, sec = divmod(seconds, 60)
-    if minutes < 120:
-        return f"{int(minutes)}m{int(sec):02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{int(hours)}h{int(minutes):02d}m"
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
-
+from .canonical import fmt_bytes, fmt_duration, plural
+from .report import label_of
 
 def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
     """Columns padded to their widest cell (the last one is not padded)."""
@@ -70,29 +50,35 @@ def _output_text(out: dict) -> tuple[str, str]:
     return str(kind), ""
 
 
+CELL_HEADERS = ["KEY", "NAME", "SCOPE", "STATE", "SOURCE", "EXECUTED AT (UTC)", "HOST", "DURATION", "HITS"]
+#: Columns holding numbers (right-aligned); text reads left-aligned.
+NUMERIC = {7, 8}
+
+
 def cells_text(cells: list[dict]) -> str:
     """``list``: one aligned line per cell."""
-    return table(CELL_HEADERS, [_cell_row(c) for c in cells], right={6, 7})
+    return table(CELL_HEADERS, [_cell_row(c) for c in cells], right=NUMERIC)
 
 
 def cells_html(cells: list[dict]) -> str:
-    """``list`` as an HTML table, for notebooks."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in CELL_HEADERS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in _cell_row(c)) + "</tr>" for c in cells
-    )
+    """``list`` as an HTML table, for notebooks.  Alignment is set on every
+    cell: JupyterLab's stylesheet right-aligns table cells by default."""
+
+    def td(i: int, value: str, tag: str = "td") -> str:
+        return f'<{tag} style="text-align:{"right" if i in NUMERIC else "left"}">{html.escape(value)}</{tag}>'
+
+    head = "".join(td(i, h, "th") for i, h in enumerate(CELL_HEADERS))
+    body = "".join("<tr>" + "".join(td(i, v) for i, v in enumerate(_cell_row(c))) + "</tr>" for c in cells)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-CELL_HEADERS = ["KEY", "NAME", "STATE", "SOURCE", "EXECUTED AT (UTC)", "HOST", "DURATION", "HITS"]
 
 
 def _cell_row(c: dict) -> list[str]:
     return [
         c["key"][:12],
         c["name"] if c["name"] is not None else "-",
+        c["scope"] or "-",
         c["state"] or "-",
-        first_line(c["source"] or "", 40),
+        label_of(c, 40),
         c["executed_at"] or "-",
         c["host"] or "-",
         fmt_duration(c["duration_s"]),
@@ -106,7 +92,7 @@ def cell_text(cell: dict) -> str:
     if cell["state"] == "EXECUTED":
         state += (
             f" (executed {cell['executed_at']} UTC on {cell['host'] or '?'} "
-            f"in {fmt_duration(cell['duration_s'])}; replayed {cell['hits']} time(s))"
+            f"in {fmt_duration(cell['duration_s'])}; replayed {plural(cell['hits'], 'time')})"
         )
     lines = [
         f"key     {cell['key']}",
@@ -153,7 +139,7 @@ def cell_text(cell: dict) -> str:
     return "\n".join(lines)
 
 
-def stats_text(s: dict) -> str:
+def stats_text(s: dict, prog: str = "rssd-magic") -> str:
     """``stats`` as aligned label/value lines."""
     st = s["storage"]
     states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(s["by_state"].items()))
@@ -166,6 +152,6 @@ def stats_text(s: dict) -> str:
         ["time saved", fmt_duration(s["time_saved_s"])],
         ["blobs", f"{st['blobs']} ({fmt_bytes(st['blob_bytes'])})"],
         ["result JSON", fmt_bytes(st["result_json_bytes"])],
-        ["unreferenced", f"{st['unreferenced_blobs']} blobs ({fmt_bytes(st['unreferenced_blob_bytes'])}; `rssd-magic gc` frees them)"],
+        ["unreferenced", f"{st['unreferenced_blobs']} blobs ({fmt_bytes(st['unreferenced_blob_bytes'])}; `{prog} gc` frees them)"],
     ]
     return "\n".join(f"{k:<13}{v}" for k, v in rows)

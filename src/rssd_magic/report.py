@@ -44,9 +44,21 @@ def who_am_i() -> str:
 
 
 def first_line(source: str, width: int = 40) -> str:
-    """The first non-blank line of *source*, shortened to *width* characters."""
-    line = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
+    """The first line of *source* that says something — not blank, not a
+    comment, not an import — shortened to *width* characters (the first
+    non-blank line when every line is one of those)."""
+    lines = [ln.strip() for ln in source.splitlines() if ln.strip()]
+    telling = [ln for ln in lines if not ln.startswith(("#", "import ", "from ", "%%", "--"))]
+    line = (telling or lines or [""])[0]
     return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+
+
+def label_of(cell: dict, width: int = 40) -> str:
+    """What a listing shows for a cell: its ``--name``, else the first line
+    of its code that says something."""
+    if cell.get("name") is not None:
+        return f"--name {cell['name']}"[:width]
+    return first_line(cell.get("source") or "", width)
 
 
 def _key(cell: CellRow) -> str:
@@ -96,12 +108,12 @@ def list_cells(backend: StateBackend) -> list[dict]:
     return [_summary(c) for c in backend.cells()]
 
 
-def _find(backend: StateBackend, prefix: str) -> CellRow:
+def _find(backend: StateBackend, prefix: str, prog: str = "rssd-magic") -> CellRow:
     text = (prefix or "").strip()
     if text.startswith(URI_PREFIX) and "#" in text:
         text = text.rpartition("#")[2]
     if not text:
-        raise ReportError("empty cell key: give a key prefix (see `rssd-magic list`)")
+        raise ReportError(f"empty cell key: give a key prefix (see `{prog} list`)")
     cells = backend.cells()
     wanted = text.lower()
     matches = [c for c in cells if _key(c).lower().startswith(wanted)]
@@ -110,7 +122,7 @@ def _find(backend: StateBackend, prefix: str) -> CellRow:
         matches = [c for c in cells if c.elaboration.get("name") == text]
         how = f"name {text!r}"
     if not matches:
-        raise ReportError(f"no %%stateful cell has a key starting with {text!r} (see `rssd-magic list`)")
+        raise ReportError(f"no %%stateful cell has a key starting with {text!r} or that --name (see `{prog} list`)")
     if len(matches) > 1:
         shown = "; ".join(_describe(c) for c in matches[:MAX_CANDIDATES])
         more = f"; and {len(matches) - MAX_CANDIDATES} more" if len(matches) > MAX_CANDIDATES else ""
@@ -118,7 +130,7 @@ def _find(backend: StateBackend, prefix: str) -> CellRow:
     return matches[0]
 
 
-def resolve_key(backend: StateBackend, prefix: str) -> dict:
+def resolve_key(backend: StateBackend, prefix: str, prog: str = "rssd-magic") -> dict:
     """The one cell whose key starts with *prefix* (case-insensitive).
 
     An ``rssd-magic:<scope>#<key>`` URI is accepted too; when no key matches,
@@ -126,12 +138,12 @@ def resolve_key(backend: StateBackend, prefix: str) -> dict:
     listing the candidates when several cells match, or saying so when none
     does.  Returns the cell's :func:`list_cells` dict.
     """
-    return _summary(_find(backend, prefix))
+    return _summary(_find(backend, prefix, prog))
 
 
 def _describe(cell: CellRow) -> str:
     name = cell.elaboration.get("name")
-    label = f"--name {name}" if name is not None else first_line(cell.elaboration.get("source") or "", 30)
+    label = f"--name {name}" if name is not None else first_line(cell.source or cell.elaboration.get("source") or "", 30)
     return f"{_key(cell)[:12]} ({label}, scope {_scope(cell)})"
 
 

@@ -32,6 +32,7 @@ from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
 from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
+from .canonical import fmt_duration
 from .capture import ReplayedResult, replay
 from .claims import Heartbeat, current_holder, process_verdict
 from .deps import collect_inputs, explain, inputs_digest, read_names
@@ -123,8 +124,9 @@ class CellRunner:
 
     # -- stores ------------------------------------------------------------------
 
-    def backend(self, db: str | None = None) -> StateBackend:
-        """The open store for *db* (opened once per kernel and location)."""
+    def backend(self, db: str | None = None, *, create: bool = True) -> StateBackend:
+        """The open store for *db* (opened once per kernel and location);
+        with *create* False a store that doesn't exist yet is an error."""
         # Resolving a path costs more than the replay's query: remember it
         # per everything it depends on.
         where = (db, self.config.rssd_path, os.environ.get(ENV_DB), os.environ.get(ENV_RSSD), os.getcwd())
@@ -134,15 +136,13 @@ class CellRunner:
         location = resolve_location(db, self.config.rssd_path)
         backend = self._backends.get(location)
         if backend is None:
-            try:
-                backend = open_backend(
-                    location,
-                    session_args=self.port.session_args(),
-                    busy_timeout_s=self.config.busy_timeout_seconds,
-                    allow_network_fs=self.config.allow_network_fs,
-                )
-            except StoreError as exc:
-                raise UsageProblem(f"%%stateful: {exc}. The cell was not run.") from None
+            backend = open_backend(  # StoreError: each caller says what was not done
+                location,
+                create=create,
+                session_args=self.port.session_args(),
+                busy_timeout_s=self.config.busy_timeout_seconds,
+                allow_network_fs=self.config.allow_network_fs,
+            )
             self._backends[location] = backend
             if getattr(backend, "notice", None):
                 self.port.note(f"[stateful] {backend.notice}")
@@ -187,7 +187,10 @@ class CellRunner:
         cell shows as its result (None when it was shown already)."""
         if self._unended:
             self._retry_ends()
-        backend = self.backend(opts.db)
+        try:
+            backend = self.backend(opts.db)
+        except StoreError as exc:
+            raise UsageProblem(f"%%stateful: {exc}. The cell was not run.") from None
         scope = self.scope(opts.scope, backend)
         inputs: dict = {}
         sql_cell = python = None
@@ -221,7 +224,7 @@ class CellRunner:
             earlier = backend.latest_variant(key)
             if earlier is not None:
                 why = explain(_inputs_of(earlier), inputs) or "inputs changed"
-                first_reason, note = f"inputs changed: {why}", f"running again: {why}"
+                first_reason, note = why, f"running again: {why}"
         if note:
             self.port.note(f"[stateful] {note}")
         status = _Status(self.port)
@@ -331,26 +334,40 @@ class CellRunner:
         read = [n for n in _read_names(python) if n not in ignore]
         inputs = collect_inputs(self.port.user_ns, read, opts.deps_file, opts.deps_env, opts.deps_package)
         blind = {n: e.get("reason") for n, e in inputs.get("names", {}).items() if e.get("digest") is None}
-        said = (cell, tuple(sorted(blind)))
-        if blind and said not in self._said:
-            self._said.add(said)
-            self.port.note(
-                "[stateful] left out of the key (can't be fingerprinted; --ignore NAME to silence): "
-                + "; ".join(f"{n} ({why})" for n, why in blind.items())
-            )
+        self._say_once(
+            (cell, "blind", tuple(sorted(blind))),
+            "[stateful] left out of the key (can't be fingerprinted; --ignore NAME to silence): "
+            + "; ".join(f"{n} ({why})" for n, why in blind.items()),
+        )
+        files = inputs.get("files", {})
+        missing = [p for p, digest in files.items() if digest is None]
+        unreadable = [p for p, digest in files.items() if isinstance(digest, str) and digest.startswith("error:")]
+        self._say_once(
+            (cell, "missing", tuple(missing)),
+            "[stateful] --deps-file matches no file: " + ", ".join(missing)
+            + f" (from {os.getcwd()}; its appearing will count as a change)",
+        )  # fmt: skip
+        self._say_once(
+            (cell, "unreadable", tuple(unreadable)),
+            "[stateful] --deps-file can't be read: "
+            + ", ".join(f"{p} ({files[p][len('error:'):]})" for p in unreadable),
+        )
         return inputs
+
+    def _say_once(self, what: tuple, line: str) -> None:
+        """Say *line* the first time *what* (a cell and a non-empty finding) is seen."""
+        if what[-1] and what not in self._said:
+            self._said.add(what)
+            self.port.note(line)
 
     # -- SQL cells ------------------------------------------------------------------
 
     def _sql_cell(self, body: str, opts: CellOptions, backend: StateBackend) -> SQLCell:
         """Resolve the target and parameters of a --sql cell (nothing runs)."""
         try:
-            import pandas  # noqa: F401 - result tables are DataFrames
-            import pyarrow  # noqa: F401 - and large ones are stored as Parquet
+            import pandas  # noqa: F401 - result tables are DataFrames (a dependency; checked for broken installs)
         except ImportError as exc:
-            raise UsageProblem(
-                f"%%stateful --sql needs pandas and pyarrow ({exc}): pip install 'rssd_magic[sql]'"
-            ) from None
+            raise UsageProblem(f"%%stateful --sql needs pandas ({exc}): pip install pandas") from None
         ns = self.port.user_ns
         if opts.conn:
             if opts.conn not in ns:
@@ -381,9 +398,8 @@ class CellRunner:
         trusted = trusted_names(self.config.signer, record.payloads_to_sign(), backend.signatures)
         _, missing = load_names(record.names, backend.blobs.get, ns, trusted.__contains__)
         if not quiet:
-            duration = record.duration_s or 0.0
             self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
-                         f"on {record.host or '?'} in {duration:.3g}s")  # fmt: skip
+                         f"on {record.host or '?'} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
         if key.kind == "name" and record.code_hash not in (None, key.code_hash):
             port.note(
                 f"[stateful] the code of --name {key.name} changed since it ran; "

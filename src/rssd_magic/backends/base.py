@@ -131,7 +131,7 @@ class ClaimRequest:
 
     *rerun_of* is the EXECUTED state the caller chose to run again (``--force``,
     a lapsed ``--ttl``) with *rerun_reason*; *first_reason* is recorded when
-    the cell never ran (``first run``, ``inputs changed: …``).  *takeover* is
+    the cell never ran (``first run``, ``input n changed (1 → 2)``).  *takeover* is
     a claim the caller judged dead (*dead_because* says why): it is taken over
     only if the claim is still exactly that one (same state, token and beat).
     """

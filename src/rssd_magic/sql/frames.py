@@ -13,7 +13,8 @@ A result table is one more kind of stored value: this module registers the
 and trust find a table's blobs like any other.  It imports serialize, never
 the other way round (serialize imports it by name, on first use).
 
-pandas and pyarrow are imported when a frame is first built or read.
+pandas is imported when a frame is first built or read; pyarrow only when
+it is installed (the ``sql`` extra), for the Parquet and Arrow routes.
 """
 
 from __future__ import annotations
@@ -305,6 +306,17 @@ def _table_blob(table: Any) -> tuple[str, Any]:
     return "arrow", sink.getvalue()
 
 
+def _has_pyarrow() -> bool:
+    """pyarrow is optional: without it large tables are kept as (signed)
+    pickles instead of Parquet, and Parquet ones written elsewhere can't be
+    read back here (their outputs still replay)."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def dump_frame(df: Any) -> tuple[dict, list[Blob]]:
     """``(spec, blobs)`` for a result frame: JSON when small, else Parquet
     (Arrow IPC, or a pickle, when Parquet can't keep a dtype).  The spec says
@@ -314,7 +326,7 @@ def dump_frame(df: Any) -> tuple[dict, list[Blob]]:
         spec = _dump_json(df, cols)
         if spec is not None:
             return spec, []
-        dumped = _dump_arrow(df, cols)
+        dumped = _dump_arrow(df, cols) if _has_pyarrow() else None
         if dumped is not None:
             return dumped
     inner, blobs = dump_value(df)
@@ -347,6 +359,8 @@ def load_frame(spec: dict, get_blob: Callable[[str], Any], trusted: bool = False
         df.columns = _restore_columns(spec["columns"], spec["columns_dtype"])
         return df
     if fmt in ("parquet", "arrow"):
+        if not _has_pyarrow():
+            raise ValueError(f"the result table is stored as {fmt.title()}, which needs pyarrow (pip install pyarrow)")
         import pyarrow as pa
         import pyarrow.parquet as pq
 
