@@ -3,6 +3,7 @@ directory and RSSD per test, and helpers to read the RSSD with plain sqlite3."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
 from IPython.utils.capture import capture_output
 
 from rssd_magic.magic import ENV_RSSD
@@ -104,10 +106,19 @@ def kernel(shell, tmp_path, monkeypatch) -> Kernel:
     monkeypatch.delenv(ENV_RSSD, raising=False)
     k = Kernel(shell, tmp_path)
     magics = k.magics
-    saved = (magics.rssd_path, magics.default_scope, magics.quiet, magics.clock)
+    # Every setting a test may change (%config or directly), and the shell's
+    # own config section %config writes to: restored, so no test leaks a
+    # setting into the next and the suite passes in any order.
+    settings = {name: getattr(magics, name) for name in magics.trait_names(config=True)}
+    config = copy.deepcopy(shell.config.get("StatefulMagics", Config()))
+    clock = magics.clock
     yield k
     k.restart()
-    magics.rssd_path, magics.default_scope, magics.quiet, magics.clock = saved
+    shell.config.StatefulMagics = config
+    magics.clock = clock
+    for name, value in settings.items():
+        if getattr(magics, name) != value:
+            setattr(magics, name, value)
 
 
 def counter(path: Path) -> int:

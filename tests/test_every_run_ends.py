@@ -10,6 +10,7 @@ kernel reports (pointed at a copy that puts the folder on NFS).
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -155,3 +156,33 @@ def test_a_plain_sqlite_reader_sees_no_half_written_rows_after_any_of_it(kernel)
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     finally:
         conn.close()
+
+
+def test_a_claim_whose_end_cannot_be_written_stops_beating(kernel):
+    # Issue 11's heartbeat bug: the claim went on being renewed after its
+    # run's record failed, so other kernels waited as long as this one lived.
+    # The body makes SQLite's row limit tiny on the store's own connection
+    # (the heartbeat's connection keeps the default), so neither the record
+    # nor the small FAILED end fits.
+    kernel.ok("%config StatefulMagics.lease_seconds = 0.3")
+    try:
+        shrink = (
+            "import sqlite3\n"
+            "store = get_ipython().magics_manager.registry['StatefulMagics'].runner.backend()\n"
+            "store.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100)\n"
+        )
+        ran = kernel.ok("%%stateful\n" + shrink + "import time\ntime.sleep(0.5)\nz = 1\n")
+        assert "could not be recorded" in ran.stderr
+        beat = lambda: kernel.rows("SELECT beat FROM rssd_magic_claim WHERE state_id IS NOT NULL")  # noqa: E731
+        (first,) = beat()
+        assert first[0] >= 1, "it did beat while the body ran"
+        time.sleep(0.6)
+        assert beat() == [first], "no beat after the run could not be recorded"
+        kernel.shell.user_ns["store"].conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1_000_000_000)
+        kernel.ok("%%stateful\nnext_cell = 1\n")  # writes the pending end first
+        assert held_claims(kernel) == 0
+        assert kernel.rows(
+            "SELECT count(*) FROM orchestration_session_state WHERE to_state = 'FAILED' AND transition_reason LIKE 'could not record:%'"
+        ) == [(1,)]
+    finally:
+        kernel.magics.lease_seconds = 60.0
