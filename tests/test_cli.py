@@ -172,7 +172,7 @@ def test_list_text_is_aligned_and_found_by_env_and_cwd_default(base):
     out = ok(cli("--db", str(base.db), "list"))
     lines = out.splitlines()
     header = lines[0]
-    for col in ("KEY", "NAME", "STATE", "SOURCE", "EXECUTED AT", "HOST", "DURATION", "HITS"):
+    for col in ("KEY", "NAME", "SCOPE", "STATE", "SOURCE", "EXECUTED AT", "HOST", "DURATION", "HITS"):
         assert col in header
     rows = lines[1:]
     assert len(rows) == 5
@@ -182,8 +182,11 @@ def test_list_text_is_aligned_and_found_by_env_and_cwd_default(base):
         cell = by_prefix[row[:12]]
         assert row[12] == " "  # exactly a 12-character key prefix
         assert row[state_col:].split()[0] == cell["state"]
-        first = cell["source"].strip().splitlines()[0]
-        assert row[source_col:].startswith(first[:20])
+        # The --name, else the first line that is not an import or a comment.
+        lines = [ln.strip() for ln in cell["source"].splitlines() if ln.strip()]
+        telling = [ln for ln in lines if not ln.startswith(("#", "import ", "from "))]
+        label = f"--name {cell['name']}" if cell["name"] is not None else (telling or lines)[0]
+        assert row[source_col:].startswith(label[:20])
     named = next(r for r in rows if r.startswith(base.cells["named"]["key"][:12]))
     assert "load_once" in named
     # Same file found through $SURVEILR_STATEDB_FS_PATH and through the cwd default.

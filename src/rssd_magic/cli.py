@@ -93,8 +93,8 @@ db_option = click.option(
 @click.pass_context
 def list_cmd(ctx: click.Context, as_json: bool) -> None:
     """One line per cell, in the order first seen."""
-    with opened(ctx) as store:
-        cells = report.list_cells(store)
+    with opened(ctx) as backend:
+        cells = report.list_cells(backend)
     if as_json:
         emit_json(cells)
         return
@@ -111,8 +111,8 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(ctx: click.Context, key: str, as_json: bool) -> None:
     """A cell's source, every transition, and what its next run replays."""
-    with opened(ctx) as store:
-        cell = report.show_cell(store, report.resolve_key(store, key)["key"])
+    with opened(ctx) as backend:
+        cell = report.show_cell(backend, report.resolve_key(backend, key)["key"])
     if as_json:
         emit_json(cell)
         return
@@ -133,12 +133,12 @@ def forget_cmd(ctx: click.Context, key: str | None, all_: bool, as_json: bool) -
     """
     if bool(key) == all_:
         raise click.UsageError("give either KEY or --all")
-    with opened(ctx, write=True) as store:
+    with opened(ctx, write=True) as backend:
         if all_:
-            done = report.forget_all(store)
+            done = report.forget_all(backend)
         else:
-            cell = report.resolve_key(store, key)
-            done = report.forget(store, cell["key"])
+            cell = report.resolve_key(backend, key)
+            done = report.forget(backend, cell["key"])
             if not done:
                 click.echo(
                     f"nothing to forget: cell {cell['key'][:12]} is {cell['state'] or 'not run'}, not EXECUTED",
@@ -160,8 +160,8 @@ def forget_cmd(ctx: click.Context, key: str | None, all_: bool, as_json: bool) -
 @click.pass_context
 def stats_cmd(ctx: click.Context, as_json: bool) -> None:
     """Cells, replays, time saved and storage."""
-    with opened(ctx) as store:
-        s = report.stats(store)
+    with opened(ctx) as backend:
+        s = report.stats(backend)
     if as_json:
         emit_json(s)
         return
@@ -179,8 +179,8 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     Only rows of rssd_magic_blob are deleted; SQLite reuses the freed pages
     (run VACUUM yourself to shrink the file).
     """
-    with opened(ctx, write=not dry_run) as store:
-        r = report.gc(store, dry_run=dry_run)
+    with opened(ctx, write=not dry_run) as backend:
+        r = report.gc(backend, dry_run=dry_run)
     if as_json:
         emit_json(r)
         return
@@ -203,8 +203,8 @@ def trust_cmd(ctx: click.Context, secret: str | None, as_json: bool) -> None:
     never unpickled until you do this. Blobs that are missing or don't match
     their digests stay untrusted and are listed.
     """
-    with opened(ctx, write=True) as store:
-        r = report.trust(store, Signer.load(secret))
+    with opened(ctx, write=True) as backend:
+        r = report.trust(backend, Signer.load(secret))
     if as_json:
         emit_json(r)
         return

@@ -19,7 +19,7 @@ import os
 import socket
 from urllib.parse import unquote
 
-from .backends.base import CellRow, StateBackend, StoreError
+from .backends.base import CellRow, StateBackend
 from .canonical import dumps
 from .keys import URI_PREFIX
 from .lifecycle import EXECUTED, FORGOTTEN
@@ -332,7 +332,6 @@ def trust(backend: StateBackend, signer: Signer) -> dict:
 
 __all__ = [
     "ReportError",
-    "StoreError",
     "digests_of",
     "first_line",
     "forget",
