@@ -26,7 +26,7 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 
 
 ENGINE = [
-    "acquire", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names",
+    "acquire", "bindable", "canonical", "capture", "claims", "deps", "ids", "keys", "lifecycle", "names",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl",
     "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
     "backends.sqlite_schema",
