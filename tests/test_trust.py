@@ -812,6 +812,7 @@ def test_bindable_names_come_from_the_code_less_builtins_dunders_and_the_shells(
     )
     assert bindable(code) == {"os", "x", "gone", "also_gone", "f", "timed", "captured", "inside"}
     assert bindable(out="frame") == {"frame"} and bindable(out="print") == frozenset()
+    assert bindable("from IPython.display import display") == {"display"}, "IPython's additions to builtins are not Python's"
     assert bindable("this is ( not python") == frozenset()
     assert [why_not(n) for n in ("print", "__builtins__", "Out", "_i3", "anything", "a b")] == [
         "shadows a builtin", "a dunder name", "IPython's own", "IPython's own", "not bound by the cell's code", "not a Python name",

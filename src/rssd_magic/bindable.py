@@ -38,7 +38,12 @@ SHELL_NAMES = frozenset(
 )
 #: ``_i3`` (the input of cell 3) and ``_3`` (its output).
 _SHELL_HISTORY = re.compile(r"_i?[0-9]+")
-_BUILTINS = frozenset(dir(builtins))
+#: Names IPython adds to ``builtins`` itself.  Not Python's builtins: whether
+#: they are there depends on when this module was imported, and a cell that
+#: binds ``display`` (``from IPython.display import display``) must get it
+#: back in every kernel alike.  ``get_ipython`` stays refused as the shell's.
+IPYTHON_BUILTINS = frozenset({"display", "get_ipython", "__IPYTHON__", "__IPYTHON__active", "dreload"})
+_BUILTINS = frozenset(dir(builtins)) - IPYTHON_BUILTINS
 
 
 def never_bound(name: object) -> str | None:
