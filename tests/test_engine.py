@@ -28,7 +28,7 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 # Dotted names below rssd_magic: a subpackage is listed itself (its
 # __init__) and with each of its modules.
 ENGINE = [
-    "acquire", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
+    "acquire", "bindable", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
     "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
     "backends.sqlite_schema",

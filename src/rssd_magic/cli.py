@@ -208,7 +208,7 @@ def trust_cmd(ctx: click.Context, secret: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(r)
         return
-    click.echo(f"signed {plural(r['signed'], 'value')} in {plural(r['cells'], 'cell')} with key {r['key_id']}")
+    click.echo(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} with key {r['key_id']}")
     for bad in r["refused"]:
         click.echo(f"not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}", err=True)
 

@@ -277,7 +277,7 @@ def _line_command(magics: StatefulMagics, backend, args) -> Any:
         print(f"freed {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}")
         return None
     r = report.trust(backend, magics.signer)
-    print(f"signed {plural(r['signed'], 'value')} in {plural(r['cells'], 'cell')} of {backend.location} with your key")
+    print(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} of {backend.location} with your key")
     for bad in r["refused"]:
         magics.note(f"[stateful] not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}")
     return None

@@ -7,8 +7,15 @@ every field's type and says in one line what is wrong, instead of letting a
 ``KeyError`` or ``RecursionError`` escape into a notebook.
 
 Nothing outside this module and :mod:`serialize` knows the field names:
-gc asks :meth:`RunRecord.blob_digests`, trust asks
-:meth:`RunRecord.payloads_to_sign`, replay reads the attributes.
+gc asks :meth:`RunRecord.blob_digests`, signing and checking ask
+:meth:`RunRecord.signed_bytes` (the whole record, bound to its cell: see
+trust.py), replay reads the attributes.
+
+Numbers are where another tool's JSON hurts most quietly: ``1e400`` parses
+as infinity, a 400-digit integer overflows every float it meets, ``NaN`` is
+not JSON at all (and can't be signed).  So non-finite numbers are refused
+anywhere in a record, and the numbers this package computes with —
+durations and sizes — must be in range.
 """
 
 from __future__ import annotations
@@ -20,14 +27,21 @@ from typing import Any, Iterator
 
 from .canonical import dumps
 from .serialize import spec_blobs
+from .trust import signed_bytes
 
 #: ``format`` of every record this package writes.
 RESULT_FORMAT = "rssd_magic.result.v1"
-#: Name under which the cell's result value is signed beside its names.
+#: Key of the cell's result value among :meth:`RunRecord.specs`.
 RESULT_VALUE = "\0result"
 #: The most nesting a record may have: deep enough for any notebook output,
 #: shallow enough that no recursive walk over it can overflow the stack.
 MAX_DEPTH = 64
+#: The longest a run may have taken, in seconds (ten years): more is a
+#: number another tool made up, and would overflow the arithmetic on it.
+MAX_DURATION_S = 10 * 365 * 86400.0
+#: The most bytes a stored value may say it has (SQLite's blobs stop at 2 GB;
+#: this is the int64 every store and report can hold).
+MAX_SIZE = 2**63 - 1
 
 #: The fields a record has, in the order they are written.
 FIELDS = ("format", "host", "duration_s", "code_hash", "inputs", "sql", "outputs", "names", "result_value", "error")
@@ -88,23 +102,20 @@ class RunRecord:
             return cls()
         if isinstance(data, (str, bytes)):
             try:
-                data = json.loads(data)
+                data = _DECODER.decode(data) if isinstance(data, str) else json.loads(data, **_HOOKS)
             except RecursionError:
                 raise RecordError(f"JSON nested deeper than {MAX_DEPTH} levels") from None
+            except RecordError:
+                raise
             except ValueError as exc:
-                raise RecordError(f"not valid JSON ({exc})") from None
+                raise RecordError(f"not valid JSON ({_short(exc)})") from None
         if not isinstance(data, dict):
             raise RecordError(f"a JSON {_kind(data)}, not an object")
         _check_depth(data)
         rec = cls(extra={k: v for k, v in data.items() if k not in FIELDS})
         rec.format = _typed(data, "format", str, RESULT_FORMAT)
         rec.host = _typed(data, "host", str, None)
-        duration = data.get("duration_s")
-        if duration is not None and (
-            not isinstance(duration, (int, float)) or isinstance(duration, bool) or not math.isfinite(duration)
-        ):
-            raise RecordError(f"duration_s is a {_kind(duration)}, not a number")
-        rec.duration_s = None if duration is None else float(duration)
+        rec.duration_s = _number(data, "duration_s", MAX_DURATION_S, float)
         rec.code_hash = _typed(data, "code_hash", str, None)
         rec.inputs = _typed(data, "inputs", dict, None)
         rec.sql = _typed(data, "sql", dict, None)
@@ -112,8 +123,11 @@ class RunRecord:
         rec.names = _typed(data, "names", dict, {})
         for name, spec in rec.names.items():
             if not isinstance(spec, dict):
-                raise RecordError(f"the spec of name {name!r} is a {_kind(spec)}, not an object")
+                raise RecordError(f"the spec of name {_label(name)} is {_a(spec)}, not an object")
+            _check_spec(spec, f"the spec of name {_label(name)}")
         rec.result_value = _typed(data, "result_value", dict, None)
+        if rec.result_value is not None:
+            _check_spec(rec.result_value, "the result value's spec")
         rec.error = _typed(data, "error", dict, None)
         return rec
 
@@ -131,11 +145,11 @@ class RunRecord:
         """Digests of every blob the record refers to (gc keeps these)."""
         return {digest for spec in self.specs().values() for digest in spec_blobs(spec)}
 
-    def payloads_to_sign(self) -> dict[str, dict]:
-        """The payloads whose signature decides whether they are loaded:
-        ``{name: spec}`` for every spec (trust.py signs the kinds that run
-        code or interpret bytes)."""
-        return self.specs()
+    def signed_bytes(self, cell: str) -> bytes:
+        """What is signed for this record filed under *cell* (its
+        ``ingest_src``): the whole record and its blobs' digests, bound to
+        the cell (trust.py says why)."""
+        return signed_bytes(cell, self.to_json(), self.blob_digests())
 
     def error_line(self) -> str:
         """``ename: evalue`` of a failed run, for ``transition_reason``."""
@@ -143,6 +157,68 @@ class RunRecord:
             return ""
         ename, evalue = self.error.get("ename") or "Error", self.error.get("evalue") or ""
         return f"{ename}: {evalue}" if evalue else str(ename)
+
+
+def _no_constant(name: str) -> Any:
+    # json.loads accepts NaN and Infinity, which are not JSON: refused here,
+    # as SQLite's json_valid and our canonical form refuse them.
+    raise RecordError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RecordError(f"the number {text[:20]}{'…' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+_HOOKS = {"parse_constant": _no_constant, "parse_float": _finite_float}
+# One decoder for every record: json.loads with hooks would build one a call.
+_DECODER = json.JSONDecoder(**_HOOKS)
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def _label(name: str) -> str:
+    text = repr(name)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _number(data: dict, name: str, limit: float, kind: type) -> Any:
+    """``data[name]`` as a number from 0 to *limit* (None when absent)."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(f"{name} is {_a(value)}, not a number")
+    if kind is int and not isinstance(value, int):
+        raise RecordError(f"{name} is not a whole number")
+    # Compared as the number it is: float() of a 400-digit int would overflow.
+    if value < 0:
+        raise RecordError(f"{name} is negative")
+    if value > limit:
+        raise RecordError(f"{name} is too large ({len(str(value))} digits)" if isinstance(value, int) else f"{name} is too large")
+    return kind(value)
+
+
+def _check_spec(spec: dict, what: str) -> None:
+    """The fields of a value spec that are read as numbers or switch on
+    text: ``kind`` a string, ``size`` a byte count in range."""
+    if not isinstance(spec.get("kind"), str):
+        raise RecordError(f"{what} has no kind (a string)")
+    try:
+        _number(spec, "size", MAX_SIZE, int)
+    except RecordError as exc:
+        raise RecordError(f"{what}: {exc}") from None
+
+
+def _a(value: Any) -> str:
+    """``an object``, ``a string``: the kind of a JSON value, with its article."""
+    kind = _kind(value)
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _kind(value: Any) -> str:
@@ -160,7 +236,7 @@ def _typed(data: dict, name: str, kind: type, default: Any) -> Any:
     if value is None:
         return default
     if not isinstance(value, kind):
-        raise RecordError(f"{name} is a {_kind(value)}, not {_JSON_NAMES[kind]}")
+        raise RecordError(f"{name} is {_a(value)}, not {_JSON_NAMES[kind]}")
     return value
 
 

@@ -15,6 +15,7 @@ refers to, deciding and deleting in one write transaction.
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import socket
 from urllib.parse import unquote
@@ -24,7 +25,8 @@ from .canonical import dumps
 from .keys import URI_PREFIX
 from .lifecycle import EXECUTED, FORGOTTEN
 from .record import RESULT_VALUE, RecordError, RunRecord
-from .trust import IntegrityError, Signer, sign_specs, signed_kinds
+from .serialize import spec_blobs
+from .trust import IntegrityError, Signer, sign_message
 
 #: How many candidates an ambiguity error lists.
 MAX_CANDIDATES = 10
@@ -84,7 +86,7 @@ def _summary(cell: CellRow) -> dict:
         "source": cell.source,
         "executed_at": latest.transitioned_at if executed else None,
         "host": cell.latest_host if executed else None,
-        "duration_s": cell.latest_duration_s if executed else None,
+        "duration_s": _finite(cell.latest_duration_s) if executed else None,
         "hits": cell.latest_hits if executed else 0,
         "hits_total": cell.hits_total,
         "transitions": cell.transitions,
@@ -169,7 +171,7 @@ def show_cell(backend: StateBackend, key: str) -> dict:
             "reason": h.reason,
             "session": h.session,
             "host": h.host,
-            "duration_s": h.duration_s,
+            "duration_s": _finite(h.duration_s),
             "hits": h.hits,
             "error": h.error,
         }
@@ -189,6 +191,19 @@ def show_cell(backend: StateBackend, key: str) -> dict:
             error = _record(backend.result_of(failed["id"])).error or {}
             info["error"] = {**error, "at": failed["at"], "state": failed["to"]}
     return info
+
+
+def _finite(value: object) -> float | None:
+    """A number the store pulled out of a record with SQL (so nobody checked
+    it): None unless it is a finite one.  ``1e400`` in a record another tool
+    wrote reads back as infinity, which neither the text tables nor JSON can
+    show."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an int too large for a float
+        return None
 
 
 def _record(text: str | None) -> RunRecord:
@@ -262,7 +277,7 @@ def stats(backend: StateBackend) -> dict:
         "by_state": by_state,
         "transitions": s.transitions,
         "hits": s.hits,
-        "time_saved_s": s.time_saved_s,
+        "time_saved_s": _finite(s.time_saved_s) or 0.0,
         "storage": {
             "blobs": s.blobs,
             "blob_bytes": s.blob_bytes,
@@ -298,36 +313,49 @@ def gc(backend: StateBackend, dry_run: bool = False) -> dict:
 
 
 def trust(backend: StateBackend, signer: Signer) -> dict:
-    """Sign with *signer* every payload of every current EXECUTED record
-    whose blobs are intact: the user's decision to trust this store,
-    recorded as signature rows of their key (other keys' rows are left).
+    """Sign with *signer* every current EXECUTED record whose blobs are
+    intact: the user's decision to trust this store, recorded as one
+    signature row of their key per record (other keys' rows are left).  A
+    signature covers the whole record, bound to the cell it is filed under
+    (trust.py); records signed before that — value by value — are signed
+    again the new way.
 
-    Returns ``signed`` (payloads), ``cells`` and ``refused``: the names whose
-    blobs are missing or don't match their digests, which stay untrusted.
+    Returns ``signed`` (records), ``cells`` (current EXECUTED records seen),
+    ``refused``: ``{key, name, why}`` for each record left untrusted — one
+    that can't be read, or a value whose blob is missing or doesn't match
+    its digest (``name`` is the value, ``(result)`` or ``(record)``) — and
+    the ``key_id`` that signed.
     """
     rows: list[tuple[str, str, str]] = []
     refused: list[dict] = []
     cells = 0
     for cell, text in backend.current_results():
+        cells += 1
         try:
             record = RunRecord.from_json(text)
-        except RecordError:
+        except RecordError as exc:
+            refused.append({"key": _key(cell), "name": "(record)", "why": f"unreadable ({exc})"})
             continue
-        cells += 1
-        for name, spec in record.payloads_to_sign().items():
-            if not signed_kinds(spec):
-                continue
-            label = "(result)" if name == RESULT_VALUE else name
-            try:
-                for digest in RunRecord(names={name: spec}).blob_digests():
-                    backend.blobs.get(digest)  # reads and checks the digest
-            except (KeyError, IntegrityError) as exc:
-                why = "a blob is missing" if isinstance(exc, KeyError) else str(exc)
-                refused.append({"key": _key(cell), "name": label, "why": why})
-                continue
-            rows += sign_specs(signer, {name: spec})
+        broken = _broken_blob(backend, record)
+        if broken is not None:
+            refused.append({"key": _key(cell), **broken})
+            continue
+        rows.append(sign_message(signer, record.signed_bytes(cell.ingest_src)))
     backend.add_signatures(rows)
     return {"signed": len(rows), "cells": cells, "refused": refused, "key_id": signer.key_id}
+
+
+def _broken_blob(backend: StateBackend, record: RunRecord) -> dict | None:
+    """``{name, why}`` of the first value of *record* whose blob is missing
+    or doesn't match its digest (each blob is read, which checks it)."""
+    for name, spec in record.specs().items():
+        try:
+            for digest in spec_blobs(spec):
+                backend.blobs.get(digest)
+        except (KeyError, IntegrityError) as exc:
+            why = "a blob is missing" if isinstance(exc, KeyError) else str(exc)
+            return {"name": "(result)" if name == RESULT_VALUE else name, "why": why}
+    return None
 
 
 __all__ = [

@@ -32,17 +32,24 @@ from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
 from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
+from .bindable import bindable, why_not
 from .canonical import fmt_duration
 from .capture import ReplayedResult, replay
 from .claims import Heartbeat, current_holder, process_verdict
 from .deps import collect_inputs, explain, inputs_digest, read_names
 from .keys import CellKey, cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
-from .record import RESULT_VALUE, RecordError
+from .record import RecordError, RunRecord
 from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError
-from .serialize import UNTRUSTED, load_names, load_value
-from .trust import Signer, trusted_names
+from .serialize import load_names, load_value
+from .trust import Signer, inert_outputs, payload_id, unsigned_because
 from .ttl import age_s
+
+
+#: Records parsed and kept per kernel (see CellRunner._parsed), and the
+#: largest stored text kept among them.
+MEMO_RECORDS = 128
+MEMO_TEXT_MAX = 256 * 1024
 
 
 class UsageProblem(Exception):
@@ -121,6 +128,8 @@ class CellRunner:
         self._failed: set[int] = set()
         #: Runs whose end could not be written yet (runs.Run.end_unrecorded).
         self._unended: list[Run] = []
+        #: Parsed records and their payload ids, by (cell, stored text).
+        self._records: dict[tuple[str, str | None], tuple[RunRecord, str]] = {}
 
     # -- stores ------------------------------------------------------------------
 
@@ -179,6 +188,7 @@ class CellRunner:
         self._backends.clear()
         self._failed.clear()
         self._resolved.clear()
+        self._records.clear()
 
     # -- one cell -------------------------------------------------------------------
 
@@ -218,7 +228,7 @@ class CellRunner:
                 f"(state: {state or 'never run'}, key {key.digest[:12]}); it was not run"
             )
         if decision.action == REPLAY:
-            return self._replay(backend, key, latest, quiet)
+            return self._replay(backend, key, latest, quiet, _bindable(opts, python))
         first_reason = "first run"
         if latest is None and key.inputs:
             earlier = backend.latest_variant(key)
@@ -256,7 +266,7 @@ class CellRunner:
             raise
         if outcome.kind == "done":
             status.done("the other kernel finished; replaying its result")
-            return self._replay(backend, key, outcome.previous, quiet)
+            return self._replay(backend, key, outcome.previous, quiet, _bindable(opts, python))
         if outcome.abandoned is not None:
             status.done("the other kernel died; running the cell here")
             self.port.note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
@@ -385,34 +395,50 @@ class CellRunner:
 
     # -- replay ---------------------------------------------------------------------
 
-    def _replay(self, backend: StateBackend, key: CellKey, done: Transition, quiet: bool) -> Any:
+    def _replay(
+        self, backend: StateBackend, key: CellKey, done: Transition, quiet: bool, allowed: frozenset[str]
+    ) -> Any:
+        """Replay an EXECUTED record: all of it when a key the user trusts
+        signed it (the one signature lookup of a replay), its text and
+        images only when not (:meth:`_replay_unsigned`).  Of the names it
+        records, only *allowed* ones are bound (bindable.py)."""
         port, ns = self.port, self.port.user_ns
         backend.note_hit(done.state_id)
         try:
-            record = done.record()
+            record, pid = self._parsed(key.ingest_src, done.result_json)
         except RecordError as exc:
             raise StatefulRunError(
                 f"the recorded result of cell {key.digest[:12]} in {redact(backend.location)} is unreadable "
                 f"({exc}); nothing was replayed and the cell was not run (--force runs it and records it again)"
             ) from None
-        trusted = trusted_names(self.config.signer, record.payloads_to_sign(), backend.signatures)
-        _, missing = load_names(record.names, backend.blobs.get, ns, trusted.__contains__)
+        # Checked on every replay, memo or not: the row may have changed.
+        why = unsigned_because(self.config.signer, pid, backend.signatures)
+        if why is not None:
+            return self._replay_unsigned(backend, key, record, why)
+        specs, refused = {}, {}
+        for name, spec in record.names.items():
+            if name in allowed:
+                specs[name] = spec
+            else:
+                refused[name] = why_not(name)
+        # The record's signature checked: every spec in it is ours to load.
+        _, missing = load_names(specs, backend.blobs.get, ns, _trusted)
         if not quiet:
             self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
-                         f"on {record.host or '?'} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
+                         f"on {_printable(record.host or '?')} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
         if key.kind == "name" and record.code_hash not in (None, key.code_hash):
             port.note(
                 f"[stateful] the code of --name {key.name} changed since it ran; "
                 "replaying the recorded run (use --force to run the new code)"
             )
-        if missing:
-            port.note("[stateful] not restored: " + "; ".join(f"{name} {why}" for name, why in missing.items()))
-            if UNTRUSTED in missing.values():
-                where = redact(backend.location)
-                port.note(
-                    f"[stateful] values signed by another key are never unpickled; if you trust "
-                    f"{where}, run %stateful trust (or: rssd-magic --db {where} trust)"
+        if missing or refused:
+            port.note(
+                "[stateful] not restored: "
+                + "; ".join(
+                    [f"{_printable(name)} {' '.join(why.split())}" for name, why in missing.items()]
+                    + [f"{_printable(name)} ({why})" for name, why in refused.items()]
                 )
+            )
 
         def show_result(data: dict, metadata: dict) -> None:
             # Called by replay at the result's recorded position (before the
@@ -422,7 +448,7 @@ class CellRunner:
             value: Any = ReplayedResult(data, metadata)
             if record.result_value is not None:
                 try:
-                    value = load_value(record.result_value, backend.blobs.get, ns, RESULT_VALUE in trusted)
+                    value = load_value(record.result_value, backend.blobs.get, ns, trusted=True)
                 except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
                     pass
             port.show_result(value, data, metadata)
@@ -431,6 +457,49 @@ class CellRunner:
         if skipped:
             port.note(f"[stateful] {skipped} recorded output(s) of {redact(backend.location)} were malformed and not shown")
         return None
+
+    def _parsed(self, cell: str, text: str | None) -> tuple[RunRecord, str]:
+        """The record stored as *text* for *cell*, parsed and checked, and the
+        payload id its signature must be about.
+
+        Memoized on the exact text and cell (both are what the id is
+        computed from, so a hit is the same answer): replaying one cell
+        again and again — what a notebook does — parses and encodes its
+        record once.  The signature itself is looked up on every replay.
+        Large records are not kept (their text is the memory).
+        """
+        memo = (cell, text)
+        hit = self._records.get(memo)
+        if hit is not None:
+            return hit
+        record = RunRecord.from_json(text)
+        parsed = record, payload_id(record.signed_bytes(cell))
+        if text is None or len(text) <= MEMO_TEXT_MAX:
+            if len(self._records) >= MEMO_RECORDS:
+                self._records.pop(next(iter(self._records)))  # the oldest
+            self._records[memo] = parsed
+        return parsed
+
+    def _replay_unsigned(self, backend: StateBackend, key: CellKey, record: RunRecord, why: str) -> None:
+        """A record no trusted key signed (edited, written by another tool,
+        another person's RSSD not trusted yet) does not act here: no name is
+        bound, nothing imported or unpickled, no active content published;
+        its text and raster images are shown, marked untrusted, after one
+        line saying so and how to trust or re-run it.  The cell is not run."""
+        where = redact(backend.location)
+        shown, withheld = inert_outputs(record.outputs)
+        hidden = []
+        if withheld:
+            hidden.append("withheld: " + _listing(dict.fromkeys(withheld)))
+        if record.names:
+            hidden.append("not bound: " + _listing(record.names))
+        detail = f" ({'; '.join(hidden)})" if hidden else ""
+        self.port.note(
+            f"[stateful] untrusted record: cell {key.digest[:12]} in {where} is {why}; showing its text and "
+            f"images only{detail}. If you trust {where}: %stateful trust (it also re-signs records from before "
+            "whole-record signing); to run the cell again: --force"
+        )
+        replay(shown, self.port.shell)
 
     def _banner(self, text: str) -> None:
         """The replay banner: a display of its own (never merged into the
@@ -506,6 +575,29 @@ def _notebook_scope(notebook: str, rssd_dir: Path | None) -> str:
         except ValueError:
             pass
     return nb.as_posix()
+
+
+def _bindable(opts: CellOptions, python: str | None) -> frozenset[str]:
+    """The names a replay of this cell may bind (bindable.py)."""
+    return bindable(out=opts.out) if opts.sql else bindable(python)
+
+
+def _trusted(name: str) -> bool:
+    return True
+
+
+def _printable(text: str, width: int = 60) -> str:
+    """*text* from a record, safe to print on one line: a name or a MIME
+    type another tool wrote may hold newlines or terminal escapes."""
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _listing(items, most: int = 8) -> str:
+    """``a, b, c and 4 more``: a list for one line."""
+    items = [_printable(str(item)) for item in items]
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 @lru_cache(maxsize=512)

@@ -35,7 +35,7 @@ from .lifecycle import EXECUTED, FAILED, INTERRUPTED
 from .deps import names_bound, snapshot
 from .record import RunRecord
 from .serialize import dump_names, dump_value
-from .trust import sign_specs
+from .trust import sign_message
 
 @dataclass
 class Executed:
@@ -182,7 +182,9 @@ class Run:
         time rather than leaving a claim behind."""
         try:
             record, blobs = payload()
-            signatures = sign_specs(self.config.signer, record.payloads_to_sign())
+            # One signature over the whole record, bound to this cell's key:
+            # what a replay checks before anything of it acts (trust.py).
+            signatures = [sign_message(self.config.signer, record.signed_bytes(self.key.ingest_src))]
         except KeyboardInterrupt as exc:
             self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted while recording")
             raise

@@ -7,7 +7,7 @@ users can see what was kept) of one of these kinds:
     ``None``, bools, ints, finite floats and short strings: the value itself,
     readable with ``json_extract``; no blob, no pickle.
 ``module``
-    an imported module, restored by importing it again.
+    an imported module, restored by importing it again by name.
 ``pickle``
     anything else: pickle protocol 5, with large buffers (numpy arrays,
     bytes-like data) handed out-of-band so they are stored as raw bytes in
@@ -25,16 +25,19 @@ users can see what was kept) of one of these kinds:
     names were not restored.
 
 Blobs are returned to the caller as ``(digest, buffer)`` pairs to store; the
-spec refers to them by digest.  Loading a pickle or a frame requires the
-caller to vouch for its signature (trust.py): nothing unsigned is unpickled.
+spec refers to them by digest.  Loading is for specs of a record whose
+signature the caller checked (trust.py): a replay of an unsigned record
+loads nothing at all.  The codecs that run code or interpret bytes (pickle,
+frame) check the caller's word once more, so no path that forgets to ask
+can unpickle; the others still read their spec as a stranger's JSON.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
 import pickle
-import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -211,9 +214,13 @@ def _rebind_globals(value: Any, namespace: dict) -> Any:
     return value
 
 
-def _unpickle(ref: dict, get_blob: Callable[[str], Any]) -> Any:
-    buffers = [get_blob(d) for d in ref.get("buffers", ())]
-    return pickle.loads(get_blob(ref["blob"]), buffers=buffers)
+def _unpickle(ref: Any, get_blob: Callable[[str], Any]) -> Any:
+    blob, buffers = (ref.get("blob"), ref.get("buffers", [])) if isinstance(ref, dict) else (None, None)
+    # A spec another tool wrote may name no blob, or something else than
+    # digests: said as such, not as "blob None is missing".
+    if not isinstance(blob, str) or not isinstance(buffers, list) or not all(isinstance(d, str) for d in buffers):
+        raise NotRestored("has a malformed pickle spec (no blob digest)")
+    return pickle.loads(get_blob(blob), buffers=[get_blob(d) for d in buffers])
 
 
 def _load_pickle(spec: dict, get_blob: Callable[[str], Any], namespace: dict) -> Any:
@@ -271,8 +278,6 @@ def codec_for(spec: Any) -> Codec | None:
         return None
     codec = CODECS.get(kind)
     if codec is None and kind in _PLUGINS:
-        import importlib
-
         importlib.import_module(_PLUGINS[kind])
         codec = CODECS.get(kind)
     return codec
@@ -305,12 +310,32 @@ def _skipped(spec: dict, get_blob, namespace) -> Any:
     raise NotRestored()
 
 
+def _json(spec: dict, get_blob, namespace) -> Any:
+    if "value" not in spec:
+        raise NotRestored("has no value in its record")
+    return spec["value"]
+
+
 def _module(spec: dict, get_blob, namespace) -> Any:
-    __import__(spec["module"])
-    return sys.modules[spec["module"]]
+    """A module, imported again by its dotted name through the normal import
+    system — the import the cell's own code made, now made by a signed
+    record.  A name is only a name: no path, no relative import, nothing
+    that would make ``import`` read a file the name doesn't say."""
+    name = spec.get("module")
+    if not _is_module_name(name):
+        raise NotRestored(f"names no importable module ({str(name)[:60]!r})")
+    return importlib.import_module(name)
 
 
-register(Codec("json", lambda spec, get_blob, namespace: spec["value"]))
+def _is_module_name(name: Any) -> bool:
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 200
+        and all(part.isidentifier() for part in name.split("."))
+    )
+
+
+register(Codec("json", _json))
 register(Codec("module", _module))
 register(Codec("pickle", _load_pickle, _pickle_blobs, signed=True))
 register(Codec("skipped", _skipped))

@@ -1,20 +1,50 @@
-"""Knowing that a stored payload is one we (or someone we trust) wrote.
+"""Knowing that a stored record is one we (or someone we trust) wrote, and
+what may be shown of one that isn't.
 
-An RSSD is a file people share, commit and merge; unpickling a value from it
-runs code chosen by whoever wrote it.  Like Jupyter's notebook trust, every
-payload we store is signed with an HMAC keyed by a per-user secret that lives
-outside the RSSD, and nothing is unpickled unless the signature checks out.
+An RSSD is a file people share, commit and merge.  Whatever a record holds
+acts in the notebook when it is replayed: its names are bound, its modules
+imported, its pickles unpickled (code chosen by whoever wrote them), its HTML
+and JavaScript published as live kernel output, which Jupyter trusts.  So,
+like Jupyter's notebook trust, **a record acts only if a key the user trusts
+signed it**; anyone else's record is shown as inert text and images.
 
-The chain, from what is signed to the bytes read back:
+What is signed — one signature per record, over one message
+(:func:`signed_bytes`), the canonical JSON (:func:`canonical.canonical_bytes`)
+of:
 
-* a **payload** is a JSON spec (a pickled name, a SQL result table) that names
-  its blobs by digest; its id is the SHA-256 of the spec's canonical JSON;
-* the HMAC-SHA256 of that id under the user's key is stored in our table
-  ``rssd_magic_signature`` (one row per payload and key, so a teammate's
-  ``trust`` adds a row and never rewrites ours);
-* every blob is checked against its digest when read: pickle streams (which
-  decide what code runs) by SHA-256; large raw buffers (numpy data, which is
-  never executed) by XXH3-128, fast enough to check 200 MB in ~20 ms.
+* ``record``: everything ``transition_result`` holds, as parsed
+  (:meth:`RunRecord.to_json`): outputs, names and their specs, the result
+  value, fields of other versions — nothing in it is left unsigned;
+* ``blobs``: the digests of every blob it refers to (they are inside the
+  specs too; naming them says that the bytes are covered, through their
+  digests, which every read checks: SHA-256 for pickle streams, which decide
+  what code runs, XXH3-128 for raw array buffers, never executed and fast
+  enough to check 200 MB in ~20 ms);
+* ``cell``: the ``ingest_src`` the record is filed under (the cell's scope
+  and key).  **This binds a record to its cell**: a validly signed record
+  copied under another cell's key does not check there, so whoever can
+  write the RSSD can't make one cell replay what another cell showed and
+  bound (say, a cell that binds ``model`` replaying a record that binds
+  ``threshold``).  The key is enough to bind: it is computed from the cell's
+  code, scope and inputs, the same everywhere the cell runs;
+* the form's version (``signed``) and the canonical encoding's
+  (``canonical``), so a change of either can never alias an old signature.
+
+The **payload id** is the SHA-256 of that message; the HMAC-SHA256 of the id
+under the key is stored in ``rssd_magic_signature(payload_id, key_id,
+signature)``: one row per record and key, so a teammate's ``trust`` adds a
+row and never rewrites ours.  A replay computes the message from the record
+it read, looks up one row (its key's), and acts on the record only if the
+row is lowercase hex text equal to the HMAC (anything else in the row — a
+BLOB, non-ASCII text, a number — is "not signed").  The message differs in
+form from anything signed before whole-record signatures (each pickle spec
+alone, always with a ``kind`` field; the message has none), so an old
+signature never checks as a new one: old records replay untrusted until
+``%stateful trust`` re-signs them.
+
+What is *not* covered: which record is the latest.  Whoever can write the
+RSSD can append an older signed record of the same cell, or delete rows; a
+signature says who wrote a record, not that it is the newest.
 
 The secret: ``StatefulMagics.secret`` / ``$RSSD_MAGIC_SECRET`` (a team key), or
 a random key created on first use in the Jupyter data directory, mode 0600.
@@ -24,19 +54,28 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
+import re
 import secrets
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
+from .canonical import CANONICAL_VERSION, canonical_bytes
+
 ENV_SECRET = "RSSD_MAGIC_SECRET"
+
+#: The form of the signed message; bumped whenever what is signed changes.
+SIGNED_FORM = "rssd_magic.record-signature.v2"
 
 
 class IntegrityError(Exception):
     """A blob's bytes don't match the digest its payload names."""
+
+
+# -- digests of blobs -------------------------------------------------------------
 
 
 def stream_digest(data: Any) -> str:
@@ -55,13 +94,13 @@ class Verifier:
 
     def __init__(self, digest: str):
         self.digest = digest
-        algo = digest.partition(":")[0]
+        algo = digest.partition(":")[0] if isinstance(digest, str) else type(digest).__name__
         if algo == "sha256":
             self._hash = hashlib.sha256()
         elif algo == "xxh3-128":
             self._hash = xxhash.xxh3_128()
         else:
-            raise IntegrityError(f"blob {digest[:24]}…: unknown digest algorithm {algo!r}")
+            raise IntegrityError(f"blob {str(digest)[:24]}…: unknown digest algorithm {algo!r}")
         self._prefix = algo + ":"
 
     def update(self, data: Any) -> None:
@@ -82,16 +121,17 @@ def verify(digest: str, data: Any) -> None:
     verifier.check()
 
 
-def payload_id(spec: dict) -> str:
-    """Stable id of a payload spec: what a signature is about."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+# -- keys -----------------------------------------------------------------------------
 
 
 def default_secret_path() -> Path:
     from jupyter_core.paths import jupyter_data_dir
 
     return Path(jupyter_data_dir()) / "rssd_magic" / "secret"
+
+
+#: A signature as we write it: HMAC-SHA256 as lowercase hex.
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 
 
 class Signer:
@@ -128,39 +168,131 @@ class Signer:
     def sign(self, pid: str) -> str:
         return hmac.new(self._secret, pid.encode("ascii"), hashlib.sha256).hexdigest()
 
-    def check(self, pid: str, signature: str | None) -> bool:
-        return signature is not None and hmac.compare_digest(self.sign(pid), signature)
+    def check(self, pid: str, signature: Any) -> bool:
+        """True when *signature* (a row another tool may have written: any
+        type) is this key's signature of *pid*."""
+        return (
+            isinstance(signature, str)
+            and signature.isascii()  # compare_digest refuses non-ASCII text
+            and _SIGNATURE.fullmatch(signature) is not None
+            and hmac.compare_digest(self.sign(pid), signature)
+        )
 
 
-def signed_kinds(spec: Any) -> bool:
-    """Specs whose loading interprets bytes (pickles; later, result tables)."""
-    return isinstance(spec, dict) and spec.get("kind") in SIGNED_KINDS
+# -- records --------------------------------------------------------------------------
 
 
-#: Spec kinds that are only loaded after their signature is checked.
-SIGNED_KINDS = frozenset({"pickle", "frame"})
+def signed_bytes(cell: str, record: dict, blobs: Iterable[str]) -> bytes:
+    """The message signed for one record: the record's JSON, its blobs'
+    digests and the ``ingest_src`` of the cell it is filed under (see the
+    module docstring for why each is there)."""
+    return canonical_bytes(
+        {
+            "signed": SIGNED_FORM,
+            "canonical": CANONICAL_VERSION,
+            "cell": cell,
+            "record": record,
+            "blobs": sorted(blobs),
+        }
+    )
 
 
-def sign_specs(signer: Signer, specs: dict[str, dict]) -> list[tuple[str, str, str]]:
-    """``(payload_id, key_id, signature)`` rows for the signed specs of a run."""
-    rows = []
-    for spec in specs.values():
-        if signed_kinds(spec):
-            pid = payload_id(spec)
-            rows.append((pid, signer.key_id, signer.sign(pid)))
-    return rows
+def payload_id(message: bytes) -> str:
+    """What a signature row is about: the SHA-256 of the signed message."""
+    return hashlib.sha256(message).hexdigest()
 
 
-def trusted_names(signer: Signer, specs: dict, lookup) -> set[str]:
-    """Names whose spec carries a valid signature by *signer*.
+def sign_message(signer: Signer, message: bytes) -> tuple[str, str, str]:
+    """The ``(payload_id, key_id, signature)`` row that signs *message*."""
+    pid = payload_id(message)
+    return pid, signer.key_id, signer.sign(pid)
 
-    *lookup(key_id, payload_ids)* returns the stored signatures (one query
-    for the whole cell, not one per name).
+
+Lookup = Callable[[str, list[str]], dict]
+
+
+def unsigned_because(signer: Signer, pid: str, lookup: Lookup) -> str | None:
+    """None when *signer*'s key signed the payload *pid*, else why not, in a
+    few words.  *lookup(key_id, payload_ids)* is the store's one signature
+    query."""
+    stored = lookup(signer.key_id, [pid])
+    signature = stored.get(pid) if isinstance(stored, dict) else None
+    if signature is None:
+        return "not signed by your key"
+    if signer.check(pid, signature):
+        return None
+    if not (isinstance(signature, str) and signature.isascii() and _SIGNATURE.fullmatch(signature)):
+        return "its signature row is not a signature (not 64 hex digits)"
+    return "its signature does not match (changed after it was signed)"
+
+
+# -- what an unsigned record may show ---------------------------------------------------
+
+#: MIME types an unsigned record's displays may publish: text, and raster
+#: images, which a browser shows as pixels and never runs.  Everything else
+#: — HTML, JavaScript, Markdown (it may hold HTML), SVG (it may hold
+#: script), LaTeX, widgets, PDFs, vendor types a renderer extension
+#: interprets — is withheld.
+SAFE_MIME = frozenset({"text/plain", "image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"})
+
+
+
+def untrusted_metadata() -> dict:
+    """Metadata of every display an unsigned record shows (tools and people
+    can tell it from a trusted replay); a new dict each time, since a
+    display publisher may keep or change the one it is given."""
+    return {"rssd_magic": {"untrusted": True}}
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]*")
+
+
+def _text(value: Any) -> str | None:
+    """nbformat text: a string or a list of strings."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(part, str) for part in value):
+        return "".join(value)
+    return None
+
+
+def inert_outputs(outputs: Any) -> tuple[list[dict], list[str]]:
+    """What an unsigned record may show of its *outputs*, and what it may not.
+
+    Returns ``(shown, withheld)``: *shown* are nbformat outputs safe to
+    replay — streams as text, and displays and results reduced to
+    :data:`SAFE_MIME` (images only when their data is base64 text), each a
+    ``display_data`` marked by :func:`untrusted_metadata` with no other
+    metadata (a result becomes a display, so no name, not even ``_``, is
+    bound to it); *withheld* names each thing left out (a MIME type, or a
+    malformed output), for the one line that says so.
     """
-    if not isinstance(specs, dict):
-        return set()
-    ids = {name: payload_id(spec) for name, spec in specs.items() if signed_kinds(spec)}
-    if not ids:
-        return set()
-    stored = lookup(signer.key_id, set(ids.values()))
-    return {name for name, pid in ids.items() if signer.check(pid, stored.get(pid))}
+    shown: list[dict] = []
+    withheld: list[str] = []
+    if not isinstance(outputs, list):
+        return shown, ["outputs (not a list)"]
+    for out in outputs:
+        kind = out.get("output_type") if isinstance(out, dict) else None
+        if kind == "stream":
+            text = _text(out.get("text"))
+            name = out.get("name")
+            if text is None or name not in ("stdout", "stderr"):
+                withheld.append("a malformed stream")
+                continue
+            shown.append({"output_type": "stream", "name": name, "text": text})
+        elif kind in ("display_data", "execute_result"):
+            data = out.get("data")
+            if not isinstance(data, dict):
+                withheld.append("a malformed display")
+                continue
+            safe: dict[str, str] = {}
+            for mime, value in data.items():
+                text = _text(value) if mime in SAFE_MIME else None
+                if text is not None and (mime == "text/plain" or _BASE64.fullmatch(text)):
+                    safe[mime] = text
+                else:
+                    withheld.append(str(mime)[:60])
+            if safe:
+                shown.append({"output_type": "display_data", "data": safe, "metadata": untrusted_metadata()})
+        elif kind != "error":  # a failed run's traceback is never replayed
+            withheld.append("a malformed output")
+    return shown, withheld
