@@ -681,19 +681,22 @@ class PostgresBackend:
 
     # -- moving records to and from RSSD files ------------------------------------------------
 
-    def export_rssd(self, path: str, *, scope: str | None = None) -> dict:
+    def export_rssd(self, path: str, *, scope: str | None = None, digests_of: Callable[[str], set[str]]) -> dict:
         """Write this store's cells (of *scope*, or all) into the RSSD file at
-        *path*: see :func:`postgres_transfer.export_rssd`."""
+        *path*, with the blobs *digests_of(record)* names: see
+        :func:`postgres_transfer.export_rssd`."""
         from .postgres_transfer import export_rssd
 
-        return self._report(export_rssd, path, scope)
+        summary = self._report(export_rssd, path, scope, digests_of)
+        return {**summary, "from": self.location}
 
     def import_rssd(self, path: str) -> dict:
         """Bring the cells of the RSSD file at *path* into this store: see
         :func:`postgres_transfer.import_rssd`."""
         from .postgres_transfer import import_rssd
 
-        return self._report(import_rssd, path, self.blobs)
+        summary = self._report(import_rssd, path, self.blobs)
+        return {**summary, "to": self.location}
 
 
 class PgRenewer:
