@@ -31,11 +31,11 @@ def server_url() -> str:
     """The URL of the session's server (started on first use)."""
     global _server, _base
     if _base is None:
-        import pgserver
-
         folder = tempfile.mkdtemp(prefix="rssd-magic-pg-")
         with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" in containers
             warnings.simplefilter("ignore")
+            import pgserver
+
             _server = pgserver.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
         atexit.register(shutil.rmtree, folder, True)
         _base = _server.get_uri()

@@ -18,7 +18,8 @@ Both are a merge by id, the same code in both directions:
   it are left out;
 * a device is one host: a device row with another id but the same
   ``(name, state, boundary)`` is that one (surveilr's own upsert), and the
-  sessions are filed under it.
+  sessions are filed under it; a device or nature row is the same row when
+  it names the same thing, whenever each side wrote it.
 
 Rows come from another tool's file, so nothing is trusted: a value the
 target can't hold (text with NUL, JSON that is not JSON) is reported instead
@@ -55,6 +56,13 @@ TABLES = [
     ("rssd_magic_hit", ("state_id",)),
 ]
 KEYS = dict(TABLES)
+#: Rows that name a thing every store has its own row for (this host, our
+#: nature label): equal when they name the same thing, whenever each store
+#: wrote its row (created_at and the like are the store's bookkeeping).
+SAME_WHEN = {
+    "device": ("device_id", "name", "state", "boundary"),
+    "orchestration_nature": ("orchestration_nature_id", "nature"),
+}
 COLUMNS = {t: [c for c, _ in EXPECTED_COLUMNS[t]] for t, _ in TABLES}
 INTEGER = {(t, c) for t, _ in TABLES for c, ty in EXPECTED_COLUMNS[t] if ty == "bigint"}
 #: surveilr's JSON columns (checked with a ::json cast in our DDL).
@@ -183,7 +191,7 @@ class _Merge:
         if there is None:  # refused by another constraint (a UNIQUE of surveilr's)
             self.absent.add((table, key))
             return self._conflict(table, key, [], "another row has the same unique values")
-        differ = [c for c in COLUMNS[table] if there[c] != row[c]]
+        differ = [c for c in SAME_WHEN.get(table, COLUMNS[table]) if there[c] != row[c]]
         if differ:
             self.differing.add((table, key))
             return self._conflict(table, key, differ, "already there with other values; left as it is")
