@@ -73,6 +73,11 @@ def fresh_url(prefix: str = "t") -> str:
     return with_options(server_url(), options=f"-c search_path={fresh_schema(prefix)}")
 
 
+def schema_of(url: str) -> str:
+    """The schema a :func:`fresh_url` names."""
+    return url.rsplit("search_path%3D", 1)[1]
+
+
 def raw(url: str, query: str, params: tuple = ()) -> list[tuple]:
     """Run SQL as another tool would (``?`` placeholders, as sqlite3 takes)."""
     if params:

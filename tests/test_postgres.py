@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 import pg_util
-from pg_util import pg_server, pg_url, raw  # noqa: F401 - fixtures
+from pg_util import pg_server, pg_url, raw, schema_of  # noqa: F401 - fixtures
 from rssd_magic.backends import open_backend
 from rssd_magic.backends.base import ClaimRequest, ExecRow, StoreError
 from rssd_magic.backends.postgres_schema import EXPECTED_COLUMNS, SCHEMA_VERSION
@@ -50,10 +50,6 @@ def opened(pg_url):
     yield open_
     for b in backends:
         b.close()
-
-
-def schema_of(url: str) -> str:
-    return url.rsplit("search_path%3D", 1)[1]
 
 
 # -- the schema ---------------------------------------------------------------------

@@ -66,9 +66,9 @@ def redact(location: str) -> str:
     if scheme_of(location) == "file":
         return location
     parts = urlsplit(location)
-    if parts.password is None and "password=" not in parts.query.lower():
+    if not parts.password and "password=" not in parts.query.lower():
         return location  # as given (urlunsplit would drop an empty host: postgresql:///db)
-    if parts.password is not None:
+    if parts.password:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
     if "password=" in parts.query.lower():
         query = "&".join(
