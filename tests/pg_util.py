@@ -32,6 +32,8 @@ def server_url() -> str:
     global _server, _base
     if _base is None:
         folder = tempfile.mkdtemp(prefix="rssd-magic-pg-")
+        # The blob cache of every backend (and kernel) the tests start: never the user's.
+        os.environ.setdefault("RSSD_MAGIC_BLOB_CACHE", os.path.join(folder, "blob-cache"))
         with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" in containers
             warnings.simplefilter("ignore")
             import pgserver

@@ -30,7 +30,8 @@ ENGINE = [
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl",
     "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
     "backends.sqlite_schema", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",
-    "backends.postgres_reports", "backends.postgres_schema", "backends.postgres_transfer",
+    "backends.postgres_live", "backends.postgres_reports", "backends.postgres_rows", "backends.postgres_schema",
+    "backends.postgres_transfer",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
 ]  # fmt: skip
 ADAPTERS = ["magic", "cli"]

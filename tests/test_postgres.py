@@ -370,3 +370,29 @@ def test_rows_the_server_cant_hold_are_reported_not_imported(opened, tmp_path):
     r = b.import_rssd(str(path))
     assert [c["why"] for c in r["conflicts"]] == ["transition_reason holds a NUL character, which PostgreSQL text can't"]
     assert b.latest(KEY).to_state == RUNNING, "everything else came in"
+
+
+def test_large_blobs_are_kept_on_this_machine_and_checked_there_too(pg_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("RSSD_MAGIC_BLOB_CACHE", str(tmp_path / "cache"))
+    b = open_backend(pg_url, session_args={})
+    try:
+        big, small = bytes(range(256)) * 8192, b"small"  # 2 MB: cached; 5 B: not
+        digest = stream_digest(big)
+        b.blobs.put_many([(digest, big), (stream_digest(small), small)])
+        assert bytes(b.blobs.get(digest)) == big and bytes(b.blobs.get(stream_digest(small))) == small
+        copy = b.blobs.cache.path(digest)
+        assert copy.read_bytes() == big and len(list((tmp_path / "cache").rglob("*"))) == 3, "one file, two folders"
+        copy.write_bytes(b"\0" + big[1:])  # a changed copy is dropped: the server's bytes are read again
+        assert bytes(b.blobs.get(digest)) == big and copy.read_bytes() == big
+        raw(pg_url, "DELETE FROM rssd_magic_blob_chunk WHERE digest = ?", (digest,))
+        assert bytes(b.blobs.get(digest)) == big, "read from this machine's copy"
+        raw(pg_url, "DELETE FROM rssd_magic_blob WHERE digest = ?", (digest,))
+        with pytest.raises(KeyError):
+            b.blobs.get(digest)  # the server says whether a blob exists
+        assert b.blobs.cache.path("sha256:../../etc") is None
+    finally:
+        b.close()
+    monkeypatch.setenv("RSSD_MAGIC_BLOB_CACHE", "off")
+    off = open_backend(pg_url, readonly=True)
+    assert off.blobs.cache is None
+    off.close()

@@ -29,7 +29,6 @@ Design rules, on top of those every backend keeps (base.py):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import sys
@@ -40,13 +39,12 @@ from typing import Any, Callable, Iterable, Iterator
 import psycopg
 from psycopg import sql
 
-from .. import __version__
-from ..canonical import dumps, loads_object
+from ..canonical import loads_object
 from ..claims import current_holder
 from ..ids import new_ulid
 from ..keys import CellKey
 from ..lifecycle import ABANDONED, EXECUTED, INITIAL, REPLAY, RUNNING, WAIT, decide
-from . import postgres_reports, redact
+from . import postgres_reports, postgres_rows as rows, redact
 from .base import (
     Blob,
     CellRow,
@@ -56,56 +54,20 @@ from .base import (
     ExecRow,
     Fenced,
     HistoryRow,
-    Holder,
     StorageStats,
     StoreError,
     Transition,
 )
 from .postgres_blobs import PgBlobs
 from .postgres_conn import cause, connect, lost
+from .postgres_live import Listener, PgRenewer, channel
 from .postgres_reports import STATE_COLUMNS
-from .postgres_schema import NOW, ensure_schema
-
-NATURE_ID = "rssd-magic-stateful-cell"
-NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
-SESSION_INIT = "surveilr_orchestration_init"
-SESSION_COMPLETED = "surveilr_orch_completed"
-SESSION_FAILED = "surveilr_orch_failed"
+from .postgres_schema import ensure_schema
 
 BUSY_TIMEOUT_S = 30.0
 HIT_FLUSH_S = 5.0
 #: First pause before reconnecting a lost connection (doubled up to 2 s).
 RECONNECT_PAUSE_S = 0.1
-
-_LATEST = f"""
-    SELECT {STATE_COLUMNS}
-    FROM rssd_magic_state_seq AS q
-    JOIN orchestration_session_state AS s ON s.orchestration_session_state_id = q.state_id
-    WHERE q.entry_id IN (SELECT orchestration_session_entry_id FROM orchestration_session_entry
-                         WHERE ingest_src COLLATE "C" = %s)
-    ORDER BY q.seq DESC LIMIT 1"""
-_CLAIM = """SELECT entry_id, state_id, token, session_id, host, machine, boot, pidns, pid, started, beat, lease_s,
-                   claimed_at, extract(epoch FROM clock_timestamp() - heartbeat_at)::float8
-            FROM rssd_magic_claim"""
-
-
-def channel(schema: str, ingest_src: str) -> str:
-    """The NOTIFY channel of one cell (an identifier of at most 63 bytes)."""
-    return "rssd_magic_" + hashlib.sha256(f"{schema}\0{ingest_src}".encode()).hexdigest()[:40]
-
-
-def _text(value: str | None) -> str | None:
-    """PostgreSQL text can't hold NUL: it is stored as U+FFFD (JSON columns
-    never have one, ``dumps`` escapes it)."""
-    return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
-
-
-def _claim(row) -> Claim | None:
-    if row is None or row[1] is None:
-        return None
-    entry_id, state_id, token, session_id, host, machine, boot, pidns, pid, started, beat, lease_s, at, silent = row
-    holder = Holder(host, machine, boot, pidns, int(pid), int(started), session_id)
-    return Claim(entry_id, state_id, int(token), holder, int(beat), float(lease_s), at, silent)
 
 
 class PostgresBackend:
@@ -128,8 +90,7 @@ class PostgresBackend:
         self._hits_flushed = time.monotonic()
         self._src_of: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
         self._user_sql: psycopg.Connection | None = None
-        self._listener: psycopg.Connection | None = None
-        self._listening: str | None = None
+        self._listener = Listener(url)
         self._awaited: str | None = None
         self._closed = False
 
@@ -220,45 +181,9 @@ class PostgresBackend:
             return self.session_id
         session_id = new_ulid()
         holder = asdict(current_holder(session_id))
-
-        def tx(c: psycopg.Connection, retrying: bool) -> None:
-            # surveilr's device upsert, without rewriting a row it wrote.
-            c.execute(
-                """INSERT INTO device (device_id, name, state, boundary) VALUES (%s, %s, '"SINGLETON"', 'UNKNOWN')
-                   ON CONFLICT (name, state, boundary) DO NOTHING""",
-                (new_ulid(), _text(self.host)),
-            )
-            (device_id,) = c.execute(
-                """SELECT device_id FROM device WHERE name = %s AND state = '"SINGLETON"' AND boundary = 'UNKNOWN'""",
-                (_text(self.host),),
-            ).fetchone()
-            c.execute(
-                """INSERT INTO orchestration_nature (orchestration_nature_id, nature) VALUES (%s, %s)
-                   ON CONFLICT DO NOTHING""",
-                (NATURE_ID, NATURE_LABEL),
-            )
-            c.execute(
-                """INSERT INTO orchestration_session
-                   (orchestration_session_id, device_id, orchestration_nature_id, version, args_json, elaboration)
-                   VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
-                (session_id, device_id, NATURE_ID, __version__, dumps(args), dumps({"holder": holder})),
-            )
-            if not retrying or not self._exists(c, session_id, SESSION_INIT):
-                self._append(c, session_id, None, INITIAL, SESSION_INIT, None, "kernel started", None)
-
-        self._tx(tx)
+        self._tx(lambda c, retrying: rows.open_session(c, session_id, self.host, args, holder, retrying))
         self.session_id = session_id
         return session_id
-
-    @staticmethod
-    def _exists(c: psycopg.Connection, session_id: str, to_state: str) -> bool:
-        return bool(
-            c.execute(
-                """SELECT 1 FROM orchestration_session_state
-                   WHERE session_id = %s AND session_entry_id IS NULL AND to_state = %s""",
-                (session_id, to_state),
-            ).fetchone()
-        )
 
     def _session(self) -> str:
         return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
@@ -268,7 +193,7 @@ class PostgresBackend:
         for sid, elaboration in self._read(
             """SELECT orchestration_session_id, elaboration FROM orchestration_session
                WHERE orchestration_nature_id = %s AND orch_finished_at IS NULL""",
-            (NATURE_ID,),
+            (rows.NATURE_ID,),
         ):
             holder = loads_object(elaboration).get("holder")
             if isinstance(holder, dict):
@@ -276,37 +201,27 @@ class PostgresBackend:
         return out
 
     def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
-        return self._tx(lambda c, _r: self._end_session(c, session_id, failed, reason))
-
-    def _end_session(self, c: psycopg.Connection, session_id: str, failed: bool, reason: str) -> bool:
-        cur = c.execute(
-            f"""UPDATE orchestration_session SET orch_finished_at = {NOW}
-                WHERE orchestration_session_id = %s AND orch_finished_at IS NULL""",
-            (session_id,),
-        )
-        if cur.rowcount == 0:
-            return False
-        to_state = SESSION_FAILED if failed else SESSION_COMPLETED
-        self._append(c, session_id, None, SESSION_INIT, to_state, None, _text(reason), None)
-        return True
+        return self._tx(lambda c, _r: rows.end_session(c, session_id, failed, reason))
 
     def close(self, *, failed: bool = False) -> None:
         if self._closed:
             return
         try:
-            if self.session_id is not None and not self.readonly:
+            # At exit a lost link is not reopened: the next kernel closes the session.
+            if self.session_id is not None and not self.readonly and not lost(self.conn):
 
                 def tx(c: psycopg.Connection, _retrying: bool) -> None:
                     self._flush_hits(c)
                     why = "a cell failed in this kernel" if failed else "kernel shut down"
-                    self._end_session(c, self.session_id, failed, why)
+                    rows.end_session(c, self.session_id, failed, why)
 
                 self._tx(tx, patience_s=0)  # at exit: no waiting for a server that is gone
         except (StoreError, psycopg.Error):
             pass  # closing must never raise at interpreter exit
         finally:
             self._closed = True
-            for conn in (self.conn, self._listener, self._user_sql):
+            self._listener.close()
+            for conn in (self.conn, self._user_sql):
                 if conn is not None:
                     try:
                         conn.close()
@@ -318,48 +233,21 @@ class PostgresBackend:
     def wait_for_change(self, timeout: float) -> None:
         """Sleep until the awaited cell's channel is notified, or *timeout*.
         The channel is the one of the cell :meth:`claim` last found held."""
-        wanted = self._awaited
-        if wanted is None:
+        if self._awaited is None:
             time.sleep(timeout)
-            return
-        try:
-            if lost(self._listener):
-                self._listener = connect(self.url, purpose="listener")
-                self._listening = None
-            listener = self._listener
-            if self._listening != wanted:
-                if self._listening is not None:
-                    listener.execute("UNLISTEN *")
-                listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(wanted)))
-                self._listening = wanted
-                return  # listening now: the caller reads again, so a commit before LISTEN is not missed
-            for _ in listener.notifies(timeout=timeout, stop_after=1):
-                break
-        except (psycopg.Error, StoreError):
-            self._drop_listener()
-            time.sleep(timeout)  # no notifications: poll
-        except BaseException:
-            self._drop_listener()  # interrupted inside the driver: the link's state is unknown
-            raise
-
-    def _drop_listener(self) -> None:
-        if self._listener is not None:
-            try:
-                self._listener.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._listener, self._listening = None, None
+        else:
+            self._listener.wait(self._awaited, timeout)
 
     # -- the hot path --------------------------------------------------------------------
 
     def latest(self, key: CellKey) -> Transition | None:
-        rows = self._read(_LATEST, (key.ingest_src,))
-        return Transition(*rows[0]) if rows else None
+        found = self._read(rows.LATEST, (key.ingest_src,))
+        return Transition(*found[0]) if found else None
 
     def latest_variant(self, key: CellKey) -> Transition | None:
         lo = key.base_src
         hi = lo[:-1] + chr(ord(lo[-1]) + 1)
-        rows = self._read(
+        found = self._read(
             f"""SELECT {STATE_COLUMNS}
                 FROM rssd_magic_state_seq AS q
                 JOIN orchestration_session_state AS s ON s.orchestration_session_state_id = q.state_id
@@ -371,7 +259,7 @@ class PostgresBackend:
                 ORDER BY q.seq DESC LIMIT 1""",
             (lo, hi, key.ingest_src),
         )
-        return Transition(*rows[0]) if rows else None
+        return Transition(*found[0]) if found else None
 
     def note_hit(self, state_id: str) -> None:
         # Counted in memory, written with the next transaction, at close, or
@@ -381,7 +269,7 @@ class PostgresBackend:
         if now - self._hits_flushed > HIT_FLUSH_S and not self.readonly:
             self._hits_flushed = now
             try:
-                self.flush_hits()
+                self._tx(lambda c, _r: self._flush_hits(c), patience_s=0)  # a replay never waits for this
             except StoreError:
                 pass  # unreachable now: keep counting, try again later
 
@@ -390,30 +278,11 @@ class PostgresBackend:
             self._tx(lambda c, _r: self._flush_hits(c))
 
     def _flush_hits(self, c: psycopg.Connection) -> None:
-        if not self._pending_hits:
-            return
-        with c.cursor() as cur:
-            cur.executemany(
-                f"""INSERT INTO rssd_magic_hit (state_id, hits, last_hit_at) VALUES (%s, %s, {NOW})
-                    ON CONFLICT (state_id) DO UPDATE
-                    SET hits = rssd_magic_hit.hits + excluded.hits, last_hit_at = excluded.last_hit_at""",
-                list(self._pending_hits.items()),
-            )
-        self._pending_hits.clear()
+        if self._pending_hits:
+            rows.add_hits(c, self._pending_hits)
+            self._pending_hits.clear()
 
     # -- claims ------------------------------------------------------------------------
-
-    def _lock_cell(self, c: psycopg.Connection, ingest_src: str, create: bool = True) -> tuple | None:
-        """Take the cell's claim row (made when missing) for the rest of the
-        transaction; returns it as a _CLAIM row."""
-        if create:
-            c.execute("INSERT INTO rssd_magic_claim (ingest_src) VALUES (%s) ON CONFLICT DO NOTHING", (ingest_src,))
-        return c.execute(_CLAIM + " WHERE ingest_src = %s FOR UPDATE", (ingest_src,)).fetchone()
-
-    @staticmethod
-    def _latest_in(c: psycopg.Connection, ingest_src: str) -> Transition | None:
-        row = c.execute(_LATEST, (ingest_src,)).fetchone()
-        return Transition(*row) if row else None
 
     def claim(self, request: ClaimRequest) -> ClaimOutcome:
         self._session()
@@ -422,41 +291,35 @@ class PostgresBackend:
 
         def tx(c: psycopg.Connection, _retrying: bool) -> ClaimOutcome:
             self._flush_hits(c)
-            row = self._lock_cell(c, key.ingest_src)
-            previous = self._latest_in(c, key.ingest_src)
+            row = rows.lock_cell(c, key.ingest_src)
+            previous = rows.latest_in(c, key.ingest_src)
             rerun = request.rerun_reason if previous is not None and previous.state_id == request.rerun_of else None
             decision = decide(previous.to_state if previous else None, rerun=rerun)
             abandoned = None
             if decision.action == REPLAY:
                 return ClaimOutcome("done", previous)
             if decision.action == WAIT:
-                held = _claim(row) if row is not None and row[1] == previous.state_id else None
+                held = rows.claim_from(row) if row is not None and row[1] == previous.state_id else None
                 wanted = request.takeover
                 if held is not None and (
                     wanted is None or (wanted.state_id, wanted.token, wanted.beat) != (held.state_id, held.token, held.beat)
                 ):
                     return ClaimOutcome("held", previous, claim=held)
                 why = request.dead_because if held is not None else "no holder is recorded for it"
-                abandoned = previous = self._append(
-                    c, self.session_id, previous.entry_id, RUNNING, ABANDONED, None, _text(f"holder dead: {why}"), None
+                abandoned = previous = rows.append(
+                    c, self.session_id, previous.entry_id, RUNNING, ABANDONED, None, f"holder dead: {why}", None
                 )
                 reason = "takeover after ABANDONED"
             else:
                 reason = decision.reason if previous is not None else request.first_reason
-            entry_id = previous.entry_id if previous else self._entry_id(c, key, request.source)
-            running = self._append(
-                c, self.session_id, entry_id, previous.to_state if previous else INITIAL, RUNNING, None,
-                _text(reason), request.elaboration,
+            entry_id = previous.entry_id if previous else rows.entry(c, self.session_id, key, request.source)
+            self._src_of[entry_id] = key.ingest_src
+            running = rows.append(
+                c, self.session_id, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, reason,
+                request.elaboration,
             )  # fmt: skip
-            token, claimed_at = c.execute(
-                f"""UPDATE rssd_magic_claim SET token = token + 1, entry_id = %s, state_id = %s, session_id = %s,
-                       host = %s, machine = %s, boot = %s, pidns = %s, pid = %s, started = %s, beat = 0,
-                       lease_s = %s, claimed_at = {NOW}, heartbeat_at = clock_timestamp()
-                    WHERE ingest_src = %s RETURNING token, claimed_at""",
-                (entry_id, running.state_id, self.session_id, _text(h.host), _text(h.machine), _text(h.boot),
-                 _text(h.pidns), h.pid, h.started, request.lease_s, key.ingest_src),
-            ).fetchone()  # fmt: skip
-            mine = Claim(entry_id, running.state_id, int(token), h, 0, request.lease_s, claimed_at, 0.0)
+            token, at = rows.take(c, key.ingest_src, entry_id, running.state_id, self.session_id, h, request.lease_s)
+            mine = Claim(entry_id, running.state_id, token, h, 0, request.lease_s, at, 0.0)
             return ClaimOutcome("run", previous, running=running, claim=mine, abandoned=abandoned)
 
         outcome = self._tx(tx)
@@ -465,10 +328,10 @@ class PostgresBackend:
         return outcome
 
     def claim_of(self, running: Transition) -> Claim | None:
-        rows = self._read(_CLAIM + " WHERE state_id = %s AND entry_id = %s", (running.state_id, running.entry_id))
-        return _claim(rows[0]) if rows else None
+        found = self._read(rows.CLAIM + " WHERE state_id = %s AND entry_id = %s", (running.state_id, running.entry_id))
+        return rows.claim_from(found[0]) if found else None
 
-    def renewer(self) -> "PgRenewer":
+    def renewer(self) -> PgRenewer:
         return PgRenewer(self.url, self.schema, self.busy_timeout_s)
 
     def _src(self, c: psycopg.Connection, entry_id: str) -> str | None:
@@ -508,43 +371,30 @@ class PostgresBackend:
                 if row is not None:
                     return Transition(*row)
             src = self._src(c, running.entry_id)
-            held = self._lock_cell(c, src, create=False) if src is not None else None
-            latest = self._latest_in(c, src) if src is not None else None
+            held = rows.lock_cell(c, src, create=False) if src is not None else None
+            latest = rows.latest_in(c, src) if src is not None else None
             mine = held is not None and held[1] == running.state_id and held[0] == running.entry_id
             if latest is None or latest.state_id != running.state_id or not mine or int(held[2]) != token:
                 raise Fenced(self._who_holds(held, latest))
-            self._add_signatures(c, signatures)
+            rows.add_signatures(c, signatures)
             for digest, data in blobs:
                 self.blobs.put(c, digest, data)
-            done = self._append(
-                c, self.session_id, running.entry_id, RUNNING, to_state, result_json, _text(reason), None, done_id
-            )
+            done = rows.append(c, self.session_id, running.entry_id, RUNNING, to_state, result_json, reason, None, done_id)
             # Released, and the cell's waiters told (delivered at COMMIT).
             c.execute(
                 "UPDATE rssd_magic_claim SET state_id = NULL WHERE ingest_src = %s AND token = %s RETURNING pg_notify(%s, %s)",
                 (src, token, channel(self.schema, src), done.state_id),
             )
             if exec_row is not None:
-                self._exec(c, running.entry_id, exec_row)
+                rows.exec_row(c, self.session_id, running.entry_id, exec_row)
             return done
 
         return self._tx(tx)
 
-    def _exec(self, c: psycopg.Connection, entry_id: str, row: ExecRow) -> None:
-        c.execute(
-            """INSERT INTO orchestration_session_exec
-               (orchestration_session_exec_id, exec_nature, session_id, session_entry_id, namespace,
-                exec_identity, exec_code, exec_status, input_text, exec_error_text, output_text, elaboration)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-            (new_ulid(), _text(row.nature), self.session_id, entry_id, _text(row.namespace), _text(row.identity),
-             _text(row.code), row.status, _text(row.input_text), _text(row.error_text), _text(row.output_text),
-             dumps(row.elaboration) if row.elaboration is not None else None),
-        )  # fmt: skip
-
     @staticmethod
     def _who_holds(held: tuple | None, latest: Transition | None) -> str:
         if latest is not None and latest.to_state == RUNNING and held is not None and held[1] == latest.state_id:
-            other = _claim(held)
+            other = rows.claim_from(held)
             if other is not None:
                 return other.holder.describe()
         state = latest.to_state if latest is not None else "nothing"
@@ -559,56 +409,13 @@ class PostgresBackend:
             src = self._src(c, entry_id)
             if src is None:
                 return None
-            self._lock_cell(c, src)
-            latest = self._latest_in(c, src)
+            rows.lock_cell(c, src)
+            latest = rows.latest_in(c, src)
             if latest is None or latest.state_id != if_latest:
                 return None
-            return self._append(c, self.session_id, entry_id, from_state, to_state, result_json, _text(reason), None)
+            return rows.append(c, self.session_id, entry_id, from_state, to_state, result_json, reason, None)
 
         return self._tx(tx)
-
-    def _entry_id(self, c: psycopg.Connection, key: CellKey, source: str) -> str:
-        row = c.execute(
-            """SELECT e.orchestration_session_entry_id FROM orchestration_session_entry AS e
-               WHERE e.ingest_src COLLATE "C" = %s LIMIT 1""",
-            (key.ingest_src,),
-        ).fetchone()
-        if row:
-            return row[0]
-        entry_id = new_ulid()
-        elaboration = {
-            "key": key.digest,
-            "code_key": key.base,
-            "inputs": key.inputs or None,
-            "scope": key.scope,
-            "kind": key.kind,
-            "name": key.name,
-            "source": source,
-        }
-        c.execute(
-            """INSERT INTO orchestration_session_entry
-               (orchestration_session_entry_id, session_id, ingest_src, elaboration) VALUES (%s, %s, %s, %s)""",
-            (entry_id, self.session_id, key.ingest_src, dumps(elaboration)),
-        )
-        self._src_of[entry_id] = key.ingest_src
-        return entry_id
-
-    @staticmethod
-    def _append(c, session_id, entry_id, from_state, to_state, result_json, reason, elaboration, state_id=None) -> Transition:
-        """Append one transition and its store order in one statement (the
-        trigger sees the seq row and leaves it)."""
-        state_id = state_id or new_ulid()
-        at, seq = c.execute(
-            f"""WITH q AS (INSERT INTO rssd_magic_state_seq (state_id, entry_id) VALUES (%s, %s) RETURNING seq),
-                     s AS (INSERT INTO orchestration_session_state
-                           (orchestration_session_state_id, session_id, session_entry_id, from_state, to_state,
-                            transition_result, transition_reason, transitioned_at, elaboration)
-                           VALUES (%s, %s, %s, %s, %s, %s, %s, {NOW}, %s) RETURNING transitioned_at)
-                SELECT s.transitioned_at, q.seq FROM s, q""",
-            (state_id, entry_id, state_id, session_id, entry_id, from_state, to_state, result_json, reason,
-             dumps(elaboration) if elaboration is not None else None),
-        ).fetchone()  # fmt: skip
-        return Transition(state_id, entry_id, session_id, from_state, to_state, result_json, reason, at, int(seq))
 
     # -- signatures ----------------------------------------------------------------------
 
@@ -616,27 +423,16 @@ class PostgresBackend:
         ids = list(payload_ids)
         if not ids:
             return {}
-        rows = self._read(
+        found = self._read(
             "SELECT payload_id, signature FROM rssd_magic_signature WHERE key_id = %s AND payload_id = ANY(%s)",
             (key_id, ids),
         )
-        return {pid: sig for pid, sig in rows if isinstance(sig, str)}
+        return {pid: sig for pid, sig in found if isinstance(sig, str)}
 
-    def add_signatures(self, rows: Iterable[tuple[str, str, str]]) -> None:
-        rows = list(rows)
-        if rows:
-            self._tx(lambda c, _r: self._add_signatures(c, rows))
-
-    @staticmethod
-    def _add_signatures(c: psycopg.Connection, rows: list[tuple[str, str, str]]) -> None:
-        if not rows:
-            return
-        with c.cursor() as cur:
-            cur.executemany(
-                """INSERT INTO rssd_magic_signature (payload_id, key_id, signature) VALUES (%s, %s, %s)
-                   ON CONFLICT (payload_id, key_id) DO UPDATE SET signature = excluded.signature""",
-                rows,
-            )
+    def add_signatures(self, signed: Iterable[tuple[str, str, str]]) -> None:
+        signed = list(signed)
+        if signed:
+            self._tx(lambda c, _r: rows.add_signatures(c, signed))
 
     # -- the user's SQL on the server itself ---------------------------------------------
 
@@ -662,11 +458,11 @@ class PostgresBackend:
         return self._report(postgres_reports.history, cell)
 
     def result_of(self, state_id: str) -> str | None:
-        rows = self._read(
+        found = self._read(
             "SELECT transition_result FROM orchestration_session_state WHERE orchestration_session_state_id = %s",
             (state_id,),
         )
-        return rows[0][0] if rows else None
+        return found[0][0] if found else None
 
     def current_results(self) -> Iterator[tuple[CellRow, str]]:
         for cell in self.cells():
@@ -697,31 +493,3 @@ class PostgresBackend:
 
         summary = self._report(import_rssd, path, self.blobs)
         return {**summary, "to": self.location}
-
-
-class PgRenewer:
-    """Heartbeats through a connection of their own, reopened when lost."""
-
-    def __init__(self, url: str, schema: str, busy_timeout_s: float):
-        self.url, self.schema, self.busy_timeout_s = url, schema, busy_timeout_s
-        self.conn: psycopg.Connection | None = None
-
-    def renew(self, held: dict[str, int]) -> set[str]:
-        if lost(self.conn):
-            self.conn = connect(self.url, lock_timeout_s=self.busy_timeout_s, purpose="heartbeat")
-            self.conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(self.schema)))
-        lost_ids = set()
-        with self.conn.transaction():
-            for state_id, token in held.items():
-                cur = self.conn.execute(
-                    """UPDATE rssd_magic_claim SET beat = beat + 1, heartbeat_at = clock_timestamp()
-                       WHERE state_id = %s AND token = %s""",
-                    (state_id, token),
-                )
-                if cur.rowcount == 0:
-                    lost_ids.add(state_id)
-        return lost_ids
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()

@@ -7,6 +7,13 @@ as binary parameters and read back as a binary stream (single-row mode), each
 copied once into the output buffer and hashed on the way, so a changed or
 missing chunk is an IntegrityError, never a wrong value.
 
+Large blobs are also kept in a cache on this machine (:class:`LocalCache`):
+a server reassembles a value from 2 KB TOAST pieces and sends it through a
+socket, several times slower than reading a local file (bench_postgres.py,
+figure p3), and a digest names its bytes forever, so a copy can't go stale.
+The server still says whether the blob exists; the copy is checked against
+the digest on every read and dropped when it does not match.
+
 Blobs and :meth:`gc` exclude each other through a transaction-level advisory
 lock (shared for writers, exclusive for gc): a run that found a blob already
 stored, and so did not upload it, can't have it deleted under its record.
@@ -15,6 +22,9 @@ stored, and so did not upload it, can't have it deleted under its record.
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
@@ -27,6 +37,118 @@ from .sqlite_blobs import _buffer
 #: Bytes per chunk row: large enough that per-row costs vanish, small
 #: enough to keep the server's and the driver's buffers small.
 CHUNK = 4 << 20
+#: Blobs from this size up are kept in the local cache.
+CACHE_MIN = 1 << 20
+#: ``$RSSD_MAGIC_BLOB_CACHE``: the cache's folder, or ``off``; and its size cap.
+ENV_CACHE = "RSSD_MAGIC_BLOB_CACHE"
+ENV_CACHE_BYTES = "RSSD_MAGIC_BLOB_CACHE_BYTES"
+CACHE_BYTES = 4 << 30
+_HEX = frozenset("0123456789abcdef")
+
+
+class LocalCache:
+    """Verified copies of large blobs in a folder of this machine, by digest,
+    least recently read evicted past a size cap."""
+
+    def __init__(self, root: Path, limit: int = CACHE_BYTES):
+        self.root = root
+        self.limit = limit
+
+    @classmethod
+    def from_env(cls) -> "LocalCache | None":
+        where = os.environ.get(ENV_CACHE)
+        if where is not None and where.strip().lower() in ("", "0", "off", "no", "none"):
+            return None
+        if where:
+            root = Path(where).expanduser()
+        else:
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rssd_magic" / "blobs"
+        try:
+            limit = int(os.environ.get(ENV_CACHE_BYTES, CACHE_BYTES))
+        except ValueError:
+            limit = CACHE_BYTES
+        return cls(root, limit)
+
+    def path(self, digest: str) -> Path | None:
+        """Where *digest* is kept; None for a digest that is not a plain
+        algorithm and hex (it names a file: nothing else may get in)."""
+        algo, _, hexd = digest.partition(":")
+        if algo not in ("sha256", "xxh3-128") or len(hexd) < 16 or not set(hexd) <= _HEX:
+            return None
+        return self.root / algo / hexd[:2] / hexd
+
+    def read(self, digest: str, size: int) -> Any:
+        """The blob, checked, or None (not here, or not what it should be:
+        then the copy is deleted)."""
+        path = self.path(digest)
+        if path is None:
+            return None
+        try:
+            fh = open(path, "rb")
+        except OSError:
+            return None
+        with fh:
+            try:
+                if os.fstat(fh.fileno()).st_size != size:
+                    raise IntegrityError("size")
+                out = _buffer(size)
+                view = memoryview(out)
+                verifier = Verifier(digest)
+                try:
+                    for offset in range(0, size, CHUNK):
+                        part = view[offset : offset + CHUNK]
+                        if fh.readinto(part) != len(part):
+                            raise IntegrityError("short read")
+                        verifier.update(part)
+                finally:
+                    view.release()
+                verifier.check()
+            except (IntegrityError, OSError):
+                _unlink(path)
+                return None
+        try:
+            os.utime(path)  # most recently read: evicted last
+        except OSError:
+            pass
+        return out
+
+    def write(self, digest: str, data: Any) -> None:
+        """Keep a copy (atomically: a reader sees all of it or nothing);
+        best effort, since the server has the blob anyway."""
+        path = self.path(digest)
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(tmp, "wb") as fh:
+                fh.write(memoryview(data))
+            os.replace(tmp, path)
+            self._evict()
+        except OSError:
+            _unlink(tmp)
+
+    def _evict(self) -> None:
+        files = []
+        for p in self.root.glob("*/*/*"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
+            if total <= self.limit:
+                break
+            _unlink(p)
+            total -= size
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def lock_key(schema: str) -> int:
@@ -44,6 +166,7 @@ class PgBlobs:
         self.lock = lock_key(schema)
         self.where = where
         self.chunk = chunk
+        self.cache = LocalCache.from_env()
 
     def get(self, digest: str) -> Any:
         """Read a blob into one writable buffer, checking its digest on the way."""
@@ -58,6 +181,11 @@ class PgBlobs:
         if row is None:
             raise KeyError(digest)
         size, chunks = int(row[0]), int(row[1])
+        cached = size >= CACHE_MIN and self.cache is not None
+        if cached:
+            out = self.cache.read(digest, size)
+            if out is not None:
+                return out
         out = _buffer(size)
         view = memoryview(out)
         verifier = Verifier(digest)
@@ -75,6 +203,8 @@ class PgBlobs:
         if offset != size or n != chunks:
             raise IntegrityError(f"blob {digest[:24]}… is incomplete ({offset} of {size} bytes stored)")
         verifier.check()
+        if cached:
+            self.cache.write(digest, out)
         return out
 
     @staticmethod
