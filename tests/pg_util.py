@@ -1,7 +1,8 @@
 """A real PostgreSQL server for the tests: started once per test session by
 ``pgserver`` (a PyPI package that ships the server's binaries, so nothing
 needs installing; as root it runs the server as a user of its own), in a
-temporary folder, reached over a unix socket, stopped at the end.
+temporary folder, reached over a unix socket, stopped at the end — or the
+server ``$RSSD_MAGIC_TEST_PG_URL`` names (to test another version).
 
 Each test gets a schema of its own (:func:`fresh_url`), chosen through the
 URL's ``options=-c search_path=…`` — which is also how a team keeps
@@ -27,9 +28,17 @@ _base: str | None = None
 _counter = itertools.count()
 
 
+#: A server to use instead of starting one (a CI service, another version).
+ENV_URL = "RSSD_MAGIC_TEST_PG_URL"
+
+
 def server_url() -> str:
-    """The URL of the session's server (started on first use)."""
+    """The URL of the session's server (started on first use, unless
+    ``$RSSD_MAGIC_TEST_PG_URL`` names one: then only schemas are made there)."""
     global _server, _base
+    if _base is None and os.environ.get(ENV_URL):
+        _base = os.environ[ENV_URL]
+        os.environ.setdefault("RSSD_MAGIC_BLOB_CACHE", tempfile.mkdtemp(prefix="rssd-magic-blob-cache-"))
     if _base is None:
         folder = tempfile.mkdtemp(prefix="rssd-magic-pg-")
         # The blob cache of every backend (and kernel) the tests start: never the user's.

@@ -56,11 +56,13 @@ def opened(pg_url):
 
 
 def test_tables_are_made_in_the_search_path_schema_with_surveilrs_columns(opened, pg_url):
+    elsewhere = "SELECT count(*) FROM information_schema.tables WHERE table_schema <> ?"
+    before = raw(pg_url, elsewhere, (schema_of(pg_url),))
     opened()
     schema = schema_of(pg_url)
     tables = {t for (t,) in raw(pg_url, "SELECT table_name FROM information_schema.tables WHERE table_schema = ?", (schema,))}
     assert set(SURVEILR) <= tables and "rssd_magic_state_seq" in tables
-    assert raw(pg_url, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'") == [(0,)]
+    assert raw(pg_url, elsewhere, (schema,)) == before, "nothing made outside the search_path's schema"
     for table in SURVEILR:  # same names, same order as surveilr's SQLite DDL
         assert [c for c, _ in EXPECTED_COLUMNS[table]] == [c for c, _ in SQLITE_COLUMNS[table]], table
     # JSON and timestamps are TEXT, so rows round-trip byte-identical.
@@ -124,8 +126,7 @@ def test_connection_errors_are_one_line_naming_host_port_and_database_never_the_
     port = _free_port()
     cases = {
         f"postgresql://alice:hunter2@127.0.0.1:{port}/team": (f"host 127.0.0.1 port {port}", "Connection refused"),
-        pg_util.with_options(pg_server.replace("postgres:@", "nobody:hunter2@"), password="hunter2"): (
-            "database postgres", 'role "nobody" does not exist'),
+        pg_util.with_options(pg_server, user="nobody", password="hunter2"): ("database postgres", 'role "nobody" does not exist'),
         pg_server.replace("/postgres?", "/missing_db?"): ("database missing_db", 'database "missing_db" does not exist'),
     }  # fmt: skip
     for url, (where, why) in cases.items():
