@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -196,3 +198,41 @@ def test_cli_errors_are_one_line(pg_server, tmp_path):
         assert r.exit_code == 1, (args, r.output)
         assert r.output.count("\n") == 1 and "host 127.0.0.1 port 1" in r.output and "s3cret" not in r.output, r.output
     assert not (tmp_path / "x.db").exists()
+
+
+def test_ttl_compares_the_servers_time_of_the_run(pg_kernel):
+    import time
+
+    k = pg_kernel
+    cell = "%%stateful --ttl 30m\n" + APPEND + "t = 1\n"
+    k.ok(cell)
+    k.magics.clock = lambda: time.time() + 29 * 60
+    k.ok(cell)
+    assert counter(k.workdir / "side.log") == 1, "younger than the TTL: replayed"
+    k.magics.clock = lambda: time.time() + 31 * 60
+    assert "stale" in k.ok(cell).stderr and counter(k.workdir / "side.log") == 2
+
+
+def test_sql_on_a_psycopg_connection_of_the_notebook(pg_kernel):
+    k = pg_kernel
+    k.ok(f"import psycopg\npgc = psycopg.connect({k.url!r})\nwho = 'ada'")  # autocommit off, as psycopg's default
+    cell = "%%stateful --sql --conn pgc --out people\nCREATE TABLE people(name TEXT);\nINSERT INTO people VALUES ($who);\nSELECT * FROM people;"
+    k.ok(cell)
+    k.ok(cell)
+    assert list(k.shell.user_ns["people"]["name"]) == ["ada"]
+    assert raw(k.url, "SELECT count(*) FROM people") == [(1,)], "committed, once"
+    assert k.shell.user_ns["pgc"].autocommit is False, "the connection is given back as it was"
+    assert states(k.url) == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
+    k.shell.user_ns["pgc"].close()
+
+
+def test_without_psycopg_a_url_is_one_line_with_the_install_hint(tmp_path):
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "import rssd_magic, rssd_magic.cli\n"
+        "from rssd_magic.backends import open_backend, StoreError\n"
+        "try:\n    open_backend('postgresql://u:pw@h/db')\nexcept StoreError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") == 1 and "pip install 'rssd_magic[postgres]'" in out.stdout and "pw" not in out.stdout
