@@ -41,6 +41,10 @@ def server_url() -> str:
         os.environ.setdefault("RSSD_MAGIC_BLOB_CACHE", tempfile.mkdtemp(prefix="rssd-magic-blob-cache-"))
     if _base is None:
         folder = tempfile.mkdtemp(prefix="rssd-magic-pg-")
+        # atexit runs last-registered first: the server is stopped (by us,
+        # before pgserver's own hook, which does nothing once its folder is
+        # gone), then the folder removed.
+        atexit.register(shutil.rmtree, folder, True)
         # The blob cache of every backend (and kernel) the tests start: never the user's.
         os.environ.setdefault("RSSD_MAGIC_BLOB_CACHE", os.path.join(folder, "blob-cache"))
         with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" in containers
@@ -48,7 +52,7 @@ def server_url() -> str:
             import pgserver
 
             _server = pgserver.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
-        atexit.register(shutil.rmtree, folder, True)
+        atexit.register(stop_server)
         _base = _server.get_uri()
         with psycopg.connect(_base, autocommit=True) as conn:
             # A test server: durability is not what is tested.
