@@ -14,6 +14,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 from IPython.utils.capture import capture_output
 
+from pg_util import pg_server, pg_url  # noqa: F401 - the PostgreSQL fixtures, for every test module
 from rssd_magic.magic import ENV_RSSD
 
 

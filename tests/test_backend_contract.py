@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import pg_util
 from rssd_magic.backends import open_backend
 from rssd_magic.backends.base import ClaimRequest, Fenced, StateBackend, StoreError
 from rssd_magic.claims import Heartbeat, current_holder
@@ -76,8 +77,25 @@ class SqliteEnv(Env):
             conn.close()
 
 
-#: Backends under test; the PostgreSQL backend adds its Env here.
-ENVS = {"sqlite": SqliteEnv}
+class PgEnv(Env):
+    """A schema of its own on the session's PostgreSQL server (pg_util.py)."""
+
+    name = "postgresql"
+
+    def __init__(self, tmp_path: Path):
+        super().__init__(tmp_path)
+        self.url = pg_util.fresh_url("contract")
+
+    @property
+    def location(self) -> str:
+        return self.url
+
+    def raw(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return pg_util.raw(self.url, sql, params)
+
+
+#: Backends under test.
+ENVS = {"sqlite": SqliteEnv, "postgresql": PgEnv}
 
 
 @pytest.fixture(params=sorted(ENVS))
@@ -381,6 +399,13 @@ def test_a_missing_store_is_not_created_when_asked_not_to(env):
         with pytest.raises(StoreError, match="no such file"):
             open_backend(where, create=False)
         assert not Path(where).exists()
+    else:  # a server's databases are never created, asked or not
+        where = env.location.replace("/postgres?", "/no_such_db?", 1)
+        assert where != env.location
+        for create in (False, True):
+            with pytest.raises(StoreError, match='database "no_such_db" does not exist'):
+                open_backend(where, create=create)
+        assert env.raw("SELECT count(*) FROM pg_database WHERE datname = 'no_such_db'") == [(0,)]
 
 
 # -- what surveilr's own pages count ------------------------------------------------------------

@@ -31,7 +31,9 @@ ENGINE = [
     "acquire", "bindable", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
     "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
-    "backends.sqlite_schema",
+    "backends.sqlite_schema", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",
+    "backends.postgres_live", "backends.postgres_reports", "backends.postgres_rows", "backends.postgres_schema",
+    "backends.postgres_transfer",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
     "deps.analysis", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip

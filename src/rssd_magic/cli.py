@@ -1,10 +1,14 @@
-"""``rssd-magic``: inspect and maintain the ``%%stateful`` cells of an RSSD.
+"""``rssd-magic``: inspect and maintain the ``%%stateful`` cells of an RSSD
+or a PostgreSQL store.
 
-A thin click adapter over :mod:`rssd_magic.report`: it finds the file, opens
-it (read-only unless the command writes), calls one report function and
-prints the answer as aligned text or, with ``--json``, as JSON.  It never
-creates a file: a missing, non-SQLite or non-RSSD path is one line on stderr
-and exit status 1.  Importing it does not import IPython.
+A thin click adapter over :mod:`rssd_magic.report`: it finds the store (a
+file, or a ``postgresql://`` URL), opens it (read-only unless the command
+writes), calls one report function or backend method and prints the answer
+as aligned text or, with ``--json``, as JSON.  It never creates a file or a
+database: a missing, non-SQLite or non-RSSD path, or a server it can't use,
+is one line on stderr and exit status 1.  ``export`` and ``import`` move
+records between a PostgreSQL store and RSSD files.  Importing it does not
+import IPython.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from typing import Any, Iterator
 import click
 
 from . import __version__, render, report
+from .backends import DEFAULT_RSSD, ENV_DB, ENV_RSSD, open_backend, redact, resolve_location, scheme_of
 from .canonical import fmt_bytes, plural
-from .backends import DEFAULT_RSSD, ENV_DB, ENV_RSSD, open_backend, resolve_location
 from .backends.base import StateBackend, StoreError
 from .trust import Signer
 
@@ -60,13 +64,14 @@ def emit_json(value: Any) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--db",
-    metavar="PATH",
+    metavar="PATH|URL",
     help=f"RSSD file or postgresql:// URL (default: ${ENV_DB}, ${ENV_RSSD}, then ./{DEFAULT_RSSD}). Never created.",
 )
 @click.version_option(__version__, prog_name="rssd-magic")
 @click.pass_context
 def main(ctx: click.Context, db: str | None) -> None:
-    """Inspect and maintain the %%stateful cells recorded in a surveilr RSSD.
+    """Inspect and maintain the %%stateful cells recorded in a surveilr RSSD
+    (a file) or a PostgreSQL store (--db postgresql://user@host/db).
 
     KEY arguments take any unique prefix of a cell's 64-hex key (or a
     --name given to the cell).
@@ -99,7 +104,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
         emit_json(cells)
         return
     if not cells:
-        click.echo(f"no %%stateful cells in {ctx.obj['db']}", err=True)
+        click.echo(f"no %%stateful cells in {redact(ctx.obj['db'])}", err=True)
         return
     click.echo(render.cells_text(cells))
 
@@ -211,6 +216,78 @@ def trust_cmd(ctx: click.Context, secret: str | None, as_json: bool) -> None:
     click.echo(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} with key {r['key_id']}")
     for bad in r["refused"]:
         click.echo(f"not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}", err=True)
+
+
+def _transfer_report(r: dict, as_json: bool) -> None:
+    """What export/import did; exit status 1 when anything was left out."""
+    if as_json:
+        emit_json(r)
+    else:
+        where = f"to {r['to']}" if r.get("to") else ""
+        rows = ", ".join(f"{n} {t}" for t, n in r["inserted"].items()) or "none"
+        b = r["blobs"]
+        click.echo(
+            f"{plural(r['cells'], 'cell')} from {r['from']} {where}: rows added: {rows}; {r['unchanged']} already there; "
+            f"{plural(b['copied'], 'blob')} copied, {b['present']} already there"
+            + (f"; {plural(r['devices_merged'], 'device')} matched by host" if r["devices_merged"] else "")
+        )
+        for c in r["conflicts"]:
+            cols = f" ({', '.join(c['columns'])})" if c["columns"] else ""
+            click.echo(f"conflict: {c['table']} {c['id']}{cols}: {c['why']}", err=True)
+        for bad in b["bad"]:
+            click.echo(f"blob not copied: {bad['digest'][:24]}…: {bad['why']}", err=True)
+        for digest in b.get("missing", []):
+            click.echo(f"blob missing from the store: {digest[:24]}…", err=True)
+    if r["conflicts"] or r["blobs"]["bad"] or r["blobs"].get("missing"):
+        sys.exit(1)
+
+
+@main.command("export")
+@db_option
+@click.option("--to", "to", required=True, metavar="FILE", help="The RSSD file to write (created, or merged into by id).")
+@click.option("--scope", metavar="SCOPE", help="Only the cells of this scope (a notebook path, or a cell's --scope).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.pass_context
+def export_cmd(ctx: click.Context, to: str, scope: str | None, as_json: bool) -> None:
+    """Copy a PostgreSQL store's cells into an RSSD file.
+
+    The file gets surveilr's tables, the cells' devices, sessions, entries,
+    transitions and exec rows, their blobs and signatures: surveilr reads
+    it, and any kernel replays the cells with --db FILE. Rows already in the
+    file are left as they are (a differing one is reported as a conflict).
+    """
+    if scheme_of(ctx.obj["db"]) == "file":
+        raise Fail(f"{ctx.obj['db']} is an RSSD file already: export copies from a PostgreSQL store (--db postgresql://…)")
+    with opened(ctx) as store:
+        r = store.export_rssd(to, scope=scope, digests_of=report.digests_of)
+    _transfer_report(r, as_json)
+
+
+@main.command("import")
+@db_option
+@click.argument("rssd", metavar="FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+@click.pass_context
+def import_cmd(ctx: click.Context, rssd: str, as_json: bool) -> None:
+    """Bring the %%stateful cells of an RSSD file into a PostgreSQL store.
+
+    Idempotent by id: rows already there are left, and one that differs is
+    reported as a conflict, never overwritten. Blobs are checked against
+    their digests on the way. The store's tables are created when missing.
+    """
+    if scheme_of(ctx.obj["db"]) == "file":
+        raise Fail(f"{ctx.obj['db']} is a file: import brings an RSSD into a PostgreSQL store (--db postgresql://…)")
+    try:
+        store = open_backend(ctx.obj["db"], create=False)
+    except StoreError as exc:
+        raise Fail(str(exc)) from None
+    try:
+        r = store.import_rssd(rssd)
+    except StoreError as exc:
+        raise Fail(str(exc)) from None
+    finally:
+        store.close()
+    _transfer_report(r, as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

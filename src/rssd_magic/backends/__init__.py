@@ -60,14 +60,22 @@ def resolve_location(db: str | os.PathLike | None = None, configured: str | None
 
 
 def redact(location: str) -> str:
-    """*location* fit for a message: a URL loses its password."""
+    """*location* fit for a message: a URL loses its password, whether in
+    ``user:password@`` or in a ``password=`` query parameter (libpq takes
+    both)."""
     if scheme_of(location) == "file":
         return location
     parts = urlsplit(location)
-    if parts.password is None:
-        return location
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if not parts.password and "password=" not in parts.query.lower():
+        return location  # as given (urlunsplit would drop an empty host: postgresql:///db)
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if "password=" in parts.query.lower():
+        query = "&".join(
+            "password=***" if p.partition("=")[0].strip().lower() == "password" else p for p in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 def backend_class(location: str) -> type:

@@ -109,7 +109,9 @@ class Claim:
     time since the last beat measured by the store's single clock, when it
     has one every client shares (PostgreSQL's ``clock_timestamp()``); None
     where it doesn't (SQLite files are shared by hosts with their own clocks).
-    ``claimed_at`` is the holder's clock, for people to read.
+    ``claimed_at`` is the holder's clock, for people to read.  Two views of
+    one claim taken at different moments are equal: ``silent_s`` is a
+    measurement, not part of what the claim is.
     """
 
     entry_id: str
@@ -119,7 +121,7 @@ class Claim:
     beat: int
     lease_s: float
     claimed_at: str
-    silent_s: float | None = None
+    silent_s: float | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         return f"{self.holder.describe()}, since {self.claimed_at} UTC"

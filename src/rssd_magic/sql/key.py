@@ -68,9 +68,14 @@ def bind(sql: str, namespace: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def bind_tokens(
-    sql: str, toks: Iterable[Token], namespace: Mapping[str, Any], start: int, end: int
+    sql: str, toks: Iterable[Token], namespace: Mapping[str, Any], start: int, end: int, style: str = "dollar"
 ) -> tuple[str, dict[str, Any]]:
-    """:func:`bind` for ``sql[start:end]``, whose tokens are *toks*."""
+    """:func:`bind` for ``sql[start:end]``, whose tokens are *toks*.
+
+    *style* ``"pyformat"`` writes parameters as psycopg reads them
+    (``%(name)s``, with literal ``%`` doubled — only when there are
+    parameters: without, psycopg sends the text as it is)."""
+    pyformat = style == "pyformat"
     parts: list[str] = []
     last = start
     params: dict[str, Any] = {}
@@ -83,7 +88,7 @@ def bind_tokens(
             )
         if tok.kind != "param":
             continue
-        parts += (sql[last : tok.start], "$" + tok.text)
+        parts += (sql[last : tok.start], f"%({tok.text})s" if pyformat else "$" + tok.text)
         last = tok.end
         if tok.text in params or tok.text in missing:
             continue
@@ -98,6 +103,11 @@ def bind_tokens(
             f"no variable{plural} {', '.join(repr(m) for m in missing)} in the namespace"
         )
     parts.append(sql[last:end])
+    if pyformat:
+        if not params:
+            return sql[start:end], params
+        # Text and parameters alternate: only the text's % are psycopg's to skip.
+        return "".join(p if i % 2 else p.replace("%", "%%") for i, p in enumerate(parts)), params
     return "".join(parts), params
 
 

@@ -4,7 +4,8 @@ what comes back (:class:`SQLResult`, or :class:`SQLExecutionError`).
 :func:`run_sql` runs the statements one by one (to know which one returned
 the rows to show) inside one transaction, rolled back if any statement
 fails (DDL included: both engines roll back ``CREATE``/``DROP``/``ALTER``,
-and DuckDB an ``ATTACH``).  Two kinds of cells can't be one transaction:
+and DuckDB an ``ATTACH``; PostgreSQL rolls back nearly everything).  Two
+kinds of cells can't be one transaction:
 
 * a cell with its own ``BEGIN``/``COMMIT``/``ROLLBACK``/``SAVEPOINT``: run
   as written; after a failure whatever transaction it left open is rolled
@@ -14,13 +15,15 @@ and DuckDB an ``ATTACH``).  Two kinds of cells can't be one transaction:
 * statements that can't run inside a transaction — SQLite ``VACUUM`` and
   ``PRAGMA journal_mode/synchronous/foreign_keys = …`` (the last is
   silently ignored inside one), DuckDB ``CHECKPOINT`` / ``FORCE
-  CHECKPOINT`` — run on their own, in autocommit; the statements between
-  them are grouped into transactions, so a failure undoes only its group.
+  CHECKPOINT``, PostgreSQL ``VACUUM``, ``CREATE/DROP DATABASE``, ``ALTER
+  SYSTEM``, ``… CONCURRENTLY`` — run on their own, in autocommit; the
+  statements between them are grouped into transactions, so a failure
+  undoes only its group.
 
 Whatever the engine keeps outside transactions is never undone: settings
 (DuckDB ``SET``/``USE``/``PRAGMA x=…``, SQLite ``PRAGMA cache_size`` …),
 SQLite ``ATTACH``/``DETACH`` and DuckDB ``DETACH``, sequence values
-(DuckDB ``nextval``), files written by ``COPY … TO`` or ``EXPORT
+(DuckDB and PostgreSQL ``nextval``), files written by ``COPY … TO`` or ``EXPORT
 DATABASE``, installed/loaded extensions.  A target that already has an
 open transaction is refused before anything runs: the cell's effects would
 be committed (or not) by someone else.
@@ -121,9 +124,19 @@ _READ_FIRST = {"SELECT", "VALUES", "EXPLAIN"}
 _WRITE_WORDS = {"INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER"}
 
 
+#: PostgreSQL statements that refuse to run inside a transaction block.
+_PG_OUTSIDE = {("VACUUM",), ("CREATE", "DATABASE"), ("DROP", "DATABASE"), ("CREATE", "TABLESPACE"),
+               ("DROP", "TABLESPACE"), ("ALTER", "SYSTEM"), ("REINDEX", "SYSTEM"), ("REINDEX", "DATABASE")}  # fmt: skip
+
+
 def _outside_transaction(engine: str, toks: Statement) -> bool:
     """Must this statement run on its own, outside any transaction?"""
     words = [t.text.upper() for t in toks[:3] if t.kind == "word"]
+    if engine == "postgresql":
+        # ... and CREATE INDEX CONCURRENTLY, DROP INDEX CONCURRENTLY, REINDEX … CONCURRENTLY
+        head = [t.text.upper() for t in toks[:6] if t.kind == "word"]
+        concurrently = head[:1] in (["CREATE"], ["DROP"], ["REINDEX"]) and "CONCURRENTLY" in head
+        return tuple(words[:1]) in _PG_OUTSIDE or tuple(words[:2]) in _PG_OUTSIDE or concurrently
     if engine == "duckdb":
         return words[:1] == ["CHECKPOINT"] or words[:2] == ["FORCE", "CHECKPOINT"]
     if words[:1] == ["VACUUM"]:
@@ -200,7 +213,10 @@ def _is_engine_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):
         return True
     duckdb = sys.modules.get("duckdb")
-    return duckdb is not None and isinstance(exc, duckdb.Error)
+    if duckdb is not None and isinstance(exc, duckdb.Error):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(exc, psycopg.Error)
 
 
 class _Runner:
@@ -336,6 +352,56 @@ class _DuckDBRunner(_Runner):
         return "rows", frame, len(frame)
 
 
+class _PostgresRunner(_Runner):
+    """A psycopg connection, switched to autocommit while the cell runs so
+    that BEGIN/COMMIT are ours (psycopg would otherwise open a transaction
+    of its own before the first statement); restored afterwards."""
+
+    engine = "postgresql"
+
+    def __init__(self, conn: Any):
+        super().__init__(conn)
+        if conn.closed or conn.broken:
+            raise SQLUsageError("the PostgreSQL connection can't be used: it is closed")
+        if self.in_transaction():
+            raise SQLUsageError(
+                "the PostgreSQL connection has an open transaction: commit or roll it back first "
+                "(a cell recorded as run must have its effects committed)"
+            )
+        self._saved = conn.autocommit
+        conn.autocommit = True
+
+    def close(self) -> None:
+        if not self.conn.closed and not self.in_transaction():
+            self.conn.autocommit = self._saved
+
+    def in_transaction(self) -> bool:
+        return self.conn.info.transaction_status != 0  # psycopg.pq.TransactionStatus.IDLE
+
+    def begin(self, read_only: bool) -> None:
+        # Never READ ONLY: a SELECT may call nextval() or a function that writes.
+        self.conn.execute("BEGIN")
+
+    def rollback(self) -> bool:
+        if self.conn.closed or not self.in_transaction():
+            return False
+        self.conn.execute("ROLLBACK")
+        return True
+
+    def execute(self, sql: str, params: dict) -> tuple[str, Any, int | None]:
+        with self.conn.cursor() as cur:
+            # Parameters were written %(name)s by bind_tokens(style="pyformat");
+            # without any, the text goes as it is (no % processing).
+            cur.execute(sql, params or None)
+            if cur.description is None:
+                if cur.rowcount >= 0:
+                    return "changes", None, cur.rowcount
+                return "status", None, None
+            names = [d.name for d in cur.description]
+            rows = cur.fetchall()
+            return "rows", _sqlite_frame(names, rows), len(rows)
+
+
 def _sqlite_frame(names: list[str], rows: list[tuple]) -> Any:
     """A DataFrame from SQLite rows: integer columns with NULLs become
     nullable ``Int64`` (pandas would make them float and lose big values)."""
@@ -356,7 +422,7 @@ def _sqlite_frame(names: list[str], rows: list[tuple]) -> Any:
     return frame
 
 
-_RUNNERS: dict[str, type[_Runner]] = {"sqlite": _SQLiteRunner, "duckdb": _DuckDBRunner}
+_RUNNERS: dict[str, type[_Runner]] = {"sqlite": _SQLiteRunner, "duckdb": _DuckDBRunner, "postgresql": _PostgresRunner}
 
 
 def run_sql(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> SQLResult:
@@ -373,7 +439,8 @@ def run_sql(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> SQL
         raise SQLUsageError("the cell has no SQL statements")
     engine = engine_of(conn)
     texts = [statement_source(sql, toks) for toks in statements]
-    bound = [bind_tokens(sql, toks, params or {}, toks[0].start, toks[-1].end) for toks in statements]
+    style = "pyformat" if engine == "postgresql" else "dollar"
+    bound = [bind_tokens(sql, toks, params or {}, toks[0].start, toks[-1].end, style) for toks in statements]
     if engine == "duckdb":
         for _, p in bound:
             _check_duckdb_names(p)
@@ -482,7 +549,7 @@ def _plan(engine: str, statements: tuple[Statement, ...]) -> tuple[str, list[tup
 
 def _open_after(runner: _Runner, toks: Statement, was_open: bool) -> bool:
     """After an as-written statement: is a transaction open now?"""
-    if runner.engine == "sqlite":
+    if runner.engine in ("sqlite", "postgresql"):
         return runner.in_transaction()
     # DuckDB has no flag and probing costs a BEGIN per statement; the
     # keywords tell (DuckDB has no savepoints).

@@ -23,20 +23,24 @@ from .lexer import SQLUsageError
 
 
 def engine_of(conn: Any) -> str:
-    """``"sqlite"`` or ``"duckdb"``; a SQLUsageError for anything else.
+    """``"sqlite"``, ``"duckdb"`` or ``"postgresql"``; a SQLUsageError for
+    anything else.
 
-    DuckDB is looked up in ``sys.modules``: a connection can only be a
-    DuckDB one if duckdb is loaded, and a SQLite-only notebook need not
-    pay for importing it.
+    DuckDB and psycopg are looked up in ``sys.modules``: a connection can
+    only be one of theirs if its driver is loaded, and a SQLite-only
+    notebook need not pay for importing them.
     """
     if isinstance(conn, sqlite3.Connection):
         return "sqlite"
     duckdb = sys.modules.get("duckdb")
     if duckdb is not None and isinstance(conn, duckdb.DuckDBPyConnection):
         return "duckdb"
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(conn, psycopg.Connection):
+        return "postgresql"
     t = type(conn)
     raise SQLUsageError(
-        f"a SQL target must be a duckdb.DuckDBPyConnection or a sqlite3.Connection, "
+        f"a SQL target must be a duckdb.DuckDBPyConnection, a sqlite3.Connection or a psycopg.Connection, "
         f"not {t.__module__}.{t.__qualname__}"
     )
 
@@ -82,16 +86,30 @@ def _sqlite_memory_token(conn: sqlite3.Connection) -> str:
         return token
 
 
+def _postgres_identity(conn: Any) -> str:
+    """``postgresql:<host>:<port>/<database>``: the server and database the
+    connection reached (a socket folder is its host).  The user and the
+    search_path are not part of it: they change what is visible, not which
+    data a cell changes."""
+    if conn.closed or conn.broken:
+        raise SQLUsageError("the PostgreSQL connection can't be used: it is closed")
+    info = conn.info
+    return f"postgresql:{info.host}:{info.port}/{info.dbname}"
+
+
 def target_identity(conn: Any) -> str:
     """``"duckdb:/abs/file"``, ``"sqlite:/abs/file"``, or
     ``"<engine>:memory:<token>"`` for an in-memory (or SQLite temporary)
-    database: the token is unique to that connection object.
+    database: the token is unique to that connection object.  A PostgreSQL
+    connection is ``"postgresql:<host>:<port>/<database>"``.
 
     For DuckDB the database is the one the connection opened (the first
     attached), not the current one after ``USE``: a replayed cell does not
     re-run its ``USE``, so the current database is not stable across kernels.
     """
     engine = engine_of(conn)
+    if engine == "postgresql":
+        return _postgres_identity(conn)
     try:
         if engine == "sqlite":
             path = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main"), "")
