@@ -528,3 +528,26 @@ def test_db_option_is_accepted_after_the_command_too(tmp_path):
     assert out.returncode != 0 and str(missing) in out.stderr and not missing.exists()
     out = sp.run([_sys.executable, "-m", "rssd_magic", "trust", "--db", str(missing)], capture_output=True, text=True)
     assert out.returncode != 0 and "no such file" in out.stderr
+
+
+def test_a_record_written_past_the_json_check_lists_shows_and_counts(tmp_path):
+    # Another tool can switch CHECK constraints off and leave text SQLite
+    # itself can't parse; the reports read it as empty, not as a traceback.
+    db = tmp_path / DB_NAME
+    code = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "sh = InteractiveShell.instance(); sh.run_line_magic('load_ext', 'rssd_magic')\n"
+        f"sh.run_cell('%%stateful --db {db}\\nx = 1\\n')\n"
+        "sh.magics_manager.registry['StatefulMagics'].close()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=tmp_path)
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA ignore_check_constraints = ON")
+    conn.execute("UPDATE orchestration_session_state SET transition_result = '{not json' WHERE to_state = 'EXECUTED'")
+    conn.commit()
+    conn.close()
+    (cell,) = as_json(db, "list", "--json")
+    assert cell["state"] == "EXECUTED" and cell["host"] is None and cell["duration_s"] is None
+    shown = as_json(db, "show", cell["key"][:10], "--json")
+    assert shown["outputs"] == [] and shown["names"] == {}
+    assert as_json(db, "stats", "--json")["cells"] == 1

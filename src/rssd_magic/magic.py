@@ -178,7 +178,12 @@ class StatefulMagics(Magics):
     # -- %%stateful -----------------------------------------------------------------
 
     @magic_arguments()
-    @argument("--db", metavar="PATH", help=f"RSSD file or postgresql:// URL (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
+    @argument(
+        "--db",
+        metavar="PATH|URL",
+        help=f"RSSD file or postgresql:// URL (default: StatefulMagics.rssd_path, $RSSD_MAGIC_DB, ${ENV_RSSD}, "
+        f"./{DEFAULT_RSSD}).",
+    )
     @argument("--name", metavar="NAME", help="Key the cell by NAME instead of its code: it runs once per name even if edited.")
     @argument("--scope", metavar="SCOPE", help="Key scope (default: the notebook, else StatefulMagics.default_scope).")
     @argument("--force", action="store_true", help="Run again even if executed; history is kept.")
@@ -201,7 +206,8 @@ class StatefulMagics(Magics):
     @argument(
         "--conn",
         metavar="NAME",
-        help="With --sql: the connection in the notebook to run on (DuckDB or sqlite3); default: the state database itself.",
+        help="With --sql: the connection in the notebook to run on (DuckDB, sqlite3 or psycopg); default: the state "
+        "database itself.",
     )
     @argument("--out", metavar="NAME", help="With --sql: bind the result table to NAME as a pandas DataFrame.")
     @cell_magic

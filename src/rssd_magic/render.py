@@ -139,12 +139,21 @@ def cell_text(cell: dict) -> str:
     return "\n".join(lines)
 
 
+def _where(s: dict) -> list[str]:
+    """The store's own line: a file and its WAL, or a server schema and what
+    our tables take on its disk."""
+    st = s["storage"]
+    if "schema" in st:
+        return ["server", f"{s['path']}, schema {st['schema']} ({fmt_bytes(st['file_bytes'])} on disk)"]
+    return ["file", f"{s['path']} ({fmt_bytes(st['file_bytes'])}, WAL {fmt_bytes(st['wal_bytes'])})"]
+
+
 def stats_text(s: dict, prog: str = "rssd-magic") -> str:
     """``stats`` as aligned label/value lines."""
     st = s["storage"]
     states = ", ".join(f"{n} {state.lower()}" for state, n in sorted(s["by_state"].items()))
     rows = [
-        ["file", f"{s['path']} ({fmt_bytes(st['file_bytes'])}, WAL {fmt_bytes(st['wal_bytes'])})"],
+        _where(s),
         ["cells", f"{s['cells']}" + (f" ({states})" if states else "")],
         ["executed", str(s["executed"])],
         ["transitions", str(s["transitions"])],

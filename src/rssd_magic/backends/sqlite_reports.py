@@ -23,6 +23,16 @@ from .base import CellRow, HistoryRow, StorageStats, Transition
 _LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
 
 
+def _field(column: str, path: str) -> str:
+    """``json_extract`` that reads NULL where another tool left text SQLite
+    can't parse (written past the CHECK), instead of failing the query."""
+    return f"CASE WHEN json_valid({column}) THEN json_extract({column}, '{path}') END"
+
+
+_HOST, _DURATION = _field("s.transition_result", "$.host"), _field("s.transition_result", "$.duration_s")
+_ENAME, _EVALUE = _field("s.transition_result", "$.error.ename"), _field("s.transition_result", "$.error.evalue")
+
+
 def cells(conn: sqlite3.Connection) -> list[CellRow]:
     rows = conn.execute(
         """SELECT e.rowid, e.orchestration_session_entry_id, e.ingest_src, e.elaboration,
@@ -61,10 +71,9 @@ def cells(conn: sqlite3.Connection) -> list[CellRow]:
 
 def _fill_latest(conn: sqlite3.Connection, cell: CellRow, seq: int) -> None:
     row = conn.execute(
-        """SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id, s.from_state,
+        f"""SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id, s.from_state,
                   s.to_state, s.transition_result, s.transition_reason, s.transitioned_at, s.rowid,
-                  json_extract(s.transition_result, '$.host'),
-                  json_extract(s.transition_result, '$.duration_s'),
+                  {_HOST}, {_DURATION},
                   (SELECT h.hits FROM rssd_magic_hit AS h WHERE h.state_id = s.orchestration_session_state_id)
            FROM orchestration_session_state AS s WHERE s.rowid = ?""",
         (seq,),
@@ -96,10 +105,7 @@ def history(conn: sqlite3.Connection, cell: CellRow) -> list[HistoryRow]:
     rows = conn.execute(
         f"""SELECT s.orchestration_session_state_id, s.from_state, s.to_state, s.transitioned_at,
                    s.transition_reason, s.session_id,
-                   coalesce(d.name, json_extract(s.transition_result, '$.host')),
-                   json_extract(s.transition_result, '$.duration_s'),
-                   json_extract(s.transition_result, '$.error.ename'),
-                   json_extract(s.transition_result, '$.error.evalue'),
+                   coalesce(d.name, {_HOST}), {_DURATION}, {_ENAME}, {_EVALUE},
                    (SELECT h.hits FROM rssd_magic_hit AS h WHERE h.state_id = s.orchestration_session_state_id)
             FROM orchestration_session_state AS s
             LEFT JOIN orchestration_session AS o ON o.orchestration_session_id = s.session_id
@@ -126,9 +132,8 @@ def storage(conn: sqlite3.Connection, path: Path) -> StorageStats:
     ).fetchone()
     # CROSS JOIN keeps the (small) hit table outside: one PK probe per hit.
     hits, saved = conn.execute(
-        """SELECT total(h.hits),
-                  total(h.hits * coalesce(CASE WHEN json_valid(s.transition_result)
-                                          THEN json_extract(s.transition_result, '$.duration_s') END, 0))
+        f"""SELECT total(h.hits),
+                  total(h.hits * coalesce({_DURATION}, 0))
            FROM rssd_magic_hit AS h
            CROSS JOIN orchestration_session_state AS s ON s.orchestration_session_state_id = h.state_id
            WHERE s.to_state = ?""",
