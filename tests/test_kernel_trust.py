@@ -58,6 +58,8 @@ def test_edited_record_publishes_nothing_active_and_binds_nothing_until_trusted(
     displays = [o for o in cell.outputs if o.output_type == "display_data"]
     assert displays and all(o.metadata == {"rssd_magic": {"untrusted": True}} for o in displays)
     assert "untrusted record" in text_of(cell, "stderr") and "%stateful trust" in text_of(cell, "stderr")
+    first_out = cell.outputs[0]
+    assert first_out.get("name") == "stderr" and "untrusted record" in first_out["text"], "said before what it shows"
     assert text_of(edited.cells[2]) == "None\n", "nothing bound"
     assert (tmp_path / "side.log").read_text() == "ran\n", "not re-run"
 

@@ -157,8 +157,9 @@ class StatefulMagics(Magics):
         hook.finish_displayhook()
 
     def note(self, text: str) -> None:
-        """One line for the user, on stderr (not mixed into the cell's stdout)."""
-        print(text, file=sys.stderr)
+        """One line for the user, on stderr (not mixed into the cell's stdout),
+        flushed at once so it shows where it was said, before what follows."""
+        print(text, file=sys.stderr, flush=True)
 
     def notebook(self) -> str | None:
         ns = self.shell.user_ns
