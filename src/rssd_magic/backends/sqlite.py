@@ -62,8 +62,11 @@ SESSION_COMPLETED = "surveilr_orch_completed"
 SESSION_FAILED = "surveilr_orch_failed"
 
 BUSY_TIMEOUT_S = 30.0
-#: SQLite reads pages through a file mapping this large (no pread per page).
-MMAP_SIZE = 1 << 30
+#: SQLite reads pages through a file mapping this large (no pread per page,
+#: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
+#: SQLite caps it at its compile-time maximum (2 GiB in common builds); pages
+#: past it are read one pread at a time.
+MMAP_SIZE = 1 << 31
 #: The -wal file is cut back to this size when it is reset.
 JOURNAL_SIZE_LIMIT = 64 << 20
 #: Replay hit counts are written at most this often (seconds).
