@@ -128,8 +128,14 @@ class SqliteBlobs:
 
     def stage(self, big: list[tuple[str, memoryview]]) -> None:
         """Write *big* (from :meth:`large`) now, ahead of the record that will
-        name them: one chunk per transaction, each followed by a passive
-        checkpoint (which never waits for readers).
+        name them: one chunk per transaction, and a passive checkpoint (which
+        never waits for readers) whenever a tenth of the bytes, or at least
+        a chunk, went to the WAL since the last one.
+
+        A checkpoint fsyncs the WAL and the file (synchronous=NORMAL): each
+        costs a few ms on top of its bytes, so fewer of them for a larger
+        value (1.5 GB: 10 instead of 90), while the WAL stays within ~10%
+        of the value (bench/record_phases.py).
 
         Blobs already stored are skipped.  A crash part way leaves chunks no
         record names, which gc frees; the record's own transaction checks
@@ -138,7 +144,17 @@ class SqliteBlobs:
         """
         conn = self._conn()
         size = chunk_size(conn)
-        with _cache_for(conn, size):
+        budget = max(size, sum(view.nbytes for _, view in big) // 10)
+        pending = 0
+
+        def written(nbytes: int) -> None:
+            nonlocal pending
+            pending += nbytes
+            if pending >= budget:
+                checkpoint(conn)
+                pending = 0
+
+        with _settings(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
             for digest, view in big:
                 if _exists(conn, digest):
                     continue  # the same bytes are stored already: no write lock needed
@@ -149,10 +165,12 @@ class SqliteBlobs:
                         if _exists(c, digest):
                             break  # stored meanwhile (by another kernel)
                         _put_chunk(c, digest, offset, view[offset : offset + size])
-                    checkpoint(conn)
+                    written(size)
                 with self._write() as c:
                     if not _exists(c, digest):
                         _store(c, digest, view, size)
+                written(view.nbytes % size or size)
+            if pending:
                 checkpoint(conn)
 
     def put_many(self, blobs: Iterable[Blob], conn: sqlite3.Connection | None = None) -> None:
@@ -271,15 +289,20 @@ def _tiles(rows: list[tuple[int, int]], size: int) -> bool:
 
 
 @contextmanager
-def _cache_for(conn: sqlite3.Connection, chunk: int) -> Iterator[None]:
-    """A page cache that holds a whole chunk while it is written: a smaller
-    one spills the zero-filled pages to the WAL and reads them back."""
-    (before,) = conn.execute("PRAGMA cache_size").fetchone()
-    conn.execute(f"PRAGMA cache_size = {-(chunk // 1024 + 4096)}")  # KiB: the chunk and 4 MiB more
+def _settings(conn: sqlite3.Connection, **pragmas: int) -> Iterator[None]:
+    """Per-connection PRAGMAs for the length of a ``with`` block, put back
+    after.  While staging: a page cache that holds a whole chunk (a smaller
+    one spills the zero-filled pages to the WAL and reads them back, in KiB:
+    the chunk and 4 MiB more), and no automatic checkpoint inside each
+    COMMIT (stage decides when)."""
+    before = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in pragmas}
+    for name, value in pragmas.items():
+        conn.execute(f"PRAGMA {name} = {int(value)}")
     try:
         yield
     finally:
-        conn.execute(f"PRAGMA cache_size = {before}")
+        for name, value in before.items():
+            conn.execute(f"PRAGMA {name} = {int(value)}")
 
 
 def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[str, int, int]]):
