@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Where the time of recording a large value goes (issue 17), step by step.
+
+A profiler sees a recording as "pickle, then one COMMIT"; this script takes
+the steps apart on a real RSSD (each round in a fresh file), for one array
+of ``--mb`` MB:
+
+* **dump**: ``serialize.dump_value`` (pickle protocol 5, the buffer
+  out-of-band, its XXH3-128 digest);
+* **one transaction** (how ``finish`` wrote blobs before issue 17): the
+  bound blob INSERTed in the record's transaction (SQLite copies it into the
+  statement, the record, then its pages; spills go to the WAL), the COMMIT
+  (the rest of the pages to the WAL), then the checkpoint SQLite's
+  auto-checkpoint would run inside that COMMIT (fsync the WAL, copy it into
+  the file, fsync the file), timed on its own here (``wal_autocheckpoint``
+  off);
+* **staged** (``SqliteBlobs.stage`` now): one chunk per transaction, written
+  in place into a zeroblob, each followed by a passive checkpoint; the WAL
+  writes and the checkpoints are summed separately;
+* each with ``synchronous = NORMAL`` (what RSSDs use) and ``OFF`` (not used:
+  it shows how much of a checkpoint is the fsyncs);
+* floors: the same bytes written to a plain file once (what joblib does),
+  and twice with an fsync after each (the least a durable WAL database does:
+  the WAL, then the database file).
+
+    python bench/record_phases.py [--mb 200] [--rounds 3]
+
+Not part of the pytest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import files_bytes, loadavg, machine, machine_line  # noqa: E402
+
+OUT = sys.__stdout__
+
+
+def one_transaction(db: Path, digest: str, view: memoryview, sync: str) -> dict:
+    from rssd_magic.backends.sqlite import SqliteBackend
+
+    b = SqliteBackend.open(db, session_args={"bench": "phases"})
+    c = b.conn
+    c.execute(f"PRAGMA synchronous = {sync}")
+    c.execute("PRAGMA wal_autocheckpoint = 0")  # timed separately below
+    t = time.perf_counter
+    t0 = t()
+    c.execute("BEGIN IMMEDIATE")
+    c.execute("INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)", (digest, view.nbytes, view))
+    t1 = t()
+    c.execute("COMMIT")
+    t2 = t()
+    peak = files_bytes(db)
+    c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    t3 = t()
+    peak = max(peak, files_bytes(db))
+    b.close()
+    return {"insert": t1 - t0, "commit": t2 - t1, "checkpoint": t3 - t2, "total": t3 - t0, "disk_peak": peak}
+
+
+def staged(db: Path, digest: str, view: memoryview, sync: str) -> dict:
+    from rssd_magic.backends import sqlite_blobs
+    from rssd_magic.backends.sqlite import SqliteBackend
+
+    b = SqliteBackend.open(db, session_args={"bench": "phases"})
+    b.conn.execute(f"PRAGMA synchronous = {sync}")
+    # The engine's explicit checkpoints do all the work either way; without
+    # the automatic one inside each COMMIT, the two are timed apart.
+    b.conn.execute("PRAGMA wal_autocheckpoint = 0")
+    spent = {"writes": 0.0, "checkpoints": 0.0}
+    real = sqlite_blobs.checkpoint
+    clock = time.perf_counter
+    mark = [clock()]
+    peak = [0]
+
+    def timed_checkpoint(conn):
+        # Everything since the last checkpoint was a chunk's transaction.
+        t0 = clock()
+        spent["writes"] += t0 - mark[0]
+        peak[0] = max(peak[0], files_bytes(db))
+        real(conn)
+        mark[0] = clock()
+        spent["checkpoints"] += mark[0] - t0
+
+    sqlite_blobs.checkpoint = timed_checkpoint
+    try:
+        t0 = clock()
+        mark[0] = t0
+        b.blobs.stage(b.blobs.large([(digest, view)]))
+        total = clock() - t0
+    finally:
+        sqlite_blobs.checkpoint = real
+    b.close()
+    return {**spent, "total": total, "disk_peak": peak[0]}
+
+
+def file_floor(path: Path, view: memoryview, times: int, sync: bool) -> float:
+    t0 = time.perf_counter()
+    for _ in range(times):
+        with open(path, "wb") as fh:
+            for off in range(0, view.nbytes, 4 << 20):
+                fh.write(view[off : off + (4 << 20)])
+            fh.flush()
+            if sync:
+                os.fsync(fh.fileno())
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return dt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", help="where to write (default: the system's temporary folder)")
+    args = ap.parse_args(argv)
+    import numpy as np
+
+    from rssd_magic.serialize import dump_value
+
+    print(machine_line(machine()), file=OUT, flush=True)
+    work = Path(tempfile.mkdtemp(prefix="rssd-phases-", dir=args.dir))
+    n = args.mb * 1_000_000 // 8
+    rows: dict[str, list[float]] = {}
+
+    def add(name: str, seconds: float) -> None:
+        rows.setdefault(name, []).append(seconds)
+
+    disk: dict[str, list[float]] = {}
+    try:
+        for r in range(args.rounds):
+            arr = np.arange(n, dtype="float64") + r
+            t0 = time.perf_counter()
+            spec, blobs = dump_value(arr)
+            add("dump: pickle + digest (serialize.dump_value)", time.perf_counter() - t0)
+            (digest,) = spec["buffers"]
+            view = memoryview(dict(blobs)[digest]).cast("B")
+            for sync in ("NORMAL", "OFF"):
+                db = work / f"one-{sync}-{r}.db"
+                got = one_transaction(db, digest, view, sync)
+                for step in ("insert", "commit", "checkpoint", "total"):
+                    add(f"one transaction, sync {sync}: {step}", got[step])
+                disk.setdefault(f"one transaction, sync {sync}", []).append(got["disk_peak"] / view.nbytes)
+                db.unlink()
+                db = work / f"staged-{sync}-{r}.db"
+                got = staged(db, digest, view, sync)
+                for step in ("writes", "checkpoints", "total"):
+                    add(f"staged, sync {sync}: {step}", got[step])
+                disk.setdefault(f"staged, sync {sync}", []).append(got["disk_peak"] / view.nbytes)
+                for f in work.glob(db.name + "*"):
+                    f.unlink()
+            add("floor: file written once", file_floor(work / "floor.bin", view, 1, False))
+            add("floor: file written twice, fsync each", file_floor(work / "floor.bin", view, 2, True))
+            del arr, spec, blobs, view
+        print(f"\nrecording one {args.mb} MB float64 array, {args.rounds} rounds, median [range]; {loadavg()}", file=OUT)
+        width = max(map(len, rows))
+        for name, xs in rows.items():
+            m = statistics.median(xs)
+            print(f"{name.ljust(width)}  {m * 1e3:8.1f} ms  [{min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f}]", file=OUT)
+        print("\ndisk peak (file + -wal, sampled between steps) / data:", file=OUT)
+        for name, xs in disk.items():
+            print(f"  {name.ljust(width)}  {statistics.median(xs):.3f}x", file=OUT)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
