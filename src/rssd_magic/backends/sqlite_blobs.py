@@ -129,8 +129,8 @@ class SqliteBlobs:
     def stage(self, big: list[tuple[str, memoryview]]) -> None:
         """Write *big* (from :meth:`large`) now, ahead of the record that will
         name them: one chunk per transaction, and a passive checkpoint (which
-        never waits for readers) whenever a tenth of the bytes, or at least
-        a chunk, went to the WAL since the last one.
+        never waits for readers) before the WAL would hold more than a tenth
+        of the bytes staged (or one chunk, if that is more).
 
         A checkpoint fsyncs the WAL and the file (synchronous=NORMAL): each
         costs a few ms on top of its bytes, so fewer of them for a larger
@@ -148,9 +148,11 @@ class SqliteBlobs:
         pending = 0
 
         def written(nbytes: int) -> None:
+            # Checkpoint before the next chunk would take the WAL past the
+            # budget (a 200 MB value: every chunk; 1.5 GB: every 9).
             nonlocal pending
             pending += nbytes
-            if pending >= budget:
+            if pending + size > budget:
                 checkpoint(conn)
                 pending = 0
 
