@@ -21,7 +21,8 @@ of ``--mb`` MB:
   it shows how much of a checkpoint is the fsyncs);
 * floors: the same bytes written to a plain file once (what joblib does),
   and twice with an fsync after each (the least a durable WAL database does:
-  the WAL, then the database file).
+  the WAL, then the database file);
+* the disk (file + ``-wal``) sampled every 2 ms during each write.
 
     python bench/record_phases.py [--mb 200] [--rounds 3]
 
@@ -41,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import files_bytes, loadavg, machine, machine_line  # noqa: E402
+from _common import DiskSampler, loadavg, machine, machine_line  # noqa: E402
 
 OUT = sys.__stdout__
 
@@ -54,18 +55,17 @@ def one_transaction(db: Path, digest: str, view: memoryview, sync: str) -> dict:
     c.execute(f"PRAGMA synchronous = {sync}")
     c.execute("PRAGMA wal_autocheckpoint = 0")  # timed separately below
     t = time.perf_counter
-    t0 = t()
-    c.execute("BEGIN IMMEDIATE")
-    c.execute("INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)", (digest, view.nbytes, view))
-    t1 = t()
-    c.execute("COMMIT")
-    t2 = t()
-    peak = files_bytes(db)
-    c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    t3 = t()
-    peak = max(peak, files_bytes(db))
+    with DiskSampler(db) as disk:
+        t0 = t()
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)", (digest, view.nbytes, view))
+        t1 = t()
+        c.execute("COMMIT")
+        t2 = t()
+        c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        t3 = t()
     b.close()
-    return {"insert": t1 - t0, "commit": t2 - t1, "checkpoint": t3 - t2, "total": t3 - t0, "disk_peak": peak}
+    return {"insert": t1 - t0, "commit": t2 - t1, "checkpoint": t3 - t2, "total": t3 - t0, "disk_peak": disk.peak}
 
 
 def staged(db: Path, digest: str, view: memoryview, sync: str) -> dict:
@@ -81,27 +81,26 @@ def staged(db: Path, digest: str, view: memoryview, sync: str) -> dict:
     real = sqlite_blobs.checkpoint
     clock = time.perf_counter
     mark = [clock()]
-    peak = [0]
 
     def timed_checkpoint(conn):
         # Everything since the last checkpoint was a chunk's transaction.
         t0 = clock()
         spent["writes"] += t0 - mark[0]
-        peak[0] = max(peak[0], files_bytes(db))
         real(conn)
         mark[0] = clock()
         spent["checkpoints"] += mark[0] - t0
 
     sqlite_blobs.checkpoint = timed_checkpoint
     try:
-        t0 = clock()
-        mark[0] = t0
-        b.blobs.stage(b.blobs.large([(digest, view)]))
-        total = clock() - t0
+        with DiskSampler(db) as disk:
+            t0 = clock()
+            mark[0] = t0
+            b.blobs.stage(b.blobs.large([(digest, view)]))
+            total = clock() - t0
     finally:
         sqlite_blobs.checkpoint = real
     b.close()
-    return {**spent, "total": total, "disk_peak": peak[0]}
+    return {**spent, "total": total, "disk_peak": disk.peak}
 
 
 def file_floor(path: Path, view: memoryview, times: int, sync: bool) -> float:
@@ -167,7 +166,7 @@ def main(argv=None) -> int:
         for name, xs in rows.items():
             m = statistics.median(xs)
             print(f"{name.ljust(width)}  {m * 1e3:8.1f} ms  [{min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f}]", file=OUT)
-        print("\ndisk peak (file + -wal, sampled between steps) / data:", file=OUT)
+        print("\ndisk peak (file + -wal, sampled every 2 ms) / data:", file=OUT)
         for name, xs in disk.items():
             print(f"  {name.ljust(width)}  {statistics.median(xs):.3f}x", file=OUT)
     finally:
