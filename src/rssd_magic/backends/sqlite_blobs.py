@@ -11,8 +11,8 @@ specs, signatures and gc never see chunks.  Writers keep one invariant:
 transaction that checks they tile the blob; gc deletes both together).
 
 **Writing large blobs** (:meth:`SqliteBlobs.stage`): before the record, one
-chunk per transaction, each followed by a checkpoint, so the ``-wal`` never
-holds more than about a chunk and the file plus its WAL stay close to the
+chunk per transaction, with checkpoints that keep the ``-wal`` within a
+tenth of the value (or a chunk), so the file plus its WAL stay close to the
 data's size while recording (one transaction would put the whole value in
 the WAL and then copy it, doubling the disk used until the WAL is reset).
 The record's own transaction then re-checks every blob and writes again
@@ -38,9 +38,9 @@ from .base import Blob
 READ_CHUNK = 256 << 10
 #: Blobs from this size up are read into huge-page mappings (see get).
 HUGE_BUFFER = 4 << 20
-#: Bytes per chunk row of a large blob, and per staging transaction: the
-#: most the ``-wal`` holds while a large value is written.  Rows are kept
-#: well under SQLite's length limit (see chunk_size).
+#: Bytes per chunk row of a large blob, and per staging transaction (so the
+#: page cache that holds one while it is written stays small).  Rows are
+#: kept well under SQLite's length limit (see chunk_size).
 CHUNK = 16 << 20
 #: Blobs from this size up (and every blob of more than one chunk) are
 #: written before the record, in transactions of their own (stage); smaller
@@ -52,7 +52,7 @@ ROW_OVERHEAD = 1024
 #: read: pages read through SQLite's mapping stay in the process's resident
 #: set, so a 1.5 GB value would count twice (the value, and the file).
 #: Smaller blobs keep the mapping, so the next replay finds it warm
-#: (re-faulting it costs ~40% of joblib's load of 200 MB here).
+#: (re-faulting it made a 200 MB read 1.32x slower: bench/README.md).
 UNMAP_ABOVE = 512 << 20
 
 BLOB = "rssd_magic_blob"
@@ -91,24 +91,30 @@ class SqliteBlobs:
         on either buffer are writable.
         """
         conn = self._conn()
-        row = conn.execute(f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?", (digest,)).fetchone()
+        query = f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?"
+        row = conn.execute(query, (digest,)).fetchone()
         if row is None:
             raise KeyError(digest)
         rowid, size, stored = row
         if stored or not size:
-            return _read(conn, digest, size, [(BLOB, rowid, size)])
-        # A chunked blob: its rows are read in one snapshot, so a gc
-        # committing meanwhile can't pull a chunk from under the read.
+            return _read(conn, digest, size, [(BLOB, rowid, size)])  # one row: one read
+        # A chunked blob: its rows are read in one snapshot (the blob row
+        # asked again inside it), so a gc committing meanwhile can't pull a
+        # chunk from under the read.
         own = not conn.in_transaction
         if own:
             conn.execute("BEGIN")
         try:
+            row = conn.execute(query, (digest,)).fetchone()
+            if row is None:
+                raise KeyError(digest)  # deleted since the first query
+            rowid, size, stored = row
+            if stored or not size:
+                return _read(conn, digest, size, [(BLOB, rowid, size)])
             pieces = conn.execute(
                 f"SELECT rowid, offset, length(data) FROM {CHUNKS} WHERE digest = ? ORDER BY offset", (digest,)
             ).fetchall()
             if not _tiles([(off, n) for _, off, n in pieces], size):
-                if conn.execute(f"SELECT 1 FROM {BLOB} WHERE digest = ?", (digest,)).fetchone() is None:
-                    raise KeyError(digest)  # deleted since the first query
                 raise IntegrityError(f"blob {digest[:24]}…: its chunks do not add up to its {size} bytes")
             return _read(conn, digest, size, [(CHUNKS, rid, n) for rid, _, n in pieces])
         finally:
