@@ -119,12 +119,19 @@ def reader(
     reuse=None,
     fresh=False,
     check: str | None = None,
+    unmap_each=False,
 ):
     """A read of the blob; *fresh*: on a new connection each time (as the
     first replay in a new kernel: SQLite's mapping starts empty).  *check*:
     None (no integrity check), "after" (verify() over the whole buffer, as
-    get_blob did before) or "streamed" (the engine's Verifier updated chunk
-    by chunk while each chunk is still in cache, as get_blob does now)."""
+    get_blob did before), "streamed" (the engine's Verifier updated chunk
+    by chunk while each chunk is still in cache, as get_blob does now) or
+    "thread" (the Verifier fed 2 MiB at a time by a second thread, behind
+    the copy).  *unmap_each*: SQLite's mapping dropped after each chunk row
+    (what blobs.get does for blobs over UNMAP_ABOVE)."""
+    import queue
+    import threading
+
     from rssd_magic.trust import Verifier
 
     def connect():
@@ -141,7 +148,17 @@ def reader(
         out = reuse if reuse is not None else destination(dest, size)
         view = memoryview(out)
         h = Verifier(digest) if check == "streamed" else None
-        at = 0
+        if check == "thread":
+            behind, hand = Verifier(digest), queue.SimpleQueue()
+
+            def hash_behind():
+                while (part := hand.get()) is not None:
+                    behind.update(part)
+
+            worker = threading.Thread(target=hash_behind)
+            worker.start()
+        at = handed = 0
+        (limit,) = conn.execute("PRAGMA mmap_size").fetchone()
         for table, rowid, length in pieces:
             with conn.blobopen(table, "data", rowid, readonly=True) as blob:
                 for _ in range(0, length, chunk):
@@ -150,6 +167,16 @@ def reader(
                     at += len(data)
                     if h is not None:
                         h.update(data)
+                    elif check == "thread" and (at - handed >= (2 << 20) or at == size):
+                        hand.put(view[handed:at])
+                        handed = at
+            if unmap_each and limit:
+                conn.execute(f"PRAGMA mmap_size = {limit - 65536}")
+                conn.execute(f"PRAGMA mmap_size = {limit}")
+        if check == "thread":
+            hand.put(None)
+            worker.join()
+            behind.check()
         view.release()
         if check == "after":
             verifier()(digest, out)
@@ -289,6 +316,8 @@ def main(argv=None) -> int:
             "  same, new connection/read": reader(db_ck, digest, mmap_size=G, fresh=True, check="after"),
             "  same, verify streamed per chunk (= blobs.get, issue 6)": reader(db_ck, digest, mmap_size=G, check="streamed"),
             "  same, verify streamed, new connection/read": reader(db_ck, digest, mmap_size=G, fresh=True, check="streamed"),
+            "  same, verify in a second thread (2 MiB hand-offs)": reader(db_ck, digest, mmap_size=G, check="thread"),
+            "  same, verify streamed, mapping dropped after each chunk": reader(db_ck, digest, mmap_size=G, check="streamed", unmap_each=True),
             "pre-faulted dest (SQLite copy only), 256 KiB": reader(db_ck, digest, reuse=prefaulted),
             "pre-faulted dest, 256 KiB, mmap_size": reader(db_ck, digest, reuse=prefaulted, mmap_size=G),
             "alloc only: bytearray(size)": lambda: bytearray(size),

@@ -20,11 +20,12 @@ of ``--mb`` MB:
 * each with ``synchronous = NORMAL`` (what RSSDs use) and ``OFF`` (not used:
   it shows how much of a checkpoint is the fsyncs);
 * floors: the same bytes written to a plain file once (what joblib does),
-  and twice with an fsync after each (the least a durable WAL database does:
-  the WAL, then the database file);
+  twice with an fsync after each (the least a durable WAL database does:
+  the WAL, then the database file), and in SQLite's pattern (4 KiB writes,
+  a WAL-like file then a database-like one, fdatasync per 16 MiB chunk);
 * the disk (file + ``-wal``) sampled every 2 ms during each write.
 
-    python bench/record_phases.py [--mb 200] [--rounds 3]
+    python bench/record_phases.py [--mb 200] [--rounds 3] [--page-size 65536]
 
 Not part of the pytest run.
 """
@@ -117,11 +118,52 @@ def file_floor(path: Path, view: memoryview, times: int, sync: bool) -> float:
     return dt
 
 
+def page_floor(work: Path, view: memoryview, chunk: int) -> float:
+    """SQLite's write pattern with plain files: each chunk written 4 KiB at a
+    time to a WAL-like file (reused from its start) and fdatasync'd, then
+    4 KiB at a time to the end of a database-like file and fdatasync'd."""
+    wal, db = work / "floor.wal", work / "floor.db"
+    page = 4096
+    t0 = time.perf_counter()
+    w = os.open(wal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    d = os.open(db, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for start in range(0, view.nbytes, chunk):
+            end = min(start + chunk, view.nbytes)
+            for off in range(start, end, page):
+                os.pwrite(w, view[off : min(off + page, end)], off - start)
+            os.fdatasync(w)
+            for off in range(start, end, page):
+                os.pwrite(d, view[off : min(off + page, end)], off)
+            os.fdatasync(d)
+    finally:
+        os.close(w)
+        os.close(d)
+    dt = time.perf_counter() - t0
+    wal.unlink()
+    db.unlink()
+    return dt
+
+
+def new_file(db: Path, page_size: int | None) -> Path:
+    """*db*, created with *page_size* when one is given (only possible before
+    the file holds a table)."""
+    if page_size:
+        import sqlite3
+
+        conn = sqlite3.connect(db)
+        conn.execute(f"PRAGMA page_size = {page_size}")
+        conn.execute("VACUUM")
+        conn.close()
+    return db
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", help="where to write (default: the system's temporary folder)")
+    ap.add_argument("--page-size", type=int, help="create the RSSDs with this page size (default: SQLite's, 4096)")
     args = ap.parse_args(argv)
     import numpy as np
 
@@ -145,13 +187,13 @@ def main(argv=None) -> int:
             (digest,) = spec["buffers"]
             view = memoryview(dict(blobs)[digest]).cast("B")
             for sync in ("NORMAL", "OFF"):
-                db = work / f"one-{sync}-{r}.db"
+                db = new_file(work / f"one-{sync}-{r}.db", args.page_size)
                 got = one_transaction(db, digest, view, sync)
                 for step in ("insert", "commit", "checkpoint", "total"):
                     add(f"one transaction, sync {sync}: {step}", got[step])
                 disk.setdefault(f"one transaction, sync {sync}", []).append(got["disk_peak"] / view.nbytes)
                 db.unlink()
-                db = work / f"staged-{sync}-{r}.db"
+                db = new_file(work / f"staged-{sync}-{r}.db", args.page_size)
                 got = staged(db, digest, view, sync)
                 for step in ("writes", "checkpoints", "total"):
                     add(f"staged, sync {sync}: {step}", got[step])
@@ -160,8 +202,10 @@ def main(argv=None) -> int:
                     f.unlink()
             add("floor: file written once", file_floor(work / "floor.bin", view, 1, False))
             add("floor: file written twice, fsync each", file_floor(work / "floor.bin", view, 2, True))
+            add("floor: SQLite's pattern (4 KiB writes, WAL then file, fdatasync per chunk)", page_floor(work, view, 16 << 20))
             del arr, spec, blobs, view
-        print(f"\nrecording one {args.mb} MB float64 array, {args.rounds} rounds, median [range]; {loadavg()}", file=OUT)
+        page = f"page size {args.page_size}" if args.page_size else "SQLite's default page size"
+        print(f"\nrecording one {args.mb} MB float64 array, {args.rounds} rounds, {page}, median [range]; {loadavg()}", file=OUT)
         width = max(map(len, rows))
         for name, xs in rows.items():
             m = statistics.median(xs)
