@@ -203,17 +203,65 @@ class NullWriter:
         return False
 
 
-def record_run(store, key, source: str, result: dict, blobs=()):
-    """Record one EXECUTED run of a cell through the store's public API, as
-    ``%%stateful`` does (``claim`` since issue 3, ``begin_run`` before)."""
-    from rssd_magic.store import EXECUTED
+def record_run(backend, key, source: str, result: dict | str, blobs=()):
+    """Record one EXECUTED run of a cell through the backend's public API,
+    as ``%%stateful`` does: claim it, then finish it with its blobs."""
+    from rssd_magic.backends.base import ClaimRequest
+    from rssd_magic.canonical import dumps
+    from rssd_magic.claims import current_holder
+    from rssd_magic.lifecycle import EXECUTED
 
-    elaboration = {"source": source, "code_hash": key.code_hash}
-    if hasattr(store, "claim"):
-        outcome = store.claim(key, source, elaboration)
-        if outcome.kind != "run":
-            raise RuntimeError(f"cannot record {key.digest[:12]}: claim says {outcome.kind}")
-        running = outcome.running
-    else:
-        _, running = store.begin_run(key, source, "first run", elaboration)
-    return store.finish_run(running, EXECUTED, result, "completed", blobs)
+    request = ClaimRequest(
+        key, source, {"source": source, "code_hash": key.code_hash}, current_holder(backend.session_id or ""), 60.0
+    )
+    outcome = backend.claim(request)
+    if outcome.kind != "run":
+        raise RuntimeError(f"cannot record {key.digest[:12]}: claim says {outcome.kind}")
+    text = result if isinstance(result, str) else dumps(result)
+    return backend.finish(outcome.running, outcome.claim.token, EXECUTED, text, "completed", blobs)
+
+
+def files_bytes(db: Path) -> int:
+    """Bytes the RSSD takes on disk: the file and its ``-wal`` (allocated
+    blocks, or the size when larger)."""
+    total = 0
+    for path in (db, Path(str(db) + "-wal")):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        total += max(st.st_size, st.st_blocks * 512)
+    return total
+
+
+class DiskSampler:
+    """Samples :func:`files_bytes` in a thread every *every* seconds while
+    in a ``with`` block; ``peak`` is the largest value seen (also sampled
+    once at entry and exit)."""
+
+    def __init__(self, db: Path, every: float = 0.002):
+        import threading
+
+        self.db, self.every = db, every
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, files_bytes(self.db))
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "DiskSampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Figure e (issue 6): N kernels race for one ``%%stateful`` cell.
+"""Figure w (issue 6; figure e before issue 17): N kernels race for one ``%%stateful`` cell.
 
 N real Jupyter kernels (jupyter_client ``KernelManager``, one process each)
 share one RSSD.  All of them are sent the same ``%%stateful`` cell, whose body
@@ -192,7 +192,7 @@ def race(kernels: list[Kernel], db: Path, body: str, sleep_s: float) -> dict:
         raise BenchFailure(
             f"{len(running)} kernels ran the body and {len(executed)} recorded EXECUTED (expected exactly 1): "
             "this build has no working claims, so there are no waiters to time. "
-            "Figure e needs the claim/wait feature of issue 3."
+            "Figure w needs the claim/wait feature of issue 3."
         )
     if failed:
         detail = "; ".join(f"kernel {s['kernel']}: {text_of(s['outputs'])[-300:]}" for s in failed)
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
     except BenchFailure as exc:
-        print(f"\nbench_waiters: cannot measure figure e: {exc}", file=OUT)
+        print(f"\nbench_waiters: cannot measure figure w: {exc}", file=OUT)
         code = 2
     finally:
         with ThreadPoolExecutor(max(1, len(kernels))) as pool:
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     med, worst = statistics.median(delays), max(delays)
     rows = [
         Row(
-            f"e. {args.kernels} kernels on one claim: waiter replay after holder commit",
+            f"w. {args.kernels} kernels on one claim: waiter replay after holder commit",
             f"median {med * 1e3:.0f} ms",
             "(no peer)",
             f"max {worst * 1e3:.0f} ms; {len(delays)} waiters, {len(rounds)} round(s), body sleeps {args.sleep:g} s",

@@ -3,9 +3,10 @@
 from an RSSD, timed side by side (interleaved rounds, medians), next to the
 floor (joblib.load of the same bytes; ``readinto`` from a plain file).
 
-The blob is written with the engine's own path (``Store.claim`` +
-``Store.finish_run``), then read back with ``Store.get_blob`` as it is and
-with re-done readers, each changing one thing:
+The blob is written with the engine's own path (``SqliteBackend.claim`` +
+``finish``: since issue 17 a large blob is several chunk rows), then read
+back with ``SqliteBlobs.get`` as it is and with re-done readers, each
+changing one thing:
 
 * the destination buffer: zero-filled ``bytearray`` (what get_blob did
   before these measurements: malloc + memset, faulted in 4 KiB pages) vs a
@@ -21,10 +22,10 @@ with re-done readers, each changing one thing:
   checkpointed into the main file;
 * the page size of the file (4 KiB default vs 64 KiB).
 
-The winning combination (mmap+THP destination, 256 KiB chunks,
-``mmap_size``, check streamed per chunk) is what ``Store.get_blob`` and
-``Store._configure`` now do (store.py: ``_buffer``, ``READ_CHUNK``,
-``MMAP_SIZE``); its re-done row is labelled "= Store.get_blob now".
+The winning combination of issue 6 (mmap+THP destination, 256 KiB chunks,
+``mmap_size``, check streamed per chunk) is what ``SqliteBlobs.get`` and
+``SqliteBackend.open`` do (sqlite_blobs.py: ``_buffer``, ``READ_CHUNK``;
+sqlite.py: ``MMAP_SIZE``); its re-done row is labelled "= blobs.get, issue 6".
 
 Supporting evidence for figure c of bench_replay.py; not part of pytest.
 
@@ -53,8 +54,8 @@ MB8 = 8 << 20
 
 
 def record(db: Path, data: bytes, page_size: int | None, checkpoint: bool) -> str:
+    from rssd_magic.backends.sqlite import SqliteBackend
     from rssd_magic.keys import cell_key
-    from rssd_magic.store import Store
 
     if page_size:
         # Only possible before the file has any table.
@@ -62,9 +63,15 @@ def record(db: Path, data: bytes, page_size: int | None, checkpoint: bool) -> st
         conn.execute(f"PRAGMA page_size = {page_size}")
         conn.execute("VACUUM")
         conn.close()
-    store = Store.open(db, {"bench": "blob"})
+    store = SqliteBackend.open(db, session_args={"bench": "blob"})
+    if not checkpoint:
+        store.conn.execute("PRAGMA wal_autocheckpoint = 0")
     key = cell_key("big = ...", "bench")
     digest = raw_digest(data)
+    if not checkpoint:  # the way finish wrote a blob before issue 17: one row, in the record's transaction
+        store.conn.execute("BEGIN IMMEDIATE")
+        store.conn.execute("INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)", (digest, len(data), data))
+        store.conn.execute("COMMIT")
     record_run(store, key, "big = ...", {"names": {}}, [(digest, data)])
     if checkpoint:
         store.close()
@@ -112,12 +119,19 @@ def reader(
     reuse=None,
     fresh=False,
     check: str | None = None,
+    unmap_each=False,
 ):
     """A read of the blob; *fresh*: on a new connection each time (as the
     first replay in a new kernel: SQLite's mapping starts empty).  *check*:
     None (no integrity check), "after" (verify() over the whole buffer, as
-    get_blob did before) or "streamed" (the engine's Verifier updated chunk
-    by chunk while each chunk is still in cache, as get_blob does now)."""
+    get_blob did before), "streamed" (the engine's Verifier updated chunk
+    by chunk while each chunk is still in cache, as get_blob does now) or
+    "thread" (the Verifier fed 2 MiB at a time by a second thread, behind
+    the copy).  *unmap_each*: SQLite's mapping dropped after each chunk row
+    (what blobs.get does for blobs over UNMAP_ABOVE)."""
+    import queue
+    import threading
+
     from rssd_magic.trust import Verifier
 
     def connect():
@@ -130,16 +144,39 @@ def reader(
 
     def read():
         conn = shared or connect()
-        rowid, size = conn.execute("SELECT rowid, size FROM rssd_magic_blob WHERE digest = ?", (digest,)).fetchone()
+        pieces, size = rows_of(conn, digest)
         out = reuse if reuse is not None else destination(dest, size)
         view = memoryview(out)
         h = Verifier(digest) if check == "streamed" else None
-        with conn.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
-            for off in range(0, size, chunk):
-                data = blob.read(chunk)
-                view[off : off + chunk] = data
-                if h is not None:
-                    h.update(data)
+        if check == "thread":
+            behind, hand = Verifier(digest), queue.SimpleQueue()
+
+            def hash_behind():
+                while (part := hand.get()) is not None:
+                    behind.update(part)
+
+            worker = threading.Thread(target=hash_behind)
+            worker.start()
+        at = handed = 0
+        (limit,) = conn.execute("PRAGMA mmap_size").fetchone()
+        for table, rowid, length in pieces:
+            with conn.blobopen(table, "data", rowid, readonly=True) as blob:
+                for _ in range(0, length, chunk):
+                    data = blob.read(chunk)
+                    view[at : at + len(data)] = data
+                    at += len(data)
+                    if h is not None:
+                        h.update(data)
+                    elif check == "thread" and (at - handed >= (2 << 20) or at == size):
+                        hand.put(view[handed:at])
+                        handed = at
+            if unmap_each and limit:
+                conn.execute(f"PRAGMA mmap_size = {limit - 65536}")
+                conn.execute(f"PRAGMA mmap_size = {limit}")
+        if check == "thread":
+            hand.put(None)
+            worker.join()
+            behind.check()
         view.release()
         if check == "after":
             verifier()(digest, out)
@@ -150,6 +187,20 @@ def reader(
         return out
 
     return read
+
+
+def rows_of(conn, digest: str) -> tuple[list[tuple[str, int, int]], int]:
+    """``([(table, rowid, length)], size)``: the rows holding the blob, in order
+    (its chunk rows, or its one row)."""
+    rowid, size, stored = conn.execute(
+        "SELECT rowid, size, length(data) FROM rssd_magic_blob WHERE digest = ?", (digest,)
+    ).fetchone()
+    if stored or not size:
+        return [("rssd_magic_blob", rowid, size)], size
+    chunks = conn.execute(
+        "SELECT rowid, length(data) FROM rssd_magic_blob_chunk WHERE digest = ? ORDER BY offset", (digest,)
+    ).fetchall()
+    return [("rssd_magic_blob_chunk", r, n) for r, n in chunks], size
 
 
 def apsw_variants(db: Path, digest: str, size: int, verify) -> dict:
@@ -171,11 +222,20 @@ def apsw_variants(db: Path, digest: str, size: int, verify) -> dict:
 
         def read():
             conn = shared or connect()
-            ((rowid,),) = conn.execute("SELECT rowid FROM rssd_magic_blob WHERE digest = ?", (digest,)).fetchall()
+            rowid, stored = conn.execute(
+                "SELECT rowid, length(data) FROM rssd_magic_blob WHERE digest = ?", (digest,)
+            ).fetchall()[0]
+            pieces = [("rssd_magic_blob", rowid)] if stored else [
+                ("rssd_magic_blob_chunk", r) for (r,) in conn.execute(
+                    "SELECT rowid FROM rssd_magic_blob_chunk WHERE digest = ? ORDER BY offset", (digest,))]
             out = destination("mmap+thp", size)
-            blob = conn.blob_open("main", "rssd_magic_blob", "data", rowid, False)
-            blob.read_into(out)
-            blob.close()
+            at = 0
+            for table, rowid in pieces:
+                blob = conn.blob_open("main", table, "data", rowid, False)
+                n = blob.length()
+                blob.read_into(out, at, n)
+                blob.close()
+                at += n
             if verify:
                 verify(digest, out)
             if fresh:
@@ -211,7 +271,7 @@ def main(argv=None) -> int:
         import joblib
         import numpy as np
 
-        from rssd_magic.store import Store
+        from rssd_magic.backends.sqlite import SqliteBackend
 
         db_ck = work / "checkpointed.sqlite.db"
         db_wal = work / "in-wal.sqlite.db"
@@ -225,8 +285,8 @@ def main(argv=None) -> int:
         raw.write_bytes(data)
         del data
 
-        store_ck = Store.open(db_ck, readonly=True)
-        store_wal = Store.open(db_wal, readonly=True)
+        store_ck = SqliteBackend.open(db_ck, readonly=True)
+        store_wal = SqliteBackend.open(db_wal, readonly=True)
         prefaulted = _touch(destination("mmap+thp", size))
         verify = verifier()
         memoryview(prefaulted)[:] = open(raw, "rb").read()  # verify() alone checks real bytes
@@ -239,8 +299,8 @@ def main(argv=None) -> int:
 
         G = 1 << 30
         variants = {
-            "Store.get_blob as is, blob checkpointed": lambda: store_ck.get_blob(digest),
-            "Store.get_blob as is, blob in -wal (just recorded)": lambda: store_wal.get_blob(digest),
+            "blobs.get as is, chunked, checkpointed": lambda: store_ck.blobs.get(digest),
+            "blobs.get as is, one row still in -wal (before issue 17)": lambda: store_wal.blobs.get(digest),
             "bytearray dest, 8 MiB chunks (get_blob before, re-done)": reader(db_ck, digest, dest="bytearray", chunk=MB8),
             "mmap+THP dest, 8 MiB chunks": reader(db_ck, digest, chunk=MB8),
             "mmap+THP dest, 256 KiB chunks": reader(db_ck, digest),
@@ -254,8 +314,10 @@ def main(argv=None) -> int:
             "64 KiB pages: mmap+THP, 256 KiB, mmap_size": reader(db64, digest, mmap_size=G),
             "mmap+THP, 256 KiB, mmap_size, verify after": reader(db_ck, digest, mmap_size=G, check="after"),
             "  same, new connection/read": reader(db_ck, digest, mmap_size=G, fresh=True, check="after"),
-            "  same, verify streamed per chunk (= Store.get_blob now)": reader(db_ck, digest, mmap_size=G, check="streamed"),
+            "  same, verify streamed per chunk (= blobs.get, issue 6)": reader(db_ck, digest, mmap_size=G, check="streamed"),
             "  same, verify streamed, new connection/read": reader(db_ck, digest, mmap_size=G, fresh=True, check="streamed"),
+            "  same, verify in a second thread (2 MiB hand-offs)": reader(db_ck, digest, mmap_size=G, check="thread"),
+            "  same, verify streamed, mapping dropped after each chunk": reader(db_ck, digest, mmap_size=G, check="streamed", unmap_each=True),
             "pre-faulted dest (SQLite copy only), 256 KiB": reader(db_ck, digest, reuse=prefaulted),
             "pre-faulted dest, 256 KiB, mmap_size": reader(db_ck, digest, reuse=prefaulted, mmap_size=G),
             "alloc only: bytearray(size)": lambda: bytearray(size),
@@ -279,7 +341,7 @@ def main(argv=None) -> int:
                 got = fn()
                 samples[name].append(time.perf_counter() - t0)
                 del got
-        base = summary(samples["Store.get_blob as is, blob checkpointed"])["median"]
+        base = summary(samples["blobs.get as is, chunked, checkpointed"])["median"]
         peer = summary(samples["peer: joblib.load of the same bytes (array)"])["median"]
         print(f"\nreading one {args.mb} MB blob, {args.rounds} interleaved rounds, medians (warm page cache):", file=OUT)
         width = max(map(len, variants))

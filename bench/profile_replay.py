@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Profile the two replay paths of ``%%stateful`` (issue 6):
+"""Profile the two replay paths of ``%%stateful`` (issue 6) and the first
+recording of a large value (issue 17):
 
-1. the trivial replay ``%%stateful\\nx = 1`` (thousands of replays), and
-2. the replay restoring a 200 MB float64 array (a few replays),
+1. the trivial replay ``%%stateful\\nx = 1`` (thousands of replays),
+2. the replay restoring a 200 MB float64 array (a few replays), and
+3. the first recording of a new 200 MB array (a few recordings, a new
+   array each time),
 
 with pyinstrument (falling back to cProfile when it is not installed), and
 print the hottest functions: a flat self-time list and the call tree.
@@ -11,6 +14,7 @@ Usage::
 
     python bench/profile_replay.py               # both
     python bench/profile_replay.py --only trivial
+    python bench/profile_replay.py --only record   # first recordings
     python bench/profile_replay.py --cprofile    # force cProfile
     python bench/profile_replay.py --html DIR    # also save pyinstrument HTML
 
@@ -160,11 +164,12 @@ def line_times(func, call, repeat: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("trivial", "big"), help="profile one path only")
+    ap.add_argument("--only", choices=("trivial", "big", "record"), help="profile one path only")
     ap.add_argument("--cprofile", action="store_true", help="use cProfile even if pyinstrument is installed")
     ap.add_argument("--replays", type=int, default=3000, help="trivial replays to profile (default 3000)")
     ap.add_argument("--big-mb", type=int, default=200, help="array size for the big replay (default 200)")
     ap.add_argument("--big-replays", type=int, default=3, help="big replays to profile (default 3)")
+    ap.add_argument("--recordings", type=int, default=3, help="first recordings to profile (default 3)")
     ap.add_argument("--top", type=int, default=20, help="functions to list (default 20)")
     ap.add_argument("--html", metavar="DIR", help="also save pyinstrument HTML reports in DIR")
     args = ap.parse_args(argv)
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
             run(shell, trivial)  # record
             for _ in range(200):  # warm up
                 run(shell, trivial)
-            if args.only != "trivial":
+            if args.only in (None, "big"):
                 run(shell, big)  # record
                 run(shell, big)  # one warm replay: page cache warm
         finally:
@@ -217,14 +222,33 @@ def main(argv=None) -> int:
                 dt = time.perf_counter() - t0
                 return f"{n} replays of {args.big_mb} MB, {dt / n * 1e3:.1f} ms each under the profiler"
 
-            from rssd_magic.store import Store
+            from rssd_magic.backends import sqlite_blobs
 
             profile(f"big replay: {args.big_mb} MB float64 array", big_loop, use_pyi, 0.001, args.top, args.html)
             # pyinstrument can't split a function's own time between its
             # lines; for the blob reader that split is the whole story.
-            report = line_times(Store.get_blob, lambda: run(shell, big), n)
+            report = line_times(sqlite_blobs._read, lambda: run(shell, big), n)
             if report:
                 print("\n-- line times inside " + report, file=OUT, flush=True)
+
+        if args.only in (None, "record"):
+            n = args.recordings
+            run(shell, "import numpy as np")
+            # One cell text (so the profile adds its runs up); K, which its
+            # key fingerprints, makes each run a first recording of new data.
+            body = "%%stateful --quiet\nfresh = np.arange(BIG_N, dtype='float64') + K"
+
+            def record_loop():
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    shell.user_ns["K"] += 1
+                    run(shell, body)
+                dt = time.perf_counter() - t0
+                return f"{n} first recordings of {args.big_mb} MB, {dt / n * 1e3:.1f} ms each under the profiler"
+
+            shell.user_ns["K"] = 0
+            run(shell, body)  # warm-up
+            profile(f"first recording: {args.big_mb} MB float64 array", record_loop, use_pyi, 0.001, args.top, args.html)
         magics.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

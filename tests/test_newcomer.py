@@ -68,7 +68,7 @@ def test_bare_stateful_lists_the_commands(kernel):
 
 def test_cell_magic_help_shows_the_cell_magic_usage(kernel):
     doc = kernel.magics.stateful.__doc__
-    assert doc.startswith("Usage:\n\n  %%stateful [--db PATH]")
+    assert doc.startswith("Usage:\n\n  %%stateful [--db PATH|URL]")
     assert "::" not in doc.split("\n\n")[1]
     assert "%stateful list" in doc
 

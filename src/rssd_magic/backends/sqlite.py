@@ -50,7 +50,7 @@ from .base import (
     Transition,
 )
 from . import sqlite_reports
-from .sqlite_blobs import SqliteBlobs
+from .sqlite_blobs import SqliteBlobs, checkpoint
 from .sqlite_schema import check_path, ensure_schema, network_filesystem, own_tables_as_temp, schema_problems
 
 NATURE_ID = "rssd-magic-stateful-cell"
@@ -62,8 +62,11 @@ SESSION_COMPLETED = "surveilr_orch_completed"
 SESSION_FAILED = "surveilr_orch_failed"
 
 BUSY_TIMEOUT_S = 30.0
-#: SQLite reads pages through a file mapping this large (no pread per page).
-MMAP_SIZE = 1 << 30
+#: SQLite reads pages through a file mapping this large (no pread per page,
+#: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
+#: SQLite caps it at its compile-time maximum (2 GiB in common builds); pages
+#: past it are read one pread at a time.
+MMAP_SIZE = 1 << 31
 #: The -wal file is cut back to this size when it is reset.
 JOURNAL_SIZE_LIMIT = 64 << 20
 #: Replay hit counts are written at most this often (seconds).
@@ -441,18 +444,40 @@ class SqliteBackend:
         exec_row: ExecRow | None = None,
     ) -> Transition:
         blobs = list(blobs)
+        try:
+            large = self.blobs.large(blobs)
+            if large:
+                # Written first, a chunk per transaction (bounded WAL, short
+                # write locks); a run already taken over writes none.
+                self._fence(self.conn, running, token)
+                self.blobs.stage(large)
+        except sqlite3.Error as exc:
+            raise StoreError(f"RSSD {self.path}: {_what(exc)}") from None
         with self._write() as c:
-            latest = self._latest_of_entry(c, running.entry_id)
-            held = self._claim_of(c, running)
-            if latest is None or latest.state_id != running.state_id or held is None or held.token != token:
-                raise Fenced(self._who_took_over(c, running, token, latest))
+            self._fence(c, running, token)
             self._add_signatures(c, signatures)
+            # Checks every blob again: a gc may have freed a staged one.
             self.blobs.put_many(blobs, c)
             done = self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
             c.execute("UPDATE rssd_magic_claim SET state_id = NULL WHERE entry_id = ? AND token = ?", (running.entry_id, token))
             if exec_row is not None:
                 self._exec(c, running.entry_id, exec_row)
+        if large:
+            # Replays then read the value from the file through its mapping,
+            # and the next writer starts the WAL over.
+            try:
+                checkpoint(self.conn)
+            except sqlite3.Error:
+                pass  # busy: a later checkpoint does it
         return done
+
+    def _fence(self, c: sqlite3.Connection, running: Transition, token: int) -> None:
+        """Raise Fenced unless *running* is still its cell's latest transition
+        and *token* still holds its claim."""
+        latest = self._latest_of_entry(c, running.entry_id)
+        held = self._claim_of(c, running)
+        if latest is None or latest.state_id != running.state_id or held is None or held.token != token:
+            raise Fenced(self._who_took_over(c, running, token, latest))
 
     def _exec(self, c: sqlite3.Connection, entry_id: str, row: ExecRow) -> None:
         c.execute(

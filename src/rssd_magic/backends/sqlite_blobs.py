@@ -1,14 +1,36 @@
 """Blobs in an RSSD: content-addressed bytes in our ``rssd_magic_blob``
-table, checked against their digest while they are read back."""
+table, checked against their digest while they are read back.
+
+**Layout.**  Every blob has one ``rssd_magic_blob`` row (digest, size).  A
+blob of up to one chunk keeps its bytes in that row's ``data``; a larger
+one — SQLite refuses any row over its length limit, 1 GB by default — keeps
+an empty ``data`` there and its bytes in ``rssd_magic_blob_chunk`` rows
+keyed by (digest, byte offset).  One digest still names one whole value:
+specs, signatures and gc never see chunks.  Writers keep one invariant:
+*a blob row exists only once all its chunks do* (the row is inserted in the
+transaction that checks they tile the blob; gc deletes both together).
+
+**Writing large blobs** (:meth:`SqliteBlobs.stage`): before the record, one
+chunk per transaction, with checkpoints that keep the ``-wal`` within a
+tenth of the value (or a chunk), so the file plus its WAL stay close to the
+data's size while recording (one transaction would put the whole value in
+the WAL and then copy it, doubling the disk used until the WAL is reset).
+The record's own transaction then re-checks every blob and writes again
+whatever a concurrent gc deleted in between (:meth:`put_many`).
+
+**Reading** (:meth:`SqliteBlobs.get`): into one writable buffer, in slices
+small enough to stay in cache, through SQLite's file mapping, checking the
+digest on the way.
+"""
 
 from __future__ import annotations
 
 import mmap
 import sqlite3
-from contextlib import AbstractContextManager
-from typing import Callable, Iterable
+from contextlib import AbstractContextManager, contextmanager
+from typing import Callable, Iterable, Iterator
 
-from ..trust import Verifier
+from ..trust import IntegrityError, Verifier
 from .base import Blob
 
 #: Blobs are read back in slices of this size, into one preallocated buffer:
@@ -16,10 +38,37 @@ from .base import Blob
 READ_CHUNK = 256 << 10
 #: Blobs from this size up are read into huge-page mappings (see get).
 HUGE_BUFFER = 4 << 20
+#: Bytes per chunk row of a large blob, and per staging transaction (so the
+#: page cache that holds one while it is written stays small).  Rows are
+#: kept well under SQLite's length limit (see chunk_size).
+CHUNK = 16 << 20
+#: Blobs from this size up (and every blob of more than one chunk) are
+#: written before the record, in transactions of their own (stage); smaller
+#: ones go in the record's transaction.
+STAGE_MIN = 1 << 20
+#: Room left in a chunk row for its digest, offset and record header.
+ROW_OVERHEAD = 1024
+#: Blobs larger than this don't keep their file pages mapped while they are
+#: read: pages read through SQLite's mapping stay in the process's resident
+#: set, so a 1.5 GB value would count twice (the value, and the file).
+#: Smaller blobs keep the mapping, so the next replay finds it warm
+#: (re-faulting it made a 200 MB read 1.32x slower: bench/README.md).
+UNMAP_ABOVE = 512 << 20
+
+BLOB = "rssd_magic_blob"
+CHUNKS = "rssd_magic_blob_chunk"
+
+
+def chunk_size(conn: sqlite3.Connection) -> int:
+    """Bytes per chunk row: CHUNK, or less when the connection's
+    ``SQLITE_LIMIT_LENGTH`` (the largest row SQLite accepts) is smaller."""
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+    return max(1, min(CHUNK, limit - ROW_OVERHEAD if limit > 2 * ROW_OVERHEAD else limit // 2))
 
 
 class SqliteBlobs:
-    """``rssd_magic_blob``: content-addressed bytes in the RSSD."""
+    """``rssd_magic_blob`` (+ ``rssd_magic_blob_chunk``): content-addressed
+    bytes in the RSSD."""
 
     def __init__(
         self,
@@ -28,6 +77,8 @@ class SqliteBlobs:
     ):
         self._conn = conn  # the backend's connection (None once closed)
         self._write = write  # its BEGIN IMMEDIATE … COMMIT
+
+    # -- reading -----------------------------------------------------------------
 
     def get(self, digest: str) -> bytearray | mmap.mmap:
         """Read a blob into one writable buffer, checking its digest on the way.
@@ -40,32 +91,108 @@ class SqliteBlobs:
         on either buffer are writable.
         """
         conn = self._conn()
-        row = conn.execute("SELECT rowid, size FROM rssd_magic_blob WHERE digest = ?", (digest,)).fetchone()
+        query = f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?"
+        row = conn.execute(query, (digest,)).fetchone()
         if row is None:
             raise KeyError(digest)
-        rowid, size = row
-        out = _buffer(size)
-        view = memoryview(out)
-        verifier = Verifier(digest)
+        rowid, size, stored = row
+        if stored or not size:
+            return _read(conn, digest, size, [(BLOB, rowid, size)])  # one row: one read
+        # A chunked blob: its rows are read in one snapshot (the blob row
+        # asked again inside it), so a gc committing meanwhile can't pull a
+        # chunk from under the read.
+        own = not conn.in_transaction
+        if own:
+            conn.execute("BEGIN")
         try:
-            with conn.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
-                for offset in range(0, size, READ_CHUNK):
-                    chunk = blob.read(READ_CHUNK)
-                    verifier.update(chunk)
-                    view[offset : offset + len(chunk)] = chunk
+            row = conn.execute(query, (digest,)).fetchone()
+            if row is None:
+                raise KeyError(digest)  # deleted since the first query
+            rowid, size, stored = row
+            if stored or not size:
+                return _read(conn, digest, size, [(BLOB, rowid, size)])
+            pieces = conn.execute(
+                f"SELECT rowid, offset, length(data) FROM {CHUNKS} WHERE digest = ? ORDER BY offset", (digest,)
+            ).fetchall()
+            if not _tiles([(off, n) for _, off, n in pieces], size):
+                raise IntegrityError(f"blob {digest[:24]}…: its chunks do not add up to its {size} bytes")
+            return _read(conn, digest, size, [(CHUNKS, rid, n) for rid, _, n in pieces])
         finally:
-            view.release()
-        verifier.check()
-        return out
+            if own and conn.in_transaction:
+                conn.execute("COMMIT")
+
+    # -- writing -----------------------------------------------------------------
+
+    def large(self, blobs: Iterable[Blob]) -> list[tuple[str, memoryview]]:
+        """The blobs :meth:`stage` writes ahead of the record: those that take
+        more than one row, and one-row blobs of STAGE_MIN bytes or more."""
+        conn = self._conn()
+        if conn is None:
+            return []  # closed: the record's transaction says so
+        least = min(STAGE_MIN, chunk_size(conn) + 1)
+        return [(d, _bytes_view(data)) for d, data in blobs if memoryview(data).nbytes >= least]
+
+    def stage(self, big: list[tuple[str, memoryview]]) -> None:
+        """Write *big* (from :meth:`large`) now, ahead of the record that will
+        name them: one chunk per transaction, and a passive checkpoint (which
+        never waits for readers) before the WAL would hold more than a tenth
+        of the bytes staged (or one chunk, if that is more).
+
+        A checkpoint fsyncs the WAL and the file (synchronous=NORMAL): each
+        costs a few ms on top of its bytes, so fewer of them for a larger
+        value (1.5 GB: 10 instead of 90), while the WAL stays within ~10%
+        of the value (bench/record_phases.py).
+
+        Blobs already stored are skipped.  A crash part way leaves chunks no
+        record names, which gc frees; the record's own transaction checks
+        every blob again (put_many), so a gc in between costs a rewrite,
+        never a record naming a missing blob.
+        """
+        conn = self._conn()
+        size = chunk_size(conn)
+        budget = max(size, sum(view.nbytes for _, view in big) // 10)
+        pending = 0
+
+        def written(nbytes: int) -> None:
+            # Checkpoint before the next chunk would take the WAL past the
+            # budget (a 200 MB value: every chunk; 1.5 GB: every 9).
+            nonlocal pending
+            pending += nbytes
+            if pending + size > budget:
+                checkpoint(conn)
+                pending = 0
+
+        with _settings(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
+            for digest, view in big:
+                if _exists(conn, digest):
+                    continue  # the same bytes are stored already: no write lock needed
+                # The last chunk goes with the blob row (_store checks that
+                # all the others are there); a small blob is one row.
+                for offset in range(0, view.nbytes - size, size):
+                    with self._write() as c:
+                        if _exists(c, digest):
+                            break  # stored meanwhile (by another kernel)
+                        _put_chunk(c, digest, offset, view[offset : offset + size])
+                    written(size)
+                with self._write() as c:
+                    if not _exists(c, digest):
+                        _store(c, digest, view, size)
+                written(view.nbytes % size or size)
+            if pending:
+                checkpoint(conn)
 
     def put_many(self, blobs: Iterable[Blob], conn: sqlite3.Connection | None = None) -> None:
+        """Store blobs (idempotent), in the caller's transaction *conn* or in
+        one of their own.  A blob is stored when its row exists: staged blobs
+        cost one lookup here; anything missing is written in full."""
+
         def put(c: sqlite3.Connection) -> None:
+            size = chunk_size(c)
             for digest, data in blobs:
-                c.execute(
-                    """INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, ?)
-                       ON CONFLICT (digest) DO NOTHING""",
-                    (digest, memoryview(data).nbytes, data),
-                )
+                view = _bytes_view(data)
+                # A one-row blob needs no lookup first (ON CONFLICT skips it).
+                if view.nbytes <= size or not _exists(c, digest):
+                    _store(c, digest, view, size)
 
         if conn is not None:
             put(conn)
@@ -74,13 +201,157 @@ class SqliteBlobs:
                 put(c)
 
     def sizes(self) -> dict[str, int]:
-        return dict(self._conn().execute("SELECT digest, size FROM rssd_magic_blob").fetchall())
+        return dict(self._conn().execute(f"SELECT digest, size FROM {BLOB}").fetchall())
 
     def delete(self, digests: Iterable[str]) -> int:
         with self._write() as c:
-            before = c.total_changes
-            c.executemany("DELETE FROM rssd_magic_blob WHERE digest = ?", [(d,) for d in digests])
-            return c.total_changes - before
+            return delete(c, digests)
+
+
+def delete(c: sqlite3.Connection, digests: Iterable[str]) -> int:
+    """Delete blobs and their chunks in transaction *c*; how many blob rows
+    existed."""
+    rows = [(d,) for d in digests]
+    before = c.total_changes
+    c.executemany(f"DELETE FROM {BLOB} WHERE digest = ?", rows)
+    deleted = c.total_changes - before
+    c.executemany(f"DELETE FROM {CHUNKS} WHERE digest = ?", rows)
+    return deleted
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy what the WAL holds into the database file, so the next writer
+    starts the WAL over instead of growing it.  PASSIVE: it never waits for
+    (or blocks) another connection; a long reader only delays the reset."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+# -- the pieces ------------------------------------------------------------------
+
+
+def _bytes_view(data) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _exists(c: sqlite3.Connection, digest: str) -> bool:
+    return c.execute(f"SELECT 1 FROM {BLOB} WHERE digest = ?", (digest,)).fetchone() is not None
+
+
+def _store(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> None:
+    """Store one blob in transaction *c*: one row when it fits in a chunk of
+    *size* bytes, else its chunks (those not there yet) and then its row."""
+    if view.nbytes <= size:
+        c.execute(
+            f"INSERT INTO {BLOB} (digest, size, data) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
+            (digest, view.nbytes, view),
+        )
+    else:
+        _complete(c, digest, view, size)
+
+
+def _put_chunk(c: sqlite3.Connection, digest: str, offset: int, piece: memoryview) -> None:
+    """One chunk row, unless it is there already.  Written as a zeroblob
+    filled in place: the bytes are copied once, into SQLite's pages (binding
+    them would copy them twice more, into the statement and the record)."""
+    row = c.execute(f"SELECT rowid, length(data) FROM {CHUNKS} WHERE digest = ? AND offset = ?", (digest, offset)).fetchone()
+    if row is not None:
+        if row[1] == piece.nbytes:
+            return  # same digest, offset and length: the same bytes
+        c.execute(f"DELETE FROM {CHUNKS} WHERE rowid = ?", (row[0],))
+    rowid = c.execute(
+        f"INSERT INTO {CHUNKS} (digest, offset, data) VALUES (?, ?, zeroblob(?))", (digest, offset, piece.nbytes)
+    ).lastrowid
+    with c.blobopen(CHUNKS, "data", rowid) as blob:
+        blob.write(piece)
+
+
+def _complete(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> None:
+    """Make a chunked blob whole in transaction *c*: write the chunks that
+    are missing (gc may have freed those staged earlier; another version may
+    have used another chunk size), drop the ones that don't fit, then add
+    its blob row — the row that says the blob exists."""
+    rows = c.execute(f"SELECT offset, length(data) FROM {CHUNKS} WHERE digest = ? ORDER BY offset", (digest,)).fetchall()
+    if not _tiles(rows, view.nbytes):
+        offsets = range(0, view.nbytes, size)
+        for offset in offsets:
+            _put_chunk(c, digest, offset, view[offset : offset + size])
+        keep = set(offsets)
+        c.executemany(
+            f"DELETE FROM {CHUNKS} WHERE digest = ? AND offset = ?", [(digest, off) for off, _ in rows if off not in keep]
+        )
+    c.execute(
+        f"INSERT INTO {BLOB} (digest, size, data) VALUES (?, ?, X'') ON CONFLICT (digest) DO NOTHING",
+        (digest, view.nbytes),
+    )
+
+
+def _tiles(rows: list[tuple[int, int]], size: int) -> bool:
+    """True when ``(offset, length)`` rows, sorted, cover ``[0, size)`` exactly."""
+    at = 0
+    for offset, length in rows:
+        if offset != at or not length:
+            return False
+        at += length
+    return at == size
+
+
+@contextmanager
+def _settings(conn: sqlite3.Connection, **pragmas: int) -> Iterator[None]:
+    """Per-connection PRAGMAs for the length of a ``with`` block, put back
+    after.  While staging: a page cache that holds a whole chunk (a smaller
+    one spills the zero-filled pages to the WAL and reads them back, in KiB:
+    the chunk and 4 MiB more), and no automatic checkpoint inside each
+    COMMIT (stage decides when)."""
+    before = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in pragmas}
+    for name, value in pragmas.items():
+        conn.execute(f"PRAGMA {name} = {int(value)}")
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            conn.execute(f"PRAGMA {name} = {int(value)}")
+
+
+def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[str, int, int]]):
+    """The bytes of ``(table, rowid, length)`` pieces, in order, as one
+    buffer; IntegrityError unless they have *digest*."""
+    out = _buffer(size)
+    view = memoryview(out)
+    verifier = Verifier(digest)
+    unmap = _unmapper(conn) if size > UNMAP_ABOVE and len(pieces) > 1 else None
+    at = 0
+    try:
+        for table, rowid, length in pieces:
+            with conn.blobopen(table, "data", rowid, readonly=True) as blob:
+                for offset in range(0, length, READ_CHUNK):
+                    chunk = blob.read(READ_CHUNK)
+                    verifier.update(chunk)
+                    view[at : at + len(chunk)] = chunk
+                    at += len(chunk)
+            if unmap is not None:
+                unmap()
+    finally:
+        view.release()
+    verifier.check()
+    return out
+
+
+def _unmapper(conn: sqlite3.Connection) -> Callable[[], None] | None:
+    """A function that makes SQLite drop its file mapping (so the pages
+    read so far leave the resident set; the page cache keeps them), or None
+    when the connection maps nothing.  SQLite unmaps the file whenever
+    ``mmap_size`` changes (os_unix.c, SQLITE_FCNTL_MMAP_SIZE), and maps it
+    again, lazily, on the next read: two changes drop it and keep the limit."""
+    (limit,) = conn.execute("PRAGMA mmap_size").fetchone()
+    if limit <= 65536:
+        return None
+
+    def unmap() -> None:
+        conn.execute(f"PRAGMA mmap_size = {limit - 65536}").fetchall()
+        conn.execute(f"PRAGMA mmap_size = {limit}").fetchall()
+
+    return unmap
 
 
 def _buffer(size: int) -> bytearray | mmap.mmap:

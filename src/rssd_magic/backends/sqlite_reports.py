@@ -19,6 +19,7 @@ from ..canonical import loads_object
 from ..keys import URI_PREFIX
 from ..lifecycle import EXECUTED
 from .base import CellRow, HistoryRow, StorageStats, Transition
+from .sqlite_blobs import delete
 
 _LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
 
@@ -171,24 +172,32 @@ def gc(
     """Blobs no current EXECUTED record refers to, deleted (unless
     *dry_run*) in the same transaction that found them (*write* opens it): a
     kernel finishing a run at the same moment can't lose a blob it just
-    referenced."""
+    referenced (it checks its blobs again inside its own transaction).
 
-    def doomed_in(c: sqlite3.Connection) -> list[tuple[str, int]]:
+    Chunks without a blob row — a large value whose writing was cut short
+    (a crash, Ctrl-C, a run taken over) — count as one unreferenced blob per
+    digest, of the bytes they hold."""
+
+    def doomed_in(c: sqlite3.Connection) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         keep = _referenced(c, digests_of)
-        return [(d, int(s or 0)) for d, s in c.execute("SELECT digest, size FROM rssd_magic_blob") if d not in keep]
+        rows = [(d, int(s or 0)) for d, s in c.execute("SELECT digest, size FROM rssd_magic_blob") if d not in keep]
+        partial = c.execute(
+            """SELECT k.digest, total(length(k.data)) FROM rssd_magic_blob_chunk AS k
+               WHERE NOT EXISTS (SELECT 1 FROM rssd_magic_blob AS b WHERE b.digest = k.digest)
+               GROUP BY k.digest"""
+        )
+        return rows, [(d, int(s)) for d, s in partial if d not in keep]
 
     if dry_run:
         conn.execute("BEGIN")  # one consistent snapshot, no write lock
         try:
-            doomed = doomed_in(conn)
+            rows, partial = doomed_in(conn)
             kept, kept_bytes = conn.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()
         finally:
             conn.execute("ROLLBACK")
-        freed = sum(s for _, s in doomed)
-        return doomed, int(kept) - len(doomed), int(kept_bytes) - freed
+        return rows + partial, int(kept) - len(rows), int(kept_bytes) - sum(s for _, s in rows)
     with write() as c:
-        doomed = doomed_in(c)
-        c.executemany("DELETE FROM rssd_magic_blob WHERE digest = ?", [(d,) for d, _ in doomed])
+        rows, partial = doomed_in(c)
+        delete(c, [d for d, _ in rows + partial])
         kept, kept_bytes = c.execute("SELECT count(*), total(size) FROM rssd_magic_blob").fetchone()
-    return doomed, int(kept), int(kept_bytes)
-
+    return rows + partial, int(kept), int(kept_bytes)

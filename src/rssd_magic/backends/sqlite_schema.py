@@ -28,12 +28,17 @@ SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("u
 #: Version of our own objects (``rssd_magic_*``).  1: the first release
 #: (claims judged by wall-clock leases).  2: claims carry a fencing token and
 #: a heartbeat counter and describe their holder by boot id and PID namespace.
-SCHEMA_VERSION = 2
+#: 3: values larger than a chunk are kept as several rows of ``blob_chunk``
+#: (SQLite refuses a row over 1 GB); single-row blobs read as before.
+SCHEMA_VERSION = 3
 
 # Our own objects:
 #   meta       our schema version (and later settings);
 #   blob       large values as raw bytes, keyed by digest (stored once,
-#              checked when read back);
+#              checked when read back); a value larger than a chunk has an
+#              empty ``data`` here and its bytes in
+#   blob_chunk, one row per chunk keyed by (digest, byte offset): each row
+#              well under SQLite's length limit, reassembled on read;
 #   claim      who runs a cell now: one row per entry, kept after release so
 #              the fencing token keeps growing; mutable (heartbeats), hence
 #              apart from the append-only history;
@@ -56,6 +61,12 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_blob" (
     "size" INTEGER NOT NULL,
     "data" BLOB NOT NULL,
     "created_at" TIMESTAMPTZ DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS "rssd_magic_blob_chunk" (
+    "digest" TEXT NOT NULL,
+    "offset" INTEGER NOT NULL,
+    "data" BLOB NOT NULL,
+    PRIMARY KEY ("digest", "offset")
 );
 CREATE TABLE IF NOT EXISTS "rssd_magic_claim" (
     "entry_id" VARCHAR PRIMARY KEY NOT NULL,
@@ -95,6 +106,7 @@ OWN_OBJECTS = {
     "rssd_magic_state_entry_seq_idx",
     "rssd_magic_meta",
     "rssd_magic_blob",
+    "rssd_magic_blob_chunk",
     "rssd_magic_claim",
     "rssd_magic_signature",
     "rssd_magic_hit",
