@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Generator, Protocol
 
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
@@ -83,6 +83,7 @@ class ShellPort(Protocol):
 
     def transform_cell(self, cell: str) -> str: ...
     def execute(self, cell: str) -> Executed: ...
+    async def execute_async(self, cell: str) -> Executed: ...
     def publish(self, data: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> None: ...
     def show_result(self, value: Any, data: dict, metadata: dict) -> None: ...
     def note(self, text: str) -> None: ...
@@ -185,6 +186,31 @@ class CellRunner:
     def run(self, opts: CellOptions, cell: str) -> Any:
         """Replay the cell's record, or run and record it.  Returns what the
         cell shows as its result (None when it was shown already)."""
+        return _drive(self._steps(opts, cell), self.port.execute)
+
+    async def run_async(self, opts: CellOptions, cell: str) -> Any:
+        """:meth:`run` for a body with top-level ``await``: the same steps,
+        but the body runs through the port's ``execute_async``, awaited on
+        the loop the shell already runs (a kernel's), never a nested one."""
+        steps = self._steps(opts, cell)
+        try:
+            body = next(steps)
+            while True:
+                try:
+                    executed = await self.port.execute_async(body)
+                except BaseException as exc:  # noqa: BLE001 - cancelled, Ctrl-C: the run ends INTERRUPTED
+                    body = steps.throw(exc)
+                else:
+                    body = steps.send(executed)
+        except StopIteration as done:
+            return done.value
+
+    def _steps(self, opts: CellOptions, cell: str) -> Generator[str, Executed, Any]:
+        """The engine's path for one cell, as a generator: it yields the body
+        when (and only when) the body must run, and is sent what running it
+        gave; its return value is what the cell shows as its result.  One
+        engine, two drivers: :meth:`run` executes the body synchronously,
+        :meth:`run_async` awaits it.  A replay yields nothing."""
         if self._unended:
             self._retry_ends()
         try:
@@ -269,7 +295,7 @@ class CellRunner:
         try:
             if sql_cell is not None:
                 return run.sql(sql_cell)
-            return run.python(cell, python)
+            return (yield from run.python(cell, python))
         finally:
             # On every path out, even when the end could not be recorded:
             # a claim that stops beating is taken over once its lease lapses.
@@ -494,6 +520,21 @@ def close_orphaned_sessions(backend: StateBackend) -> list[str]:
         if dead and backend.end_session(session_id, failed=True, reason=f"kernel gone: {dead}"):
             closed.append(session_id)
     return closed
+
+
+def _drive(steps: Generator[str, Executed, Any], execute: Callable[[str], Executed]) -> Any:
+    """Run :meth:`CellRunner._steps` synchronously: the body with *execute*."""
+    try:
+        body = next(steps)
+        while True:
+            try:
+                executed = execute(body)
+            except BaseException as exc:  # noqa: BLE001 - Ctrl-C outside the body: the run ends INTERRUPTED
+                body = steps.throw(exc)
+            else:
+                body = steps.send(executed)
+    except StopIteration as done:
+        return done.value
 
 
 @lru_cache(maxsize=64)

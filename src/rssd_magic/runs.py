@@ -20,11 +20,12 @@ once the lease lapses, instead of waiting as long as this kernel lives.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from . import sql
 from .backends import redact
@@ -102,13 +103,15 @@ class Run:
             **fields,
         )
 
-    def python(self, cell: str, python: str) -> None:
+    def python(self, cell: str, python: str) -> Generator[str, Executed, None]:
+        """Run the body: yields *cell* to the driver (runner.py), which
+        executes it, synchronously or awaited, and sends back what that gave."""
         port = self.port
         ns = port.user_ns
         before = snapshot(ns)
         try:
             with capture(port.shell, self.config.max_output_size) as rec:
-                executed = port.execute(cell)
+                executed = yield cell
         except BaseException as exc:  # interrupted outside the body itself
             self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted")
             raise
@@ -117,8 +120,9 @@ class Run:
             shown = {"output_type": "error", "ename": err["ename"], "evalue": err["evalue"],
                      "traceback": executed.traceback or []}  # fmt: skip
             record = self.record(outputs=rec.finish() + [shown], error=err)
-            to_state = INTERRUPTED if isinstance(executed.error, KeyboardInterrupt) else FAILED
-            self.end(to_state, record, record.error_line()[:500])
+            # An awaiting body stopped by the kernel's interrupt is cancelled.
+            stopped = isinstance(executed.error, (KeyboardInterrupt, asyncio.CancelledError))
+            self.end(INTERRUPTED if stopped else FAILED, record, record.error_line()[:500])
             raise _for_display(executed.error, executed.traceback)
         self.executed(rec, lambda: self._python_payload(ns, before, python, rec, executed))
         return None
