@@ -33,7 +33,7 @@ ENGINE = [
     "runs", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
     "backends.sqlite_schema",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
-    "deps.analysis", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
+    "deps.analysis", "deps.changes", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip
 ADAPTERS = ["magic", "cli"]
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"

@@ -30,7 +30,10 @@ RESULT_VALUE = "\0result"
 MAX_DEPTH = 64
 
 #: The fields a record has, in the order they are written.
-FIELDS = ("format", "host", "duration_s", "code_hash", "inputs", "sql", "outputs", "names", "result_value", "error")
+FIELDS = (
+    "format", "host", "duration_s", "code_hash", "inputs", "sql", "outputs", "names", "changed", "deleted",
+    "result_value", "error",
+)  # fmt: skip
 
 
 class RecordError(ValueError):
@@ -43,7 +46,11 @@ class RunRecord:
     """The outcome of one run of one cell.
 
     ``outputs`` are nbformat outputs in the order they were shown; ``names``
-    maps each name the run bound to its serialized spec (serialize.py);
+    maps each name the run bound to its serialized spec (serialize.py),
+    and each name it read and changed in place (``df["b"] = …``): those are
+    listed in ``changed`` too, since the cell's code does not bind them;
+    ``deleted`` lists the names the run deleted (``del x``), which a replay
+    deletes as well;
     ``result_value`` is the spec of the cell's result when it showed one;
     ``error`` is ``{ename, evalue, traceback}`` for a failed run; ``inputs``
     the fingerprints the key was made from; ``sql`` what a SQL cell did.
@@ -58,6 +65,8 @@ class RunRecord:
     sql: dict | None = None
     outputs: list[dict] = field(default_factory=list)
     names: dict[str, dict] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
     result_value: dict | None = None
     error: dict | None = None
     format: str = RESULT_FORMAT
@@ -72,6 +81,9 @@ class RunRecord:
             value = getattr(self, name)
             if name in ("outputs", "names"):
                 out[name] = value
+            elif name in ("changed", "deleted"):
+                if value:  # left out when empty: most runs change and delete nothing
+                    out[name] = value
             elif value is not None:
                 out[name] = value
         out.update(self.extra)
@@ -113,6 +125,11 @@ class RunRecord:
         for name, spec in rec.names.items():
             if not isinstance(spec, dict):
                 raise RecordError(f"the spec of name {name!r} is a {_kind(spec)}, not an object")
+        for listed in ("changed", "deleted"):
+            names = _typed(data, listed, list, [])
+            if not all(isinstance(n, str) and n.isidentifier() for n in names):
+                raise RecordError(f"{listed} holds something that is not a name")
+            setattr(rec, listed, names)
         rec.result_value = _typed(data, "result_value", dict, None)
         rec.error = _typed(data, "error", dict, None)
         return rec

@@ -35,7 +35,7 @@ from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Trans
 from .canonical import fmt_duration
 from .capture import ReplayedResult, replay
 from .claims import Heartbeat, current_holder, process_verdict
-from .deps import collect_inputs, explain, inputs_digest, read_names
+from .deps import collect_inputs, explain, inputs_digest, is_shell_name, read_names
 from .keys import CellKey, cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
 from .record import RESULT_VALUE, RecordError
@@ -423,6 +423,11 @@ class CellRunner:
             ) from None
         trusted = trusted_names(self.config.signer, record.payloads_to_sign(), backend.signatures)
         _, missing = load_names(record.names, backend.blobs.get, ns, trusted.__contains__)
+        # Names the run deleted (``del x``) are deleted again.  (The names it
+        # changed in place, record.changed, are in record.names: restored above.)
+        for name in record.deleted:
+            if not is_shell_name(name):
+                ns.pop(name, None)
         if not quiet:
             self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
                          f"on {record.host or '?'} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
