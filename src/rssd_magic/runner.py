@@ -31,13 +31,13 @@ from typing import Any, Callable, Generator, Protocol
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
+from .backends.base import CellRow, ClaimRequest, Holder, StateBackend, StoreError, Transition
 from .canonical import fmt_duration
 from .capture import ReplayedResult, replay
 from .claims import Heartbeat, current_holder, process_verdict
 from .deps import collect_inputs, explain, inputs_digest, is_shell_name, read_names
 from .keys import CellKey, cell_key
-from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
+from .lifecycle import EXECUTED, REFUSE, REPLAY, RUNNING, decide
 from .record import RESULT_VALUE, RecordError
 from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError
 from .serialize import UNTRUSTED, load_names, load_value
@@ -122,6 +122,8 @@ class CellRunner:
         self._failed: set[int] = set()
         #: Runs whose end could not be written yet (runs.Run.end_unrecorded).
         self._unended: list[Run] = []
+        #: Per store: the notebook scopes earlier versions keyed cells by.
+        self._legacy_scopes: dict[int, list[str]] = {}
 
     # -- stores ------------------------------------------------------------------
 
@@ -180,6 +182,7 @@ class CellRunner:
         self._backends.clear()
         self._failed.clear()
         self._resolved.clear()
+        self._legacy_scopes.clear()
 
     # -- one cell -------------------------------------------------------------------
 
@@ -310,29 +313,62 @@ class CellRunner:
     ) -> tuple[CellKey, Transition | None]:
         """A cell recorded under a key an earlier version computed keeps that
         key: it replays, and never runs again just because keys changed form.
-        Looked up only when the current key has no record (one more indexed
-        read, on the way to running anyway)."""
+        Looked up only when the current key has no record (a few indexed
+        reads, on the way to running anyway).
+
+        Two earlier forms: SQL keys v1 (parameters keyed differently), and
+        keys scoped by the notebook's path, which versions up to 0.1 used by
+        default when the client told the kernel the path.  A cell in the
+        default scope finds a record made under any such notebook scope of
+        the same RSSD: the same code on the same inputs, which the default
+        scope now replays whichever notebook or client runs it."""
+        scopes = [scope]
+        if not opts.scope:
+            scopes += self._notebook_scopes(backend)
+        extras = [sql_cell.extra if sql_cell is not None else ""]
         if sql_cell is not None and opts.name is None:
             try:
-                extra = sql.legacy_key_extra(sql_cell.body, sql_cell.conn, sql_cell.params)
+                extras.append(sql.legacy_key_extra(sql_cell.body, sql_cell.conn, sql_cell.params))
             except sql.SQLUsageError:
-                return key, None  # no v1 key exists for such parameters
-            earlier = cell_key(sql.normalize_sql(cell), scope, opts.name, extra=extra)
-            latest = backend.latest(earlier)
-            if latest is not None:
-                return earlier, latest
+                pass  # no v1 key exists for such parameters
+        for earlier_scope in scopes:
+            for extra in extras:
+                if sql_cell is not None:
+                    earlier = cell_key(sql.normalize_sql(cell), earlier_scope, opts.name, extra=extra)
+                else:
+                    earlier = cell_key(cell, earlier_scope, opts.name, inputs=key.inputs, strict=opts.strict)
+                if earlier == key:
+                    continue  # looked up already
+                latest = backend.latest(earlier)
+                # A notebook scope's record counts when it replays (or an
+                # earlier version's kernel runs it now); one that failed or was
+                # forgotten runs again under the current key, in the shared scope.
+                if latest is not None and (earlier_scope == scope or latest.to_state in (EXECUTED, RUNNING)):
+                    return earlier, latest
         return key, None
 
-    def scope(self, explicit: str | None, backend: StateBackend) -> str:
-        """--scope, else the notebook's path (relative to the RSSD when it
-        lies below it, so teammates' checkouts agree), else the default."""
-        if explicit:
-            return explicit
+    def _notebook_scopes(self, backend: StateBackend) -> list[str]:
+        """Scopes earlier versions derived from a notebook's path in this
+        store (the kernel's own notebook first), listed once per kernel and
+        store: only an earlier version writes new ones."""
+        scopes = self._legacy_scopes.get(id(backend))
+        if scopes is None:
+            scopes = sorted({s for s in (_scope_of(c) for c in backend.cells()) if s and _is_notebook_path(s)})
+            self._legacy_scopes[id(backend)] = scopes
         notebook = self.port.notebook()
-        if not notebook:
-            return self.config.default_scope
-        path = getattr(backend, "path", None)
-        return _notebook_scope(notebook, path.parent if path is not None else None)
+        if notebook:
+            path = getattr(backend, "path", None)
+            own = _notebook_scope(notebook, path.parent if path is not None else None)
+            return [own] + [s for s in scopes if s != own]
+        return scopes
+
+    def scope(self, explicit: str | None, backend: StateBackend) -> str:
+        """--scope, else the default scope (``StatefulMagics.default_scope``):
+        one scope for the whole RSSD, so a cell is keyed by its code and
+        inputs alone and replays whichever client runs it (JupyterLab and
+        VS Code tell the kernel the notebook's path, nbclient, papermill and
+        a terminal don't) and after the notebook is renamed or moved."""
+        return explicit or self.config.default_scope
 
     def _rerun(self, latest: Transition | None, opts: CellOptions) -> tuple[str | None, str | None]:
         """Why an EXECUTED result must run again (``--force``, a lapsed
@@ -542,9 +578,22 @@ def _drive(steps: Generator[str, Executed, Any], execute: Callable[[str], Execut
         return done.value
 
 
+def _scope_of(cell: CellRow) -> str | None:
+    scope = cell.elaboration.get("scope")
+    return scope if isinstance(scope, str) else None
+
+
+def _is_notebook_path(scope: str) -> bool:
+    # What JupyterLab (JPY_SESSION_NAME) and VS Code (__vsc_ipynb_file__) told
+    # earlier versions is a notebook file's path.  A --scope that names an
+    # .ipynb file can't be told apart from one: it is taken for one.
+    return scope.lower().endswith(".ipynb")
+
+
 @lru_cache(maxsize=64)
 def _notebook_scope(notebook: str, rssd_dir: Path | None) -> str:
-    # Memoized: path arithmetic costs a few percent of a replay.
+    """The scope versions up to 0.1 gave a notebook's cells: its path,
+    relative to the RSSD's folder when below it."""
     nb = Path(notebook)
     if nb.is_absolute() and rssd_dir is not None:
         try:
