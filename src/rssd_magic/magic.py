@@ -58,7 +58,8 @@ class StatefulMagics(Magics):
     ).tag(config=True)
     default_scope = Unicode(
         "default",
-        help="Scope of cell keys when the kernel can't tell which notebook it runs.",
+        help="Scope of the keys of cells without --scope: one for the whole RSSD, whichever client runs "
+        "the notebook and whatever it is called.",
     ).tag(config=True)
     quiet = Bool(False, help="Hide the one-line replay banner (as --quiet does).").tag(config=True)
     secret = Unicode(
@@ -267,7 +268,7 @@ class StatefulMagics(Magics):
     @magic_arguments()
     @argument("--db", metavar="PATH", help=f"RSSD file or postgresql:// URL (default: config, ${ENV_RSSD}, ./{DEFAULT_RSSD}).")
     @argument("--name", metavar="NAME", help="Key the cell by NAME instead of its code: it runs once per name even if edited.")
-    @argument("--scope", metavar="SCOPE", help="Key scope (default: the notebook, else StatefulMagics.default_scope).")
+    @argument("--scope", metavar="SCOPE", help="Keep cells apart: replay only records of this scope (default: StatefulMagics.default_scope, one for the RSSD).")
     @argument("--force", action="store_true", help="Run again even if executed; history is kept.")
     @argument("--quiet", action="store_true", help="No replay banner.")
     @argument(
