@@ -126,10 +126,11 @@ class RunRecord:
             if not isinstance(spec, dict):
                 raise RecordError(f"the spec of name {name!r} is a {_kind(spec)}, not an object")
         for listed in ("changed", "deleted"):
-            names = _typed(data, listed, list, [])
-            if not all(isinstance(n, str) and n.isidentifier() for n in names):
-                raise RecordError(f"{listed} holds something that is not a name")
-            setattr(rec, listed, names)
+            if data.get(listed) is not None:  # absent from most records: nothing to check on a replay
+                names = _typed(data, listed, list, [])
+                if not all(isinstance(n, str) and n.isidentifier() for n in names):
+                    raise RecordError(f"{listed} holds something that is not a name")
+                setattr(rec, listed, names)
         rec.result_value = _typed(data, "result_value", dict, None)
         rec.error = _typed(data, "error", dict, None)
         return rec
