@@ -10,17 +10,19 @@ nbclient, each notebook run in fresh ipykernel kernels through nbclient.
   the notebook's path (``JPY_SESSION_NAME``, set here in the kernel's
   environment exactly as Lab sets it); nbclient and papermill tell nothing;
   a renamed or moved notebook replays; records the previous version filed
-  under a notebook's path replay (that version runs here, from git).
+  under a notebook's path replay from any client (that version runs here,
+  from git).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import tarfile
-import io
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from kernel_util import (
@@ -29,6 +31,7 @@ from kernel_util import (
     check_rssd,
     errors_of,
     execute,
+    make_notebook,
     plain_traceback,
     query,
     strip_volatile,
@@ -179,15 +182,23 @@ def previous_src(tmp_path_factory) -> Path:
 
 
 def test_records_the_previous_version_filed_under_a_notebook_path_still_replay(tmp_path, previous_src):
-    notebook = tmp_path / "nb" / "analysis.ipynb"
+    notebook = tmp_path / "analysis.ipynb"  # the notebook beside its RSSD, as Lab and jupyter execute run it
+    nbformat.write(make_notebook(CLIENT_CELLS), notebook)
     old = execute(CLIENT_CELLS, tmp_path, env={**_lab(notebook), "PYTHONPATH": str(previous_src)})
     assert text_of(old.cells[4]) == "0.93 True\n"
     db = tmp_path / DB
-    assert scopes(db) == ["nb/analysis.ipynb", "nb/analysis.ipynb"], "the previous version's notebook scope"
-    for env in ({}, _lab(notebook), _lab(tmp_path / "renamed.ipynb")):
+    assert scopes(db) == ["analysis.ipynb", "analysis.ipynb"], "the previous version's notebook scope"
+    for env in ({}, _lab(notebook)):  # headless (nbclient, papermill), then Lab again
         nb = execute(CLIENT_CELLS, tmp_path, env=env)
         assert len(banners(nb.cells[2])) == 1 and len(banners(nb.cells[3])) == 1, env
         assert text_of(nb.cells[4]) == "0.93 True\n"
     assert lines(tmp_path / "train.log") == 1 and lines(tmp_path / "load.log") == 1
-    assert scopes(db) == ["nb/analysis.ipynb", "nb/analysis.ipynb"], "found where they are, not copied"
+    assert scopes(db) == ["analysis.ipynb", "analysis.ipynb"], "found where they are, not copied"
+    # Renamed since the previous version recorded it: its old name is nowhere
+    # to be seen, so it runs once more, then replays under any name.
+    notebook.rename(tmp_path / "renamed.ipynb")
+    for _ in range(2):
+        execute(CLIENT_CELLS, tmp_path, env=_lab(tmp_path / "renamed.ipynb"))
+    assert lines(tmp_path / "train.log") == 2 and lines(tmp_path / "load.log") == 2
+    assert scopes(db)[2:] == ["default", "default"]
     check_rssd(db)

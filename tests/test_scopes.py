@@ -75,13 +75,19 @@ def test_scope_still_keeps_cells_apart_and_is_listed(kernel):
     assert "team-a" in listed and "default" in listed
 
 
+def notebook_file(path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    return str(path)
+
+
 def test_records_under_an_earlier_notebook_scope_replay_from_any_client(kernel):
-    earlier = "%%stateful --scope nb/analysis.ipynb\n" + BODY  # what 0.1 wrote from Lab
-    kernel.ok(earlier)
+    notebook = notebook_file(kernel.workdir / "analysis.ipynb")
+    kernel.ok("%%stateful --scope analysis.ipynb\n" + BODY)  # what 0.1 wrote from Lab
     ((scope, src),) = entries(kernel)
-    assert scope == "nb/analysis.ipynb" and src.startswith("rssd-magic:nb/analysis.ipynb#")
+    assert scope == "analysis.ipynb" and src.startswith("rssd-magic:analysis.ipynb#")
     try:
-        for path in [str(kernel.workdir / "nb" / "analysis.ipynb"), None, str(kernel.workdir / "renamed.ipynb")]:
+        for path in [notebook, None]:  # Lab, then headless in the notebook's folder
             kernel.restart()
             as_notebook(kernel, path)
             ran = kernel.ok("%%stateful\n" + BODY)
@@ -93,7 +99,33 @@ def test_records_under_an_earlier_notebook_scope_replay_from_any_client(kernel):
     assert len(entries(kernel)) == 1, "found where it is, not copied"
 
 
+def test_an_earlier_record_of_a_notebook_in_a_subfolder_replays_headless_from_its_folder(kernel, monkeypatch):
+    # The RSSD at the project's root, the notebook in nb/: 0.1 scoped it nb/analysis.ipynb.
+    notebook_file(kernel.workdir / "nb" / "analysis.ipynb")
+    kernel.ok(f"%config StatefulMagics.rssd_path = {str(kernel.db)!r}")
+    kernel.ok("%%stateful --scope nb/analysis.ipynb\n" + BODY)
+    kernel.restart()
+    monkeypatch.chdir(kernel.workdir / "nb")  # where jupyter execute starts its kernel
+    assert kernel.ok("%%stateful\n" + BODY).banner
+    assert counter(kernel.workdir / "side.log") == 1
+
+
+def test_an_earlier_record_of_a_notebook_renamed_since_runs_once_more_then_replays(kernel):
+    kernel.ok("%%stateful --scope Untitled.ipynb\n" + BODY)
+    renamed = notebook_file(kernel.workdir / "analysis.ipynb")  # Untitled.ipynb is gone
+    try:
+        for _ in range(2):
+            kernel.restart()
+            as_notebook(kernel, renamed)
+            kernel.ok("%%stateful\n" + BODY)
+    finally:
+        as_notebook(kernel, None)
+    assert counter(kernel.workdir / "side.log") == 2
+    assert [scope for scope, _ in entries(kernel)] == ["Untitled.ipynb", "default"]
+
+
 def test_an_earlier_notebook_record_only_replays_the_same_code_on_the_same_inputs(kernel):
+    notebook_file(kernel.workdir / "analysis.ipynb")
     kernel.ok("factor = 2\n")
     kernel.ok("%%stateful --scope analysis.ipynb\n" + APPEND + "y = factor * 10\n")
     kernel.restart()
@@ -105,6 +137,7 @@ def test_an_earlier_notebook_record_only_replays_the_same_code_on_the_same_input
 
 
 def test_a_failed_or_forgotten_earlier_notebook_record_runs_again_in_the_shared_scope(kernel):
+    notebook_file(kernel.workdir / "analysis.ipynb")
     kernel.ok("%%stateful --scope analysis.ipynb\n" + BODY)
     kernel.ok("%stateful forget --all")
     kernel.restart()
@@ -115,6 +148,7 @@ def test_a_failed_or_forgotten_earlier_notebook_record_runs_again_in_the_shared_
 
 
 def test_an_explicit_scope_never_replays_another_scope(kernel):
+    notebook_file(kernel.workdir / "analysis.ipynb")
     kernel.ok("%%stateful --scope analysis.ipynb\n" + BODY)
     kernel.ok("%%stateful --scope team-a\n" + BODY)
     assert counter(kernel.workdir / "side.log") == 2

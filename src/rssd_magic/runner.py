@@ -31,7 +31,7 @@ from typing import Any, Callable, Generator, Protocol
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import CellRow, ClaimRequest, Holder, StateBackend, StoreError, Transition
+from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
 from .canonical import fmt_duration
 from .capture import ReplayedResult, replay
 from .claims import Heartbeat, current_holder, process_verdict
@@ -122,8 +122,8 @@ class CellRunner:
         self._failed: set[int] = set()
         #: Runs whose end could not be written yet (runs.Run.end_unrecorded).
         self._unended: list[Run] = []
-        #: Per store: the notebook scopes earlier versions keyed cells by.
-        self._legacy_scopes: dict[int, list[str]] = {}
+        #: Per folder, RSSD and notebook: scopes earlier versions keyed cells by.
+        self._legacy_scopes: dict[tuple, list[str]] = {}
 
     # -- stores ------------------------------------------------------------------
 
@@ -319,9 +319,10 @@ class CellRunner:
         Two earlier forms: SQL keys v1 (parameters keyed differently), and
         keys scoped by the notebook's path, which versions up to 0.1 used by
         default when the client told the kernel the path.  A cell in the
-        default scope finds a record made under any such notebook scope of
-        the same RSSD: the same code on the same inputs, which the default
-        scope now replays whichever notebook or client runs it."""
+        default scope finds a record made under the scope of its own
+        notebook, or of a notebook beside it: the same code on the same
+        inputs, which the default scope now replays whichever notebook or
+        client runs it."""
         scopes = [scope]
         if not opts.scope:
             scopes += self._notebook_scopes(backend)
@@ -348,18 +349,28 @@ class CellRunner:
         return key, None
 
     def _notebook_scopes(self, backend: StateBackend) -> list[str]:
-        """Scopes earlier versions derived from a notebook's path in this
-        store (the kernel's own notebook first), listed once per kernel and
-        store: only an earlier version writes new ones."""
-        scopes = self._legacy_scopes.get(id(backend))
-        if scopes is None:
-            scopes = sorted({s for s in (_scope_of(c) for c in backend.cells()) if s and _is_notebook_path(s)})
-            self._legacy_scopes[id(backend)] = scopes
+        """The scopes an earlier version may have filed this kernel's cells
+        under: its own notebook's, and those of the notebooks in the
+        kernel's folder and the RSSD's (``jupyter execute``, nbclient and
+        papermill start the kernel in the notebook's folder, as Lab does).
+        Listed once per folder, RSSD and notebook: a look at two folders,
+        where listing the store's scopes costs a query over every cell."""
+        path = getattr(backend, "path", None)
+        rssd_dir = path.parent if path is not None else None
         notebook = self.port.notebook()
-        if notebook:
-            path = getattr(backend, "path", None)
-            own = _notebook_scope(notebook, path.parent if path is not None else None)
-            return [own] + [s for s in scopes if s != own]
+        where = (os.getcwd(), rssd_dir, notebook)
+        scopes = self._legacy_scopes.get(where)
+        if scopes is None:
+            found = [notebook] if notebook else []
+            for folder in dict.fromkeys(f for f in (Path.cwd(), rssd_dir) if f is not None):
+                try:
+                    found += sorted(str(nb) for nb in folder.glob("*.ipynb"))
+                except OSError:
+                    pass  # an unreadable folder: nothing to find there
+            scopes = list(dict.fromkeys(_notebook_scope(nb, rssd_dir) for nb in found))
+            if len(self._legacy_scopes) > 64:
+                self._legacy_scopes.clear()
+            self._legacy_scopes[where] = scopes
         return scopes
 
     def scope(self, explicit: str | None, backend: StateBackend) -> str:
@@ -576,18 +587,6 @@ def _drive(steps: Generator[str, Executed, Any], execute: Callable[[str], Execut
                 body = steps.send(executed)
     except StopIteration as done:
         return done.value
-
-
-def _scope_of(cell: CellRow) -> str | None:
-    scope = cell.elaboration.get("scope")
-    return scope if isinstance(scope, str) else None
-
-
-def _is_notebook_path(scope: str) -> bool:
-    # What JupyterLab (JPY_SESSION_NAME) and VS Code (__vsc_ipynb_file__) told
-    # earlier versions is a notebook file's path.  A --scope that names an
-    # .ipynb file can't be told apart from one: it is taken for one.
-    return scope.lower().endswith(".ipynb")
 
 
 @lru_cache(maxsize=64)
