@@ -131,12 +131,19 @@ def test_the_option_line_of_an_awaiting_cell_is_expanded_as_for_any_magic(kernel
 
 
 def test_loading_the_extension_again_keeps_one_route(kernel):
+    ours = kernel.magics
     kernel.ok("%reload_ext rssd_magic")
-    cleanup = kernel.shell.input_transformers_cleanup
-    routes = [t for t in cleanup if getattr(t, "__name__", "") == "route_awaiting_stateful_cell"]
-    assert len(routes) == 1
-    kernel.ok(AWAITING)
-    assert kernel.shell.user_ns["reply"] == "HELLO"
+    try:
+        cleanup = kernel.shell.input_transformers_cleanup
+        routes = [t for t in cleanup if getattr(t, "__name__", "") == "route_awaiting_stateful_cell"]
+        assert len(routes) == 1
+        kernel.ok(AWAITING)
+        assert kernel.shell.user_ns["reply"] == "HELLO"
+    finally:
+        # The reload made a new StatefulMagics from the shell's config, which
+        # other tests' %config lines changed: the fixture's instance goes back.
+        kernel.magics.close()
+        kernel.shell.register_magics(ours)
 
 
 def test_terminal_ipython_runs_and_replays_an_awaiting_cell(tmp_path):

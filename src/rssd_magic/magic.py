@@ -2,9 +2,11 @@
 
 What happens to a cell is decided by the engine (runner.py and what it
 uses); this module parses options, implements the small shell port the
-runner talks through (run the body with ``shell.run_cell`` so ``!cmd``,
-magics and tracebacks behave as in any cell; show a result through the
-display hook), and turns engine errors into ``UsageError``: IPython prints
+runner talks through (run the body as a cell of its own with
+``shell.run_cell_async``, so ``!cmd``, magics, ``await`` and tracebacks
+behave as in any cell; show a result through the display hook), routes
+cells whose body awaits to the magic's async version (an input
+transformer), and turns engine errors into ``UsageError``: IPython prints
 exactly ``UsageError`` without a traceback, its subclasses get one.
 """
 

@@ -15,6 +15,9 @@ The path of a run, in order:
    a claimed run ends it — EXECUTED, FAILED, INTERRUPTED, or (when even that
    can't be written) a claim that stops beating so others take over.
 
+The path is one generator (:meth:`CellRunner._steps`) that yields the body
+when it must run: :meth:`CellRunner.run` executes it, :meth:`CellRunner.run_async`
+awaits it (a body with top-level ``await``, on the loop a kernel runs).
 The shell is reached through a :class:`ShellPort` the adapter implements;
 settings through a :class:`Config` (the adapter's traitlets).
 """
