@@ -25,6 +25,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from rssd_magic.report import label_of
+
 ENV = "SURVEILR_STATEDB_FS_PATH"
 DB_NAME = "resource-surveillance.sqlite.db"
 
@@ -182,8 +184,9 @@ def test_list_text_is_aligned_and_found_by_env_and_cwd_default(base):
         cell = by_prefix[row[:12]]
         assert row[12] == " "  # exactly a 12-character key prefix
         assert row[state_col:].split()[0] == cell["state"]
-        first = cell["source"].strip().splitlines()[0]
-        assert row[source_col:].startswith(first[:20])
+        # What each cell is (issue 16: its --name, else the first line of its
+        # code that says something), starting exactly under SOURCE.
+        assert row[source_col:].startswith(label_of(cell, 40)[:20])
     named = next(r for r in rows if r.startswith(base.cells["named"]["key"][:12]))
     assert "load_once" in named
     # Same file found through $SURVEILR_STATEDB_FS_PATH and through the cwd default.
