@@ -32,13 +32,16 @@ def execute(
     *,
     allow_errors: bool = False,
     timeout: int = TIMEOUT_S,
+    env: dict[str, str] | None = None,
     **client_options,
 ) -> nbformat.NotebookNode:
     """Run *nb* (a notebook, or a list of cell sources) top to bottom in a
     fresh ``python3`` kernel whose working directory is *cwd*; return the
     executed copy.  The kernel is shut down cleanly before this returns.
-    *client_options* go to :class:`nbclient.NotebookClient` (e.g.
-    ``timeout_func`` and ``interrupt_on_timeout`` to interrupt one cell)."""
+    *env* is added to the kernel's environment (``JPY_SESSION_NAME`` is how
+    JupyterLab tells a kernel its notebook).  *client_options* go to
+    :class:`nbclient.NotebookClient` (e.g. ``timeout_func`` and
+    ``interrupt_on_timeout`` to interrupt one cell)."""
     if not isinstance(nb, nbformat.NotebookNode):
         nb = make_notebook(nb)
     nb = copy.deepcopy(nb)
@@ -50,7 +53,7 @@ def execute(
         resources={"metadata": {"path": str(cwd)}},
         **client_options,
     )
-    client.execute()
+    client.execute(**({"env": {**os.environ, **env}} if env else {}))
     return nb
 
 

@@ -25,6 +25,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+
 ENV = "SURVEILR_STATEDB_FS_PATH"
 DB_NAME = "resource-surveillance.sqlite.db"
 

@@ -35,7 +35,7 @@ ENGINE = [
     "backends.postgres_live", "backends.postgres_reports", "backends.postgres_rows", "backends.postgres_schema",
     "backends.postgres_transfer",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
-    "deps.analysis", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
+    "deps.analysis", "deps.changes", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip
 ADAPTERS = ["magic", "cli"]
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"

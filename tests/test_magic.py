@@ -167,26 +167,6 @@ def test_named_cell_runs_once_even_after_edit_and_says_so(kernel):
     assert "changed" not in same.stderr
 
 
-def test_scopes_keep_notebooks_apart(kernel):
-    body = APPEND + "z = 1\n"
-    kernel.ok("%%stateful\n" + body)
-    kernel.ok("%%stateful --scope other.ipynb\n" + body)
-    assert counter(kernel.workdir / "side.log") == 2
-    kernel.shell.user_ns["__session__"] = str(kernel.workdir / "nb" / "analysis.ipynb")
-    try:
-        kernel.ok("%%stateful\n" + body)
-        assert counter(kernel.workdir / "side.log") == 3
-        scopes = {
-            json.loads(e)["scope"] for (e,) in kernel.rows("SELECT elaboration FROM orchestration_session_entry")
-        }
-        assert scopes == {"default", "other.ipynb", "nb/analysis.ipynb"}
-    finally:
-        del kernel.shell.user_ns["__session__"]
-    kernel.ok("%config StatefulMagics.default_scope = 'team'")
-    kernel.ok("%%stateful\n" + body)
-    assert counter(kernel.workdir / "side.log") == 4
-
-
 # -- failure, interrupts, force -----------------------------------------------
 
 

@@ -475,6 +475,24 @@ def test_signed_record_binds_only_what_the_cells_code_binds(kernel):
     assert kernel.ok("%%stateful\nafter = 1\n").result.success
 
 
+def test_changed_in_place_binds_only_names_the_cells_code_reads(kernel):
+    """Issue #15's in-place names meet #14's policy: a signed record may bind
+    a name its cell's code only reads (df["b"] = …) when the record says the
+    run changed it in place, and no other name that way."""
+    kernel.ok("rows = [1]")
+    cell = "%%stateful\nrows.append(2)\n"
+    kernel.ok(cell)
+    hostile = {"stranger": {"kind": "json", "value": "x"}}
+    edit_record(kernel.db, lambda r: {**r, "names": {**r["names"], **hostile}, "changed": [*r["changed"], "stranger"]})
+    kernel.ok("%stateful trust")
+    kernel.restart()
+    kernel.ok("rows = [1]")
+    ran = kernel.ok(cell)
+    assert kernel.shell.user_ns["rows"] == [1, 2], "the in-place change comes back"
+    assert "stranger" not in kernel.shell.user_ns
+    assert "stranger (not bound by the cell's code)" in ran.stderr
+
+
 def test_a_signed_record_copied_under_another_cells_key_does_not_replay_there(kernel):
     """The signature binds a record to its cell."""
     kernel.ok("%%stateful --name victim\nthreshold = 0.5\n")

@@ -129,17 +129,20 @@ def code_names(python: str, depth: int = 0) -> set[str]:
 
 
 @lru_cache(maxsize=512)
-def bindable(python: str | None = None, out: str | None = None) -> frozenset[str]:
+def bindable(python: str | None = None, out: str | None = None, changed: frozenset[str] = frozenset()) -> frozenset[str]:
     """The names a replay of this cell may bind — the one place that says so.
 
     *python* is the cell's code, IPython syntax transformed (the names its
-    AST binds or deletes); *out* a SQL cell's ``--out`` name.  Whatever else
-    a record may bind later (names the cell read and changed in place) joins
-    here.  Memoized: a notebook replays the same few cells.
+    AST binds or deletes); *out* a SQL cell's ``--out`` name; *changed* the
+    names a signed record says the run changed in place (``df["b"] = …``),
+    allowed only where the cell's code reads them.  Memoized: a notebook
+    replays the same few cells.
     """
     names = code_names(python) if python is not None else set()
     if out is not None:
         names.add(out)
+    if changed and python is not None:
+        names |= changed & set(analyse_cell(python).reads)
     return frozenset(name for name in names if never_bound(name) is None)
 
 

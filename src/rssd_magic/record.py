@@ -44,7 +44,10 @@ MAX_DURATION_S = 10 * 365 * 86400.0
 MAX_SIZE = 2**63 - 1
 
 #: The fields a record has, in the order they are written.
-FIELDS = ("format", "host", "duration_s", "code_hash", "inputs", "sql", "outputs", "names", "result_value", "error")
+FIELDS = (
+    "format", "host", "duration_s", "code_hash", "inputs", "sql", "outputs", "names", "changed", "deleted",
+    "result_value", "error",
+)  # fmt: skip
 
 
 class RecordError(ValueError):
@@ -57,7 +60,11 @@ class RunRecord:
     """The outcome of one run of one cell.
 
     ``outputs`` are nbformat outputs in the order they were shown; ``names``
-    maps each name the run bound to its serialized spec (serialize.py);
+    maps each name the run bound to its serialized spec (serialize.py),
+    and each name it read and changed in place (``df["b"] = …``): those are
+    listed in ``changed`` too, since the cell's code does not bind them;
+    ``deleted`` lists the names the run deleted (``del x``), which a replay
+    deletes as well;
     ``result_value`` is the spec of the cell's result when it showed one;
     ``error`` is ``{ename, evalue, traceback}`` for a failed run; ``inputs``
     the fingerprints the key was made from; ``sql`` what a SQL cell did.
@@ -72,6 +79,8 @@ class RunRecord:
     sql: dict | None = None
     outputs: list[dict] = field(default_factory=list)
     names: dict[str, dict] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
     result_value: dict | None = None
     error: dict | None = None
     format: str = RESULT_FORMAT
@@ -86,6 +95,9 @@ class RunRecord:
             value = getattr(self, name)
             if name in ("outputs", "names"):
                 out[name] = value
+            elif name in ("changed", "deleted"):
+                if value:  # left out when empty: most runs change and delete nothing
+                    out[name] = value
             elif value is not None:
                 out[name] = value
         out.update(self.extra)
@@ -125,6 +137,12 @@ class RunRecord:
             if not isinstance(spec, dict):
                 raise RecordError(f"the spec of name {_label(name)} is {_a(spec)}, not an object")
             _check_spec(spec, f"the spec of name {_label(name)}")
+        for listed in ("changed", "deleted"):
+            if data.get(listed) is not None:  # absent from most records: nothing to check on a replay
+                names = _typed(data, listed, list, [])
+                if not all(isinstance(n, str) and n.isidentifier() for n in names):
+                    raise RecordError(f"{listed} holds something that is not a name")
+                setattr(rec, listed, names)
         rec.result_value = _typed(data, "result_value", dict, None)
         if rec.result_value is not None:
             _check_spec(rec.result_value, "the result value's spec")

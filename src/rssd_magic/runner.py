@@ -15,6 +15,9 @@ The path of a run, in order:
    a claimed run ends it — EXECUTED, FAILED, INTERRUPTED, or (when even that
    can't be written) a claim that stops beating so others take over.
 
+The path is one generator (:meth:`CellRunner._steps`) that yields the body
+when it must run: :meth:`CellRunner.run` executes it, :meth:`CellRunner.run_async`
+awaits it (a body with top-level ``await``, on the loop a kernel runs).
 The shell is reached through a :class:`ShellPort` the adapter implements;
 settings through a :class:`Config` (the adapter's traitlets).
 """
@@ -26,7 +29,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Generator, Protocol
 
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
@@ -36,9 +39,9 @@ from .bindable import bindable, why_not
 from .canonical import fmt_duration
 from .capture import ReplayedResult, replay
 from .claims import Heartbeat, current_holder, process_verdict
-from .deps import collect_inputs, explain, inputs_digest, read_names
+from .deps import collect_inputs, explain, inputs_digest, is_shell_name, read_names
 from .keys import CellKey, cell_key
-from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
+from .lifecycle import EXECUTED, REFUSE, REPLAY, RUNNING, decide
 from .record import RecordError, RunRecord
 from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError
 from .serialize import load_names, load_value
@@ -90,6 +93,7 @@ class ShellPort(Protocol):
 
     def transform_cell(self, cell: str) -> str: ...
     def execute(self, cell: str) -> Executed: ...
+    async def execute_async(self, cell: str) -> Executed: ...
     def publish(self, data: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> None: ...
     def show_result(self, value: Any, data: dict, metadata: dict) -> None: ...
     def note(self, text: str) -> None: ...
@@ -130,6 +134,8 @@ class CellRunner:
         self._unended: list[Run] = []
         #: Parsed records and their payload ids, by (cell, stored text).
         self._records: dict[tuple[str, str | None], tuple[RunRecord, str]] = {}
+        #: Per folder, RSSD and notebook: scopes earlier versions keyed cells by.
+        self._legacy_scopes: dict[tuple, list[str]] = {}
 
     # -- stores ------------------------------------------------------------------
 
@@ -189,12 +195,38 @@ class CellRunner:
         self._failed.clear()
         self._resolved.clear()
         self._records.clear()
+        self._legacy_scopes.clear()
 
     # -- one cell -------------------------------------------------------------------
 
     def run(self, opts: CellOptions, cell: str) -> Any:
         """Replay the cell's record, or run and record it.  Returns what the
         cell shows as its result (None when it was shown already)."""
+        return _drive(self._steps(opts, cell), self.port.execute)
+
+    async def run_async(self, opts: CellOptions, cell: str) -> Any:
+        """:meth:`run` for a body with top-level ``await``: the same steps,
+        but the body runs through the port's ``execute_async``, awaited on
+        the loop the shell already runs (a kernel's), never a nested one."""
+        steps = self._steps(opts, cell)
+        try:
+            body = next(steps)
+            while True:
+                try:
+                    executed = await self.port.execute_async(body)
+                except BaseException as exc:  # noqa: BLE001 - cancelled, Ctrl-C: the run ends INTERRUPTED
+                    body = steps.throw(exc)
+                else:
+                    body = steps.send(executed)
+        except StopIteration as done:
+            return done.value
+
+    def _steps(self, opts: CellOptions, cell: str) -> Generator[str, Executed, Any]:
+        """The engine's path for one cell, as a generator: it yields the body
+        when (and only when) the body must run, and is sent what running it
+        gave; its return value is what the cell shows as its result.  One
+        engine, two drivers: :meth:`run` executes the body synchronously,
+        :meth:`run_async` awaits it.  A replay yields nothing."""
         if self._unended:
             self._retry_ends()
         try:
@@ -228,7 +260,7 @@ class CellRunner:
                 f"(state: {state or 'never run'}, key {key.digest[:12]}); it was not run"
             )
         if decision.action == REPLAY:
-            return self._replay(backend, key, latest, quiet, _bindable(opts, python))
+            return self._replay(backend, key, latest, quiet, _may_bind(opts, python))
         first_reason = "first run"
         if latest is None and key.inputs:
             earlier = backend.latest_variant(key)
@@ -266,7 +298,7 @@ class CellRunner:
             raise
         if outcome.kind == "done":
             status.done("the other kernel finished; replaying its result")
-            return self._replay(backend, key, outcome.previous, quiet, _bindable(opts, python))
+            return self._replay(backend, key, outcome.previous, quiet, _may_bind(opts, python))
         if outcome.abandoned is not None:
             status.done("the other kernel died; running the cell here")
             self.port.note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
@@ -279,7 +311,7 @@ class CellRunner:
         try:
             if sql_cell is not None:
                 return run.sql(sql_cell)
-            return run.python(cell, python)
+            return (yield from run.python(cell, python))
         finally:
             # On every path out, even when the end could not be recorded:
             # a claim that stops beating is taken over once its lease lapses.
@@ -294,29 +326,73 @@ class CellRunner:
     ) -> tuple[CellKey, Transition | None]:
         """A cell recorded under a key an earlier version computed keeps that
         key: it replays, and never runs again just because keys changed form.
-        Looked up only when the current key has no record (one more indexed
-        read, on the way to running anyway)."""
+        Looked up only when the current key has no record (a few indexed
+        reads, on the way to running anyway).
+
+        Two earlier forms: SQL keys v1 (parameters keyed differently), and
+        keys scoped by the notebook's path, which versions up to 0.1 used by
+        default when the client told the kernel the path.  A cell in the
+        default scope finds a record made under the scope of its own
+        notebook, or of a notebook beside it: the same code on the same
+        inputs, which the default scope now replays whichever notebook or
+        client runs it."""
+        scopes = [scope]
+        if not opts.scope:
+            scopes += self._notebook_scopes(backend)
+        extras = [sql_cell.extra if sql_cell is not None else ""]
         if sql_cell is not None and opts.name is None:
             try:
-                extra = sql.legacy_key_extra(sql_cell.body, sql_cell.conn, sql_cell.params)
+                extras.append(sql.legacy_key_extra(sql_cell.body, sql_cell.conn, sql_cell.params))
             except sql.SQLUsageError:
-                return key, None  # no v1 key exists for such parameters
-            earlier = cell_key(sql.normalize_sql(cell), scope, opts.name, extra=extra)
-            latest = backend.latest(earlier)
-            if latest is not None:
-                return earlier, latest
+                pass  # no v1 key exists for such parameters
+        for earlier_scope in scopes:
+            for extra in extras:
+                if sql_cell is not None:
+                    earlier = cell_key(sql.normalize_sql(cell), earlier_scope, opts.name, extra=extra)
+                else:
+                    earlier = cell_key(cell, earlier_scope, opts.name, inputs=key.inputs, strict=opts.strict)
+                if earlier == key:
+                    continue  # looked up already
+                latest = backend.latest(earlier)
+                # A notebook scope's record counts when it replays (or an
+                # earlier version's kernel runs it now); one that failed or was
+                # forgotten runs again under the current key, in the shared scope.
+                if latest is not None and (earlier_scope == scope or latest.to_state in (EXECUTED, RUNNING)):
+                    return earlier, latest
         return key, None
 
-    def scope(self, explicit: str | None, backend: StateBackend) -> str:
-        """--scope, else the notebook's path (relative to the RSSD when it
-        lies below it, so teammates' checkouts agree), else the default."""
-        if explicit:
-            return explicit
-        notebook = self.port.notebook()
-        if not notebook:
-            return self.config.default_scope
+    def _notebook_scopes(self, backend: StateBackend) -> list[str]:
+        """The scopes an earlier version may have filed this kernel's cells
+        under: its own notebook's, and those of the notebooks in the
+        kernel's folder and the RSSD's (``jupyter execute``, nbclient and
+        papermill start the kernel in the notebook's folder, as Lab does).
+        Listed once per folder, RSSD and notebook: a look at two folders,
+        where listing the store's scopes costs a query over every cell."""
         path = getattr(backend, "path", None)
-        return _notebook_scope(notebook, path.parent if path is not None else None)
+        rssd_dir = path.parent if path is not None else None
+        notebook = self.port.notebook()
+        where = (os.getcwd(), rssd_dir, notebook)
+        scopes = self._legacy_scopes.get(where)
+        if scopes is None:
+            found = [notebook] if notebook else []
+            for folder in dict.fromkeys(f for f in (Path.cwd(), rssd_dir) if f is not None):
+                try:
+                    found += sorted(str(nb) for nb in folder.glob("*.ipynb"))
+                except OSError:
+                    pass  # an unreadable folder: nothing to find there
+            scopes = list(dict.fromkeys(_notebook_scope(nb, rssd_dir) for nb in found))
+            if len(self._legacy_scopes) > 64:
+                self._legacy_scopes.clear()
+            self._legacy_scopes[where] = scopes
+        return scopes
+
+    def scope(self, explicit: str | None, backend: StateBackend) -> str:
+        """--scope, else the default scope (``StatefulMagics.default_scope``):
+        one scope for the whole RSSD, so a cell is keyed by its code and
+        inputs alone and replays whichever client runs it (JupyterLab and
+        VS Code tell the kernel the notebook's path, nbclient, papermill and
+        a terminal don't) and after the notebook is renamed or moved."""
+        return explicit or self.config.default_scope
 
     def _rerun(self, latest: Transition | None, opts: CellOptions) -> tuple[str | None, str | None]:
         """Why an EXECUTED result must run again (``--force``, a lapsed
@@ -396,12 +472,17 @@ class CellRunner:
     # -- replay ---------------------------------------------------------------------
 
     def _replay(
-        self, backend: StateBackend, key: CellKey, done: Transition, quiet: bool, allowed: frozenset[str]
+        self,
+        backend: StateBackend,
+        key: CellKey,
+        done: Transition,
+        quiet: bool,
+        may_bind: Callable[[frozenset[str]], frozenset[str]],
     ) -> Any:
         """Replay an EXECUTED record: all of it when a key the user trusts
         signed it (the one signature lookup of a replay), its text and
         images only when not (:meth:`_replay_unsigned`).  Of the names it
-        records, only *allowed* ones are bound (bindable.py)."""
+        records, only those *may_bind* allows are bound (bindable.py)."""
         port, ns = self.port, self.port.user_ns
         backend.note_hit(done.state_id)
         try:
@@ -415,6 +496,7 @@ class CellRunner:
         why = unsigned_because(self.config.signer, pid, backend.signatures)
         if why is not None:
             return self._replay_unsigned(backend, key, record, why)
+        allowed = may_bind(frozenset(record.changed))
         specs, refused = {}, {}
         for name, spec in record.names.items():
             if name in allowed:
@@ -423,6 +505,12 @@ class CellRunner:
                 refused[name] = why_not(name)
         # The record's signature checked: every spec in it is ours to load.
         _, missing = load_names(specs, backend.blobs.get, ns, _trusted)
+        # Names the run deleted (``del x``) are deleted again, where the
+        # cell's code deletes them.  (Names it changed in place are in
+        # record.names, restored above when its code read them.)
+        for name in record.deleted:
+            if name in allowed and not is_shell_name(name):
+                ns.pop(name, None)
         if not quiet:
             self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
                          f"on {_printable(record.host or '?')} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
@@ -565,9 +653,25 @@ def close_orphaned_sessions(backend: StateBackend) -> list[str]:
     return closed
 
 
+def _drive(steps: Generator[str, Executed, Any], execute: Callable[[str], Executed]) -> Any:
+    """Run :meth:`CellRunner._steps` synchronously: the body with *execute*."""
+    try:
+        body = next(steps)
+        while True:
+            try:
+                executed = execute(body)
+            except BaseException as exc:  # noqa: BLE001 - Ctrl-C outside the body: the run ends INTERRUPTED
+                body = steps.throw(exc)
+            else:
+                body = steps.send(executed)
+    except StopIteration as done:
+        return done.value
+
+
 @lru_cache(maxsize=64)
 def _notebook_scope(notebook: str, rssd_dir: Path | None) -> str:
-    # Memoized: path arithmetic costs a few percent of a replay.
+    """The scope versions up to 0.1 gave a notebook's cells: its path,
+    relative to the RSSD's folder when below it."""
     nb = Path(notebook)
     if nb.is_absolute() and rssd_dir is not None:
         try:
@@ -577,9 +681,12 @@ def _notebook_scope(notebook: str, rssd_dir: Path | None) -> str:
     return nb.as_posix()
 
 
-def _bindable(opts: CellOptions, python: str | None) -> frozenset[str]:
-    """The names a replay of this cell may bind (bindable.py)."""
-    return bindable(out=opts.out) if opts.sql else bindable(python)
+def _may_bind(opts: CellOptions, python: str | None) -> Callable[[frozenset[str]], frozenset[str]]:
+    """The names a replay of this cell may bind, given the names its record
+    says it changed in place (bindable.py)."""
+    if opts.sql:
+        return lambda changed: bindable(out=opts.out)
+    return lambda changed: bindable(python, changed=changed)
 
 
 def _trusted(name: str) -> bool:

@@ -20,11 +20,12 @@ once the lease lapses, instead of waiting as long as this kernel lives.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from . import sql
 from .backends import redact
@@ -32,7 +33,7 @@ from .backends.base import ExecRow, Fenced, StateBackend, Transition
 from .capture import OutputRecorder, capture
 from .keys import CellKey
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
-from .deps import names_bound, snapshot
+from .deps import analyse_cell, changes, is_shell_name, names_bound, snapshot
 from .record import RunRecord
 from .serialize import dump_names, dump_value
 from .trust import sign_message
@@ -102,13 +103,18 @@ class Run:
             **fields,
         )
 
-    def python(self, cell: str, python: str) -> None:
+    def python(self, cell: str, python: str) -> Generator[str, Executed, None]:
+        """Run the body: yields *cell* to the driver (runner.py), which
+        executes it, synchronously or awaited, and sends back what that gave."""
         port = self.port
         ns = port.user_ns
         before = snapshot(ns)
         try:
+            # What the cell reads, as it was: the key's fingerprints, plus those
+            # the key left out (--ignore, --name); compared after the run.
+            taken = changes.before(ns, analyse_cell(python).inputs(ns), (self.inputs or {}).get("names"))
             with capture(port.shell, self.config.max_output_size) as rec:
-                executed = port.execute(cell)
+                executed = yield cell
         except BaseException as exc:  # interrupted outside the body itself
             self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted")
             raise
@@ -117,16 +123,30 @@ class Run:
             shown = {"output_type": "error", "ename": err["ename"], "evalue": err["evalue"],
                      "traceback": executed.traceback or []}  # fmt: skip
             record = self.record(outputs=rec.finish() + [shown], error=err)
-            to_state = INTERRUPTED if isinstance(executed.error, KeyboardInterrupt) else FAILED
-            self.end(to_state, record, record.error_line()[:500])
+            # An awaiting body stopped by the kernel's interrupt is cancelled.
+            stopped = isinstance(executed.error, (KeyboardInterrupt, asyncio.CancelledError))
+            self.end(INTERRUPTED if stopped else FAILED, record, record.error_line()[:500])
             raise _for_display(executed.error, executed.traceback)
-        self.executed(rec, lambda: self._python_payload(ns, before, python, rec, executed))
+        self.executed(rec, lambda: self._python_payload(ns, before, taken, python, rec, executed))
         return None
 
-    def _python_payload(self, ns: dict, before: dict, python: str, rec: OutputRecorder, executed: Executed):
+    def _python_payload(
+        self, ns: dict, before: dict, taken: dict, python: str, rec: OutputRecorder, executed: Executed
+    ) -> tuple[RunRecord, list]:
         names = names_bound(ns, before, python)
-        specs, blobs = dump_names(ns, names)
-        record = self.record(outputs=rec.finish(), names=specs)
+        changed, unknown = changes.changes(ns, taken, python, names)
+        # Deleted: gone now, there before.  The code's deletes include
+        # ``except … as e`` names and a ``del`` that may not have run.
+        deleted = [n for n in analyse_cell(python).deletes if n in before and n not in ns and not is_shell_name(n)]
+        specs, blobs = dump_names(ns, names + changed)
+        record = self.record(outputs=rec.finish(), names=specs, changed=changed, deleted=deleted)
+        if changed:
+            self.port.note(f"[stateful] also recorded: {', '.join(changed)} (changed in place)")
+        if unknown:
+            self.port.note(
+                "[stateful] may have changed in place, but can't be fingerprinted, so a replay won't restore it: "
+                + "; ".join(f"{n} ({why})" for n, why in unknown.items())
+            )
         if any(o["output_type"] == "execute_result" for o in record.outputs):
             # Kept so a replay binds _ / Out[n] to the value, not a stand-in.
             record.result_value, value_blobs = dump_value(executed.result)

@@ -9,7 +9,9 @@ One idea per module, each depending only on the ones before it:
 * :mod:`.declared`: declared files, environment variables and packages, and
   :func:`collect_inputs`, the inputs dict of a run;
 * :mod:`.explain`: :func:`inputs_digest` for the key, :func:`explain` for the
-  one line that says why a cell ran again.
+  one line that says why a cell ran again;
+* :mod:`.changes`: which of the names a cell read it changed in place
+  (their fingerprints before and after a run).
 
 Nothing here imports IPython, numpy or pandas.  Everything the rest of the
 package (and its tests) uses is importable from here.
@@ -27,6 +29,7 @@ from .analysis import (
     read_names,
     snapshot,
 )
+from . import changes
 from .declared import collect_inputs, env_deps, file_deps, package_deps
 from .explain import MAX_EXPLAINED, explain, inputs_digest
 from .fingerprint import (
@@ -47,6 +50,7 @@ __all__ = [
     "Unfingerprintable",
     "analyse_cell",
     "bound_names",
+    "changes",
     "collect_inputs",
     "env_deps",
     "explain",
