@@ -37,7 +37,7 @@ ENGINE = [
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
     "deps.analysis", "deps.changes", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip
-ADAPTERS = ["magic", "cli"]
+ADAPTERS = ["magic", "body", "commands", "hooks", "cli"]
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
 
 

@@ -1,0 +1,106 @@
+"""``%stateful list|show|forget|stats|gc|trust`` in a notebook (IPython
+adapter): parse the command line, ask report.py, show the answer as text in
+a terminal and as HTML in a notebook.  Nothing here creates a store: a typo
+in ``--db`` is an error, not a new file."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from functools import lru_cache
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import MagicArgumentParser
+
+from . import render, report
+from .backends.base import StoreError
+from .canonical import fmt_bytes, plural
+
+#: The commands, as the line magic's help lists them (said when none is given).
+USAGE = """\
+%stateful list               the cells: key, name, scope, state, source, when, where, hits
+%stateful show KEY           source, every transition, what a replay shows
+%stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
+%stateful stats              cells, hits, time saved, storage
+%stateful gc                 delete blobs no current result refers to
+%stateful trust              sign this store's records with your key"""
+
+
+def run_command(magics: Any, line: str) -> Any:
+    """One ``%stateful`` line, run against the store its ``--db`` names."""
+    argv = split("%stateful", line)
+    if not [a for a in argv if not a.startswith("-")]:
+        raise UsageError(f"%stateful needs a command:\n{USAGE}")
+    args = _line_parser().parse_args(argv)
+    try:
+        # Never creates a store: a typo in --db is an error, not a new file.
+        backend = magics.runner.backend(args.db, create=False)
+        backend.flush_hits()
+        return _line_command(magics, backend, args)
+    except (StoreError, report.ReportError) as exc:
+        raise UsageError(f"%stateful {args.command}: {exc}") from None
+
+
+def _line_command(magics: Any, backend: Any, args: argparse.Namespace) -> Any:
+    if args.command == "list":
+        return _Rendered(render.cells_text, render.cells_html, report.list_cells(backend))
+    if args.command == "show":
+        key = report.resolve_key(backend, args.key, prog="%stateful")["key"]
+        return _Rendered(render.cell_text, None, report.show_cell(backend, key))
+    if args.command == "forget":
+        if bool(args.key) == args.all:
+            raise UsageError("%stateful forget: give KEY or --all")
+        key = None if args.all else report.resolve_key(backend, args.key, prog="%stateful")["key"]
+        done = report.forget_all(backend) if args.all else report.forget(backend, key)
+        print(f"forgot {plural(len(done), 'cell')}: " + ", ".join(d["key"][:12] for d in done) if done else "nothing to forget")
+        return None
+    if args.command == "stats":
+        return _Rendered(lambda s: render.stats_text(s, prog="%stateful"), None, report.stats(backend))
+    if args.command == "gc":
+        r = report.gc(backend)
+        print(f"freed {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}")
+        return None
+    r = report.trust(backend, magics.signer)
+    print(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} of {backend.location} with your key")
+    for bad in r["refused"]:
+        magics.note(f"[stateful] not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}")
+    return None
+
+
+class _Rendered:
+    """A report value that shows as text in a terminal and HTML in a notebook."""
+
+    def __init__(self, text, html_, value):
+        self.value, self._text, self._html = value, text, html_
+
+    def __repr__(self) -> str:
+        return self._text(self.value)
+
+    def _repr_html_(self) -> str | None:
+        return self._html(self.value) if self._html else None
+
+
+def split(prog: str, line: str) -> list[str]:
+    """The option line split as a shell would (``--db "my dir/x.db"``)."""
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # an unclosed quote
+        raise UsageError(f"{prog}: {exc} in the option line: {line.strip()}") from None
+
+
+@lru_cache(maxsize=1)
+def _line_parser() -> MagicArgumentParser:
+    parser = MagicArgumentParser(prog="%stateful", add_help=False)
+    parser.add_argument("--db", metavar="PATH")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=MagicArgumentParser)
+    for name in ("list", "stats", "gc", "trust"):
+        sub.add_parser(name).add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    show = sub.add_parser("show")
+    show.add_argument("key")
+    forget = sub.add_parser("forget")
+    forget.add_argument("key", nargs="?")
+    forget.add_argument("--all", action="store_true")
+    for p in (show, forget):
+        p.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    return parser
