@@ -29,7 +29,14 @@ from .body import BodyRunner, route_awaiting_cells, unroute
 from .claims import DEFAULT_LEASE_S
 from .commands import run_command, split
 from .hooks import close_on_sigterm, watch_for_duckdb
-from .runner import CellOptions, CellRunner, Executed, SQLCellError, StatefulRunError, UsageProblem
+from .runner import (
+    CellOptions,
+    CellRunner,
+    Executed,
+    SQLCellError,
+    StatefulRunError,
+    UsageProblem,
+)
 from .trust import Signer
 from .ttl import parse_duration
 

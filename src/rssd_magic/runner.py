@@ -7,7 +7,9 @@ The path of a run, in order:
    fingerprints of what it reads (deps) or, for SQL, its target and
    parameters;
 2. **decide** on one indexed read (:func:`lifecycle.decide`): an EXECUTED
-   record replays with no write at all — the hot path;
+   record replays with no write at all — the hot path (replaying.py); a key
+   with no record may have one under a key an earlier version computed
+   (earlier.py);
 3. otherwise **acquire** the cell (acquire.py): claim it, wait for another
    kernel's run, or take over from a dead one;
 4. **run** the body through the shell, recording what it shows (capture.py),
@@ -24,35 +26,26 @@ settings through a :class:`Config` (the adapter's traitlets).
 
 from __future__ import annotations
 
-import html
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable, Generator, Protocol
 
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
 from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
-from .bindable import bindable, why_not
-from .canonical import fmt_duration
-from .capture import ReplayedResult, replay
+from .bindable import bindable
 from .claims import Heartbeat, current_holder, process_verdict
-from .deps import collect_inputs, explain, inputs_digest, is_shell_name, read_names
-from .keys import CellKey, cell_key
-from .lifecycle import EXECUTED, REFUSE, REPLAY, RUNNING, decide
-from .record import RecordError, RunRecord
+from .deps import collect_inputs, explain, inputs_digest, read_names
+from .earlier import EarlierKeys
+from .keys import cell_key
+from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
+from .record import RecordError
+from .replaying import Replayer
 from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError
-from .serialize import load_names, load_value
-from .trust import Signer, inert_outputs, payload_id, unsigned_because
+from .trust import Signer
 from .ttl import age_s
-
-
-#: Records parsed and kept per kernel (see CellRunner._parsed), and the
-#: largest stored text kept among them.
-MEMO_RECORDS = 128
-MEMO_TEXT_MAX = 256 * 1024
 
 
 class UsageProblem(Exception):
@@ -132,10 +125,8 @@ class CellRunner:
         self._failed: set[int] = set()
         #: Runs whose end could not be written yet (runs.Run.end_unrecorded).
         self._unended: list[Run] = []
-        #: Parsed records and their payload ids, by (cell, stored text).
-        self._records: dict[tuple[str, str | None], tuple[RunRecord, str]] = {}
-        #: Per folder, RSSD and notebook: scopes earlier versions keyed cells by.
-        self._legacy_scopes: dict[tuple, list[str]] = {}
+        self.replayer = Replayer(port, config)
+        self.earlier = EarlierKeys(port)
 
     # -- stores ------------------------------------------------------------------
 
@@ -194,8 +185,8 @@ class CellRunner:
         self._backends.clear()
         self._failed.clear()
         self._resolved.clear()
-        self._records.clear()
-        self._legacy_scopes.clear()
+        self.replayer.clear()
+        self.earlier.clear()
 
     # -- one cell -------------------------------------------------------------------
 
@@ -250,7 +241,7 @@ class CellRunner:
         # The hot path is this one indexed read, then a replay: no write.
         latest = backend.latest(key)
         if latest is None:
-            key, latest = self._earlier_key(backend, key, cell, scope, opts, sql_cell)
+            key, latest = self.earlier.find(backend, key, cell, scope, opts, sql_cell)
         state = latest.to_state if latest is not None else None
         rerun, note = self._rerun(latest, opts)
         decision = decide(state, rerun=rerun, replay_only=opts.replay_only)
@@ -260,7 +251,7 @@ class CellRunner:
                 f"(state: {state or 'never run'}, key {key.digest[:12]}); it was not run"
             )
         if decision.action == REPLAY:
-            return self._replay(backend, key, latest, quiet, _may_bind(opts, python))
+            return self.replayer.replay(backend, key, latest, quiet, _may_bind(opts, python))
         first_reason = "first run"
         if latest is None and key.inputs:
             earlier = backend.latest_variant(key)
@@ -298,7 +289,7 @@ class CellRunner:
             raise
         if outcome.kind == "done":
             status.done("the other kernel finished; replaying its result")
-            return self._replay(backend, key, outcome.previous, quiet, _may_bind(opts, python))
+            return self.replayer.replay(backend, key, outcome.previous, quiet, _may_bind(opts, python))
         if outcome.abandoned is not None:
             status.done("the other kernel died; running the cell here")
             self.port.note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
@@ -320,71 +311,6 @@ class CellRunner:
                 self._failed.add(id(backend))
             if run.pending is not None:
                 self._unended.append(run)
-
-    def _earlier_key(
-        self, backend: StateBackend, key: CellKey, cell: str, scope: str, opts: CellOptions, sql_cell: SQLCell | None
-    ) -> tuple[CellKey, Transition | None]:
-        """A cell recorded under a key an earlier version computed keeps that
-        key: it replays, and never runs again just because keys changed form.
-        Looked up only when the current key has no record (a few indexed
-        reads, on the way to running anyway).
-
-        Two earlier forms: SQL keys v1 (parameters keyed differently), and
-        keys scoped by the notebook's path, which versions up to 0.1 used by
-        default when the client told the kernel the path.  A cell in the
-        default scope finds a record made under the scope of its own
-        notebook, or of a notebook beside it: the same code on the same
-        inputs, which the default scope now replays whichever notebook or
-        client runs it."""
-        scopes = [scope]
-        if not opts.scope:
-            scopes += self._notebook_scopes(backend)
-        extras = [sql_cell.extra if sql_cell is not None else ""]
-        if sql_cell is not None and opts.name is None:
-            try:
-                extras.append(sql.legacy_key_extra(sql_cell.body, sql_cell.conn, sql_cell.params))
-            except sql.SQLUsageError:
-                pass  # no v1 key exists for such parameters
-        for earlier_scope in scopes:
-            for extra in extras:
-                if sql_cell is not None:
-                    earlier = cell_key(sql.normalize_sql(cell), earlier_scope, opts.name, extra=extra)
-                else:
-                    earlier = cell_key(cell, earlier_scope, opts.name, inputs=key.inputs, strict=opts.strict)
-                if earlier == key:
-                    continue  # looked up already
-                latest = backend.latest(earlier)
-                # A notebook scope's record counts when it replays (or an
-                # earlier version's kernel runs it now); one that failed or was
-                # forgotten runs again under the current key, in the shared scope.
-                if latest is not None and (earlier_scope == scope or latest.to_state in (EXECUTED, RUNNING)):
-                    return earlier, latest
-        return key, None
-
-    def _notebook_scopes(self, backend: StateBackend) -> list[str]:
-        """The scopes an earlier version may have filed this kernel's cells
-        under: its own notebook's, and those of the notebooks in the
-        kernel's folder and the RSSD's (``jupyter execute``, nbclient and
-        papermill start the kernel in the notebook's folder, as Lab does).
-        Listed once per folder, RSSD and notebook: a look at two folders,
-        where listing the store's scopes costs a query over every cell."""
-        path = getattr(backend, "path", None)
-        rssd_dir = path.parent if path is not None else None
-        notebook = self.port.notebook()
-        where = (os.getcwd(), rssd_dir, notebook)
-        scopes = self._legacy_scopes.get(where)
-        if scopes is None:
-            found = [notebook] if notebook else []
-            for folder in dict.fromkeys(f for f in (Path.cwd(), rssd_dir) if f is not None):
-                try:
-                    found += sorted(str(nb) for nb in folder.glob("*.ipynb"))
-                except OSError:
-                    pass  # an unreadable folder: nothing to find there
-            scopes = list(dict.fromkeys(_notebook_scope(nb, rssd_dir) for nb in found))
-            if len(self._legacy_scopes) > 64:
-                self._legacy_scopes.clear()
-            self._legacy_scopes[where] = scopes
-        return scopes
 
     def scope(self, explicit: str | None, backend: StateBackend) -> str:
         """--scope, else the default scope (``StatefulMagics.default_scope``):
@@ -471,136 +397,6 @@ class CellRunner:
 
     # -- replay ---------------------------------------------------------------------
 
-    def _replay(
-        self,
-        backend: StateBackend,
-        key: CellKey,
-        done: Transition,
-        quiet: bool,
-        may_bind: Callable[[frozenset[str]], frozenset[str]],
-    ) -> Any:
-        """Replay an EXECUTED record: all of it when a key the user trusts
-        signed it (the one signature lookup of a replay), its text and
-        images only when not (:meth:`_replay_unsigned`).  Of the names it
-        records, only those *may_bind* allows are bound (bindable.py)."""
-        port, ns = self.port, self.port.user_ns
-        backend.note_hit(done.state_id)
-        try:
-            record, pid = self._parsed(key.ingest_src, done.result_json)
-        except RecordError as exc:
-            raise StatefulRunError(
-                f"the recorded result of cell {key.digest[:12]} in {redact(backend.location)} is unreadable "
-                f"({exc}); nothing was replayed and the cell was not run (--force runs it and records it again)"
-            ) from None
-        # Checked on every replay, memo or not: the row may have changed.
-        why = unsigned_because(self.config.signer, pid, backend.signatures)
-        if why is not None:
-            return self._replay_unsigned(backend, key, record, why)
-        allowed = may_bind(frozenset(record.changed))
-        specs, refused = {}, {}
-        for name, spec in record.names.items():
-            if name in allowed:
-                specs[name] = spec
-            else:
-                refused[name] = why_not(name)
-        # The record's signature checked: every spec in it is ours to load.
-        _, missing = load_names(specs, backend.blobs.get, ns, _trusted)
-        # Names the run deleted (``del x``) are deleted again, where the
-        # cell's code deletes them.  (Names it changed in place are in
-        # record.names, restored above when its code read them.)
-        for name in record.deleted:
-            if name in allowed and not is_shell_name(name):
-                ns.pop(name, None)
-        if not quiet:
-            self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
-                         f"on {_printable(record.host or '?')} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
-        if key.kind == "name" and record.code_hash not in (None, key.code_hash):
-            port.note(
-                f"[stateful] the code of --name {key.name} changed since it ran; "
-                "replaying the recorded run (use --force to run the new code)"
-            )
-        if missing or refused:
-            port.note(
-                "[stateful] not restored: "
-                + "; ".join(
-                    [f"{_printable(name)} {' '.join(why.split())}" for name, why in missing.items()]
-                    + [f"{_printable(name)} ({why})" for name, why in refused.items()]
-                )
-            )
-
-        def show_result(data: dict, metadata: dict) -> None:
-            # Called by replay at the result's recorded position (before the
-            # figures an inline backend flushed after the cell, say): the
-            # display hook's steps, so _ and Out[n] get the restored value,
-            # or a stand-in with the recorded bundle when it can't be had.
-            value: Any = ReplayedResult(data, metadata)
-            if record.result_value is not None:
-                try:
-                    value = load_value(record.result_value, backend.blobs.get, ns, trusted=True)
-                except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
-                    pass
-            port.show_result(value, data, metadata)
-
-        _, skipped = replay(record.outputs, port.shell, show_result)
-        if skipped:
-            port.note(f"[stateful] {skipped} recorded output(s) of {redact(backend.location)} were malformed and not shown")
-        return None
-
-    def _parsed(self, cell: str, text: str | None) -> tuple[RunRecord, str]:
-        """The record stored as *text* for *cell*, parsed and checked, and the
-        payload id its signature must be about.
-
-        Memoized on the exact text and cell (both are what the id is
-        computed from, so a hit is the same answer): replaying one cell
-        again and again — what a notebook does — parses and encodes its
-        record once.  The signature itself is looked up on every replay.
-        Large records are not kept (their text is the memory).
-        """
-        memo = (cell, text)
-        hit = self._records.get(memo)
-        if hit is not None:
-            return hit
-        record = RunRecord.from_json(text)
-        parsed = record, payload_id(record.signed_bytes(cell))
-        if text is None or len(text) <= MEMO_TEXT_MAX:
-            if len(self._records) >= MEMO_RECORDS:
-                self._records.pop(next(iter(self._records)))  # the oldest
-            self._records[memo] = parsed
-        return parsed
-
-    def _replay_unsigned(self, backend: StateBackend, key: CellKey, record: RunRecord, why: str) -> None:
-        """A record no trusted key signed (edited, written by another tool,
-        another person's RSSD not trusted yet) does not act here: no name is
-        bound, nothing imported or unpickled, no active content published;
-        its text and raster images are shown, marked untrusted, after one
-        line saying so and how to trust or re-run it.  The cell is not run."""
-        where = redact(backend.location)
-        shown, withheld = inert_outputs(record.outputs)
-        hidden = []
-        if withheld:
-            hidden.append("withheld: " + _listing(dict.fromkeys(withheld)))
-        if record.names:
-            hidden.append("not bound: " + _listing(record.names))
-        detail = f" ({'; '.join(hidden)})" if hidden else ""
-        self.port.note(
-            f"[stateful] untrusted record: cell {key.digest[:12]} in {where} is {why}; showing its text and "
-            f"images only{detail}. If you trust {where}: %stateful trust (it also re-signs records from before "
-            "whole-record signing); to run the cell again: --force"
-        )
-        replay(shown, self.port.shell)
-
-    def _banner(self, text: str) -> None:
-        """The replay banner: a display of its own (never merged into the
-        cell's stderr), tagged in metadata so tools can tell it apart."""
-        self.port.publish(
-            {
-                "text/plain": f"[stateful] {text}",
-                "text/html": f'<small style="opacity:.6">&#8635; stateful: {html.escape(text)}</small>',
-            },
-            {"rssd_magic": {"banner": True}},
-        )
-
-
 class _Status:
     """One live status line while waiting for another kernel.
 
@@ -668,43 +464,12 @@ def _drive(steps: Generator[str, Executed, Any], execute: Callable[[str], Execut
         return done.value
 
 
-@lru_cache(maxsize=64)
-def _notebook_scope(notebook: str, rssd_dir: Path | None) -> str:
-    """The scope versions up to 0.1 gave a notebook's cells: its path,
-    relative to the RSSD's folder when below it."""
-    nb = Path(notebook)
-    if nb.is_absolute() and rssd_dir is not None:
-        try:
-            return nb.relative_to(rssd_dir).as_posix()
-        except ValueError:
-            pass
-    return nb.as_posix()
-
-
 def _may_bind(opts: CellOptions, python: str | None) -> Callable[[frozenset[str]], frozenset[str]]:
     """The names a replay of this cell may bind, given the names its record
     says it changed in place (bindable.py)."""
     if opts.sql:
         return lambda changed: bindable(out=opts.out)
     return lambda changed: bindable(python, changed=changed)
-
-
-def _trusted(name: str) -> bool:
-    return True
-
-
-def _printable(text: str, width: int = 60) -> str:
-    """*text* from a record, safe to print on one line: a name or a MIME
-    type another tool wrote may hold newlines or terminal escapes."""
-    text = text if text.isprintable() else repr(text)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _listing(items, most: int = 8) -> str:
-    """``a, b, c and 4 more``: a list for one line."""
-    items = [_printable(str(item)) for item in items]
-    more = f" and {len(items) - most} more" if len(items) > most else ""
-    return ", ".join(items[:most]) + more
 
 
 @lru_cache(maxsize=512)

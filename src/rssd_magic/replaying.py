@@ -1,0 +1,200 @@
+"""Replaying a recorded run: what a later run of an EXECUTED cell shows and
+binds.  Engine, no IPython: the shell is reached through the runner's port.
+
+The order of a replay, each step from a way an earlier version failed:
+
+1. parse the record and check every field (record.py), one line naming the
+   record when anything is off — never a traceback from another tool's row;
+2. check the one signature over the whole record, bound to its cell
+   (trust.py), before anything of it is used: a record no trusted key
+   signed shows its text and raster images, marked untrusted, binds
+   nothing, imports nothing (:meth:`Replayer._unsigned`);
+3. bind only the names the cell's own code binds, deletes or read and
+   changed in place (bindable.py), never builtins, dunders or the shell's;
+4. show the outputs in the order they were shown, the result at its place.
+
+Parsing and the payload id are memoized per stored text and cell (a
+notebook replays the same cells again and again); the signature row is
+read on every replay, since it may change.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Callable
+
+from .backends import redact
+from .backends.base import StateBackend, Transition
+from .bindable import why_not
+from .canonical import fmt_duration
+from .capture import ReplayedResult, replay
+from .deps import is_shell_name
+from .keys import CellKey
+from .record import RecordError, RunRecord
+from .runs import StatefulRunError
+from .serialize import load_names, load_value
+from .trust import inert_outputs, payload_id, unsigned_because
+
+#: Records parsed and kept per kernel, and the largest stored text kept.
+MEMO_RECORDS = 128
+MEMO_TEXT_MAX = 256 * 1024
+
+
+class Replayer:
+    """Replays records for one shell (its port and settings)."""
+
+    def __init__(self, port: Any, config: Any):
+        self.port = port
+        self.config = config
+        #: Parsed records and their payload ids, by (cell, stored text).
+        self._records: dict[tuple[str, str | None], tuple[RunRecord, str]] = {}
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def replay(
+        self,
+        backend: StateBackend,
+        key: CellKey,
+        done: Transition,
+        quiet: bool,
+        may_bind: Callable[[frozenset[str]], frozenset[str]],
+    ) -> Any:
+        """Replay an EXECUTED record: all of it when a key the user trusts
+        signed it (the one signature lookup of a replay), its text and
+        images only when not (:meth:`_unsigned`).  Of the names it
+        records, only those *may_bind* allows are bound (bindable.py)."""
+        port, ns = self.port, self.port.user_ns
+        backend.note_hit(done.state_id)
+        try:
+            record, pid = self._parsed(key.ingest_src, done.result_json)
+        except RecordError as exc:
+            raise StatefulRunError(
+                f"the recorded result of cell {key.digest[:12]} in {redact(backend.location)} is unreadable "
+                f"({exc}); nothing was replayed and the cell was not run (--force runs it and records it again)"
+            ) from None
+        # Checked on every replay, memo or not: the row may have changed.
+        why = unsigned_because(self.config.signer, pid, backend.signatures)
+        if why is not None:
+            return self._unsigned(backend, key, record, why)
+        allowed = may_bind(frozenset(record.changed))
+        specs, refused = {}, {}
+        for name, spec in record.names.items():
+            if name in allowed:
+                specs[name] = spec
+            else:
+                refused[name] = why_not(name)
+        # The record's signature checked: every spec in it is ours to load.
+        _, missing = load_names(specs, backend.blobs.get, ns, _trusted)
+        # Names the run deleted (``del x``) are deleted again, where the
+        # cell's code deletes them.  (Names it changed in place are in
+        # record.names, restored above when its code read them.)
+        for name in record.deleted:
+            if name in allowed and not is_shell_name(name):
+                ns.pop(name, None)
+        if not quiet:
+            self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
+                         f"on {_printable(record.host or '?')} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
+        if key.kind == "name" and record.code_hash not in (None, key.code_hash):
+            port.note(
+                f"[stateful] the code of --name {key.name} changed since it ran; "
+                "replaying the recorded run (use --force to run the new code)"
+            )
+        if missing or refused:
+            port.note(
+                "[stateful] not restored: "
+                + "; ".join(
+                    [f"{_printable(name)} {' '.join(why.split())}" for name, why in missing.items()]
+                    + [f"{_printable(name)} ({why})" for name, why in refused.items()]
+                )
+            )
+
+        def show_result(data: dict, metadata: dict) -> None:
+            # Called by replay at the result's recorded position (before the
+            # figures an inline backend flushed after the cell, say): the
+            # display hook's steps, so _ and Out[n] get the restored value,
+            # or a stand-in with the recorded bundle when it can't be had.
+            value: Any = ReplayedResult(data, metadata)
+            if record.result_value is not None:
+                try:
+                    value = load_value(record.result_value, backend.blobs.get, ns, trusted=True)
+                except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
+                    pass
+            port.show_result(value, data, metadata)
+
+        _, skipped = replay(record.outputs, port.shell, show_result)
+        if skipped:
+            port.note(f"[stateful] {skipped} recorded output(s) of {redact(backend.location)} were malformed and not shown")
+        return None
+
+    def _parsed(self, cell: str, text: str | None) -> tuple[RunRecord, str]:
+        """The record stored as *text* for *cell*, parsed and checked, and the
+        payload id its signature must be about.
+
+        Memoized on the exact text and cell (both are what the id is
+        computed from, so a hit is the same answer): replaying one cell
+        again and again — what a notebook does — parses and encodes its
+        record once.  The signature itself is looked up on every replay.
+        Large records are not kept (their text is the memory).
+        """
+        memo = (cell, text)
+        hit = self._records.get(memo)
+        if hit is not None:
+            return hit
+        record = RunRecord.from_json(text)
+        parsed = record, payload_id(record.signed_bytes(cell))
+        if text is None or len(text) <= MEMO_TEXT_MAX:
+            if len(self._records) >= MEMO_RECORDS:
+                self._records.pop(next(iter(self._records)))  # the oldest
+            self._records[memo] = parsed
+        return parsed
+
+    def _unsigned(self, backend: StateBackend, key: CellKey, record: RunRecord, why: str) -> None:
+        """A record no trusted key signed (edited, written by another tool,
+        another person's RSSD not trusted yet) does not act here: no name is
+        bound, nothing imported or unpickled, no active content published;
+        its text and raster images are shown, marked untrusted, after one
+        line saying so and how to trust or re-run it.  The cell is not run."""
+        where = redact(backend.location)
+        shown, withheld = inert_outputs(record.outputs)
+        hidden = []
+        if withheld:
+            hidden.append("withheld: " + _listing(dict.fromkeys(withheld)))
+        if record.names:
+            hidden.append("not bound: " + _listing(record.names))
+        detail = f" ({'; '.join(hidden)})" if hidden else ""
+        self.port.note(
+            f"[stateful] untrusted record: cell {key.digest[:12]} in {where} is {why}; showing its text and "
+            f"images only{detail}. If you trust {where}: %stateful trust (it also re-signs records from before "
+            "whole-record signing); to run the cell again: --force"
+        )
+        replay(shown, self.port.shell)
+
+    def _banner(self, text: str) -> None:
+        """The replay banner: a display of its own (never merged into the
+        cell's stderr), tagged in metadata so tools can tell it apart."""
+        self.port.publish(
+            {
+                "text/plain": f"[stateful] {text}",
+                "text/html": f'<small style="opacity:.6">&#8635; stateful: {html.escape(text)}</small>',
+            },
+            {"rssd_magic": {"banner": True}},
+        )
+
+
+def _trusted(name: str) -> bool:
+    return True
+
+
+def _printable(text: str, width: int = 60) -> str:
+    """*text* from a record, safe to print on one line: a name or a MIME
+    type another tool wrote may hold newlines or terminal escapes."""
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _listing(items, most: int = 8) -> str:
+    """``a, b, c and 4 more``: a list for one line."""
+    items = [_printable(str(item)) for item in items]
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
