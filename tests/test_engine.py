@@ -30,7 +30,9 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 ENGINE = [
     "acquire", "bindable", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
-    "runs", "replaying", "earlier", "backends", "backends.base", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports",
+    "runs", "replaying", "earlier",
+    "backends", "backends.base",
+    "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports", "backends.sqlite_sessions",
     "backends.sqlite_schema", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",
     "backends.postgres_live", "backends.postgres_reports", "backends.postgres_rows", "backends.postgres_schema",
     "backends.postgres_transfer",

@@ -22,19 +22,16 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .. import __version__
-from ..canonical import dumps, loads_object, utc_now
-from ..claims import current_holder
+from ..canonical import dumps, utc_now
 from ..ids import new_ulid
 from ..keys import CellKey
 from ..lifecycle import ABANDONED, EXECUTED, INITIAL, REPLAY, RUNNING, WAIT, decide
+from . import sqlite_reports
 from .base import (
     Blob,
     CellRow,
@@ -49,17 +46,15 @@ from .base import (
     StoreError,
     Transition,
 )
-from . import sqlite_reports
 from .sqlite_blobs import SqliteBlobs, checkpoint
-from .sqlite_schema import check_path, ensure_schema, network_filesystem, own_tables_as_temp, schema_problems
-
-NATURE_ID = "rssd-magic-stateful-cell"
-NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
-# surveilr's own session-level states (what `surveilr orchestrate` writes),
-# so its web UI's orchestration pages count our kernels.
-SESSION_INIT = "surveilr_orchestration_init"
-SESSION_COMPLETED = "surveilr_orch_completed"
-SESSION_FAILED = "surveilr_orch_failed"
+from .sqlite_schema import (
+    check_path,
+    ensure_schema,
+    network_filesystem,
+    own_tables_as_temp,
+    schema_problems,
+)
+from .sqlite_sessions import SqliteRenewer, SqliteSessions
 
 BUSY_TIMEOUT_S = 30.0
 #: SQLite reads pages through a file mapping this large (no pread per page,
@@ -79,7 +74,7 @@ def _src_range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
-class SqliteBackend:
+class SqliteBackend(SqliteSessions):
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 
     scheme = "file"
@@ -184,79 +179,6 @@ class SqliteBackend:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"RSSD {path}: not a usable SQLite database ({exc})") from None
-
-    def start_session(self, args: dict) -> str:
-        if self.session_id is not None:
-            return self.session_id
-        session_id = new_ulid()
-        holder = asdict(current_holder(session_id))
-        with self._write() as c:
-            # surveilr's device upsert, without rewriting a row it wrote.
-            c.execute(
-                """INSERT INTO device (device_id, name, state, boundary)
-                   VALUES (?, ?, '"SINGLETON"', 'UNKNOWN')
-                   ON CONFLICT (name, state, boundary) DO NOTHING""",
-                (new_ulid(), self.host),
-            )
-            (device_id,) = c.execute(
-                """SELECT device_id FROM device
-                   WHERE name = ? AND state = '"SINGLETON"' AND boundary = 'UNKNOWN'""",
-                (self.host,),
-            ).fetchone()
-            c.execute(
-                """INSERT INTO orchestration_nature (orchestration_nature_id, nature)
-                   VALUES (?, ?) ON CONFLICT DO NOTHING""",
-                (NATURE_ID, NATURE_LABEL),
-            )
-            c.execute(
-                """INSERT INTO orchestration_session
-                   (orchestration_session_id, device_id, orchestration_nature_id, version, args_json, elaboration)
-                   VALUES (?, ?, ?, ?, ?, ?)""",
-                (session_id, device_id, NATURE_ID, __version__, dumps(args), dumps({"holder": holder})),
-            )
-            self.session_id = session_id  # _append writes it
-            try:
-                self._append(c, None, INITIAL, SESSION_INIT, None, "kernel started", None)
-            except BaseException:
-                self.session_id = None
-                raise
-        return session_id
-
-    def _session(self) -> str:
-        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
-
-    def open_sessions(self) -> list[tuple[str, dict]]:
-        rows = self.conn.execute(
-            """SELECT orchestration_session_id, elaboration FROM orchestration_session
-               WHERE orchestration_nature_id = ? AND orch_finished_at IS NULL""",
-            (NATURE_ID,),
-        ).fetchall()
-        out = []
-        for sid, elaboration in rows:
-            holder = loads_object(elaboration).get("holder")
-            if isinstance(holder, dict):
-                out.append((sid, holder))
-        return out
-
-    def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
-        with self._write() as c:
-            return self._end_session(c, session_id, failed, reason)
-
-    def _end_session(self, c: sqlite3.Connection, session_id: str, failed: bool, reason: str) -> bool:
-        cur = c.execute(
-            """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
-               WHERE orchestration_session_id = ? AND orch_finished_at IS NULL""",
-            (session_id,),
-        )
-        if cur.rowcount == 0:
-            return False
-        c.execute(
-            """INSERT INTO orchestration_session_state
-               (orchestration_session_state_id, session_id, session_entry_id, from_state, to_state,
-                transition_reason, transitioned_at) VALUES (?, ?, NULL, ?, ?, ?, ?)""",
-            (new_ulid(), session_id, SESSION_INIT, SESSION_FAILED if failed else SESSION_COMPLETED, reason, utc_now()),
-        )
-        return True
 
     def close(self, *, failed: bool = False) -> None:
         if self.conn is None:
@@ -621,33 +543,6 @@ class SqliteBackend:
 
     def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
         return sqlite_reports.gc(self.conn, self._write, digests_of, dry_run)
-
-
-class SqliteRenewer:
-    """Heartbeats through a connection of their own."""
-
-    def __init__(self, path: Path, busy_timeout_s: float):
-        self.conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-
-    def renew(self, held: dict[str, int]) -> set[str]:
-        lost = set()
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            for state_id, token in held.items():
-                cur = self.conn.execute(
-                    "UPDATE rssd_magic_claim SET beat = beat + 1 WHERE state_id = ? AND token = ?", (state_id, token)
-                )
-                if cur.rowcount == 0:
-                    lost.add(state_id)
-            self.conn.execute("COMMIT")
-        except BaseException:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise
-        return lost
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
