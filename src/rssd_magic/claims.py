@@ -28,12 +28,15 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from typing import Callable
 
 from .backends.base import Claim, Holder, Renewer
 
 #: Seconds a claim may go without a visible heartbeat before it is taken over.
 DEFAULT_LEASE_S = 60.0
+#: Seconds the heartbeat thread waits for the next claim before it ends.
+IDLE_S = 30.0
 
 
 def _read(path: str) -> str | None:
@@ -93,18 +96,28 @@ def _pid_namespace() -> str:
         return "pidns-unknown"
 
 
+_IDENTITY: dict[int, Holder] = {}
+
+
 def current_holder(session_id: str = "") -> Holder:
-    """This process, as a claim records it."""
+    """This process, as a claim records it.  Read once per process (by pid:
+    a forked child reads its own): asking /proc and /etc on every claim cost
+    more than the claim's transaction."""
     pid = os.getpid()
-    return Holder(
-        host=socket.gethostname(),
-        machine=_read("/etc/machine-id") or _read("/var/lib/dbus/machine-id") or "",
-        boot=_boot_id(),
-        pidns=_pid_namespace(),
-        pid=pid,
-        started=process_start(pid) or 0,
-        session_id=session_id,
-    )
+    me = _IDENTITY.get(pid)
+    if me is None:
+        me = Holder(
+            host=socket.gethostname(),
+            machine=_read("/etc/machine-id") or _read("/var/lib/dbus/machine-id") or "",
+            boot=_boot_id(),
+            pidns=_pid_namespace(),
+            pid=pid,
+            started=process_start(pid) or 0,
+            session_id="",
+        )
+        _IDENTITY.clear()
+        _IDENTITY[pid] = me
+    return replace(me, session_id=session_id) if session_id else me
 
 
 ME = current_holder()
@@ -176,16 +189,21 @@ class Heartbeat:
         self._lost: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._stopped = False
         self._thread: threading.Thread | None = None
 
     def hold(self, state_id: str, token: int, lease_s: float) -> None:
         with self._lock:
+            idle = not self._held
             self._held[state_id] = (token, lease_s)
             self._lost.discard(state_id)
             if self._thread is None:
+                self._stopped = False
                 self._wake = threading.Event()
                 self._thread = threading.Thread(target=self._run, name="rssd-magic-heartbeat", daemon=True)
                 self._thread.start()
+            elif idle:
+                self._wake.set()  # idling on a long wait: beat on this claim's lease
 
     def release(self, state_id: str) -> None:
         with self._lock:
@@ -204,6 +222,7 @@ class Heartbeat:
         """Drop every claim and let the thread close its connection."""
         with self._lock:
             self._held.clear()
+            self._stopped = True
             self._wake.set()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -214,13 +233,23 @@ class Heartbeat:
         try:
             while True:
                 with self._lock:
-                    # Checked and cleared under the lock, so hold() either
-                    # sees this thread still running or starts a new one.
-                    if not self._held:
+                    if self._stopped:
                         self._thread = None
                         return
-                    interval = min(lease for _, lease in self._held.values()) / 3
-                self._wake.wait(interval)
+                    idle = not self._held
+                    interval = IDLE_S if idle else min(lease for _, lease in self._held.values()) / 3
+                    self._wake.clear()
+                woke = self._wake.wait(interval)
+                if idle or woke:
+                    with self._lock:
+                        # Checked under the lock, so hold() either sees this
+                        # thread running or starts a new one.  An idle thread
+                        # lingers (a notebook runs cells one after another:
+                        # a thread per cell cost more than the cell's claim).
+                        if not self._held and not woke:
+                            self._thread = None
+                            return
+                    continue
                 with self._lock:
                     held = {sid: token for sid, (token, _) in self._held.items()}
                 if not held:
@@ -233,8 +262,8 @@ class Heartbeat:
                     continue
                 if gone:
                     with self._lock:
-                        self._lost |= gone
-                        for sid in gone:
+                        for sid in gone & set(self._held):
+                            self._lost.add(sid)
                             self._held.pop(sid, None)
         finally:
             if renewer is not None:

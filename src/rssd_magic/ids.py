@@ -20,9 +20,10 @@ _last = 0
 def new_ulid() -> str:
     """A new ULID string, strictly greater than any this process made before."""
     global _last
-    value = int(ULID())
+    ulid = ULID()
+    value = int(ulid)
     with _lock:
         if value <= _last:
-            value = _last + 1
+            value, ulid = _last + 1, None
         _last = value
-    return str(ULID.from_int(value))
+    return str(ulid if ulid is not None else ULID.from_int(value))

@@ -16,7 +16,7 @@ import hashlib
 import io
 import tokenize
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from urllib.parse import quote
 
 #: Bumped whenever normalization changes, so old keys can never alias new ones.
@@ -97,12 +97,12 @@ class CellKey:
     base: str
     inputs: str = ""
 
-    @property
+    @cached_property  # a key is looked up on every replay: quote it once
     def base_src(self) -> str:
         """``ingest_src`` of the code alone (the prefix of every variant)."""
         return f"{URI_PREFIX}{quote(self.scope, safe='/.-_~')}#{self.base}"
 
-    @property
+    @cached_property
     def ingest_src(self) -> str:
         """The URI stored in ``orchestration_session_entry``."""
         return self.base_src + (f"~{self.inputs[:32]}" if self.inputs else "")

@@ -14,8 +14,9 @@ The order of a replay, each step from a way an earlier version failed:
 4. show the outputs in the order they were shown, the result at its place.
 
 Parsing and the payload id are memoized per stored text and cell (a
-notebook replays the same cells again and again); the signature row is
-read on every replay, since it may change.
+notebook replays the same cells again and again), and so is a good
+signature check per payload id and key: the id covers the exact text and
+cell, so a later change to the signature row can't un-sign what was read.
 """
 
 from __future__ import annotations
@@ -48,9 +49,12 @@ class Replayer:
         self.config = config
         #: Parsed records and their payload ids, by (cell, stored text).
         self._records: dict[tuple[str, str | None], tuple[RunRecord, str]] = {}
+        #: (payload id, key id) pairs whose signature this process checked.
+        self._signed: set[tuple[str, str]] = set()
 
     def clear(self) -> None:
         self._records.clear()
+        self._signed.clear()
 
     def replay(
         self,
@@ -73,10 +77,17 @@ class Replayer:
                 f"the recorded result of cell {key.digest[:12]} in {redact(backend.location)} is unreadable "
                 f"({exc}); nothing was replayed and the cell was not run (--force runs it and records it again)"
             ) from None
-        # Checked on every replay, memo or not: the row may have changed.
-        why = unsigned_because(self.config.signer, pid, backend.signatures)
-        if why is not None:
-            return self._unsigned(backend, key, record, why)
+        # A record this process found signed by this key, as this exact text
+        # under this cell, stays signed whatever later happens to the
+        # signature row; anything else is checked (one lookup).
+        signer = self.config.signer
+        if (pid, signer.key_id) not in self._signed:
+            why = unsigned_because(signer, pid, backend.signatures)
+            if why is not None:
+                return self._unsigned(backend, key, record, why)
+            if len(self._signed) >= MEMO_RECORDS * 4:
+                self._signed.clear()
+            self._signed.add((pid, signer.key_id))
         allowed = may_bind(frozenset(record.changed))
         specs, refused = {}, {}
         for name, spec in record.names.items():
@@ -134,8 +145,7 @@ class Replayer:
         Memoized on the exact text and cell (both are what the id is
         computed from, so a hit is the same answer): replaying one cell
         again and again — what a notebook does — parses and encodes its
-        record once.  The signature itself is looked up on every replay.
-        Large records are not kept (their text is the memory).
+        record once.  Large records are not kept (their text is the memory).
         """
         memo = (cell, text)
         hit = self._records.get(memo)

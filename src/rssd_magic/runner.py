@@ -342,9 +342,12 @@ class CellRunner:
 
     def _inputs(self, python: str, opts: CellOptions, cell: str) -> dict:
         """What the cell reads, fingerprinted; declared files, env, packages."""
-        ignore = set(opts.ignore)
-        read = [n for n in _read_names(python) if n not in ignore]
-        inputs = collect_inputs(self.port.user_ns, read, opts.deps_file, opts.deps_env, opts.deps_package)
+        read = _read_names(python)
+        if opts.ignore:
+            read = tuple(n for n in read if n not in set(opts.ignore))
+        if not (read or opts.deps_file or opts.deps_env or opts.deps_package):
+            return {}  # reads nothing, declares nothing: the key is the code's
+        inputs = collect_inputs(self.port.user_ns, list(read), opts.deps_file, opts.deps_env, opts.deps_package)
         blind = {n: e.get("reason") for n, e in inputs.get("names", {}).items() if e.get("digest") is None}
         self._say_once(
             (cell, "blind", tuple(sorted(blind))),

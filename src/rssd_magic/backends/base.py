@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from ..canonical import loads_object
 from ..keys import CellKey
 from ..record import RunRecord
 
@@ -205,6 +206,30 @@ class CellRow:
     latest_duration_s: float | None = None
     latest_hits: int = 0
     source: str | None = None
+
+
+def group_cells(
+    entries: Iterable[tuple[str, str, str | None, int, int | None, float | None]],
+) -> tuple[dict[str, CellRow], dict[str, int]]:
+    """Entry rows, in the order first seen, grouped into cells by
+    ``ingest_src`` (two merged RSSDs may each hold an entry for one cell).
+
+    Each row is ``(entry_id, ingest_src, elaboration text, transitions, seq
+    of its latest transition or None, hits)``.  Returns the cells by
+    ``ingest_src`` and each cell's latest ``seq``, for the backend to fill
+    in what its latest transition says."""
+    cells: dict[str, CellRow] = {}
+    latest_seq: dict[str, int] = {}
+    for entry_id, src, elaboration, transitions, latest, hits in entries:
+        cell = cells.get(src)
+        if cell is None:
+            cell = cells[src] = CellRow(src, loads_object(elaboration), [], 0, 0)
+        cell.entry_ids.append(entry_id)
+        cell.transitions += int(transitions)
+        cell.hits_total += int(hits or 0)
+        if latest is not None and latest > latest_seq.get(src, -1):
+            latest_seq[src] = latest
+    return cells, latest_seq
 
 
 @dataclass

@@ -15,10 +15,9 @@ from typing import Callable
 
 import psycopg
 
-from ..canonical import loads_object
 from ..keys import URI_PREFIX
 from ..lifecycle import EXECUTED
-from .base import CellRow, HistoryRow, StorageStats, Transition
+from .base import CellRow, HistoryRow, StorageStats, Transition, group_cells
 
 _LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
 
@@ -46,17 +45,7 @@ def cells(conn: psycopg.Connection) -> list[CellRow]:
     # First seen: the entry's first transition in store order (an entry is
     # written with its first transition); entries without any come last.
     rows.sort(key=lambda r: (r[4] is None, r[4] or 0, r[0]))
-    groups: dict[str, CellRow] = {}
-    latest_seq: dict[str, int] = {}
-    for entry_id, src, elaboration, n, _, latest, hits in rows:
-        cell = groups.get(src)
-        if cell is None:
-            cell = groups[src] = CellRow(src, loads_object(elaboration), [], 0, 0)
-        cell.entry_ids.append(entry_id)
-        cell.transitions += int(n)
-        cell.hits_total += int(hits or 0)
-        if latest is not None and latest > latest_seq.get(src, -1):
-            latest_seq[src] = latest
+    groups, latest_seq = group_cells((e, src, el, n, latest, hits) for e, src, el, n, _, latest, hits in rows)
     for src, cell in groups.items():
         if src in latest_seq:
             _fill_latest(conn, cell, latest_seq[src])

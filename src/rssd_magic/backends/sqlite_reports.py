@@ -15,10 +15,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
 
-from ..canonical import loads_object
 from ..keys import URI_PREFIX
 from ..lifecycle import EXECUTED
-from .base import CellRow, HistoryRow, StorageStats, Transition
+from .base import CellRow, HistoryRow, StorageStats, Transition, group_cells
 from .sqlite_blobs import delete
 
 _LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
@@ -52,17 +51,7 @@ def cells(conn: sqlite3.Connection) -> list[CellRow]:
     # Sorted here, not by ORDER BY: that would tempt the planner to walk the
     # whole table in rowid order instead of the ingest_src range.
     rows.sort(key=lambda r: r[0])
-    groups: dict[str, CellRow] = {}
-    latest_seq: dict[str, int] = {}
-    for _, entry_id, src, elaboration, n, latest, hits in rows:
-        cell = groups.get(src)
-        if cell is None:
-            cell = groups[src] = CellRow(src, loads_object(elaboration), [], 0, 0)
-        cell.entry_ids.append(entry_id)
-        cell.transitions += n
-        cell.hits_total += int(hits or 0)
-        if latest is not None and latest > latest_seq.get(src, -1):
-            latest_seq[src] = latest
+    groups, latest_seq = group_cells(row[1:] for row in rows)
     for src, cell in groups.items():
         if src in latest_seq:
             _fill_latest(conn, cell, latest_seq[src])
