@@ -772,9 +772,9 @@ def test_the_signed_message_covers_the_whole_record_and_binds_its_cell():
     record = RunRecord.from_json(
         {"outputs": [{"output_type": "stream", "name": "stdout", "text": "hi\n"}], "names": {"x": {"kind": "json", "value": 1}}}
     )
-    message = record.signed_bytes("rssd-magic:nb#aaaa")
-    assert message == RunRecord.from_json(record.dumps()).signed_bytes("rssd-magic:nb#aaaa"), "stable across a round trip"
-    assert message != record.signed_bytes("rssd-magic:nb#bbbb"), "another cell, another message"
+    message = record.payloads_to_sign("rssd-magic:nb#aaaa")[0]
+    assert message == RunRecord.from_json(record.dumps()).payloads_to_sign("rssd-magic:nb#aaaa")[0], "stable across a round trip"
+    assert message != record.payloads_to_sign("rssd-magic:nb#bbbb")[0], "another cell, another message"
     for change in (
         lambda r: r.names.update(x={"kind": "json", "value": 2}),
         lambda r: r.outputs.append({"output_type": "stream", "name": "stdout", "text": "more"}),
@@ -783,9 +783,9 @@ def test_the_signed_message_covers_the_whole_record_and_binds_its_cell():
     ):
         edited = RunRecord.from_json(record.dumps())
         change(edited)
-        assert edited.signed_bytes("rssd-magic:nb#aaaa") != message
+        assert edited.payloads_to_sign("rssd-magic:nb#aaaa")[0] != message
     pickled = RunRecord(names={"p": {"kind": "pickle", "blob": "sha256:" + "1" * 64, "buffers": ["xxh3-128:" + "2" * 32]}})
-    assert b"sha256:" + b"1" * 64 in pickled.signed_bytes("c") and b'"blobs":["sha256:' in pickled.signed_bytes("c")
+    assert b"sha256:" + b"1" * 64 in pickled.payloads_to_sign("c")[0] and b'"blobs":["sha256:' in pickled.payloads_to_sign("c")[0]
 
 
 def test_record_numbers_are_finite_and_in_range():

@@ -8,7 +8,7 @@ every field's type and says in one line what is wrong, instead of letting a
 
 Nothing outside this module and :mod:`serialize` knows the field names:
 gc asks :meth:`RunRecord.blob_digests`, signing and checking ask
-:meth:`RunRecord.signed_bytes` (the whole record, bound to its cell: see
+:meth:`RunRecord.payloads_to_sign` (the whole record, bound to its cell: see
 trust.py), replay reads the attributes.
 
 Numbers are where another tool's JSON hurts most quietly: ``1e400`` parses
@@ -163,11 +163,11 @@ class RunRecord:
         """Digests of every blob the record refers to (gc keeps these)."""
         return {digest for spec in self.specs().values() for digest in spec_blobs(spec)}
 
-    def signed_bytes(self, cell: str) -> bytes:
+    def payloads_to_sign(self, cell: str) -> list[bytes]:
         """What is signed for this record filed under *cell* (its
-        ``ingest_src``): the whole record and its blobs' digests, bound to
-        the cell (trust.py says why)."""
-        return signed_bytes(cell, self.to_json(), self.blob_digests())
+        ``ingest_src``): one payload, the whole record and its blobs'
+        digests, bound to the cell (trust.py says why)."""
+        return [signed_bytes(cell, self.to_json(), self.blob_digests())]
 
     def error_line(self) -> str:
         """``ename: evalue`` of a failed run, for ``transition_reason``."""

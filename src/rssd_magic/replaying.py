@@ -152,7 +152,8 @@ class Replayer:
         if hit is not None:
             return hit
         record = RunRecord.from_json(text)
-        parsed = record, payload_id(record.signed_bytes(cell))
+        (payload,) = record.payloads_to_sign(cell)
+        parsed = record, payload_id(payload)
         if text is None or len(text) <= MEMO_TEXT_MAX:
             if len(self._records) >= MEMO_RECORDS:
                 self._records.pop(next(iter(self._records)))  # the oldest

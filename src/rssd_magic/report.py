@@ -340,7 +340,7 @@ def trust(backend: StateBackend, signer: Signer) -> dict:
         if broken is not None:
             refused.append({"key": _key(cell), **broken})
             continue
-        rows.append(sign_message(signer, record.signed_bytes(cell.ingest_src)))
+        rows += [sign_message(signer, payload) for payload in record.payloads_to_sign(cell.ingest_src)]
     backend.add_signatures(rows)
     return {"signed": len(rows), "cells": cells, "refused": refused, "key_id": signer.key_id}
 

@@ -204,7 +204,7 @@ class Run:
             record, blobs = payload()
             # One signature over the whole record, bound to this cell's key:
             # what a replay checks before anything of it acts (trust.py).
-            signatures = [sign_message(self.config.signer, record.signed_bytes(self.key.ingest_src))]
+            signatures = [sign_message(self.config.signer, p) for p in record.payloads_to_sign(self.key.ingest_src)]
         except KeyboardInterrupt as exc:
             self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted while recording")
             raise

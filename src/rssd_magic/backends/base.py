@@ -37,6 +37,15 @@ from ..record import RunRecord
 
 Blob = tuple[str, Any]  # (digest, bytes-like)
 
+#: Our ``orchestration_nature`` row: every session of ours carries it.
+NATURE_ID = "rssd-magic-stateful-cell"
+NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
+#: surveilr's own session-level states (what ``surveilr orchestrate``
+#: writes), so its web UI's orchestration pages count our kernels.
+SESSION_INIT = "surveilr_orchestration_init"
+SESSION_COMPLETED = "surveilr_orch_completed"
+SESSION_FAILED = "surveilr_orch_failed"
+
 
 class StoreError(Exception):
     """The state store can't be used or written; the message names the file

@@ -16,16 +16,20 @@ from ..canonical import dumps
 from ..ids import new_ulid
 from ..keys import CellKey
 from ..lifecycle import INITIAL
-from .base import Claim, ExecRow, Holder, Transition
+from .base import (
+    NATURE_ID,
+    NATURE_LABEL,
+    SESSION_COMPLETED,
+    SESSION_FAILED,
+    SESSION_INIT,
+    Claim,
+    ExecRow,
+    Holder,
+    Transition,
+)
 from .postgres_reports import STATE_COLUMNS
 from .postgres_schema import NOW
 
-NATURE_ID = "rssd-magic-stateful-cell"
-NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
-# surveilr's own session-level states (what `surveilr orchestrate` writes).
-SESSION_INIT = "surveilr_orchestration_init"
-SESSION_COMPLETED = "surveilr_orch_completed"
-SESSION_FAILED = "surveilr_orch_failed"
 
 #: A cell's latest transition, by store order.
 LATEST = f"""

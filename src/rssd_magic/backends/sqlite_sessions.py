@@ -22,14 +22,8 @@ from ..canonical import dumps, loads_object, utc_now
 from ..claims import current_holder
 from ..ids import new_ulid
 from ..lifecycle import INITIAL
+from .base import NATURE_ID, NATURE_LABEL, SESSION_COMPLETED, SESSION_FAILED, SESSION_INIT
 
-NATURE_ID = "rssd-magic-stateful-cell"
-NATURE_LABEL = "Jupyter %%stateful cell (rssd_magic)"
-# surveilr's own session-level states (what `surveilr orchestrate` writes),
-# so its web UI's orchestration pages count our kernels.
-SESSION_INIT = "surveilr_orchestration_init"
-SESSION_COMPLETED = "surveilr_orch_completed"
-SESSION_FAILED = "surveilr_orch_failed"
 
 
 class SqliteSessions:
