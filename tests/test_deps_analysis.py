@@ -364,21 +364,31 @@ def test_analysis_is_one_frozen_memoized_answer():
     assert analyse_cell("def (:") is UNANALYSABLE and not UNANALYSABLE.analysed
 
 
-def test_a_cell_too_deep_for_the_walk_gives_no_binds_either():
-    # The one known difference from the old walkers.  The old binder did not
-    # enter function bodies, so it still answered when only a body nested too
-    # deeply; the one walk gives up on the whole cell, as read_names always
-    # did, and names_bound falls back on the namespace diff alone.
-    # As many terms as the recursion limit: twice too deep for the walk (two
-    # frames a level), not too deep for ast.parse.
-    code = "x = 1\ndef f():\n    return " + " + ".join(["a"] * sys.getrecursionlimit())
+def test_a_cell_too_deep_for_the_walk_still_knows_its_binds():
+    # The walk recurses two frames a level, so a cell as many terms deep as
+    # the recursion limit is too deep for it but not for ast.parse.  What it
+    # reads is then unknown; what it binds is found by an iterative pass, at
+    # module level and inside if/for/with/try/match blocks, as the old binder
+    # (which did not enter function bodies) found it.
+    deep = " + ".join(["a"] * sys.getrecursionlimit())
+    code = (
+        "x = 1\ndef f():\n    return " + deep + "\n"
+        "if x:\n    for i in range(2):\n        y = " + deep + "\n"
+        "try:\n    import os.path as p, json\nexcept E as err:\n    pass\n"
+        "with open('f') as (h, k):\n    del z\n"
+        "class C:\n    inner = 1\n"
+    )
     old_deps, old_names = legacy()
-    assert old_names.bound_names(code) == {"x", "f"} and old_deps.read_names(code) == []
-    assert analyse_cell(code) is UNANALYSABLE
+    assert old_deps.read_names(code) == []
+    analysis = analyse_cell(code)
+    assert not analysis.analysed and analysis.reads == ()
+    assert analysis.binds == {"x", "f", "i", "y", "p", "json", "err", "h", "k", "C"}
+    assert analysis.deletes == ("z",)
+    assert analyse_cell(code) is analysis  # memoized: the same answer at any stack depth
     namespace = {"x": 1}
     before = snapshot(namespace)
     namespace["f"] = object()
-    assert names_bound(namespace, before, code) == ["f"]  # x, the same object again, goes unseen
+    assert names_bound(namespace, before, code) == ["x", "f"]  # x, the same object again, is still bound
 
 
 def test_reads_keep_builtins_for_the_namespace_to_decide():

@@ -441,17 +441,76 @@ UNANALYSABLE = CellAnalysis((), frozenset(), (), analysed=False)
 @functools.lru_cache(maxsize=1024)
 def analyse_cell(python_code: str) -> CellAnalysis:
     """One parse and one walk of *python_code* (plain Python, IPython syntax
-    already transformed); memoized, as every replay of a cell asks again."""
+    already transformed); memoized, as every replay of a cell asks again.
+
+    Code nested deeper than the recursive walk can go (``a + a + …`` with
+    hundreds of terms) is parsed all the same, and its top-level bindings
+    found by an iterative pass (:func:`_shallow`): what it reads stays
+    unknown (``analysed`` is False), what it binds does not, so a replay
+    still restores them.  The answer never depends on how deep the stack
+    was when it was first asked."""
+    try:
+        tree = ast.parse(python_code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return UNANALYSABLE
     try:
         walker = _CellWalker()
-        walker.visit(ast.parse(python_code))
-    except (SyntaxError, ValueError, RecursionError):
-        return UNANALYSABLE
+        walker.visit(tree)
+    except RecursionError:
+        return _shallow(tree)
     return CellAnalysis(
         reads=tuple(n for n in walker.result() if not is_shell_name(n)),
         binds=frozenset(walker.binds),
         deletes=tuple(walker.deletes),
     )
+
+
+def _shallow(tree: ast.Module) -> CellAnalysis:
+    """Module-level binds and deletes of a cell too deep to walk, found
+    without recursion: binding targets and the names of ``def``, ``class``
+    and ``import`` statements are shallow, whatever their values are
+    (``ast.walk`` is iterative).  Reads are unknown; so are names bound by
+    ``:=`` inside a too-deep expression (the namespace diff still sees them
+    when they name a new object)."""
+    binds: set[str] = set()
+    deletes: list[str] = []
+
+    def stored(node: ast.AST, ctx: type) -> list[str]:
+        return [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)]
+
+    # Module-level statements, including those inside if/for/while/with/try
+    # blocks (they bind module names too), but not function or class bodies.
+    pending = list(reversed(tree.body))
+    while pending:
+        stmt = pending.pop()
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            binds.add(stmt.name)
+            continue
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            binds.update(a.asname or a.name.split(".")[0] for a in stmt.names if a.name != "*")
+        elif isinstance(stmt, ast.Assign):
+            for target in stmt.targets:
+                binds.update(stored(target, ast.Store))
+        elif isinstance(stmt, ast.AugAssign) or (isinstance(stmt, ast.AnnAssign) and stmt.value is not None):
+            binds.update(stored(stmt.target, ast.Store))
+        elif isinstance(stmt, (ast.For, ast.AsyncFor)):
+            binds.update(stored(stmt.target, ast.Store))
+        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+            for item in stmt.items:
+                if item.optional_vars is not None:
+                    binds.update(stored(item.optional_vars, ast.Store))
+        elif isinstance(stmt, ast.Delete):
+            for target in stmt.targets:
+                deletes.extend(stored(target, ast.Del))
+        elif isinstance(stmt, ast.ExceptHandler) and stmt.name:
+            binds.add(stmt.name)
+        nested = [
+            *getattr(stmt, "body", ()), *getattr(stmt, "handlers", ()),
+            *getattr(stmt, "orelse", ()), *getattr(stmt, "finalbody", ()),
+            *getattr(stmt, "cases", ()),
+        ]
+        pending.extend(reversed(nested))
+    return CellAnalysis((), frozenset(binds), tuple(dict.fromkeys(deletes)), analysed=False)
 
 
 def read_names(python_code: str, namespace: Mapping[str, Any] | None = None) -> list[str]:
