@@ -324,7 +324,7 @@ def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[s
     try:
         for table, rowid, length in pieces:
             with conn.blobopen(table, "data", rowid, readonly=True) as blob:
-                for offset in range(0, length, READ_CHUNK):
+                for _ in range(0, length, READ_CHUNK):
                     chunk = blob.read(READ_CHUNK)
                     verifier.update(chunk)
                     view[at : at + len(chunk)] = chunk
