@@ -4,7 +4,11 @@
 libraries (XGBoost, LightGBM, PyTorch) never pass through ``sys.stdout``.
 While a cell runs, :class:`FdTee` points fds 1 and 2 at pipes of its own; a
 reader thread takes what arrives, forwards it to where the user would have
-seen it, and hands the text to a recorder.
+seen it, and hands the text to a recorder.  The thread is one per process
+(:class:`_Pump`), started once and parked in ``select``: a cell registers
+its pipes with it and the thread wakes only when bytes arrive.  A thread of
+its own per cell cost more than everything else a short cell's capture does
+(its start and end are hand-offs of the GIL: ~0.4 ms).
 
 Where it is forwarded depends on the shell (see :func:`forward_for`):
 
@@ -25,6 +29,7 @@ Nothing here imports IPython.
 
 from __future__ import annotations
 
+import _thread
 import codecs
 import os
 import select
@@ -102,6 +107,92 @@ class _Channel:
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     eof: bool = False
     restored: bool = False
+    #: The tee and channel whose pipe *saved* is, when a tee is started
+    #: inside another (a %%stateful cell run by one): bytes are handed to it
+    #: directly, as the one reader thread can't wait on a pipe it reads.
+    parent: tuple[FdTee, _Channel] | None = None
+
+
+class _Pump:
+    """The reader thread every :class:`FdTee` of this process shares.
+
+    It waits in ``select`` on the registered pipes; when one is readable it
+    moves what is there under its tee's lock (:meth:`FdTee._read`).  With
+    epoll a registration made while the thread waits is seen at once; other
+    selectors are woken by a byte on a pipe of the pump's own.
+    Lock order: a tee's lock, then the pump's (never the other way round).
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._needs_wake = not isinstance(self.sel, getattr(selectors, "EpollSelector", ()))
+        # A bare thread: threading.Thread.start() waits until it runs.  A
+        # daemon in effect (a _thread thread never blocks interpreter exit).
+        _thread.start_new_thread(self._run, ())
+
+    def add(self, tee: FdTee, ch: _Channel) -> None:
+        with self.lock:
+            self.sel.register(ch.read, selectors.EVENT_READ, (tee, ch))
+        if self._needs_wake:
+            os.write(self._wake_w, b"x")
+
+    def remove(self, ch: _Channel) -> None:
+        """Before *ch*'s read end is closed (its fd number may be reused)."""
+        with self.lock:
+            key = self.sel.get_map().get(ch.read)
+            if key is not None and key.data is not None and key.data[1] is ch:
+                self.sel.unregister(ch.read)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                ready = self.sel.select()
+            except (OSError, ValueError, KeyError):
+                continue  # an fd closed under a non-epoll selector: look again
+            for key, _ in ready:
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, CHUNK)
+                    except OSError:
+                        pass
+                    continue
+                tee, ch = key.data
+                try:
+                    with tee.lock:  # a stale key finds its channel closed (eof)
+                        tee._read(ch)
+                except Exception:  # noqa: BLE001 - the thread serves every later cell too
+                    pass
+
+
+_pump: _Pump | None = None
+_pump_made = threading.Lock()
+
+
+def _the_pump() -> _Pump:
+    """This process's pump (a forked child gets its own: threads don't fork)."""
+    global _pump
+    with _pump_made:
+        if _pump is None or _pump.pid != os.getpid():
+            _pump = _Pump()
+        return _pump
+
+
+#: Our live pipes by identity (pipefs device and inode), to find the tee a
+#: nested tee's saved fd writes into.
+_pipes: dict[tuple[int, int], tuple[FdTee, _Channel]] = {}
+
+
+def _pipe_id(fd: int) -> tuple[int, int]:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return (-1, fd)
+    return (st.st_dev, st.st_ino)
 
 
 class FdTee:
@@ -120,8 +211,7 @@ class FdTee:
         self.lock = lock or threading.RLock()
         self.recording = True
         self._channels: list[_Channel] = []
-        self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = -1, -1
+        self._pump: _Pump | None = None
         # drain() runs before every Python-level write: one poll(0) tells
         # whether there is anything to move (no read, no exception).
         self._pending = select.poll() if hasattr(select, "poll") else None
@@ -149,7 +239,9 @@ class FdTee:
                 os.close(f)
             return False
         os.close(w)  # fd itself is now the write end (and what children inherit)
-        self._channels.append(_Channel(fd, name, saved, r, forward))
+        ch = _Channel(fd, name, saved, r, forward, parent=_pipes.get(_pipe_id(saved)))
+        _pipes[_pipe_id(r)] = (self, ch)
+        self._channels.append(ch)
         if self._pending is not None:
             self._pending.register(r, select.POLLIN)
         return True
@@ -167,21 +259,24 @@ class FdTee:
         return None
 
     def start(self) -> None:
+        """Hand the pipes to the reader thread."""
         if not self._channels:
             return
-        self._wake_r, self._wake_w = os.pipe()
-        sel = selectors.DefaultSelector()  # registered here, while every fd is open
-        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._pump = _the_pump()
         for ch in self._channels:
-            sel.register(ch.read, selectors.EVENT_READ, ch)
-        self._thread = threading.Thread(target=self._run, args=(sel,), name="rssd_magic-fdtee", daemon=True)
-        self._thread.start()
+            self._pump.add(self, ch)
 
     # -- moving bytes -----------------------------------------------------------
 
     def _deliver(self, ch: _Channel, data: bytes, final: bool = False) -> None:
         text = ch.decoder.decode(data, final)
-        if ch.forward is None:
+        if ch.forward is None and ch.parent is not None and not ch.parent[1].eof:
+            if data:
+                tee, outer = ch.parent
+                with tee.lock:
+                    tee._read(outer)  # what the outer cell wrote before comes first
+                    tee._deliver(outer, data)
+        elif ch.forward is None:
             if data and ch.saved >= 0:
                 _write_all(ch.saved, data)
         elif text or data:
@@ -210,13 +305,19 @@ class FdTee:
             if not data:  # every write end is closed: nothing more can come
                 ch.eof = True
                 self._deliver(ch, b"", final=True)
-                if self._pending is not None:
-                    self._pending.unregister(ch.read)
-                os.close(ch.read)
+                self._close_read(ch)
                 if ch.restored:
                     self._close_saved(ch)
                 return
             self._deliver(ch, data)
+
+    def _close_read(self, ch: _Channel) -> None:
+        _pipes.pop(_pipe_id(ch.read), None)
+        if self._pending is not None:
+            self._pending.unregister(ch.read)
+        if self._pump is not None:
+            self._pump.remove(ch)
+        os.close(ch.read)
 
     def drain(self) -> None:
         """Forward and record everything written to the fds so far.
@@ -230,31 +331,6 @@ class FdTee:
                 return
             for ch in self._channels:
                 self._read(ch)
-
-    def _run(self, sel: selectors.BaseSelector) -> None:
-        try:
-            stopping = False
-            while True:
-                with self.lock:
-                    for ch in self._channels:
-                        if ch.eof and ch.read in sel.get_map():
-                            sel.unregister(ch.read)
-                    if stopping and all(c.eof for c in self._channels):
-                        return
-                ready = sel.select()
-                if any(key.data is None for key, _ in ready):
-                    stopping = True  # stop(): keep going only while pipes are open
-                    sel.unregister(self._wake_r)
-                if any(key.data is not None for key, _ in ready):
-                    # Every channel, stdout first: when both pipes hold data,
-                    # the order between them is unknowable; this is the
-                    # order drain() uses too.
-                    with self.lock:
-                        for ch in self._channels:
-                            self._read(ch)
-        finally:
-            sel.close()
-            os.close(self._wake_r)
 
     # -- ending ---------------------------------------------------------------
 
@@ -280,17 +356,14 @@ class FdTee:
                 if ch.eof or ch.forward is not None:
                     self._close_saved(ch)  # not needed to forward any more
             self.recording = False
-        if self._thread is None:
-            for ch in self._channels:
-                if not ch.eof:
-                    ch.eof = True
-                    os.close(ch.read)
-                self._close_saved(ch)
-            return
-        os.write(self._wake_w, b"x")
-        os.close(self._wake_w)
-        if all(ch.eof for ch in self._channels):
-            self._thread.join(timeout=5)
+            if self._pump is None:  # never started: nothing will read on
+                for ch in self._channels:
+                    if not ch.eof:
+                        ch.eof = True
+                        self._close_read(ch)
+                    self._close_saved(ch)
+            # Else a pipe still open (a background process holds its write
+            # end) stays with the reader thread, forwarded until it closes.
 
 
 def _write_all(fd: int, data: bytes) -> None:
