@@ -115,6 +115,11 @@ class Bench:
         ns["cached_big"] = self.memory.cache(make_big)
         ns["cached_arange"] = self.memory.cache(arange_plus)
         ns["BIG_N"] = self.big_n
+        # The least any cell magic costs: IPython transforms the cell into a
+        # run_cell_magic call and hands the body over; this one just runs it.
+        self.shell.register_magic_function(
+            lambda line, cell: exec(cell, self.shell.user_ns), "cell", "bench_noop"
+        )
         self.run("import numpy as np")
         self.rows: list[Row] = []
         self.raw: dict[str, dict] = {}
@@ -192,6 +197,7 @@ class Bench:
                 "ours": self.cell(ours),
                 "ours_quiet": self.quiet_cell(ours),
                 "joblib": self.cell("y = cached_f(1)"),
+                "noop_magic": self.cell(f"%%bench_noop\n{body}"),
             },
             rounds,
         )
@@ -200,6 +206,7 @@ class Bench:
         ours_d = s["ours"]["median"] - plain
         quiet_d = s["ours_quiet"]["median"] - plain
         jl_d = s["joblib"]["median"] - plain
+        noop_d = s["noop_magic"]["median"] - plain
         self.rows.append(
             Row(
                 "a. replay hit, trivial cell (minus plain)",
@@ -220,6 +227,17 @@ class Bench:
                 "(info)",
                 "info",
                 {"ours_minus_plain_s": quiet_d},
+            )
+        )
+        self.rows.append(
+            Row(
+                "a''. same, minus a no-op cell magic",
+                fmt_ms(ours_d - noop_d),
+                f"no-op magic {fmt_ms(noop_d)} over plain",
+                f"IPython's own cost of any cell magic is {noop_d / ours_d:.0%} of figure a",
+                "(info)",
+                "info",
+                {"ours_minus_noop_s": ours_d - noop_d, "noop_minus_plain_s": noop_d},
             )
         )
 
