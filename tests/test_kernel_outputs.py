@@ -40,8 +40,11 @@ CELLS = [
     "del libc\n"
     "print('py 2')\n",
     "%%stateful\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\n'the last line'\n",
+    # fd output with no Python output after it: moved by the process's one
+    # reader thread (started cells earlier) while the cell sleeps.
+    "%%stateful\nimport os, time\nos.write(1, b'a later cell, from fd\\n')\ntime.sleep(0.3)\n",
 ]
-TQDM, WIDGETS, FDS, FIGURE = 1, 2, 3, 4
+TQDM, WIDGETS, FDS, FIGURE, LATER_FDS = 1, 2, 3, 4, 5
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +95,14 @@ def test_fd_level_output_is_recorded_and_replayed_between_python_prints(runs):
     assert len(banners(second.cells[FDS])) == 1
     assert text_of(second.cells[FDS], "stdout") == expected
     assert [o["output_type"] for o in shown(second.cells[FDS])] == ["stream"]
+
+
+def test_fd_output_of_a_later_cell_lands_in_that_cell_only(runs):
+    for run in runs:
+        assert text_of(run.cells[LATER_FDS], "stdout") == "a later cell, from fd\n"
+        others = [text_of(cell, "stdout") for i, cell in enumerate(run.cells) if i != LATER_FDS]
+        assert not any("a later cell" in text for text in others)
+    assert len(banners(runs[1].cells[LATER_FDS])) == 1
 
 
 def test_figure_flushed_after_the_cell_replays_after_out(runs):
