@@ -161,10 +161,15 @@ class _Pump:
                     except OSError:
                         pass
                     continue
-                tee, ch = key.data
+                tee = key.data[0]
                 try:
-                    with tee.lock:  # a stale key finds its channel closed (eof)
-                        tee._read(ch)
+                    # Every channel of the tee, stdout first: when both pipes
+                    # hold data the order between them is unknowable, and
+                    # this is the order drain() uses too.  A stale key finds
+                    # its channels closed (eof) and reads nothing.
+                    with tee.lock:
+                        for ch in tee._channels:
+                            tee._read(ch)
                 except Exception:  # noqa: BLE001 - the thread serves every later cell too
                     pass
 
