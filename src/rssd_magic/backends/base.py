@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from ..canonical import loads_object
 from ..keys import CellKey
+from ..lifecycle import REPLAY, WAIT, decide
 from ..record import RunRecord
 
 Blob = tuple[str, Any]  # (digest, bytes-like)
@@ -175,6 +176,48 @@ class ClaimOutcome:
     running: Transition | None = None
     claim: Claim | None = None
     abandoned: Transition | None = None
+
+
+@dataclass(frozen=True)
+class ClaimVerdict:
+    """What a backend does inside its claim transaction (:func:`judge_claim`).
+
+    ``done`` and ``held`` become the :class:`ClaimOutcome` of that kind
+    (``held`` names the live claim); ``run`` appends RUNNING with *reason*,
+    after a ``RUNNING → ABANDONED`` with reason *abandon* when that is set.
+    """
+
+    kind: str
+    reason: str = ""
+    abandon: str | None = None
+    held: Claim | None = None
+
+
+def judge_claim(
+    request: ClaimRequest, previous: Transition | None, held_claim: Callable[[], Claim | None]
+) -> ClaimVerdict:
+    """The claim policy, the same on every backend: called inside the claim
+    transaction with the cell's latest transition; *held_claim* reads the
+    claim of that RUNNING (asked only when the cell is RUNNING).
+
+    A RUNNING cell is taken over only when the caller judged its claim dead
+    and the claim is still exactly that one (same state, token and beat): a
+    holder that renewed or was replaced since is left alone.
+    """
+    rerun = request.rerun_reason if previous is not None and previous.state_id == request.rerun_of else None
+    decision = decide(previous.to_state if previous else None, rerun=rerun)
+    if decision.action == REPLAY:
+        return ClaimVerdict("done")
+    if decision.action == WAIT:
+        held = held_claim()
+        wanted = request.takeover
+        if held is not None and (
+            wanted is None or (wanted.state_id, wanted.token, wanted.beat) != (held.state_id, held.token, held.beat)
+        ):
+            return ClaimVerdict("held", held=held)
+        why = request.dead_because if held is not None else "no holder is recorded for it"
+        return ClaimVerdict("run", "takeover after ABANDONED", abandon=f"holder dead: {why}")
+    return ClaimVerdict("run", decision.reason if previous is not None else request.first_reason)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from ..canonical import loads_object
 from ..claims import current_holder
 from ..ids import new_ulid
 from ..keys import CellKey
-from ..lifecycle import ABANDONED, EXECUTED, INITIAL, REPLAY, RUNNING, WAIT, decide
+from ..lifecycle import ABANDONED, EXECUTED, INITIAL, RUNNING
 from . import postgres_reports, postgres_rows as rows, redact
 from .base import (
     Blob,
@@ -58,6 +58,7 @@ from .base import (
     StorageStats,
     StoreError,
     Transition,
+    judge_claim,
 )
 from .postgres_blobs import PgBlobs
 from .postgres_conn import cause, connect, lost
@@ -294,29 +295,20 @@ class PostgresBackend:
             self._flush_hits(c)
             row = rows.lock_cell(c, key.ingest_src)
             previous = rows.latest_in(c, key.ingest_src)
-            rerun = request.rerun_reason if previous is not None and previous.state_id == request.rerun_of else None
-            decision = decide(previous.to_state if previous else None, rerun=rerun)
+            verdict = judge_claim(
+                request, previous, lambda: rows.claim_from(row) if row is not None and row[1] == previous.state_id else None
+            )
+            if verdict.kind != "run":
+                return ClaimOutcome(verdict.kind, previous, claim=verdict.held)
             abandoned = None
-            if decision.action == REPLAY:
-                return ClaimOutcome("done", previous)
-            if decision.action == WAIT:
-                held = rows.claim_from(row) if row is not None and row[1] == previous.state_id else None
-                wanted = request.takeover
-                if held is not None and (
-                    wanted is None or (wanted.state_id, wanted.token, wanted.beat) != (held.state_id, held.token, held.beat)
-                ):
-                    return ClaimOutcome("held", previous, claim=held)
-                why = request.dead_because if held is not None else "no holder is recorded for it"
+            if verdict.abandon is not None:
                 abandoned = previous = rows.append(
-                    c, self.session_id, previous.entry_id, RUNNING, ABANDONED, None, f"holder dead: {why}", None
+                    c, self.session_id, previous.entry_id, RUNNING, ABANDONED, None, verdict.abandon, None
                 )
-                reason = "takeover after ABANDONED"
-            else:
-                reason = decision.reason if previous is not None else request.first_reason
             entry_id = previous.entry_id if previous else rows.entry(c, self.session_id, key, request.source)
             self._src_of[entry_id] = key.ingest_src
             running = rows.append(
-                c, self.session_id, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, reason,
+                c, self.session_id, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, verdict.reason,
                 request.elaboration,
             )  # fmt: skip
             token, at = rows.take(c, key.ingest_src, entry_id, running.state_id, self.session_id, h, request.lease_s)

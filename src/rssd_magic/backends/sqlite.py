@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 from ..canonical import dumps, utc_now
 from ..ids import new_ulid
 from ..keys import CellKey
-from ..lifecycle import ABANDONED, EXECUTED, INITIAL, REPLAY, RUNNING, WAIT, decide
+from ..lifecycle import ABANDONED, EXECUTED, INITIAL, RUNNING
 from . import sqlite_reports
 from .base import (
     Blob,
@@ -45,6 +45,7 @@ from .base import (
     StorageStats,
     StoreError,
     Transition,
+    judge_claim,
 )
 from .sqlite_blobs import SqliteBlobs, checkpoint
 from .sqlite_schema import (
@@ -298,28 +299,17 @@ class SqliteBackend(SqliteSessions):
             self._flush_hits(c)
             row = c.execute(self._LATEST, (key.ingest_src,)).fetchone()
             previous = Transition(*row) if row else None
-            rerun = request.rerun_reason if previous is not None and previous.state_id == request.rerun_of else None
-            decision = decide(previous.to_state if previous else None, rerun=rerun)
+            verdict = judge_claim(request, previous, lambda: self._claim_of(c, previous))
+            if verdict.kind != "run":
+                return ClaimOutcome(verdict.kind, previous, claim=verdict.held)
             abandoned = None
-            if decision.action == REPLAY:
-                return ClaimOutcome("done", previous)
-            if decision.action == WAIT:
-                held = self._claim_of(c, previous)
-                wanted = request.takeover
-                if held is not None and (
-                    wanted is None or (wanted.state_id, wanted.token, wanted.beat) != (held.state_id, held.token, held.beat)
-                ):
-                    return ClaimOutcome("held", previous, claim=held)
-                why = request.dead_because if held is not None else "no holder is recorded for it"
+            if verdict.abandon is not None:
                 abandoned = previous = self._append(
-                    c, previous.entry_id, RUNNING, ABANDONED, None, f"holder dead: {why}", None
+                    c, previous.entry_id, RUNNING, ABANDONED, None, verdict.abandon, None
                 )
-                reason = "takeover after ABANDONED"
-            else:
-                reason = decision.reason if previous is not None else request.first_reason
             entry_id = previous.entry_id if previous else self._entry_id(c, key, request.source)
             running = self._append(
-                c, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, reason, request.elaboration
+                c, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, verdict.reason, request.elaboration
             )
             (token,) = c.execute(
                 """SELECT coalesce(max(token), 0) + 1 FROM rssd_magic_claim WHERE entry_id IN (
