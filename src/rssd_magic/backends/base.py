@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from ..canonical import loads_object
 from ..keys import CellKey
-from ..lifecycle import REPLAY, WAIT, decide
+from ..lifecycle import EXECUTED, REPLAY, WAIT, decide
 from ..record import RunRecord
 
 Blob = tuple[str, Any]  # (digest, bytes-like)
@@ -258,6 +258,14 @@ class CellRow:
     latest_duration_s: float | None = None
     latest_hits: int = 0
     source: str | None = None
+
+
+def executed_results(cells: Iterable[CellRow]) -> Iterator[tuple[CellRow, str]]:
+    """``(cell, result_json)`` of the *cells* whose latest state is EXECUTED
+    with a record: what replays, what ``gc`` keeps and ``trust`` re-signs."""
+    for cell in cells:
+        if cell.latest is not None and cell.latest.to_state == EXECUTED and cell.latest.result_json:
+            yield cell, cell.latest.result_json
 
 
 def group_cells(

@@ -43,7 +43,7 @@ from ..canonical import loads_object
 from ..claims import current_holder
 from ..ids import new_ulid
 from ..keys import CellKey
-from ..lifecycle import ABANDONED, EXECUTED, INITIAL, RUNNING
+from ..lifecycle import ABANDONED, INITIAL, RUNNING
 from . import postgres_reports, postgres_rows as rows, redact
 from .base import (
     Blob,
@@ -58,6 +58,7 @@ from .base import (
     StorageStats,
     StoreError,
     Transition,
+    executed_results,
     judge_claim,
 )
 from .postgres_blobs import PgBlobs
@@ -459,9 +460,7 @@ class PostgresBackend:
         return found[0][0] if found else None
 
     def current_results(self) -> Iterator[tuple[CellRow, str]]:
-        for cell in self.cells():
-            if cell.latest is not None and cell.latest.to_state == EXECUTED and cell.latest.result_json:
-                yield cell, cell.latest.result_json
+        return executed_results(self.cells())
 
     def storage(self) -> StorageStats:
         return self._report(postgres_reports.storage, self.location, self.schema)

@@ -17,7 +17,7 @@ import psycopg
 
 from ..keys import URI_PREFIX
 from ..lifecycle import EXECUTED
-from .base import CellRow, HistoryRow, StorageStats, Transition, group_cells
+from .base import CellRow, HistoryRow, StorageStats, Transition, executed_results, group_cells
 
 _LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
 
@@ -160,11 +160,7 @@ def storage(conn: psycopg.Connection, location: str, schema: str) -> StorageStat
 
 
 def _referenced(conn: psycopg.Connection, digests_of: Callable[[str], set[str]]) -> set[str]:
-    keep: set[str] = set()
-    for cell in cells(conn):
-        if cell.latest is not None and cell.latest.to_state == EXECUTED and cell.latest.result_json:
-            keep |= digests_of(cell.latest.result_json)
-    return keep
+    return set().union(*(digests_of(result) for _, result in executed_results(cells(conn))))
 
 
 def gc(conn: psycopg.Connection, lock: int, digests_of: Callable[[str], set[str]], dry_run: bool):

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 from ..canonical import dumps, utc_now
 from ..ids import new_ulid
 from ..keys import CellKey
-from ..lifecycle import ABANDONED, EXECUTED, INITIAL, RUNNING
+from ..lifecycle import ABANDONED, INITIAL, RUNNING
 from . import sqlite_reports
 from .base import (
     Blob,
@@ -45,6 +45,7 @@ from .base import (
     StorageStats,
     StoreError,
     Transition,
+    executed_results,
     judge_claim,
 )
 from .sqlite_blobs import SqliteBlobs, checkpoint
@@ -524,9 +525,7 @@ class SqliteBackend(SqliteSessions):
         return row[0] if row else None
 
     def current_results(self) -> Iterator[tuple[CellRow, str]]:
-        for cell in self.cells():
-            if cell.latest is not None and cell.latest.to_state == EXECUTED and cell.latest.result_json:
-                yield cell, cell.latest.result_json
+        return executed_results(self.cells())
 
     def storage(self) -> StorageStats:
         return sqlite_reports.storage(self.conn, self.path)

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..keys import URI_PREFIX
 from ..lifecycle import EXECUTED
-from .base import CellRow, HistoryRow, StorageStats, Transition, group_cells
+from .base import CellRow, HistoryRow, StorageStats, Transition, executed_results, group_cells
 from .sqlite_blobs import delete
 
 _LO, _HI = URI_PREFIX, URI_PREFIX[:-1] + chr(ord(URI_PREFIX[-1]) + 1)
@@ -145,11 +145,7 @@ def storage(conn: sqlite3.Connection, path: Path) -> StorageStats:
 
 
 def _referenced(conn: sqlite3.Connection, digests_of: Callable[[str], set[str]]) -> set[str]:
-    keep: set[str] = set()
-    for cell in cells(conn):
-        if cell.latest is not None and cell.latest.to_state == EXECUTED and cell.latest.result_json:
-            keep |= digests_of(cell.latest.result_json)
-    return keep
+    return set().union(*(digests_of(result) for _, result in executed_results(cells(conn))))
 
 
 def gc(
