@@ -175,22 +175,23 @@ CLOCK = "import time\nprint(repr(time.time()))"
 USE_NAME = "print('winner was', race_winner)"
 
 
-def test_six_kernels_race_one_runs_five_replay(tmp_path):
+def run_race(tmp_path: Path) -> list:
+    """N_KERNELS kernels run the race cells at once; their notebooks."""
     cells = [LOAD, BARRIER, RACE_CELL, CLOCK, USE_NAME]
-    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=N_KERNELS) as pool:
-        nbs = list(pool.map(lambda _: execute(cells, tmp_path, allow_errors=True), range(N_KERNELS)))
-    wall = time.monotonic() - started
-    db = tmp_path / DEFAULT_DB
+        return list(pool.map(lambda _: execute(cells, tmp_path, allow_errors=True), range(N_KERNELS)))
 
+
+def check_race(nbs: list, tmp_path: Path) -> list:
+    """What every backend must show after :func:`run_race`: the body ran
+    once, in one kernel; every kernel shows its output and binds its name;
+    the others each replayed with one banner and one live status line, last
+    saying it replays.  Returns the waiters' notebooks."""
     for nb in nbs:
-        assert_never_locked(nb)
-        assert [errors_of(c) for c in nb.cells] == [[]] * len(cells), [
+        assert [errors_of(c) for c in nb.cells] == [[]] * len(nb.cells), [
             plain_traceback(e) for c in nb.cells for e in errors_of(c)
         ]
         assert text_of(nb.cells[1]) == f"ready {N_KERNELS}\n", "the barrier let every kernel through together"
-
-    # The body ran once, in one kernel; every kernel shows its output and name.
     (ran,) = lines(tmp_path / "race.log")
     winner = int(ran.split()[-1])
     for nb in nbs:
@@ -202,9 +203,27 @@ def test_six_kernels_race_one_runs_five_replay(tmp_path):
     assert all(len(banners(nb.cells[2])) == 1 for nb in waiters)
     assert statuses(holders[0].cells[2]) == []
     for nb in waiters:
-        # One live status line, updated in place, last saying it replays.
         (status,) = statuses(nb.cells[2])
         assert status["data"]["text/plain"] == "[stateful] the other kernel finished; replaying its result"
+    return waiters
+
+
+def replay_delays(waiters: list, executed_id: str) -> list[float]:
+    """Seconds from the EXECUTED row's ULID time (taken just before the
+    commit) to each waiter's clock cell right after its replay (an upper
+    bound: it includes the replay, the reply and nbclient's next request)."""
+    committed = ULID.from_str(executed_id).milliseconds / 1000
+    return sorted(float(text_of(nb.cells[3])) - committed for nb in waiters)
+
+
+def test_six_kernels_race_one_runs_five_replay(tmp_path):
+    started = time.monotonic()
+    nbs = run_race(tmp_path)
+    wall = time.monotonic() - started
+    db = tmp_path / DEFAULT_DB
+    for nb in nbs:
+        assert_never_locked(nb)
+    waiters = check_race(nbs, tmp_path)
 
     # The RSSD: sound, one run recorded, six kernel sessions, no claim left.
     check_rssd(db)
@@ -212,13 +231,11 @@ def test_six_kernels_race_one_runs_five_replay(tmp_path):
     assert query(db, "SELECT count(*) FROM orchestration_session") == [(N_KERNELS,)]
     assert query(db, "SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)]
 
-    # Replay delay per waiter: from the EXECUTED row's ULID time (taken just
-    # before the commit) to the clock cell right after the replay (an upper
-    # bound: it includes the replay, the reply and nbclient's next request),
-    # and to the replayed cell's own execute_reply (a tighter bound).
+    # Replay delay per waiter, to the clock cell and (a tighter bound) to the
+    # replayed cell's own execute_reply.
     (executed_id,) = executed_ids(db)
     committed = ULID.from_str(executed_id).milliseconds / 1000
-    via_clock = sorted(float(text_of(nb.cells[3])) - committed for nb in waiters)
+    via_clock = replay_delays(waiters, executed_id)
     via_reply = sorted(_ts(nb.cells[2].metadata["execution"]["shell.execute_reply"]) - committed for nb in waiters)
     print(
         f"\n[concurrency] {N_KERNELS} kernels, wall {wall:.1f}s; waiter replay delay after the EXECUTED commit:\n"

@@ -9,26 +9,32 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from ulid import ULID
 
 import pg_util
-from kernel_util import banners, check_rssd, errors_of, execute, plain_traceback, strip_volatile, text_of
+from kernel_util import banners, check_rssd, execute, strip_volatile, text_of
 from pg_util import raw
-from test_kernel_concurrency import BARRIER, CLOCK, N_KERNELS, RACE_CELL, USE_NAME, HeldKernel, lines, statuses, wait_for_lines
+from test_kernel_concurrency import (
+    HOST,
+    LOAD,
+    N_KERNELS,
+    SLEEPY_CELL,
+    TAKEOVER,
+    HeldKernel,
+    check_race,
+    lines,
+    replay_delays,
+    run_race,
+    wait_for_lines,
+)
 
 pytestmark = pytest.mark.kernel
 
-LOAD = "%load_ext rssd_magic"
-HOST = socket.gethostname()
-TAKEOVER = [("INITIAL", "RUNNING"), ("RUNNING", "ABANDONED"), ("ABANDONED", "RUNNING"), ("RUNNING", "EXECUTED")]
 
 
 @pytest.fixture
@@ -53,43 +59,15 @@ def executed(url: str) -> list[str]:
 
 
 def test_six_kernels_race_one_runs_and_all_show_its_output(url, tmp_path):
-    cells = [LOAD, BARRIER, RACE_CELL, CLOCK, USE_NAME]
-    with ThreadPoolExecutor(max_workers=N_KERNELS) as pool:
-        nbs = list(pool.map(lambda _: execute(cells, tmp_path, allow_errors=True), range(N_KERNELS)))
-    for nb in nbs:
-        assert [errors_of(c) for c in nb.cells] == [[]] * len(cells), [
-            plain_traceback(e) for c in nb.cells for e in errors_of(c)
-        ]
-    (ran,) = lines(tmp_path / "race.log")
-    winner = int(ran.split()[-1])
-    for nb in nbs:
-        assert text_of(nb.cells[2], "stdout") == f"stateful body ran in {winner}\n"
-        assert text_of(nb.cells[4]) == f"winner was {winner}\n"
-    waiters = [nb for nb in nbs if banners(nb.cells[2])]
-    assert len(waiters) == N_KERNELS - 1
-    for nb in waiters:
-        (status,) = statuses(nb.cells[2])
-        assert status["data"]["text/plain"] == "[stateful] the other kernel finished; replaying its result"
+    waiters = check_race(run_race(tmp_path), tmp_path)
     assert pairs(url) == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
     assert raw(url, "SELECT count(*) FROM orchestration_session") == [(N_KERNELS,)]
     assert raw(url, "SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)]
     (executed_id,) = executed(url)
-    committed = ULID.from_str(executed_id).milliseconds / 1000
-    delays = sorted(float(text_of(nb.cells[3])) - committed for nb in waiters)
+    delays = replay_delays(waiters, executed_id)
     print(f"\n[postgres] {N_KERNELS} kernels: waiter replay after the EXECUTED commit (clock cell): "
           f"median {statistics.median(delays) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms")  # fmt: skip
     assert all(-0.05 < d < 5 for d in delays), delays
-
-
-SLEEPY_CELL = """%%stateful
-import os, time
-with open("takeover.log", "a") as fh:
-    fh.write(f"{os.getpid()}\\n")
-del fh
-time.sleep(float(open("sleep.txt").read()))
-ran_in = os.getpid()
-print("finished in", ran_in)
-"""
 
 
 def test_a_sigkilled_holder_is_taken_over_with_one_executed(url, tmp_path):
