@@ -177,6 +177,21 @@ def print_table(rows: list[Row], out=None) -> None:
     out.flush()
 
 
+def report(rows: list[Row], started: float, *, quick: bool, json_path: str | None, info: dict, raw: dict) -> None:
+    """The end of a bench run: the table, the time, the load, the missed
+    targets, and the raw samples as JSON when asked."""
+    out = sys.__stdout__
+    print_table(rows, out)
+    missed = [r.figure for r in rows if r.verdict == "MISS"]
+    print(f"total {time.perf_counter() - started:.0f} s; {loadavg()} at end; "
+          + (f"MISSED: {', '.join(missed)}" if missed else "all targets met"), file=out)  # fmt: skip
+    if quick:
+        print("(--quick: smaller values and fewer rounds; a smoke run, not the figures of record)", file=out)
+    if json_path:
+        save_json(json_path, {"machine": info, "quick": quick, "rows": rows, "raw": raw})
+        print(f"saved {json_path}", file=out)
+
+
 def save_json(path: str, payload: dict) -> None:
     def default(o):
         return asdict(o) if isinstance(o, Row) else str(o)

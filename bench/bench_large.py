@@ -59,8 +59,7 @@ from _common import (  # noqa: E402
     loadavg,
     machine,
     machine_line,
-    print_table,
-    save_json,
+    report,
     verdict,
 )
 
@@ -450,15 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.magics.close()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print_table(bench.rows)
-    missed = [r.figure for r in bench.rows if r.verdict == "MISS"]
-    print(f"total {time.perf_counter() - started:.0f} s; {loadavg()} at end; "
-          + (f"MISSED: {', '.join(missed)}" if missed else "all targets met"), file=OUT)  # fmt: skip
-    if args.quick:
-        print("(--quick: smaller values and fewer rounds; a smoke run, not the figures of record)", file=OUT)
-    if args.json:
-        save_json(args.json, {"machine": info, "quick": args.quick, "rows": bench.rows, "raw": bench.raw})
-        print(f"saved {args.json}", file=OUT)
+    report(bench.rows, started, quick=args.quick, json_path=args.json, info=info, raw=bench.raw)
     return 0
 
 
