@@ -4,9 +4,9 @@
 * another host: ``unshare --uts`` with the hostname ``other``;
 * a container sharing the volume: ``unshare --pid --fork --mount-proc``,
   where the holder is pid 1 of its namespace (and the host has a pid 1 too);
-* clocks: libfaketime preloaded (the ``libfaketime`` package from PyPI ships
-  the library), 5 minutes behind or a day ahead; monotonic clocks untouched,
-  as on real hosts;
+* clocks, on an RSSD file and on PostgreSQL: libfaketime preloaded (the
+  ``libfaketime`` package from PyPI ships the library), 5 minutes behind or
+  a day ahead; monotonic clocks untouched, as on real hosts;
 * a stalled holder: SIGSTOP past its lease, then SIGCONT.
 
 These need root for ``unshare``; where it is refused they skip saying so.
@@ -21,7 +21,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -121,14 +123,40 @@ def chain(workdir: Path) -> list[tuple[str, str, str]]:
         conn.close()
 
 
-def claimed(workdir: Path) -> bool:
-    db = workdir / DB
-    if not db.exists():
-        return False
-    try:
-        return any(to == "RUNNING" for _, to, _ in chain(workdir))
-    except sqlite3.Error:
-        return False
+@dataclass
+class Store:
+    """Where the processes of a clock test keep their state: the RSSD file
+    in the work folder, or a PostgreSQL schema (given through
+    ``RSSD_MAGIC_DB``), where leases are judged on the server's clock and
+    "latest" is the server's sequence."""
+
+    db: str
+    env: dict
+    chain: Callable[[], list[tuple[str, str, str]]]
+
+    def claimed(self) -> bool:
+        try:
+            return any(to == "RUNNING" for _, to, _ in self.chain())
+        except Exception:  # noqa: BLE001 - not created yet
+            return False
+
+
+def rssd_in(workdir: Path) -> Store:
+    return Store(str(workdir / DB), {}, lambda: chain(workdir))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path) -> Store:
+    if request.param == "sqlite":
+        return rssd_in(tmp_path)
+    import pg_util
+
+    request.getfixturevalue("pg_server")
+    url = pg_util.fresh_url("liveness")
+    query = """SELECT s.from_state, s.to_state, coalesce(s.transition_reason, '') FROM orchestration_session_state AS s
+               JOIN rssd_magic_state_seq AS q ON q.state_id = s.orchestration_session_state_id
+               WHERE s.session_entry_id IS NOT NULL ORDER BY q.seq"""
+    return Store(url, {"RSSD_MAGIC_DB": url}, lambda: [tuple(r) for r in pg_util.raw(url, query)])
 
 
 @needs_uts
@@ -157,7 +185,7 @@ def test_a_stalled_holder_on_another_host_is_taken_over_and_cannot_record(tmp_pa
 @needs_pidns
 def test_a_live_holder_that_is_pid_1_of_another_namespace_is_waited_for(tmp_path):
     holder = start(tmp_path, ["unshare", "--pid", "--fork", "--mount-proc", "--"], HOLD=3, MARK="container")
-    until(lambda: claimed(tmp_path))
+    until(rssd_in(tmp_path).claimed)
     waiter = finish(start(tmp_path, MARK="host"))
     inside = finish(holder)
     assert inside["pid"] == 1, "the holder really was pid 1 of its namespace"
@@ -167,31 +195,31 @@ def test_a_live_holder_that_is_pid_1_of_another_namespace_is_waited_for(tmp_path
     assert [(a, b) for a, b, _ in chain(tmp_path)] == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
 
 
-def test_a_heartbeating_holder_whose_clock_is_five_minutes_behind_is_not_taken_over(tmp_path):
+def test_a_heartbeating_holder_whose_clock_is_five_minutes_behind_is_not_taken_over(tmp_path, store):
     # Its claim and heartbeats carry times 300 s in the past, and its lease
     # is 3 s: judged by timestamps it would look dead at once.
-    holder = start(tmp_path, LEASE=3, HOLD=6, MARK="behind", **faketime_env("-300"))
-    until(lambda: claimed(tmp_path))
-    waiter = finish(start(tmp_path, LEASE=3, MARK="on-time"))
+    holder = start(tmp_path, LEASE=3, HOLD=6, MARK="behind", **store.env, **faketime_env("-300"))
+    until(store.claimed)
+    waiter = finish(start(tmp_path, LEASE=3, MARK="on-time", **store.env))
     finish(holder)
     assert waiter["ok"] and waiter["mark"] == "behind" and "took over" not in waiter["stderr"]
     assert len(ran(tmp_path)) == 1
-    assert [(a, b) for a, b, _ in chain(tmp_path)] == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
+    assert [(a, b) for a, b, _ in store.chain()] == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
 
 
-def test_a_record_from_a_clock_a_day_ahead_does_not_outrank_later_runs(tmp_path):
-    ahead = finish(start(tmp_path, MARK="ahead", **faketime_env("+1d")))
+def test_a_record_from_a_clock_a_day_ahead_does_not_outrank_later_runs(tmp_path, store):
+    ahead = finish(start(tmp_path, MARK="ahead", **store.env, **faketime_env("+1d")))
     assert ahead["ok"] and ran(tmp_path) == [f"{ahead['host']} ahead"]
-    forced = finish(start(tmp_path, opts=" --force", MARK="forced"))
+    forced = finish(start(tmp_path, opts=" --force", MARK="forced", **store.env))
     assert forced["ok"] and len(ran(tmp_path)) == 2
-    plain = finish(start(tmp_path, MARK="plain"))
+    plain = finish(start(tmp_path, MARK="plain", **store.env))
     assert plain["mark"] == "forced", "the run written last replays, whatever its id or time says"
     out = subprocess.run(
-        [sys.executable, "-m", "rssd_magic", "--db", str(tmp_path / DB), "forget", "--all"],
+        [sys.executable, "-m", "rssd_magic", "--db", store.db, "forget", "--all"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "1 cell forgotten" in out.stdout
-    again = finish(start(tmp_path, MARK="after-forget"))
+    again = finish(start(tmp_path, MARK="after-forget", **store.env))
     assert again["mark"] == "after-forget" and len(ran(tmp_path)) == 3, "forget took effect"
-    reasons = [r for _, to, r in chain(tmp_path) if to == "RUNNING"]
+    reasons = [r for _, to, r in store.chain() if to == "RUNNING"]
     assert reasons == ["first run", "forced (--force) after EXECUTED", "retry after FORGOTTEN"]
