@@ -423,6 +423,7 @@ def session_states(env: Env, session_id: str) -> list[tuple]:
 def test_a_session_has_surveilrs_session_states(env, failed, last):
     b = env.open()
     sid = b.session_id
+    b.flush_hits()  # its rows may wait for a write; written now
     assert session_states(env, sid) == [(INITIAL, "surveilr_orchestration_init", "kernel started")]
     assert [s for s, _ in b.open_sessions()] == [sid]
     b.close(failed=failed)
@@ -433,6 +434,7 @@ def test_a_session_has_surveilrs_session_states(env, failed, last):
 
 def test_a_killed_kernels_session_can_be_ended_once_by_another(env):
     b, other = env.open(), env.open()
+    b.flush_hits()
     (holder,) = [h for s, h in other.open_sessions() if s == b.session_id]
     assert holder["pid"] > 0 and holder["boot"] and holder["session_id"] == b.session_id
     assert other.end_session(b.session_id, failed=True, reason="kernel gone: test") is True
@@ -465,18 +467,20 @@ def test_every_recorded_end_writes_one_exec_row_and_a_fenced_one_none(env):
 
 
 def test_orphaned_sessions_of_dead_processes_on_this_machine_are_closed(env):
-    from rssd_magic.runner import close_orphaned_sessions
+    from rssd_magic.claims import close_orphaned_sessions
 
     env.open().close()
     code = (
         "import os, sys; from rssd_magic.backends import open_backend; "
-        "b = open_backend(sys.argv[1], session_args={'doomed': True}); print(b.session_id, flush=True); os._exit(9)"
+        "b = open_backend(sys.argv[1], session_args={'doomed': True}); b.flush_hits(); print(b.session_id, flush=True); os._exit(9)"
     )
     out = subprocess.run([sys.executable, "-c", code, env.location], capture_output=True, text=True, timeout=60)
     doomed = out.stdout.strip()
     assert doomed, out.stderr
-    b = env.open()  # the runner sweeps when it opens a store; here it is done by hand
-    assert close_orphaned_sessions(b) == [doomed]
-    assert session_states(env, doomed)[-1][1] == "surveilr_orch_failed"
+    b = env.open()  # a store sweeps when a kernel opens it (an RSSD: once a write is possible)
+    deadline = time.monotonic() + 30
+    while session_states(env, doomed)[-1][1] != "surveilr_orch_failed":
+        assert time.monotonic() < deadline, session_states(env, doomed)
+        time.sleep(0.02)
     assert "kernel gone: process" in session_states(env, doomed)[-1][2]
     assert close_orphaned_sessions(b) == [], "closed once; live sessions (ours) are left open"

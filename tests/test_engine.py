@@ -33,7 +33,7 @@ ENGINE = [
     "runs", "replaying", "earlier",
     "backends", "backends.base",
     "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports", "backends.sqlite_sessions",
-    "backends.sqlite_schema", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",
+    "backends.sqlite_schema", "backends.sqlite_file", "backends.sqlite_conn", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",
     "backends.postgres_live", "backends.postgres_reports", "backends.postgres_rows", "backends.postgres_schema",
     "backends.postgres_transfer",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",

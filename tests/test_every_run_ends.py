@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import counter
-from rssd_magic.backends import sqlite_schema
+from rssd_magic.backends import sqlite_file
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 
@@ -102,11 +102,11 @@ def test_ctrl_c_while_a_large_result_is_recorded_ends_the_run_interrupted(kernel
 @pytest.fixture
 def on_nfs(tmp_path, monkeypatch):
     """The kernel's mount table, with one more mount: the test's folder on NFS."""
-    real = open(sqlite_schema.MOUNTINFO).read()
+    real = open(sqlite_file.MOUNTINFO).read()
     table = tmp_path / "mountinfo"
     folder = str(tmp_path).replace(" ", "\\040")
     table.write_text(real + f"999 1 0:99 / {folder} rw,relatime shared:9 - nfs4 fileserver:/export rw,vers=4.2\n")
-    monkeypatch.setattr(sqlite_schema, "MOUNTINFO", str(table))
+    monkeypatch.setattr(sqlite_file, "MOUNTINFO", str(table))
     return tmp_path
 
 
@@ -140,12 +140,12 @@ def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path, monkeypatch):
         "40 22 0:50 / /mnt/team\\040share rw - cifs //srv/team rw\n"
         "41 40 0:51 / /mnt/team\\040share/local rw - ext4 /dev/sdb1 rw\n"
     )
-    monkeypatch.setattr(sqlite_schema, "MOUNTINFO", str(table))
+    monkeypatch.setattr(sqlite_file, "MOUNTINFO", str(table))
     from pathlib import Path
 
-    assert sqlite_schema.network_filesystem(Path("/mnt/team share/x/state.db")) == ("cifs", "/mnt/team share")
-    assert sqlite_schema.network_filesystem(Path("/mnt/team share/local/state.db")) is None
-    assert sqlite_schema.network_filesystem(Path("/home/me/state.db")) is None
+    assert sqlite_file.network_filesystem(Path("/mnt/team share/x/state.db")) == ("cifs", "/mnt/team share")
+    assert sqlite_file.network_filesystem(Path("/mnt/team share/local/state.db")) is None
+    assert sqlite_file.network_filesystem(Path("/home/me/state.db")) is None
 
 
 def test_a_plain_sqlite_reader_sees_no_half_written_rows_after_any_of_it(kernel):
@@ -177,7 +177,9 @@ def test_a_claim_whose_end_cannot_be_written_stops_beating(kernel):
         (first,) = beat()
         assert first[0] >= 1, "it did beat while the body ran"
         time.sleep(0.6)
-        assert beat() == [first], "no beat after the run could not be recorded"
+        # A beat already under way when the run ended may still land; a
+        # claim that went on beating would beat about six times here.
+        assert beat()[0][0] <= first[0] + 1, "no beat after the run could not be recorded"
         kernel.shell.user_ns["store"].conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1_000_000_000)
         kernel.ok("%%stateful\nnext_cell = 1\n")  # writes the pending end first
         assert held_claims(kernel) == 0

@@ -327,11 +327,15 @@ def test_db_that_is_not_sqlite_is_refused_untouched(kernel):
     _bad_db_refused(kernel, path, "not a SQLite database")
 
 
-def test_db_that_is_read_only_is_refused_untouched(kernel):
+def test_a_cell_that_must_run_on_a_read_only_rssd_is_refused_untouched(kernel):
     import sqlite3
 
+    from rssd_magic.backends.sqlite_schema import SURVEILR_DDL
+
     path = kernel.workdir / "ro.db"
-    sqlite3.connect(path).execute("CREATE TABLE t(x)").connection.close()
+    conn = sqlite3.connect(path)
+    conn.executescript(SURVEILR_DDL)
+    conn.close()
     path.chmod(0o444)
     try:
         _bad_db_refused(kernel, path, "read-only")

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 from .backends.base import Claim, Holder, Renewer
 
@@ -45,6 +45,21 @@ def _read(path: str) -> str | None:
             return fh.read().strip() or None
     except OSError:
         return None
+
+
+def command_line(pid: int) -> str | None:
+    """The command line of process *pid* for a message (shortened), or None
+    when ``/proc`` can't tell."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+    if not args:
+        return None
+    text = " ".join(args)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -139,6 +154,15 @@ def process_verdict(holder: Holder, me: Holder = ME) -> str | None:
     if started >= 0 and started != holder.started:
         return f"process {holder.pid} on {holder.host} was replaced (pid reused)"
     return None
+
+
+def session_verdict(holder: Holder, me: Holder = ME) -> str | None:
+    """Why the process that opened a session is certainly gone, or None.
+    Unlike a claim's, a session of this very process is alive (another
+    store, or another connection, of this kernel)."""
+    if (holder.boot, holder.pidns, holder.pid, holder.started) == (me.boot, me.pidns, me.pid, me.started):
+        return None
+    return process_verdict(holder, me)
 
 
 class Watch:
@@ -271,3 +295,22 @@ class Heartbeat:
                     renewer.close()
                 except Exception:  # noqa: BLE001 - closing a dead connection
                     pass
+
+
+def close_orphaned_sessions(backend: Any) -> list[str]:
+    """Finish, as failed, the sessions that kernels killed on this machine
+    left open (their process is certainly gone), through *backend*'s
+    ``open_sessions`` and ``end_session``; returns their ids.  Sessions of
+    other machines are left: only their own machine can tell.  (An RSSD's
+    housekeeper does the same on its own connection: sqlite_sessions.py.)"""
+    closed = []
+    for session_id, holder in backend.open_sessions():
+        if session_id == backend.session_id:
+            continue
+        try:
+            dead = session_verdict(Holder(**holder))
+        except TypeError:
+            continue  # written by another version: not ours to judge
+        if dead and backend.end_session(session_id, failed=True, reason=f"kernel gone: {dead}"):
+            closed.append(session_id)
+    return closed

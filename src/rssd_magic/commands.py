@@ -36,7 +36,10 @@ def run_command(magics: Any, line: str) -> Any:
     try:
         # Never creates a store: a typo in --db is an error, not a new file.
         backend = magics.runner.backend(args.db, create=False)
-        backend.flush_hits()
+        try:
+            backend.flush_hits(patience_s=1.0)  # this kernel's counts, unless a neighbour holds the lock
+        except StoreError:
+            pass
         return _line_command(magics, backend, args)
     except (StoreError, report.ReportError) as exc:
         raise UsageError(f"%stateful {args.command}: {exc}") from None

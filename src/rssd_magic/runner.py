@@ -36,7 +36,7 @@ from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
 from .backends.base import ClaimRequest, Holder, StateBackend, StoreError, Transition
 from .bindable import bindable
-from .claims import Heartbeat, current_holder, process_verdict
+from .claims import Heartbeat, current_holder
 from .deps import collect_inputs, explain, inputs_digest, read_names
 from .earlier import EarlierKeys
 from .keys import cell_key
@@ -148,11 +148,9 @@ class CellRunner:
                 session_args=self.port.session_args(),
                 busy_timeout_s=self.config.busy_timeout_seconds,
                 allow_network_fs=self.config.allow_network_fs,
+                notify=self.port.note,
             )
             self._backends[location] = backend
-            if getattr(backend, "notice", None):
-                self.port.note(f"[stateful] {backend.notice}")
-            close_orphaned_sessions(backend)
         self._resolved[where] = backend
         return backend
 
@@ -433,23 +431,6 @@ class _Status:
     def done(self, text: str) -> None:
         if self.display_id is not None and self.port.live:
             self._show(text, update=True)
-
-
-def close_orphaned_sessions(backend: StateBackend) -> list[str]:
-    """Finish, as failed, the sessions that kernels killed on this machine
-    left open (their process is certainly gone); returns their ids.  Sessions
-    of other machines are left: only their own machine can tell."""
-    closed = []
-    for session_id, holder in backend.open_sessions():
-        if session_id == backend.session_id:
-            continue
-        try:
-            dead = process_verdict(Holder(**holder))
-        except TypeError:
-            continue  # written by another version: not ours to judge
-        if dead and backend.end_session(session_id, failed=True, reason=f"kernel gone: {dead}"):
-            closed.append(session_id)
-    return closed
 
 
 def _drive(steps: Generator[str, Executed, Any], execute: Callable[[str], Executed]) -> Any:

@@ -24,6 +24,12 @@ backend to them):
   otherwise :class:`Fenced` is raised and nothing is written.
 * **Every driver error becomes** :class:`StoreError` with a message naming
   the file or URL: callers never catch ``sqlite3.Error`` or ``psycopg.Error``.
+* **A replay writes nothing**, and neither does opening a store to replay:
+  sessions and hit counts wait until a write is possible; a store the
+  process can't write (``read_only``) still replays.
+* **Blobs are verified on write**: before a record names a blob, the bytes
+  stored under its digest are checked (or replaced); a row is never trusted
+  for being there.
 """
 
 from __future__ import annotations
@@ -361,19 +367,29 @@ class StateBackend(Protocol):
     host: str
     #: This process's ``orchestration_session`` id, once started.
     session_id: str | None
+    #: None while this process may write the store; else why not, in a few
+    #: words (a read-only file or mount, a schema made by a newer version).
+    #: A read-only store replays; every write raises StoreError at once.
+    read_only: str | None
     blobs: BlobStore
 
     # -- opening and closing -----------------------------------------------------
     #
     # ``open(location, *, session_args=None, create=True, readonly=False,
-    # busy_timeout_s=30.0, allow_network_fs=False)`` is a classmethod of each
-    # backend (options a backend has no use for are accepted and ignored).
+    # busy_timeout_s=30.0, allow_network_fs=False, notify=None)`` is a
+    # classmethod of each backend (options a backend has no use for are
+    # accepted and ignored).  Opening a prepared store writes nothing.
+    # *notify(line)* is told what the user should know, once each: a store
+    # that is read-only here, a file replaced under a running kernel, a
+    # wait for another process's lock.
 
     def start_session(self, args: dict) -> str:
-        """Open this process's ``orchestration_session`` (once) and return its
-        id; *args* go to ``args_json``, the process's Holder to ``elaboration``.
-        The session gets surveilr's first session-level state (a row with
-        ``session_entry_id`` NULL): ``INITIAL → surveilr_orchestration_init``."""
+        """Start this process's ``orchestration_session`` (once) and return
+        its id; *args* go to ``args_json``, the process's Holder to
+        ``elaboration``.  The session gets surveilr's first session-level
+        state (a row with ``session_entry_id`` NULL): ``INITIAL →
+        surveilr_orchestration_init``.  Its rows may be written later, when
+        a write is possible, but before any row that names the session."""
 
     def open_sessions(self) -> list[tuple[str, dict]]:
         """``(session_id, holder)`` of our sessions not finished yet, where
@@ -403,8 +419,10 @@ class StateBackend(Protocol):
     def note_hit(self, state_id: str) -> None:
         """Count a replay; may be buffered (no synchronous write)."""
 
-    def flush_hits(self) -> None:
-        """Write buffered hit counts now."""
+    def flush_hits(self, patience_s: float | None = None) -> None:
+        """Write buffered hit counts, and whatever else waits for a write
+        (the session's rows), now, waiting up to *patience_s* (default: the
+        busy timeout) for another process's lock."""
 
     # -- claims ---------------------------------------------------------------
 

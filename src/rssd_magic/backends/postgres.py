@@ -40,7 +40,7 @@ import psycopg
 from psycopg import sql
 
 from ..canonical import loads_object
-from ..claims import current_holder
+from ..claims import close_orphaned_sessions, current_holder
 from ..ids import new_ulid
 from ..keys import CellKey
 from ..lifecycle import ABANDONED, INITIAL, RUNNING
@@ -109,6 +109,7 @@ class PostgresBackend:
         readonly: bool = False,
         busy_timeout_s: float = BUSY_TIMEOUT_S,
         allow_network_fs: bool = False,
+        notify: Callable[[str], None] | None = None,
     ) -> "PostgresBackend":
         """Connect to the server at *location* (a libpq URL) and make its
         current schema ready, or raise StoreError naming the target and the
@@ -122,6 +123,7 @@ class PostgresBackend:
             backend = cls(url, conn, layout.schema, busy_timeout_s, readonly)
             if session_args is not None and not readonly:
                 backend.start_session(session_args)
+                close_orphaned_sessions(backend)
             return backend
         except ValueError as exc:
             conn.close()
@@ -276,7 +278,7 @@ class PostgresBackend:
             except StoreError:
                 pass  # unreachable now: keep counting, try again later
 
-    def flush_hits(self) -> None:
+    def flush_hits(self, patience_s: float | None = None) -> None:
         if self._pending_hits and not self.readonly:
             self._tx(lambda c, _r: self._flush_hits(c))
 

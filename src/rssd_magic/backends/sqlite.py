@@ -3,17 +3,29 @@
 This module is the only code that opens an RSSD for the state or writes SQL
 against it.  Design rules, each from a bug somebody shipped:
 
-* **Validate before touching** (sqlite_schema.py): a file we must refuse is
-  left byte-identical (switching to WAL rewrites the header, so even that
-  waits).
+* **Validate before touching** (sqlite_file.py, sqlite_schema.py): a file
+  we must refuse — not SQLite, an application's own database, a view where
+  a table of ours should be — is left byte-identical.
+* **A store is never ours alone.**  Opening it and replaying write nothing
+  (a surveilr ingest may hold the write lock for minutes): the session row
+  and replay counts wait until a write is possible (sqlite_sessions.py).
+  A file we can't write (a read-only mount, a published report) or whose
+  schema is newer than ours is opened read-only: it replays, and only a
+  cell that must run is refused (:attr:`SqliteBackend.read_only`).
 * **Short write transactions, WAL and a busy timeout** (``database is
   locked`` is jupyter-cache's best-known bug).  Every write is one
-  ``BEGIN IMMEDIATE … COMMIT``: a reader never sees half a run.
+  ``BEGIN IMMEDIATE … COMMIT``; a writer that has to wait for another
+  process says so once, naming it when the kernel's lock table can.
+* **The path is checked before every transaction** (one ``stat``): a file
+  deleted or replaced under a running kernel is never written through the
+  old connection; what the path names now is opened instead, and the WAL
+  is kept checkpointed while the kernel is idle, so its frames can't be
+  applied to a newcomer.
 * **Order by rowid.**  A cell's latest transition is the one inserted last
   (rowid), never the greatest ULID: a ULID carries its writer's clock, and
   a host whose clock runs a day ahead must not win for a day.
 * **Append-only history**, and rows we did not write are never touched.
-* **The hot path is one indexed query**; schema checks and the session row
+* **The hot path is one indexed query** (plus the ``stat``); schema checks
   happen once, when the store opens.
 """
 
@@ -22,8 +34,8 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -49,25 +61,11 @@ from .base import (
     judge_claim,
 )
 from .sqlite_blobs import SqliteBlobs, checkpoint
-from .sqlite_schema import (
-    check_path,
-    ensure_schema,
-    network_filesystem,
-    own_tables_as_temp,
-    schema_problems,
-)
-from .sqlite_sessions import SqliteRenewer, SqliteSessions
+from .sqlite_conn import RssdConnection, driver_errors, what
+from .sqlite_file import network_filesystem
+from .sqlite_sessions import HIT_FLUSH_S, SqliteRenewer, end_session, open_sessions
 
 BUSY_TIMEOUT_S = 30.0
-#: SQLite reads pages through a file mapping this large (no pread per page,
-#: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
-#: SQLite caps it at its compile-time maximum (2 GiB in common builds); pages
-#: past it are read one pread at a time.
-MMAP_SIZE = 1 << 31
-#: The -wal file is cut back to this size when it is reset.
-JOURNAL_SIZE_LIMIT = 64 << 20
-#: Replay hit counts are written at most this often (seconds).
-HIT_FLUSH_S = 5.0
 
 
 def _src_range(prefix: str) -> tuple[str, str]:
@@ -76,24 +74,40 @@ def _src_range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
-class SqliteBackend(SqliteSessions):
+class SqliteBackend:
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 
     scheme = "file"
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, busy_timeout_s: float, notice: str | None = None):
-        self.path = path
-        self.location = str(path)
-        self.conn = conn
-        self.busy_timeout_s = busy_timeout_s
-        #: One line to say once (e.g. a rollback journal on a network filesystem).
-        self.notice = notice
+    def __init__(self, db: RssdConnection):
+        self.db = db
+        self.path = db.path
+        self.location = str(db.path)
+        self.busy_timeout_s = db.busy_timeout_s
         self.host = socket.gethostname()
         self.session_id: str | None = None
-        self.blobs = SqliteBlobs(lambda: self.conn, self._write)
-        self._pending_hits: dict[str, int] = {}
-        self._hits_flushed = time.monotonic()
-        self._user_sql: sqlite3.Connection | None = None
+        self.blobs = SqliteBlobs(lambda: self.db.conn, self._write)
+        self._hits_poked = 0.0
+
+    @property
+    def conn(self) -> sqlite3.Connection | None:
+        """The connection to the file (None once closed)."""
+        return self.db.conn
+
+    @conn.setter
+    def conn(self, value: sqlite3.Connection | None) -> None:
+        self.db.conn = value
+
+    @property
+    def read_only(self) -> str | None:
+        """None while this process may write the file; else why not."""
+        return self.db.read_only
+
+    def _ready(self) -> sqlite3.Connection:
+        return self.db.ready()
+
+    def _write(self):
+        return self.db.write()
 
     # -- opening -----------------------------------------------------------------
 
@@ -107,20 +121,24 @@ class SqliteBackend(SqliteSessions):
         readonly: bool = False,
         busy_timeout_s: float = BUSY_TIMEOUT_S,
         allow_network_fs: bool = False,
+        notify: Callable[[str], None] | None = None,
     ) -> "SqliteBackend":
         """Open the RSSD at *location*, or raise StoreError naming the cause.
 
-        With *session_args*, an ``orchestration_session`` row is opened for
-        this process (a kernel); without, writes open one on first need.
+        Nothing is written to open a prepared RSSD.  With *session_args*, an
+        ``orchestration_session`` row for this process (a kernel) is written
+        when a write is possible; without, at the first write.
         ``create=False`` refuses a missing file (the CLI never creates one);
         ``readonly=True`` also refuses a file without our tables and never
         writes.  A file on a network filesystem is refused unless
         *allow_network_fs*, which uses a rollback journal instead of WAL.
+        *notify* is told, in one line each, what the user should know: a
+        rollback journal, a read-only store, a file replaced under us.
         """
         path = Path(location).expanduser().absolute()
         if not create and not path.exists():
             raise StoreError(f"RSSD {path}: no such file")
-        journal, notice = "WAL", None
+        db = RssdConnection(path, busy_timeout_s, notify or (lambda line: None), readonly=readonly)
         remote = network_filesystem(path)
         if remote is not None:
             fstype, mount = remote
@@ -131,97 +149,20 @@ class SqliteBackend(SqliteSessions):
                     "(--db postgresql://…), or set StatefulMagics.allow_network_fs = True to use the file with a "
                     "rollback journal (one host at a time)"
                 )
-            journal = "DELETE"
-            notice = f"RSSD {path} is on a network filesystem ({fstype}): using a rollback journal instead of WAL"
-        try:
-            existed = check_path(path, readonly=readonly)
-        except ValueError as exc:
-            raise StoreError(f"RSSD {path}: {exc}") from None
-        try:
-            conn = sqlite3.connect(
-                f"file:{path}?mode={'ro' if readonly else 'rw' if existed else 'rwc'}",
-                uri=True,
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                check_same_thread=False,
-                timeout=busy_timeout_s,
-                cached_statements=64,
-            )
-        except sqlite3.Error as exc:
-            raise StoreError(f"RSSD {path}: cannot open ({exc})") from None
-        try:
-            problems = schema_problems(conn)  # reads only
-            if problems:
-                raise StoreError(f"RSSD {path}: incompatible schema: " + "; ".join(problems))
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            if readonly:
-                if not _has_table(conn, "orchestration_session_state"):
-                    raise StoreError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
-                # An RSSD surveilr made may not have our tables yet: empty
-                # stand-ins in the connection's own temp schema (the file
-                # is not written) keep every report query the same.
-                for table, statement in own_tables_as_temp().items():
-                    if not _has_table(conn, table):  # a temp table would shadow the file's own
-                        conn.execute(statement)
-                return cls(path, conn, busy_timeout_s)
-            # surveilr's own settings, plus a busy timeout so a second
-            # writer waits instead of failing.
-            conn.execute(f"PRAGMA journal_mode = {journal}")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-            ensure_schema(conn)
-            backend = cls(path, conn, busy_timeout_s, notice)
-            if session_args is not None:
-                backend.start_session(session_args)
-            return backend
-        except StoreError:
-            conn.close()
-            raise
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StoreError(f"RSSD {path}: not a usable SQLite database ({exc})") from None
+            db.journal = "DELETE"
+            db.say(f"RSSD {path} is on a network filesystem ({fstype}): using a rollback journal instead of WAL")
+        db.open()
+        backend = cls(db)
+        if session_args is not None:
+            backend.start_session(session_args)
+        return backend
 
     def close(self, *, failed: bool = False) -> None:
-        if self.conn is None:
-            return
-        try:
-            if self._user_sql is not None:
-                self._user_sql.close()
-            if self.session_id is not None:
-                with self._write() as c:
-                    self._flush_hits(c)
-                    why = "a cell failed in this kernel" if failed else "kernel shut down"
-                    self._end_session(c, self.session_id, failed, why)
-                self.conn.execute("PRAGMA optimize")
-        except (sqlite3.Error, StoreError):
-            pass  # closing must never raise at interpreter exit
-        finally:
-            self.conn.close()
-            self.conn = None
+        why = "a cell failed in this kernel" if failed else "kernel shut down"
+        self.db.close(lambda c: self.session_id is not None and end_session(c, self.session_id, failed, why))
 
     def wait_for_change(self, timeout: float) -> None:
         time.sleep(timeout)  # SQLite can't tell another process's commit: poll
-
-    # -- transactions --------------------------------------------------------------
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE … COMMIT``; driver errors become StoreError."""
-        conn = self.conn
-        if conn is None:
-            raise StoreError(f"RSSD {self.path}: closed")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"RSSD {self.path}: {_what(exc)}") from None
 
     # -- the hot path ----------------------------------------------------------------
 
@@ -239,16 +180,15 @@ class SqliteBackend(SqliteSessions):
         ORDER BY s.rowid DESC LIMIT 1"""
     )
 
+    @driver_errors
     def latest(self, key: CellKey) -> Transition | None:
-        try:
-            row = self.conn.execute(self._LATEST, (key.ingest_src,)).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"RSSD {self.path}: {_what(exc)}") from None
+        row = self._ready().execute(self._LATEST, (key.ingest_src,)).fetchone()
         return Transition(*row) if row else None
 
+    @driver_errors
     def latest_variant(self, key: CellKey) -> Transition | None:
         lo, hi = _src_range(key.base_src)
-        row = self.conn.execute(
+        row = self._ready().execute(
             self._STATE
             + """
                WHERE s.session_entry_id IN (
@@ -261,32 +201,44 @@ class SqliteBackend(SqliteSessions):
         return Transition(*row) if row else None
 
     def note_hit(self, state_id: str) -> None:
-        # Counted in memory and written with the next transaction, at close,
-        # or when HIT_FLUSH_S have passed: a replay pays for no write.
-        self._pending_hits[state_id] = self._pending_hits.get(state_id, 0) + 1
+        # Counted in memory; the housekeeper writes the counts when the
+        # lock is free, at most every HIT_FLUSH_S: a replay writes nothing.
+        db = self.db
+        if db.keeper is None:
+            return  # read-only: nothing is recorded (said once at open)
+        db.pending.hit(state_id)
         now = time.monotonic()
-        if now - self._hits_flushed > HIT_FLUSH_S:
-            self._hits_flushed = now
-            try:
-                self.flush_hits()
-            except StoreError:
-                pass  # busy or read-only: keep counting, try again later
+        if now - self._hits_poked > HIT_FLUSH_S:
+            self._hits_poked = now
+            db.keeper.poke()
 
-    def flush_hits(self) -> None:
-        if self._pending_hits:
-            with self._write() as c:
-                self._flush_hits(c)
+    def flush_hits(self, patience_s: float | None = None) -> None:
+        """Write what waits (hit counts, the session's rows) now, waiting up
+        to *patience_s* (the busy timeout) for the lock."""
+        if self.read_only is None and self.db.pending.waiting():
+            with self.db.write(patience_s):
+                pass  # a write writes what waits
 
-    def _flush_hits(self, c: sqlite3.Connection) -> None:
-        if not self._pending_hits:
-            return
-        c.executemany(
-            """INSERT INTO rssd_magic_hit (state_id, hits, last_hit_at) VALUES (?, ?, ?)
-               ON CONFLICT (state_id) DO UPDATE
-               SET hits = hits + excluded.hits, last_hit_at = excluded.last_hit_at""",
-            [(sid, n, utc_now()) for sid, n in self._pending_hits.items()],
-        )
-        self._pending_hits.clear()
+    # -- sessions -------------------------------------------------------------------
+
+    def start_session(self, args: dict) -> str:
+        """This process's session: its id now, its rows when a write is
+        possible (sqlite_sessions.py)."""
+        if self.session_id is None:
+            self.session_id = new_ulid()
+            self.db.start_session(self.session_id, self.host, args)
+        return self.session_id
+
+    def _session(self) -> str:
+        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
+
+    @driver_errors
+    def open_sessions(self) -> list[tuple[str, dict]]:
+        return open_sessions(self._ready())
+
+    def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
+        with self._write() as c:
+            return end_session(c, session_id, failed, reason)
 
     # -- claims ----------------------------------------------------------------------
 
@@ -297,7 +249,6 @@ class SqliteBackend(SqliteSessions):
         self._session()
         key = request.key
         with self._write() as c:
-            self._flush_hits(c)
             row = c.execute(self._LATEST, (key.ingest_src,)).fetchone()
             previous = Transition(*row) if row else None
             verdict = judge_claim(request, previous, lambda: self._claim_of(c, previous))
@@ -331,8 +282,9 @@ class SqliteBackend(SqliteSessions):
         mine = Claim(entry_id, running.state_id, token, h, 0, request.lease_s, claimed_at)
         return ClaimOutcome("run", previous, running=running, claim=mine, abandoned=abandoned)
 
+    @driver_errors
     def claim_of(self, running: Transition) -> Claim | None:
-        return self._claim_of(self.conn, running)
+        return self._claim_of(self._ready(), running)
 
     def _claim_of(self, c: sqlite3.Connection, running: Transition) -> Claim | None:
         row = c.execute(self._CLAIM + " WHERE entry_id = ? AND state_id = ?", (running.entry_id, running.state_id)).fetchone()
@@ -343,7 +295,7 @@ class SqliteBackend(SqliteSessions):
         return Claim(entry_id, state_id, token, holder, beat, lease_s, at)
 
     def renewer(self) -> "SqliteRenewer":
-        return SqliteRenewer(self.path, self.busy_timeout_s)
+        return SqliteRenewer(self.path, self.busy_timeout_s, self.db.identity)
 
     def finish(
         self,
@@ -357,20 +309,22 @@ class SqliteBackend(SqliteSessions):
         exec_row: ExecRow | None = None,
     ) -> Transition:
         blobs = list(blobs)
+        checked: set[str] = set()
         try:
             large = self.blobs.large(blobs)
             if large:
-                # Written first, a chunk per transaction (bounded WAL, short
-                # write locks); a run already taken over writes none.
-                self._fence(self.conn, running, token)
-                self.blobs.stage(large)
+                # Written (or checked) first, a chunk per transaction (bounded
+                # WAL, short write locks); a run already taken over writes none.
+                self._fence(self._ready(), running, token)
+                checked = self.blobs.stage(large) or set()
         except sqlite3.Error as exc:
-            raise StoreError(f"RSSD {self.path}: {_what(exc)}") from None
+            raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
         with self._write() as c:
             self._fence(c, running, token)
             self._add_signatures(c, signatures)
-            # Checks every blob again: a gc may have freed a staged one.
-            self.blobs.put_many(blobs, c)
+            # Every blob again: a gc may have freed a staged one, and one
+            # found stored must hold the right bytes.
+            self.blobs.put_many(blobs, c, checked)
             done = self._append(c, running.entry_id, RUNNING, to_state, result_json, reason, None)
             c.execute("UPDATE rssd_magic_claim SET state_id = NULL WHERE entry_id = ? AND token = ?", (running.entry_id, token))
             if exec_row is not None:
@@ -503,22 +457,21 @@ class SqliteBackend(SqliteSessions):
     # -- the user's SQL on the RSSD itself ----------------------------------------------
 
     def sql_connection(self) -> sqlite3.Connection:
-        if self._user_sql is None:
-            self._user_sql = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout_s
-            )
-        return self._user_sql
+        return self.db.sql_connection()
 
     # -- reports -----------------------------------------------------------------------------
 
+    @driver_errors
     def cells(self) -> list[CellRow]:
-        return sqlite_reports.cells(self.conn)
+        return sqlite_reports.cells(self._ready())
 
+    @driver_errors
     def history(self, cell: CellRow) -> list[HistoryRow]:
-        return sqlite_reports.history(self.conn, cell)
+        return sqlite_reports.history(self._ready(), cell)
 
+    @driver_errors
     def result_of(self, state_id: str) -> str | None:
-        row = self.conn.execute(
+        row = self._ready().execute(
             "SELECT transition_result FROM orchestration_session_state WHERE orchestration_session_state_id = ?",
             (state_id,),
         ).fetchone()
@@ -527,18 +480,15 @@ class SqliteBackend(SqliteSessions):
     def current_results(self) -> Iterator[tuple[CellRow, str]]:
         return executed_results(self.cells())
 
+    @driver_errors
     def storage(self) -> StorageStats:
-        return sqlite_reports.storage(self.conn, self.path)
+        return sqlite_reports.storage(self._ready(), self.path)
 
+    @driver_errors
     def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
-        return sqlite_reports.gc(self.conn, self._write, digests_of, dry_run)
+        return sqlite_reports.gc(self._ready(), self._write, digests_of, dry_run)
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
-
-
-def _what(exc: sqlite3.Error) -> str:
-    """A driver error as a few words (SQLite's own message)."""
-    return str(exc) or type(exc).__name__
 

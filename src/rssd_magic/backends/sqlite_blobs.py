@@ -18,6 +18,12 @@ the WAL and then copy it, doubling the disk used until the WAL is reset).
 The record's own transaction then re-checks every blob and writes again
 whatever a concurrent gc deleted in between (:meth:`put_many`).
 
+**Bytes already there are verified, never trusted** (:func:`intact`): a
+row under a digest may hold other bytes (planted, or rotten), and a record
+that names it would fail every replay.  Before a run's record names a blob
+that was stored already, its bytes are read back and checked; wrong ones
+are deleted and written anew (so ``--force`` repairs a cell).
+
 **Reading** (:meth:`SqliteBlobs.get`): into one writable buffer, in slices
 small enough to stay in cache, through SQLite's file mapping, checking the
 digest on the way.
@@ -28,7 +34,7 @@ from __future__ import annotations
 import mmap
 import sqlite3
 from contextlib import AbstractContextManager, contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..trust import IntegrityError, Verifier
 from .base import Blob
@@ -91,32 +97,21 @@ class SqliteBlobs:
         on either buffer are writable.
         """
         conn = self._conn()
-        query = f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?"
-        row = conn.execute(query, (digest,)).fetchone()
+        row = conn.execute(f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?", (digest,)).fetchone()
         if row is None:
             raise KeyError(digest)
         rowid, size, stored = row
         if stored or not size:
+            _check_length(digest, size, stored)  # before allocating what the row claims
             return _read(conn, digest, size, [(BLOB, rowid, size)])  # one row: one read
-        # A chunked blob: its rows are read in one snapshot (the blob row
-        # asked again inside it), so a gc committing meanwhile can't pull a
-        # chunk from under the read.
+        # A chunked blob: its rows are read in one snapshot, so a gc
+        # committing meanwhile can't pull a chunk from under the read.
         own = not conn.in_transaction
         if own:
             conn.execute("BEGIN")
         try:
-            row = conn.execute(query, (digest,)).fetchone()
-            if row is None:
-                raise KeyError(digest)  # deleted since the first query
-            rowid, size, stored = row
-            if stored or not size:
-                return _read(conn, digest, size, [(BLOB, rowid, size)])
-            pieces = conn.execute(
-                f"SELECT rowid, offset, length(data) FROM {CHUNKS} WHERE digest = ? ORDER BY offset", (digest,)
-            ).fetchall()
-            if not _tiles([(off, n) for _, off, n in pieces], size):
-                raise IntegrityError(f"blob {digest[:24]}…: its chunks do not add up to its {size} bytes")
-            return _read(conn, digest, size, [(CHUNKS, rid, n) for rid, _, n in pieces])
+            size, pieces = _pieces(conn, digest)
+            return _read(conn, digest, size, pieces)
         finally:
             if own and conn.in_transaction:
                 conn.execute("COMMIT")
@@ -132,7 +127,7 @@ class SqliteBlobs:
         least = min(STAGE_MIN, chunk_size(conn) + 1)
         return [(d, _bytes_view(data)) for d, data in blobs if memoryview(data).nbytes >= least]
 
-    def stage(self, big: list[tuple[str, memoryview]]) -> None:
+    def stage(self, big: list[tuple[str, memoryview]]) -> set[str]:
         """Write *big* (from :meth:`large`) now, ahead of the record that will
         name them: one chunk per transaction, and a passive checkpoint (which
         never waits for readers) before the WAL would hold more than a tenth
@@ -143,10 +138,12 @@ class SqliteBlobs:
         value (1.5 GB: 10 instead of 90), while the WAL stays within ~10%
         of the value (bench/record_phases.py).
 
-        Blobs already stored are skipped.  A crash part way leaves chunks no
-        record names, which gc frees; the record's own transaction checks
-        every blob again (put_many), so a gc in between costs a rewrite,
-        never a record naming a missing blob.
+        Blobs already stored are read back and checked (:func:`intact`);
+        bad ones are deleted and written again.  A crash part way leaves
+        chunks no record names, which gc frees; the record's own transaction
+        checks every blob is still there (put_many), so a gc in between costs
+        a rewrite, never a record naming a missing blob.  Returns the
+        digests whose bytes were checked or written here.
         """
         conn = self._conn()
         size = chunk_size(conn)
@@ -162,10 +159,16 @@ class SqliteBlobs:
                 checkpoint(conn)
                 pending = 0
 
+        checked: set[str] = set()
         with _settings(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
             for digest, view in big:
-                if _exists(conn, digest):
+                checked.add(digest)
+                found = intact(conn, digest)
+                if found:
                     continue  # the same bytes are stored already: no write lock needed
+                if found is False:
+                    with self._write() as c:
+                        delete(c, [digest])
                 # The last chunk goes with the blob row (_store checks that
                 # all the others are there); a small blob is one row.
                 for offset in range(0, view.nbytes - size, size):
@@ -180,19 +183,28 @@ class SqliteBlobs:
                 written(view.nbytes % size or size)
             if pending:
                 checkpoint(conn)
+        return checked
 
-    def put_many(self, blobs: Iterable[Blob], conn: sqlite3.Connection | None = None) -> None:
+    def put_many(
+        self, blobs: Iterable[Blob], conn: sqlite3.Connection | None = None, checked: set[str] = frozenset()
+    ) -> None:
         """Store blobs (idempotent), in the caller's transaction *conn* or in
-        one of their own.  A blob is stored when its row exists: staged blobs
-        cost one lookup here; anything missing is written in full."""
+        one of their own.  A blob whose bytes were *checked* (or written) by
+        :meth:`stage` costs one lookup here, and is written again if a gc
+        freed it since; any other blob found stored is read back and checked
+        (:func:`intact`), and replaced when its bytes are wrong."""
 
         def put(c: sqlite3.Connection) -> None:
             size = chunk_size(c)
             for digest, data in blobs:
                 view = _bytes_view(data)
-                # A one-row blob needs no lookup first (ON CONFLICT skips it).
-                if view.nbytes <= size or not _exists(c, digest):
-                    _store(c, digest, view, size)
+                if digest in checked and _exists(c, digest):
+                    continue
+                if _store(c, digest, view, size) is False:
+                    found = intact(c, digest)
+                    if not found:
+                        delete(c, [digest])
+                        _store(c, digest, view, size)
 
         if conn is not None:
             put(conn)
@@ -238,16 +250,68 @@ def _exists(c: sqlite3.Connection, digest: str) -> bool:
     return c.execute(f"SELECT 1 FROM {BLOB} WHERE digest = ?", (digest,)).fetchone() is not None
 
 
-def _store(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> None:
+def _store(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> bool:
     """Store one blob in transaction *c*: one row when it fits in a chunk of
-    *size* bytes, else its chunks (those not there yet) and then its row."""
+    *size* bytes, else its chunks (those not there yet) and then its row.
+    False when a row for the digest was there already (nothing written)."""
     if view.nbytes <= size:
-        c.execute(
+        return c.execute(
             f"INSERT INTO {BLOB} (digest, size, data) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
             (digest, view.nbytes, view),
-        )
-    else:
-        _complete(c, digest, view, size)
+        ).rowcount == 1
+    if _exists(c, digest):
+        return False
+    _complete(c, digest, view, size)
+    return True
+
+
+def intact(conn: sqlite3.Connection, digest: str) -> bool | None:
+    """Whether the bytes stored under *digest* have that digest (read back
+    and hashed slice by slice, never allocated whole); None when no blob is
+    stored under it."""
+    try:
+        size, pieces = _pieces(conn, digest)
+        verifier = Verifier(digest)
+        at = 0
+        for table, rowid, length in pieces:
+            with conn.blobopen(table, "data", rowid, readonly=True) as blob:
+                for _ in range(0, length, READ_CHUNK):
+                    chunk = blob.read(READ_CHUNK)
+                    verifier.update(chunk)
+                    at += len(chunk)
+        if at != size:
+            return False
+        verifier.check()
+        return True
+    except KeyError:
+        return None
+    except IntegrityError:
+        return False
+
+
+def _pieces(conn: sqlite3.Connection, digest: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """``(size, [(table, rowid, length), …])`` of a stored blob, in order;
+    KeyError when none is stored, IntegrityError when its rows don't add up
+    to its size."""
+    row = conn.execute(f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?", (digest,)).fetchone()
+    if row is None:
+        raise KeyError(digest)
+    rowid, size, stored = row
+    if stored or not size:
+        _check_length(digest, size, stored)
+        return size, [(BLOB, rowid, size)]
+    pieces = conn.execute(
+        f"SELECT rowid, offset, length(data) FROM {CHUNKS} WHERE digest = ? ORDER BY offset", (digest,)
+    ).fetchall()
+    if not _tiles([(off, n) for _, off, n in pieces], size):
+        raise IntegrityError(f"blob {digest[:24]}…: its chunks do not add up to its {size} bytes")
+    return size, [(CHUNKS, rid, n) for rid, _, n in pieces]
+
+
+def _check_length(digest: str, size: Any, stored: Any) -> None:
+    """A one-row blob's row must hold as many bytes as it says it has."""
+    if not isinstance(size, int) or size != stored:
+        raise IntegrityError(f"blob {digest[:24]}…: its row holds {stored} bytes but says {size}")
 
 
 def _put_chunk(c: sqlite3.Connection, digest: str, offset: int, piece: memoryview) -> None:

@@ -1,4 +1,4 @@
-"""An RSSD file before we touch it: is it one we may use, and the tables we
+"""The tables of an RSSD: may we use this file's schema, and the tables we
 need in it.
 
 The ``orchestration_*`` and ``device`` DDL is surveilr's, verbatim
@@ -7,20 +7,20 @@ shared/rssd/orchestration.sql): those tables are only created when missing,
 never altered.  Everything else is ours, prefixed ``rssd_magic_``, and
 versioned in ``rssd_magic_meta`` so a later layout can migrate it.
 
-A file is refused — with one line naming it and the cause, before a byte of
-it changes — when it is not SQLite, is truncated, read-only, in a missing
-folder, holds one of our tables with other columns, or lies on a network
-filesystem (where WAL does not work and locks can't be trusted).
+A file is refused, before a byte of it changes (:func:`schema_problems`),
+when it is not an RSSD — it holds tables, none of them surveilr's or ours
+(an application's own database) — or when a table we use has other
+columns, is a view or a virtual table, or one of ours carries a trigger:
+whoever can write the file could otherwise make our reads never end or our
+writes do something else.  A schema newer than this version knows is
+never written (:func:`newer_schema`): records may still be replayed.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import stat
-import time
 from importlib import resources
-from pathlib import Path
+from typing import Callable
 
 #: surveilr's DDL, loaded from the packaged copy so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
@@ -30,7 +30,9 @@ SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("u
 #: a heartbeat counter and describe their holder by boot id and PID namespace.
 #: 3: values larger than a chunk are kept as several rows of ``blob_chunk``
 #: (SQLite refuses a row over 1 GB); single-row blobs read as before.
-SCHEMA_VERSION = 3
+#: 4: claims are found by their RUNNING state through an index (a heartbeat
+#: touches one row however many cells the file holds).
+SCHEMA_VERSION = 4
 
 # Our own objects:
 #   meta       our schema version (and later settings);
@@ -83,6 +85,8 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_claim" (
     "lease_s" REAL NOT NULL,
     "claimed_at" TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS "rssd_magic_claim_state_idx"
+    ON "rssd_magic_claim"("state_id");
 CREATE TABLE IF NOT EXISTS "rssd_magic_signature" (
     "payload_id" TEXT NOT NULL,
     "key_id" TEXT NOT NULL,
@@ -108,6 +112,7 @@ OWN_OBJECTS = {
     "rssd_magic_blob",
     "rssd_magic_blob_chunk",
     "rssd_magic_claim",
+    "rssd_magic_claim_state_idx",
     "rssd_magic_signature",
     "rssd_magic_hit",
 }
@@ -154,20 +159,80 @@ def _expected_columns() -> dict[str, list[tuple[str, str]]]:
 EXPECTED_COLUMNS = _expected_columns()
 
 
+#: The tables surveilr's own models define (shared/rssd's
+#: surveilr-bootstrap-sql-models.js): a file holding tables, none of them
+#: these nor ours, is somebody else's database, not an RSSD.
+SURVEILR_TABLES = frozenset(
+    """
+    sqlean_define assurance_schema device code_notebook_kernel code_notebook_cell code_notebook_state
+    sqlpage_files surveilr_table_size sqlpage_aide_navigation party_type party party_relation_type
+    party_relation gender_type sex_type person_type person organization organization_role_type
+    organization_role device_party_relationship behavior ur_ingest_session ur_ingest_session_fs_path
+    uniform_resource uniform_resource_transform ur_ingest_session_task ur_ingest_session_plm_user
+    ur_ingest_session_attachment ur_ingest_session_udi_pgp_sql orchestration_nature orchestration_session
+    orchestration_session_entry orchestration_session_state orchestration_session_exec
+    orchestration_session_issue orchestration_session_log uniform_resource_graph uniform_resource_edge
+    surveilr_osquery_ms_node osquery_policy surveilr_osquery_ms_carve surveilr_snmp_device
+    surveilr_snmp_collection surveilr_function_doc
+    """.split()
+)
+OWN_PREFIX = "rssd_magic_"
+
+
 def schema_problems(conn: sqlite3.Connection) -> list[str]:
-    """Describe every table of ours that exists in *conn* with another shape
-    (missing tables get created; older shapes of our own get migrated)."""
+    """Why this file can't be used as an RSSD, each in a few words (nothing
+    is read but the schema; missing tables get created later, older shapes
+    of our own migrated).  Empty when it can."""
+    objects = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
+    tables = {name for kind, name, _, _ in objects if kind == "table" and not name.startswith("sqlite_")}
+    if tables and not tables & SURVEILR_TABLES and not any(t.startswith(OWN_PREFIX) for t in tables):
+        shown = ", ".join(sorted(tables)[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        return [f"not an RSSD: it holds tables ({shown}) and none of surveilr's; give --db an RSSD or a new file"]
     problems = []
+    for kind, name, table, sql in objects:
+        if name in EXPECTED_COLUMNS and (kind != "table" or (sql or "").lstrip().upper().startswith("CREATE VIRTUAL")):
+            problems.append(f"{name} is a {'virtual table' if kind == 'table' else kind}, not a plain table")
+        elif kind == "trigger" and table.startswith(OWN_PREFIX):
+            problems.append(f"trigger {name} on our table {table} (our tables carry none)")
     for table, expected in EXPECTED_COLUMNS.items():
-        actual = [(row[1], row[2]) for row in conn.execute(f'PRAGMA table_info("{table}")')]
-        if not actual or actual == expected:
+        if table not in tables:
             continue
-        if table == "rssd_magic_claim" and [n for n, _ in actual] == _V1_CLAIM:
-            continue  # version 1 of our own table: migrated on open
-        want = ", ".join(f"{n} {t}" for n, t in expected)
-        got = ", ".join(f"{n} {t}" for n, t in actual)
-        problems.append(f"table {table} has columns ({got}); expected ({want})")
+        columns = list(conn.execute(f'PRAGMA table_xinfo("{table}")'))
+        actual = [(row[1], row[2]) for row in columns]
+        if any(row[6] for row in columns):  # hidden or generated columns compute on read
+            problems.append(f"table {table} has generated or hidden columns")
+        elif actual == expected or (table == "rssd_magic_claim" and [n for n, _ in actual] == _V1_CLAIM):
+            continue  # ours as expected, or version 1 of ours (migrated on open)
+        else:
+            want = ", ".join(f"{n} {t}" for n, t in expected)
+            got = ", ".join(f"{n} {t}" for n, t in actual)
+            problems.append(f"table {table} has columns ({got}); expected ({want})")
     return problems
+
+
+def stored_version(conn: sqlite3.Connection) -> int | None:
+    """Our schema version as the file records it (None: not recorded)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rssd_magic_meta'").fetchone():
+        return None
+    row = conn.execute("SELECT value FROM rssd_magic_meta WHERE key = 'schema_version'").fetchone()
+    try:
+        return int(row[0]) if row else None
+    except (TypeError, ValueError):
+        return None
+
+
+def newer_schema(conn: sqlite3.Connection) -> str | None:
+    """Why this version must not write the file — its tables were made by a
+    newer rssd_magic — or None."""
+    version = stored_version(conn)
+    if version is None or version <= SCHEMA_VERSION:
+        return None
+    from .. import __version__
+
+    return (
+        f"its rssd_magic tables are schema version {version}, made by a newer rssd_magic than this one "
+        f"({__version__}, schema version {SCHEMA_VERSION}): upgrade rssd_magic to write to it (pip install -U rssd_magic)"
+    )
 
 
 def needs_ddl(conn: sqlite3.Connection) -> bool:
@@ -176,16 +241,17 @@ def needs_ddl(conn: sqlite3.Connection) -> bool:
     have = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     if not (set(EXPECTED_COLUMNS) | OWN_OBJECTS) <= have:
         return True
-    row = conn.execute("SELECT value FROM rssd_magic_meta WHERE key = 'schema_version'").fetchone()
-    return row is None or row[0] != str(SCHEMA_VERSION)
+    version = stored_version(conn)
+    return version is None or version < SCHEMA_VERSION
 
 
-def ensure_schema(conn: sqlite3.Connection) -> None:
-    """Create what is missing and migrate our own objects: one transaction,
-    decided inside the write lock (another kernel may be doing the same)."""
+def ensure_schema(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection], None]) -> None:
+    """Create what is missing and migrate our own objects: one transaction
+    (*begin* opens it with the write lock), decided inside the lock
+    (another kernel may be doing the same)."""
     if not needs_ddl(conn):
         return
-    conn.execute("BEGIN IMMEDIATE")
+    begin(conn)
     try:
         if needs_ddl(conn):
             claim = [row[1] for row in conn.execute('PRAGMA table_info("rssd_magic_claim")')]
@@ -204,129 +270,3 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-
-
-# -- the file itself ---------------------------------------------------------------
-
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def _looks_truncated(path: Path) -> bool:
-    """True when the file is shorter than the page count in its header.
-
-    With a live -wal file the header may run ahead of the file (a checkpoint
-    writes page 1 first) and SQLite sizes the database from the WAL, so only
-    a file without one is judged.  The WAL is looked at first and the size
-    last, so a checkpoint finishing in between can't fake a short file.
-    """
-    wal = path.with_name(path.name + "-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        return False
-    with open(path, "rb") as fh:
-        header = fh.read(100)
-        size = os.fstat(fh.fileno()).st_size
-    if len(header) < 100:
-        return True
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    change_counter, valid_for = header[24:28], header[92:96]
-    pages = int.from_bytes(header[28:32], "big") if change_counter == valid_for else 0
-    return pages * page_size > size
-
-
-def check_path(path: Path, readonly: bool = False) -> bool:
-    """Refuse unusable paths before SQLite sees them (ValueError naming the
-    cause); True when the file exists.
-
-    Root passes ``os.access`` on a file with no write bits, so those bits are
-    read too: a file its owner marked read-only is treated as read-only.
-    """
-    if not path.parent.is_dir():
-        raise ValueError(f"folder {path.parent} does not exist")
-    if not path.exists():
-        if not os.access(path.parent, os.W_OK):
-            raise ValueError(f"folder {path.parent} is read-only; cannot create the file")
-        return False
-    if not path.is_file():
-        raise ValueError("not a regular file")
-    st = path.stat()
-    if st.st_size:
-        try:
-            with open(path, "rb") as fh:
-                header = fh.read(100)
-        except OSError as exc:
-            raise ValueError(f"cannot be read ({exc.strerror})") from None
-        if not header.startswith(SQLITE_HEADER):
-            raise ValueError("not a SQLite database (wrong file header)")
-        # A checkpoint by another connection can make a healthy file look
-        # short for an instant: only a file that still looks short a moment
-        # later is called truncated.
-        if _looks_truncated(path) and (time.sleep(0.05) or _looks_truncated(path)):
-            raise ValueError("truncated (the file is shorter than its SQLite header says)")
-    if readonly:
-        return True
-    if not os.access(path, os.W_OK) or not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-        raise ValueError("file is read-only")
-    if not os.access(path.parent, os.W_OK):
-        # WAL needs its -wal and -shm files beside the database.
-        raise ValueError(f"folder {path.parent} is read-only (SQLite needs it for WAL files)")
-    return True
-
-
-# -- network filesystems ---------------------------------------------------------------
-
-#: Filesystem types whose locking SQLite can't rely on, and where WAL's
-#: shared memory does not work (SQLite's own documentation).
-NETWORK_FS = frozenset(
-    {
-        "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph", "glusterfs", "lustre", "gpfs",
-        "beegfs", "ocfs2", "gfs2", "davfs", "fuse.sshfs", "sshfs", "fuse.glusterfs", "fuse.rclone",
-        "fuse.s3fs", "fuse.gcsfuse", "fuse.davfs2", "fuse.cephfs", "fuse.juicefs", "fuse.goofys",
-    }
-)  # fmt: skip
-#: Where the mount table is read from (the tests point it at a fixture).
-MOUNTINFO = "/proc/self/mountinfo"
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def filesystem_of(path: Path) -> tuple[str, str] | None:
-    """``(fstype, mount point)`` of the filesystem holding *path*, from the
-    mount table; None where there is no Linux mount table to read."""
-    try:
-        with open(MOUNTINFO, encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    real = os.path.realpath(path)  # symlinks resolved as far as they exist
-    best: tuple[str, str] | None = None
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right.split():
-            continue
-        mount = _unescape(fields[4])
-        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        # Later lines win for the same mount point (mounted over).
-        if inside and (best is None or len(mount) >= len(best[1])):
-            best = (right.split()[0], mount)
-    return best
-
-
-def network_filesystem(path: Path) -> tuple[str, str] | None:
-    """``(fstype, mount point)`` when *path* lies on a network filesystem."""
-    found = filesystem_of(path)
-    if found is not None and found[0].lower() in NETWORK_FS:
-        return found
-    return None

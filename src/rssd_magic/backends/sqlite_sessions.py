@@ -1,117 +1,328 @@
-"""Sessions of an RSSD (the SQLite backend's, as a mixin): one
-``orchestration_session`` per kernel, with surveilr's session-level states,
-so surveilr's own pages count our kernels; and the heartbeat connection.
+"""What an RSSD kernel writes besides its runs, and when: its session, its
+replay counts, the sessions killed kernels left open, and a checkpointed
+WAL — none of it ever in the way of a replay.
 
-``INITIAL → surveilr_orchestration_init`` when a kernel opens the file, then
-``surveilr_orch_completed`` or ``surveilr_orch_failed`` (a cell of it
-failed) and ``orch_finished_at`` when it closes.  The kernel's Holder goes
-into the session's ``elaboration``, so the next kernel can tell a session a
-killed kernel left open (runner.close_orphaned_sessions) and end it.
+A store is shared: a surveilr ingest may hold the write lock for its whole
+run.  So opening a store and replaying write nothing.  This kernel's
+``orchestration_session`` row (with surveilr's ``INITIAL →
+surveilr_orchestration_init``) and its hit counts wait in :class:`Pending`
+until a write is possible: they go first into any write transaction the
+kernel makes (a claim, an end), or are written by the :class:`Housekeeper`,
+a thread with a connection of its own that never waits for a lock (a
+foreign writer only delays it), or at close.  Rows that name the session
+are only written after it, in the same transaction or a later one.
+
+The housekeeper also finishes, as failed, the sessions that kernels killed
+on this machine left open (the engine's judgement: claims.py), and keeps
+the WAL checkpointed whenever the kernel is idle: a WAL's frames carry no
+file identity, so frames left behind would be applied to whatever file
+arrives under the RSSD's name next (a teammate's copy, a fresh RSSD).
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import sys
-from dataclasses import asdict
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 from .. import __version__
 from ..canonical import dumps, loads_object, utc_now
-from ..claims import current_holder
+from ..claims import current_holder, session_verdict
 from ..ids import new_ulid
 from ..lifecycle import INITIAL
-from .base import NATURE_ID, NATURE_LABEL, SESSION_COMPLETED, SESSION_FAILED, SESSION_INIT
+from .base import NATURE_ID, NATURE_LABEL, SESSION_COMPLETED, SESSION_FAILED, SESSION_INIT, Holder
+from .sqlite_file import Identity, identity, uri
+
+#: Seconds between two tries of the housekeeper while the write lock is
+#: held by another process, and how long it lingers idle before its thread
+#: ends (a notebook runs cells one after another).
+RETRY_S = 1.0
+IDLE_S = 30.0
+#: Replay counts are written at least this often while a kernel replays.
+HIT_FLUSH_S = 5.0
 
 
+@dataclass
+class Pending:
+    """Rows waiting for a write: this kernel's session (once) and replay
+    counts.  Taken only by a connection that holds the write lock, and
+    given back if its transaction fails, so no row is written twice or
+    lost, and none naming the session lands before it."""
 
-class SqliteSessions:
-    """Session methods of :class:`~rssd_magic.backends.sqlite.SqliteBackend`
-    (they use its ``conn``, ``host``, ``session_id``, ``_write`` and
-    ``_append``)."""
+    session: dict | None = None
+    hits: dict[str, int] = field(default_factory=dict)
+    #: Transactions that took rows and have not ended yet.
+    inflight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def start_session(self, args: dict) -> str:
-        if self.session_id is not None:
-            return self.session_id
-        session_id = new_ulid()
-        holder = asdict(current_holder(session_id))
-        with self._write() as c:
-            # surveilr's device upsert, without rewriting a row it wrote.
-            c.execute(
-                """INSERT INTO device (device_id, name, state, boundary)
-                   VALUES (?, ?, '"SINGLETON"', 'UNKNOWN')
-                   ON CONFLICT (name, state, boundary) DO NOTHING""",
-                (new_ulid(), self.host),
-            )
-            (device_id,) = c.execute(
-                """SELECT device_id FROM device
-                   WHERE name = ? AND state = '"SINGLETON"' AND boundary = 'UNKNOWN'""",
-                (self.host,),
-            ).fetchone()
-            c.execute(
-                """INSERT INTO orchestration_nature (orchestration_nature_id, nature)
-                   VALUES (?, ?) ON CONFLICT DO NOTHING""",
-                (NATURE_ID, NATURE_LABEL),
-            )
-            c.execute(
-                """INSERT INTO orchestration_session
-                   (orchestration_session_id, device_id, orchestration_nature_id, version, args_json, elaboration)
-                   VALUES (?, ?, ?, ?, ?, ?)""",
-                (session_id, device_id, NATURE_ID, __version__, dumps(args), dumps({"holder": holder})),
-            )
-            self.session_id = session_id  # _append writes it
-            try:
-                self._append(c, None, INITIAL, SESSION_INIT, None, "kernel started", None)
-            except BaseException:
-                self.session_id = None
-                raise
-        return session_id
+    def take(self) -> tuple[dict | None, dict[str, int]]:
+        with self.lock:
+            taken = self.session, self.hits
+            self.session, self.hits = None, {}
+            self.inflight += 1
+            return taken
 
-    def _session(self) -> str:
-        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
+    def give_back(self, session: dict | None, hits: dict[str, int]) -> None:
+        with self.lock:
+            if session is not None:
+                self.session = session
+            for sid, n in hits.items():
+                self.hits[sid] = self.hits.get(sid, 0) + n
 
-    def open_sessions(self) -> list[tuple[str, dict]]:
-        rows = self.conn.execute(
-            """SELECT orchestration_session_id, elaboration FROM orchestration_session
-               WHERE orchestration_nature_id = ? AND orch_finished_at IS NULL""",
-            (NATURE_ID,),
-        ).fetchall()
-        out = []
-        for sid, elaboration in rows:
-            holder = loads_object(elaboration).get("holder")
-            if isinstance(holder, dict):
-                out.append((sid, holder))
-        return out
+    def settled(self) -> None:
+        """The transaction that took rows has ended (committed or rolled back)."""
+        with self.lock:
+            self.inflight -= 1
 
-    def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
-        with self._write() as c:
-            return self._end_session(c, session_id, failed, reason)
+    def waiting(self) -> bool:
+        """True while rows wait or are being written."""
+        with self.lock:
+            return self.session is not None or bool(self.hits) or self.inflight > 0
 
-    def _end_session(self, c: sqlite3.Connection, session_id: str, failed: bool, reason: str) -> bool:
-        cur = c.execute(
-            """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
-               WHERE orchestration_session_id = ? AND orch_finished_at IS NULL""",
-            (session_id,),
+    def hit(self, state_id: str) -> None:
+        with self.lock:
+            self.hits[state_id] = self.hits.get(state_id, 0) + 1
+
+    def __bool__(self) -> bool:
+        return self.session is not None or bool(self.hits)
+
+
+def new_session(session_id: str, host: str, args: dict) -> dict:
+    """The rows of a session to write later, stamped now."""
+    return {
+        "id": session_id,
+        "host": host,
+        "args": dumps(args),
+        "holder": dumps({"holder": asdict(current_holder(session_id))}),
+        "at": utc_now(),
+    }
+
+
+@contextmanager
+def pending_written(c: sqlite3.Connection, pending: Pending) -> Iterator[None]:
+    """Write what *pending* holds in transaction *c* (which holds the write
+    lock), for the length of the ``with`` block that commits it: given back
+    to *pending* if the transaction fails."""
+    session, hits = pending.take()
+    try:
+        _write_rows(c, session, hits)
+        yield
+    except BaseException:
+        pending.give_back(session, hits)
+        raise
+    finally:
+        pending.settled()
+
+
+def _write_rows(c: sqlite3.Connection, session: dict | None, hits: dict[str, int]) -> None:
+    if session is not None:
+        _start_session(c, session)
+    if hits:
+        c.executemany(
+            """INSERT INTO rssd_magic_hit (state_id, hits, last_hit_at) VALUES (?, ?, ?)
+               ON CONFLICT (state_id) DO UPDATE
+               SET hits = hits + excluded.hits, last_hit_at = excluded.last_hit_at""",
+            [(sid, n, utc_now()) for sid, n in hits.items()],
         )
-        if cur.rowcount == 0:
-            return False
-        c.execute(
-            """INSERT INTO orchestration_session_state
-               (orchestration_session_state_id, session_id, session_entry_id, from_state, to_state,
-                transition_reason, transitioned_at) VALUES (?, ?, NULL, ?, ?, ?, ?)""",
-            (new_ulid(), session_id, SESSION_INIT, SESSION_FAILED if failed else SESSION_COMPLETED, reason, utc_now()),
-        )
-        return True
+
+
+def _start_session(c: sqlite3.Connection, s: dict) -> None:
+    # surveilr's device upsert, without rewriting a row it wrote.
+    c.execute(
+        """INSERT INTO device (device_id, name, state, boundary) VALUES (?, ?, '"SINGLETON"', 'UNKNOWN')
+           ON CONFLICT (name, state, boundary) DO NOTHING""",
+        (new_ulid(), s["host"]),
+    )
+    (device_id,) = c.execute(
+        """SELECT device_id FROM device WHERE name = ? AND state = '"SINGLETON"' AND boundary = 'UNKNOWN'""",
+        (s["host"],),
+    ).fetchone()
+    c.execute(
+        "INSERT INTO orchestration_nature (orchestration_nature_id, nature) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        (NATURE_ID, NATURE_LABEL),
+    )
+    c.execute(
+        """INSERT INTO orchestration_session (orchestration_session_id, device_id, orchestration_nature_id,
+                                              version, orch_started_at, args_json, elaboration)
+           VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
+        (s["id"], device_id, NATURE_ID, __version__, s["at"], s["args"], s["holder"]),
+    )
+    c.execute(
+        """INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id,
+                                                    from_state, to_state, transition_reason, transitioned_at)
+           VALUES (?, ?, NULL, ?, ?, 'kernel started', ?)""",
+        (new_ulid(), s["id"], INITIAL, SESSION_INIT, s["at"]),
+    )
+
+
+def end_session(c: sqlite3.Connection, session_id: str, failed: bool, reason: str) -> bool:
+    """Finish a session in transaction *c*: ``orch_finished_at`` and its
+    last session-level state; False if it was finished already (or never
+    written)."""
+    cur = c.execute(
+        """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
+           WHERE orchestration_session_id = ? AND orch_finished_at IS NULL""",
+        (session_id,),
+    )
+    if cur.rowcount == 0:
+        return False
+    c.execute(
+        """INSERT INTO orchestration_session_state
+           (orchestration_session_state_id, session_id, session_entry_id, from_state, to_state,
+            transition_reason, transitioned_at) VALUES (?, ?, NULL, ?, ?, ?, ?)""",
+        (new_ulid(), session_id, SESSION_INIT, SESSION_FAILED if failed else SESSION_COMPLETED, reason, utc_now()),
+    )
+    return True
+
+
+def open_sessions(c: sqlite3.Connection, boot: str | None = None) -> list[tuple[str, dict]]:
+    """``(session_id, holder)`` of our sessions not finished yet (of one
+    boot of one machine's kernel, when *boot* is given: only there can a
+    process be asked whether it still runs)."""
+    query = """SELECT orchestration_session_id, elaboration FROM orchestration_session
+               WHERE orchestration_nature_id = ? AND orch_finished_at IS NULL"""
+    params: tuple = (NATURE_ID,)
+    if boot is not None:
+        query += " AND json_valid(elaboration) AND json_extract(elaboration, '$.holder.boot') = ?"
+        params += (boot,)
+    out = []
+    for sid, elaboration in c.execute(query, params).fetchall():
+        holder = loads_object(elaboration).get("holder")
+        if isinstance(holder, dict):
+            out.append((sid, holder))
+    return out
+
+
+def close_orphans(c: sqlite3.Connection, own_session: str | None) -> list[str]:
+    """Finish, as failed, the sessions kernels killed on this machine left
+    open (their process is certainly gone); their ids.  Sessions of other
+    machines are left: only their own machine can tell."""
+    me = current_holder(own_session or "")
+    closed = []
+    for session_id, holder in open_sessions(c, me.boot):
+        if session_id == own_session:
+            continue
+        try:
+            dead = session_verdict(Holder(**holder))
+        except TypeError:
+            continue  # written by another version: not ours to judge
+        if dead and end_session(c, session_id, True, f"kernel gone: {dead}"):
+            closed.append(session_id)
+    return closed
+
+
+def checkpoint_idle(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file and, when nobody reads from the
+    WAL, cut it to nothing — never waiting for anyone (a busy file is tried
+    again later).  A fully copied WAL is never applied to another file."""
+    (busy, frames, copied) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if busy == 0 and frames > 0 and frames == copied:
+        (before,) = conn.execute("PRAGMA busy_timeout").fetchone()
+        conn.execute("PRAGMA busy_timeout = 0")  # TRUNCATE waits for readers otherwise
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(before)}")
+
+
+class Housekeeper:
+    """Writes what waits, closes orphaned sessions once, and checkpoints the
+    WAL when the kernel is idle: a daemon thread with a connection of its
+    own that never waits for the write lock.  :meth:`poke` after a write or
+    when rows start waiting; :meth:`stop` before the backend writes them
+    itself at close."""
+
+    def __init__(self, path: Path, expected: Callable[[], Identity | None], pending: Pending, session_id: str):
+        self.path = path
+        self._expected = expected  # the identity the backend's connection has open
+        self.pending = pending
+        self.session_id = session_id
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._orphans_done = False
+
+    def poke(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._wake.set()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="rssd-magic-housekeeper", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while True:
+                with self._lock:
+                    if self._stopped:
+                        return
+                    self._wake.clear()
+                if self._expected() is None or identity(self.path) != self._expected():
+                    done = True  # replaced or closed: the backend reopens, and starts anew
+                else:
+                    if conn is None:
+                        conn = sqlite3.connect(uri(self.path, "rw"), uri=True, isolation_level=None, timeout=0)
+                        conn.execute("PRAGMA busy_timeout = 0")
+                        conn.execute("PRAGMA foreign_keys = ON")
+                    done = self._once(conn)
+                # Counts that came in since wait a little to be written together.
+                if not self._wake.wait(RETRY_S if not done else HIT_FLUSH_S if self.pending else IDLE_S):
+                    with self._lock:
+                        if done and not self.pending and not self._wake.is_set():
+                            self._thread = None
+                            return
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _once(self, conn: sqlite3.Connection) -> bool:
+        """One round; True when nothing is left to do."""
+        try:
+            if self.pending or not self._orphans_done:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    with pending_written(conn, self.pending):
+                        if not self._orphans_done:
+                            close_orphans(conn, self.session_id)
+                        conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                self._orphans_done = True
+            checkpoint_idle(conn)
+            return not self.pending
+        except sqlite3.Error:
+            return False  # busy (someone holds the lock) or gone: try again later
 
 
 class SqliteRenewer:
-    """Heartbeats through a connection of their own."""
+    """Heartbeats through a connection of their own, on the file the claims
+    were made in: once the path names another file (deleted, replaced),
+    every claim counts as lost — nothing is written to the newcomer."""
 
-    def __init__(self, path: Path, busy_timeout_s: float):
-        self.conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    def __init__(self, path: Path, busy_timeout_s: float, expected: Identity | None):
+        self.path, self.expected = path, expected
+        self.conn = sqlite3.connect(uri(path, "rw"), uri=True, timeout=busy_timeout_s, isolation_level=None,
+                                    check_same_thread=False)  # fmt: skip
 
     def renew(self, held: dict[str, int]) -> set[str]:
+        if self.expected is None or identity(self.path) != self.expected:
+            return set(held)
         lost = set()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -126,6 +337,10 @@ class SqliteRenewer:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise
+        try:
+            checkpoint_idle(self.conn)  # a beat leaves no frame behind
+        except sqlite3.Error:
+            pass
         return lost
 
     def close(self) -> None:

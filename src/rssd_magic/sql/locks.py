@@ -12,25 +12,14 @@ from __future__ import annotations
 import os
 import re
 
+from ..claims import command_line
+
 _LOCK_RE = re.compile(
     r'Could not set lock on file "(?P<path>[^"]*)":\s*Conflicting lock is held in\s+'
     r"(?P<program>.*?)\s*\(PID (?P<pid>\d+)\)(?:\s+by user (?P<user>[^.\s]+))?"
 )
 # The same error when DuckDB's wording of the holder is not the one above.
 _LOCK_PATH_RE = re.compile(r'lock on file "([^"]*)"')
-
-
-def _cmdline(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            raw = fh.read()
-    except OSError:
-        return None
-    args = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
-    if not args:
-        return None
-    text = " ".join(args)
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def describe_lock_error(exc: BaseException | str) -> str | None:
@@ -45,7 +34,7 @@ def describe_lock_error(exc: BaseException | str) -> str | None:
         where = path.group(1) if path else "the database file"
         return f"DuckDB database {where} is locked by another process (DuckDB allows one writing process per file)"
     pid = int(m.group("pid"))
-    who = _cmdline(pid) or m.group("program")
+    who = command_line(pid) or m.group("program")
     if pid == os.getpid():
         holder = f"this process (PID {pid}), through another connection opened with a different configuration"
     else:

@@ -1,0 +1,322 @@
+"""The connection to one RSSD as a kernel uses it: opened after the file is
+checked, read-only where it must be, still the file the path names before
+every transaction, and write transactions that wait for a neighbour's lock
+and say so.
+
+A store is never ours alone.  A surveilr ingest may hold the write lock for
+its whole run: :meth:`RssdConnection.begin` waits up to the busy timeout,
+says once after a moment that it waits (naming the holder when the
+kernel's lock table can), then fails in one line.  People delete the file
+or a teammate's copy arrives under its name while a kernel has it open:
+:meth:`RssdConnection.ready` compares the path's device and inode before
+every operation and opens what is there now.  Whoever can write the file
+must not be able to hang us: every statement runs under a deadline
+(SQLite's progress handler).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .base import StoreError
+from .sqlite_file import Identity, check_path, connect, identity, lock_holder
+from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
+from .sqlite_sessions import Housekeeper, Pending, checkpoint_idle, new_session, pending_written
+
+#: SQLite reads pages through a file mapping this large (no pread per page,
+#: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
+#: SQLite caps it at its compile-time maximum (2 GiB in common builds); pages
+#: past it are read one pread at a time.
+MMAP_SIZE = 1 << 31
+#: The -wal file is cut back to this size when it is reset.
+JOURNAL_SIZE_LIMIT = 64 << 20
+#: A writer waiting for another process's lock tries again this often (ms),
+#: and says once that it waits after this many seconds.
+LOCK_STEP_MS = 200
+SAY_WAITING_AFTER_S = 1.0
+#: No operation of ours may run a statement longer than this (seconds):
+#: SQLite's progress handler checks every PROGRESS_OPS virtual-machine steps.
+STATEMENT_DEADLINE_S = 120.0
+PROGRESS_OPS = 50_000
+
+
+def what(exc: sqlite3.Error) -> str:
+    """A driver error as a few words (SQLite's own message)."""
+    return str(exc) or type(exc).__name__
+
+
+def driver_errors(method):
+    """Every driver error of *method* (of an object with a ``path``) reaches
+    the caller as StoreError naming the file: a CLI would otherwise print a
+    traceback."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
+
+    return wrapped
+
+
+class _Deadline:
+    """SQLite's progress handler: aborts a statement once the operation
+    that runs it (armed by :meth:`arm`) is older than the deadline."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.until = float("inf")
+
+    def arm(self) -> None:
+        self.until = time.monotonic() + self.seconds
+
+    def __call__(self) -> int:
+        return 1 if time.monotonic() > self.until else 0
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+class RssdConnection:
+    """This kernel's connection to one RSSD file, and what waits to be
+    written to it (:class:`~rssd_magic.backends.sqlite_sessions.Pending`,
+    written by the :class:`Housekeeper` or with the next write)."""
+
+    def __init__(self, path: Path, busy_timeout_s: float, notify: Callable[[str], None], *,
+                 readonly: bool = False, journal: str = "WAL"):  # fmt: skip
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self.notify = notify
+        self.readonly_asked = readonly
+        self.journal = journal
+        self.conn: sqlite3.Connection | None = None
+        #: None while this process may write the file; else why not (one line).
+        self.read_only: str | None = None
+        #: The file this connection has open (device, inode).
+        self.identity: Identity | None = None
+        self.pending = Pending()
+        self.keeper: Housekeeper | None = None
+        self.user_sql: sqlite3.Connection | None = None
+        #: This process's session (id and args), written to every file it opens.
+        self.session_id: str | None = None
+        self.session_args: dict = {}
+        self.host = ""
+        self._deadline = _Deadline(STATEMENT_DEADLINE_S)
+        self._said: set[str] = set()
+
+    def say(self, line: str) -> None:
+        """Tell the user *line*, once per store."""
+        if line not in self._said:
+            self._said.add(line)
+            self.notify(f"[stateful] {line}")
+
+    # -- opening -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """(Re)open what the path names now: checked, read-only where it
+        must be, our tables made when missing (the only write at open)."""
+        path = self.path
+        try:
+            access = check_path(path, readonly=self.readonly_asked)
+        except ValueError as exc:
+            raise StoreError(f"RSSD {path}: {exc}") from None
+        if self.readonly_asked and not access.existed:
+            raise StoreError(f"RSSD {path}: no such file")
+        for _ in range(3):  # the path may be replaced while we open it
+            before = identity(path)
+            try:
+                conn = connect(path, access, self.busy_timeout_s)
+            except sqlite3.Error as exc:
+                raise StoreError(f"RSSD {path}: cannot open ({what(exc)})") from None
+            after = identity(path)
+            if before == after or before is None:
+                break
+            conn.close()
+        try:
+            conn.set_progress_handler(self._deadline, PROGRESS_OPS)
+            self._deadline.arm()
+            problems = schema_problems(conn)  # reads only
+            if problems:
+                lead = "" if problems[0].startswith("not an RSSD") else "incompatible schema: "
+                raise StoreError(f"RSSD {path}: {lead}" + "; ".join(problems))
+            read_only = access.read_only or newer_schema(conn)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+            if read_only is not None:
+                if self.readonly_asked and not _has_table(conn, "orchestration_session_state"):
+                    raise StoreError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
+                # A file surveilr made may not have our tables yet: empty
+                # stand-ins in the connection's own temp schema (the file
+                # is not written) keep every query the same.
+                for table, statement in own_tables_as_temp().items():
+                    if not _has_table(conn, table):  # a temp table would shadow the file's own
+                        conn.execute(statement)
+            else:
+                # surveilr's own settings.  None of these needs the write
+                # lock while the journal mode is already ours.
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+                self._set_journal(conn)
+                ensure_schema(conn, self.begin)
+        except StoreError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"RSSD {path}: not a usable SQLite database ({what(exc)})") from None
+        self.conn, self.identity, self.read_only = conn, after, read_only
+        if read_only is not None and not self.readonly_asked:
+            self.say(f"RSSD {path} is read-only here ({read_only}): cells replay; replay counts and this "
+                     "kernel's session are not recorded, and a cell that must run is refused")  # fmt: skip
+        elif read_only is None:
+            self.keeper = Housekeeper(path, self._open_identity, self.pending, self.session_id or "")
+            if self.session_id is not None:
+                self.pending.session = new_session(self.session_id, self.host, self.session_args)
+                self.keeper.poke()
+
+    def _open_identity(self) -> Identity | None:
+        return self.identity if self.conn is not None else None
+
+    def _set_journal(self, conn: sqlite3.Connection) -> None:
+        """WAL (or the rollback journal a network filesystem needs), switched
+        only when the file is in another mode: the switch needs the lock."""
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        if mode.upper() != self.journal:
+            self.begin(conn)  # waits for the lock as a write would, then lets it go
+            conn.execute("ROLLBACK")
+            conn.execute(f"PRAGMA journal_mode = {self.journal}")
+
+    def start_session(self, session_id: str, host: str, args: dict) -> None:
+        """This process's session: its rows wait for a write (the
+        housekeeper is asked at once)."""
+        self.session_id, self.host, self.session_args = session_id, host, args
+        if self.keeper is not None:
+            self.pending.session = new_session(session_id, host, args)
+            self.keeper.session_id = session_id
+            self.keeper.poke()
+
+    def close(self, end: Callable[[sqlite3.Connection], None]) -> None:
+        """Write what waits and *end(conn)* (the session's last rows) in one
+        transaction while the path still names our file, then close."""
+        if self.conn is None:
+            return
+        keeper, self.keeper = self.keeper, None
+        if keeper is not None:
+            keeper.stop()
+        try:
+            if self.user_sql is not None:
+                self.user_sql.close()
+            if self.read_only is None and identity(self.path) == self.identity:
+                with self.write() as c:
+                    end(c)
+                checkpoint_idle(self.conn)
+                self.conn.execute("PRAGMA optimize")
+        except (sqlite3.Error, StoreError):
+            pass  # closing must never raise at interpreter exit
+        finally:
+            self.conn.close()
+            self.conn = self.user_sql = None
+
+    # -- the file under us -------------------------------------------------------
+
+    def ready(self) -> sqlite3.Connection:
+        """The connection, for one operation: still the file the path names
+        (else that is opened, said in one line), with a fresh deadline."""
+        if self.conn is None:
+            raise StoreError(f"RSSD {self.path}: closed")
+        if identity(self.path) != self.identity:
+            self._reopen()
+        self._deadline.arm()
+        return self.conn
+
+    def _reopen(self) -> None:
+        gone = identity(self.path) is None
+        keeper, self.keeper = self.keeper, None
+        if keeper is not None:
+            keeper.stop()
+        for conn in (self.conn, self.user_sql):
+            if conn is not None:
+                conn.close()
+        self.conn = self.user_sql = None
+        self.pending.take()  # the counts and session row were the old file's
+        self.say(
+            f"RSSD {self.path} was {'deleted' if gone else 'replaced by another file'} while this kernel had it "
+            f"open; {'starting a new one' if gone else 'using the file there now'}"
+        )
+        self.open()
+
+    # -- transactions --------------------------------------------------------------
+
+    def begin(self, conn: sqlite3.Connection, patience_s: float | None = None) -> None:
+        """``BEGIN IMMEDIATE``, waiting up to *patience_s* (the busy timeout)
+        for another process's write lock; after a moment of waiting, one
+        line says so and names the holder when the kernel's lock table can."""
+        start = time.monotonic()
+        patience = self.busy_timeout_s if patience_s is None else patience_s
+        deadline = start + patience
+        said = False
+        conn.execute(f"PRAGMA busy_timeout = {LOCK_STEP_MS}")
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF != sqlite3.SQLITE_BUSY:
+                        raise
+                now = time.monotonic()
+                late = now >= deadline
+                if late or (not said and now - start >= SAY_WAITING_AFTER_S and patience > SAY_WAITING_AFTER_S):
+                    who = lock_holder(self.path)
+                    held = f", held by {who}" if who else ""
+                    if late:
+                        raise StoreError(
+                            f"RSSD {self.path}: database is locked{held}; waited {patience:g}s "
+                            "(StatefulMagics.busy_timeout_seconds)"
+                        )
+                    said = True
+                    self.notify(
+                        f"[stateful] waiting up to {self.busy_timeout_s:g}s for the write lock on RSSD {self.path}{held}"
+                    )
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+
+    @contextmanager
+    def write(self, patience_s: float | None = None) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE … COMMIT`` with what waited for a write (the
+        session row first: rows written after may name it), waiting up to
+        *patience_s* (the busy timeout) for the lock; driver errors become
+        StoreError."""
+        conn = self.ready()
+        if self.read_only is not None:
+            raise StoreError(f"RSSD {self.path}: {self.read_only}; nothing can be recorded in it")
+        try:
+            self.begin(conn, patience_s)
+            try:
+                with pending_written(conn, self.pending):
+                    yield conn
+                    conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
+        if self.keeper is not None:
+            self.keeper.poke()  # checkpoint once idle
+
+    def sql_connection(self) -> sqlite3.Connection:
+        """A connection of its own for the user's ``--sql`` cells on the RSSD."""
+        self.ready()  # a file replaced under us is reopened, and this connection with it
+        if self.user_sql is None:
+            self.user_sql = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                            timeout=self.busy_timeout_s)  # fmt: skip
+        return self.user_sql
