@@ -101,3 +101,41 @@ def test_named_cells_ignore_inputs_and_strict_counts_comments(kernel):
     kernel.ok("%%stateful --strict\n" + APPEND + "z = 1\n")
     kernel.ok("%%stateful --strict\n" + APPEND + "z = 1  # a comment\n")
     assert counter(kernel.workdir / "side.log") == 3
+
+
+def _install(site, dist: str, version: str, top: str) -> None:
+    """A distribution as pip leaves it: a dist-info folder (the old one
+    removed), with the import name it provides."""
+    folder = dist.replace("-", "_")
+    for old in site.glob(f"{folder}-*.dist-info"):
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    info = site / f"{folder}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "top_level.txt").write_text(f"{top}\n")
+
+
+def test_a_package_installed_in_the_running_kernel_counts(kernel, monkeypatch, tmp_path):
+    # `%pip install -U` in a kernel: the cell declaring the package runs
+    # again, whether named by its distribution or by its import name.
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    _install(site, "rssd-fake-dist", "1.0", "rssd_fake_mod")
+    cells = ["%%stateful --deps-package rssd-fake-dist\n" + APPEND, "%%stateful --deps-package rssd_fake_mod\n" + APPEND]
+    for cell in cells:
+        kernel.ok(cell)
+        kernel.ok(cell)
+    assert counter(kernel.workdir / "side.log") == 2
+    recorded = kernel.rows(
+        "SELECT json_extract(transition_result, '$.inputs.packages') FROM orchestration_session_state "
+        "WHERE to_state = 'EXECUTED' ORDER BY rowid"
+    )
+    assert [json.loads(p) for (p,) in recorded] == [{"rssd-fake-dist": "1.0"}, {"rssd_fake_mod": "1.0"}]
+    _install(site, "rssd-fake-dist", "2.0", "rssd_fake_mod")
+    for cell in cells:
+        said = kernel.ok(cell).stderr
+        assert "running again" in said and "2.0" in said
+    assert counter(kernel.workdir / "side.log") == 4

@@ -16,11 +16,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from importlib import metadata
 from typing import Any, Iterable, Mapping
 
 from .fingerprint import fingerprint_names
-from .versions import dist_version, file_digest
+from .versions import file_digest, installed_version
 
 
 def _expand(pattern: str) -> list[str]:
@@ -76,13 +75,7 @@ def env_deps(names: Iterable[str]) -> dict[str, str | None]:
 
 def package_deps(names: Iterable[str]) -> dict[str, str | None]:
     """``{name: installed version or None}``; import names (``sklearn``) work too."""
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = dist_version(name)
-    return out
+    return {name: installed_version(name) for name in names}
 
 
 def collect_inputs(

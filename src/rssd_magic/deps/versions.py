@@ -29,13 +29,35 @@ def _distributions() -> Mapping[str, list[str]]:
 @functools.lru_cache(maxsize=4096)
 def dist_version(top: str) -> str | None:
     """Version of the distribution that installs import name *top*
-    (``sklearn`` → scikit-learn's), or None."""
+    (``sklearn`` → scikit-learn's), or None; cached for the process, as
+    fits a module already imported (its code does not change when a newer
+    version is installed under it)."""
+    return _version_now(top)
+
+
+def _version_now(top: str) -> str | None:
     for dist in _distributions().get(top, ()):
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
     return None
+
+
+def installed_version(name: str) -> str | None:
+    """The version installed *now* of distribution or import name *name*
+    (``--deps-package``): a ``%pip install`` in the running kernel counts.
+    importlib.metadata rereads a folder whose mtime changed; the map from
+    import names to distributions is read again when a name is not in it."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        pass
+    found = _version_now(name)
+    if found is None:
+        _distributions.cache_clear()
+        found = _version_now(name)
+    return found
 
 
 def module_version(module: types.ModuleType) -> str:
