@@ -130,13 +130,26 @@ def test_the_option_line_of_an_awaiting_cell_is_expanded_as_for_any_magic(kernel
     assert name == "fetch-v1"
 
 
-def test_loading_the_extension_again_keeps_one_route(kernel):
+def test_loading_the_extension_again_keeps_one_route(kernel, monkeypatch):
+    import atexit
+    import signal
+
     ours = kernel.magics
-    kernel.ok("%reload_ext rssd_magic")
+    live = []  # our exit hooks registered and not unregistered since
+    register, unregister = atexit.register, atexit.unregister
+    monkeypatch.setattr(atexit, "register", lambda f, *a, **k: (live.append(f), register(f, *a, **k))[1])
+    monkeypatch.setattr(atexit, "unregister", lambda f: (live.remove(f) if f in live else None, unregister(f))[1])
+    live.append(ours.close)
+    for _ in range(3):
+        kernel.ok("%reload_ext rssd_magic")
     try:
         cleanup = kernel.shell.input_transformers_cleanup
         routes = [t for t in cleanup if getattr(t, "__name__", "") == "route_awaiting_stateful_cell"]
         assert len(routes) == 1
+        # One exit hook and one SIGTERM handler, however often it was loaded.
+        assert live == [kernel.magics.close]
+        handler = signal.getsignal(signal.SIGTERM)
+        assert not hasattr(getattr(handler, "_rssd_magic_before", None), "_rssd_magic_before")
         kernel.ok(AWAITING)
         assert kernel.shell.user_ns["reply"] == "HELLO"
     finally:

@@ -47,6 +47,9 @@ def close_on_sigterm(magics: Any) -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     before = signal.getsignal(signal.SIGTERM)
+    # Ours from an earlier load (%reload_ext): replaced, never chained, so
+    # one SIGTERM closes the current instance once.
+    before = getattr(before, "_rssd_magic_before", before)
     if before is signal.SIG_IGN:
         return
 
@@ -58,4 +61,5 @@ def close_on_sigterm(magics: Any) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
 
+    on_sigterm._rssd_magic_before = before  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, on_sigterm)

@@ -334,3 +334,4 @@ def unload(ipython) -> None:
     magics = ipython.magics_manager.registry.get("StatefulMagics")
     if magics is not None:
         magics.close()
+        atexit.unregister(magics.close)  # a reload registers its new instance
