@@ -196,6 +196,28 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     )
 
 
+@main.command("verify")
+@db_option
+@click.option("--repair", is_flag=True, help="Delete bad blobs and forget the cells that name them (they run again).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Check the bytes of every blob the current records name.
+
+    Each blob is read back from the store and checked against its digest.
+    Exit status 1 when any is missing or holds other bytes; --repair then
+    deletes the bad ones and forgets the cells naming them.
+    """
+    with opened(ctx, write=repair) as backend:
+        r = report.verify(backend, repair=repair)
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(render.verify_text(r))
+    if r["bad"]:
+        sys.exit(1)
+
+
 @main.command("trust")
 @db_option
 @click.option("--secret", metavar="KEY", envvar="RSSD_MAGIC_SECRET", help="Team key (default: your per-user key).")

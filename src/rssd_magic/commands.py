@@ -24,6 +24,7 @@ USAGE = """\
 %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
 %stateful stats              cells, hits, time saved, storage
 %stateful gc                 delete blobs no current result refers to
+%stateful verify [--repair]  check the bytes of every blob current records name
 %stateful trust              sign this store's records with your key"""
 
 
@@ -64,6 +65,10 @@ def _line_command(magics: Any, backend: Any, args: argparse.Namespace) -> Any:
         r = report.gc(backend)
         print(f"freed {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}")
         return None
+    if args.command == "verify":
+        r = report.verify(backend, repair=args.repair)
+        print(render.verify_text(r, prog="%stateful"))
+        return None
     r = report.trust(backend, magics.signer)
     print(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} of {backend.location} with your key")
     for bad in r["refused"]:
@@ -99,6 +104,9 @@ def _line_parser() -> MagicArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=MagicArgumentParser)
     for name in ("list", "stats", "gc", "trust"):
         sub.add_parser(name).add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    verify = sub.add_parser("verify")
+    verify.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    verify.add_argument("--repair", action="store_true")
     show = sub.add_parser("show")
     show.add_argument("key")
     forget = sub.add_parser("forget")

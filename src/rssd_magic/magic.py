@@ -267,6 +267,7 @@ class StatefulMagics(Magics):
         %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
         %stateful stats              cells, hits, time saved, storage
         %stateful gc                 delete blobs no current result refers to
+        %stateful verify [--repair]  check the bytes of every blob current records name
         %stateful trust              sign this store's records with your key
 
         KEY is any unique prefix of a cell key, or a --name. Every command

@@ -164,3 +164,24 @@ def stats_text(s: dict, prog: str = "rssd-magic") -> str:
         ["unreferenced", f"{st['unreferenced_blobs']} blobs ({fmt_bytes(st['unreferenced_blob_bytes'])}; `{prog} gc` frees them)"],
     ]
     return "\n".join(f"{k:<13}{v}" for k, v in rows)
+
+
+def verify_text(r: dict, prog: str = "rssd-magic") -> str:
+    """What ``verify`` found: one line when every blob is intact, else one
+    line per bad blob and the cells that name it, and what to do."""
+    head = (
+        f"checked {plural(r['checked'], 'blob')} ({fmt_bytes(r['bytes'])}) named by "
+        f"{plural(r['records'], 'current record')}"
+    )
+    if not r["bad"]:
+        return head + ": all intact"
+    lines = [head + f": {len(r['bad'])} bad"]
+    for b in r["bad"]:
+        named = ", ".join(f"{c['key'][:12]} ({c['name']})" for c in b["cells"])
+        lines.append(f"bad blob {b['digest'][:24]}…: {b['why']}; named by {named}")
+    if r["repaired"]:
+        forgotten = ", ".join(f["key"][:12] for f in r["forgotten"]) or "none"
+        lines.append(f"repaired: bad blobs deleted; forgotten (they run again next time): {forgotten}")
+    else:
+        lines.append(f"`{prog} verify --repair` deletes them and forgets those cells, so they run again")
+    return "\n".join(lines)

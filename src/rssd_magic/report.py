@@ -214,7 +214,7 @@ def _record(text: str | None) -> RunRecord:
         return RunRecord()
 
 
-def _forget(backend: StateBackend, cell: CellRow, who: str) -> dict | None:
+def _forget(backend: StateBackend, cell: CellRow, who: str, why: str | None = None) -> dict | None:
     latest = cell.latest
     if latest is None or latest.to_state != EXECUTED:
         return None
@@ -223,7 +223,7 @@ def _forget(backend: StateBackend, cell: CellRow, who: str) -> dict | None:
         EXECUTED,
         FORGOTTEN,
         dumps({"forgotten": latest.state_id, "by": who}),
-        f"forgotten by {who}",
+        why or f"forgotten by {who}",
         if_latest=latest.state_id,
     )
     if new is None:
@@ -312,6 +312,56 @@ def gc(backend: StateBackend, dry_run: bool = False) -> dict:
     }
 
 
+def verify(backend: StateBackend, repair: bool = False) -> dict:
+    """Check the bytes of every blob the current EXECUTED records name
+    (each read back from the store and hashed: a row is never trusted for
+    being there).
+
+    Returns ``checked`` (blobs), ``bytes`` (their stored sizes), ``records``
+    (current records seen), ``bad``: ``{digest, why, cells: [{key, name}]}``
+    for each blob missing or holding other bytes, and ``repaired``.  With
+    *repair*, bad blobs are deleted and the cells naming them forgotten
+    (``EXECUTED → FORGOTTEN``): they run again next time, instead of
+    replaying without their values.  ``forgotten`` lists those cells.
+    """
+    users: dict[str, list[tuple[CellRow, str]]] = {}
+    records = 0
+    for cell, text in backend.current_results():
+        records += 1
+        for name, spec in _record(text).specs().items():
+            for digest in spec_blobs(spec):
+                users.setdefault(digest, []).append((cell, "(result)" if name == RESULT_VALUE else name))
+    sizes = backend.blobs.sizes()
+    bad = []
+    for digest, named_by in users.items():
+        why = backend.blobs.check(digest)
+        if why is not None:
+            cells = [{"key": _key(c), "name": name} for c, name in named_by]
+            bad.append({"digest": digest, "why": why, "cells": cells, "_rows": named_by})
+    forgotten: list[dict] = []
+    if repair and bad:
+        backend.blobs.delete([b["digest"] for b in bad if b["why"] != "missing"])
+        who = who_am_i()
+        seen: set[str] = set()
+        for b in bad:
+            for cell, _ in b["_rows"]:
+                if cell.ingest_src not in seen:
+                    seen.add(cell.ingest_src)
+                    done = _forget(backend, cell, who, f"verify --repair by {who}: blob {b['digest'][:24]}… {b['why']}")
+                    if done:
+                        forgotten.append(done)
+    for b in bad:
+        del b["_rows"]
+    return {
+        "checked": len(users),
+        "bytes": sum(sizes.get(d, 0) for d in users),
+        "records": records,
+        "bad": bad,
+        "repaired": bool(repair and bad),
+        "forgotten": forgotten,
+    }
+
+
 def trust(backend: StateBackend, signer: Signer) -> dict:
     """Sign with *signer* every current EXECUTED record whose blobs are
     intact: the user's decision to trust this store, recorded as one
@@ -370,5 +420,6 @@ __all__ = [
     "show_cell",
     "stats",
     "trust",
+    "verify",
     "who_am_i",
 ]

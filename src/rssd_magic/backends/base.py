@@ -340,6 +340,11 @@ class BlobStore(Protocol):
     def put_many(self, blobs: Iterable[Blob]) -> None:
         """Store blobs (idempotent: a digest already stored is skipped)."""
 
+    def check(self, digest: str) -> str | None:
+        """None when the store holds a blob under *digest* whose bytes have
+        that digest (read back and hashed, never taken from a cache); else
+        why not, in a few words (``missing``, or what is wrong)."""
+
     def sizes(self) -> dict[str, int]:
         """``{digest: size}`` of every stored blob."""
 

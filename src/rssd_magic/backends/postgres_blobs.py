@@ -207,6 +207,30 @@ class PgBlobs:
             self.cache.write(digest, out)
         return out
 
+    def check(self, digest: str) -> str | None:
+        """What the server holds under *digest*, hashed as it streams (the
+        local cache is not asked: the server's bytes are what teammates read)."""
+        try:
+            conn = self._conn()
+            row = conn.execute("SELECT size, chunks FROM rssd_magic_blob WHERE digest = %s", (digest,)).fetchone()
+            if row is None:
+                return "missing"
+            verifier, size, n = Verifier(digest), 0, 0
+            for chunk in self.chunks(conn, digest):
+                verifier.update(chunk)
+                size, n = size + len(chunk), n + 1
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
+        except IntegrityError as exc:
+            return str(exc)
+        if (size, n) != (int(row[0]), int(row[1])):
+            return f"{size} bytes in {n} chunks stored, its row says {row[0]} in {row[1]}"
+        try:
+            verifier.check()
+        except IntegrityError:
+            return "its stored bytes do not match its digest"
+        return None
+
     @staticmethod
     def chunks(conn: psycopg.Connection, digest: str) -> Iterator[bytes]:
         """The stored chunks of a blob, in order, as a binary stream (one row

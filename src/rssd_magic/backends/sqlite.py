@@ -61,7 +61,7 @@ from .base import (
     judge_claim,
 )
 from .sqlite_blobs import SqliteBlobs, checkpoint
-from .sqlite_conn import RssdConnection, driver_errors, what
+from .sqlite_conn import RssdConnection, operation, what
 from .sqlite_file import network_filesystem
 from .sqlite_sessions import HIT_FLUSH_S, SqliteRenewer, end_session, open_sessions
 
@@ -86,7 +86,7 @@ class SqliteBackend:
         self.busy_timeout_s = db.busy_timeout_s
         self.host = socket.gethostname()
         self.session_id: str | None = None
-        self.blobs = SqliteBlobs(lambda: self.db.conn, self._write)
+        self.blobs = SqliteBlobs(db.using, self._write)
         self._hits_poked = 0.0
 
     @property
@@ -102,9 +102,6 @@ class SqliteBackend:
     def read_only(self) -> str | None:
         """None while this process may write the file; else why not."""
         return self.db.read_only
-
-    def _ready(self) -> sqlite3.Connection:
-        return self.db.ready()
 
     def _write(self):
         return self.db.write()
@@ -180,15 +177,15 @@ class SqliteBackend:
         ORDER BY s.rowid DESC LIMIT 1"""
     )
 
-    @driver_errors
+    @operation
     def latest(self, key: CellKey) -> Transition | None:
-        row = self._ready().execute(self._LATEST, (key.ingest_src,)).fetchone()
+        row = self.db.conn.execute(self._LATEST, (key.ingest_src,)).fetchone()
         return Transition(*row) if row else None
 
-    @driver_errors
+    @operation
     def latest_variant(self, key: CellKey) -> Transition | None:
         lo, hi = _src_range(key.base_src)
-        row = self._ready().execute(
+        row = self.db.conn.execute(
             self._STATE
             + """
                WHERE s.session_entry_id IN (
@@ -232,9 +229,9 @@ class SqliteBackend:
     def _session(self) -> str:
         return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
 
-    @driver_errors
+    @operation
     def open_sessions(self) -> list[tuple[str, dict]]:
-        return open_sessions(self._ready())
+        return open_sessions(self.db.conn)
 
     def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
         with self._write() as c:
@@ -245,6 +242,7 @@ class SqliteBackend:
     _CLAIM = """SELECT entry_id, state_id, token, session_id, host, machine, boot, pidns, pid, started,
                        beat, lease_s, claimed_at FROM rssd_magic_claim"""
 
+    @operation
     def claim(self, request: ClaimRequest) -> ClaimOutcome:
         self._session()
         key = request.key
@@ -282,9 +280,9 @@ class SqliteBackend:
         mine = Claim(entry_id, running.state_id, token, h, 0, request.lease_s, claimed_at)
         return ClaimOutcome("run", previous, running=running, claim=mine, abandoned=abandoned)
 
-    @driver_errors
+    @operation
     def claim_of(self, running: Transition) -> Claim | None:
-        return self._claim_of(self._ready(), running)
+        return self._claim_of(self.db.conn, running)
 
     def _claim_of(self, c: sqlite3.Connection, running: Transition) -> Claim | None:
         row = c.execute(self._CLAIM + " WHERE entry_id = ? AND state_id = ?", (running.entry_id, running.state_id)).fetchone()
@@ -297,6 +295,7 @@ class SqliteBackend:
     def renewer(self) -> "SqliteRenewer":
         return SqliteRenewer(self.path, self.busy_timeout_s, self.db.identity)
 
+    @operation
     def finish(
         self,
         running: Transition,
@@ -315,7 +314,7 @@ class SqliteBackend:
             if large:
                 # Written (or checked) first, a chunk per transaction (bounded
                 # WAL, short write locks); a run already taken over writes none.
-                self._fence(self._ready(), running, token)
+                self._fence(self.db.conn, running, token)
                 checked = self.blobs.stage(large) or set()
         except sqlite3.Error as exc:
             raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
@@ -366,6 +365,7 @@ class SqliteBackend:
         state = latest.to_state if latest is not None else "nothing"
         return f"another kernel (the cell's latest state is {state})"
 
+    @operation
     def append_if_latest(
         self, entry_id: str, from_state: str, to_state: str, result_json: str | None, reason: str, if_latest: str
     ) -> Transition | None:
@@ -431,12 +431,13 @@ class SqliteBackend:
 
     # -- signatures ----------------------------------------------------------------------
 
+    @operation
     def signatures(self, key_id: str, payload_ids: Iterable[str]) -> dict[str, str]:
         ids = list(payload_ids)
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = self.conn.execute(
+        rows = self.db.conn.execute(
             f"SELECT payload_id, signature FROM rssd_magic_signature WHERE key_id = ? AND payload_id IN ({marks})",
             (key_id, *ids),
         )
@@ -461,17 +462,17 @@ class SqliteBackend:
 
     # -- reports -----------------------------------------------------------------------------
 
-    @driver_errors
+    @operation
     def cells(self) -> list[CellRow]:
-        return sqlite_reports.cells(self._ready())
+        return sqlite_reports.cells(self.db.conn)
 
-    @driver_errors
+    @operation
     def history(self, cell: CellRow) -> list[HistoryRow]:
-        return sqlite_reports.history(self._ready(), cell)
+        return sqlite_reports.history(self.db.conn, cell)
 
-    @driver_errors
+    @operation
     def result_of(self, state_id: str) -> str | None:
-        row = self._ready().execute(
+        row = self.db.conn.execute(
             "SELECT transition_result FROM orchestration_session_state WHERE orchestration_session_state_id = ?",
             (state_id,),
         ).fetchone()
@@ -480,15 +481,11 @@ class SqliteBackend:
     def current_results(self) -> Iterator[tuple[CellRow, str]]:
         return executed_results(self.cells())
 
-    @driver_errors
+    @operation
     def storage(self) -> StorageStats:
-        return sqlite_reports.storage(self._ready(), self.path)
+        return sqlite_reports.storage(self.db.conn, self.path)
 
-    @driver_errors
+    @operation
     def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
-        return sqlite_reports.gc(self._ready(), self._write, digests_of, dry_run)
-
-
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+        return sqlite_reports.gc(self.db.conn, self._write, digests_of, dry_run)
 

@@ -78,10 +78,10 @@ class SqliteBlobs:
 
     def __init__(
         self,
-        conn: Callable[[], sqlite3.Connection],
+        using: Callable[[], AbstractContextManager[sqlite3.Connection]],
         write: Callable[[], AbstractContextManager[sqlite3.Connection]],
     ):
-        self._conn = conn  # the backend's connection (None once closed)
+        self._using = using  # the backend's connection, held for one operation
         self._write = write  # its BEGIN IMMEDIATE … COMMIT
 
     # -- reading -----------------------------------------------------------------
@@ -96,7 +96,11 @@ class SqliteBlobs:
         are read in slices small enough to stay in cache.  numpy arrays built
         on either buffer are writable.
         """
-        conn = self._conn()
+        with self._using() as conn:
+            return self._get(conn, digest)
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, digest: str) -> bytearray | mmap.mmap:
         row = conn.execute(f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?", (digest,)).fetchone()
         if row is None:
             raise KeyError(digest)
@@ -121,10 +125,8 @@ class SqliteBlobs:
     def large(self, blobs: Iterable[Blob]) -> list[tuple[str, memoryview]]:
         """The blobs :meth:`stage` writes ahead of the record: those that take
         more than one row, and one-row blobs of STAGE_MIN bytes or more."""
-        conn = self._conn()
-        if conn is None:
-            return []  # closed: the record's transaction says so
-        least = min(STAGE_MIN, chunk_size(conn) + 1)
+        with self._using() as conn:
+            least = min(STAGE_MIN, chunk_size(conn) + 1)
         return [(d, _bytes_view(data)) for d, data in blobs if memoryview(data).nbytes >= least]
 
     def stage(self, big: list[tuple[str, memoryview]]) -> set[str]:
@@ -145,7 +147,10 @@ class SqliteBlobs:
         a rewrite, never a record naming a missing blob.  Returns the
         digests whose bytes were checked or written here.
         """
-        conn = self._conn()
+        with self._using() as conn:
+            return self._stage(conn, big)
+
+    def _stage(self, conn: sqlite3.Connection, big: list[tuple[str, memoryview]]) -> set[str]:
         size = chunk_size(conn)
         budget = max(size, sum(view.nbytes for _, view in big) // 10)
         pending = 0
@@ -212,8 +217,14 @@ class SqliteBlobs:
             with self._write() as c:
                 put(c)
 
+    def check(self, digest: str) -> str | None:
+        with self._using() as conn:
+            found = intact(conn, digest)
+        return None if found else "missing" if found is None else "its stored bytes do not match its digest"
+
     def sizes(self) -> dict[str, int]:
-        return dict(self._conn().execute(f"SELECT digest, size FROM {BLOB}").fetchall())
+        with self._using() as conn:
+            return dict(conn.execute(f"SELECT digest, size FROM {BLOB}").fetchall())
 
     def delete(self, digests: Iterable[str]) -> int:
         with self._write() as c:

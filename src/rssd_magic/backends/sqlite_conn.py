@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Callable, Iterator
 from .base import StoreError
 from .sqlite_file import Identity, check_path, connect, identity, lock_holder
 from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
-from .sqlite_sessions import Housekeeper, Pending, checkpoint_idle, new_session, pending_written
+from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper, Pending, new_session, pending_written
 
 #: SQLite reads pages through a file mapping this large (no pread per page,
 #: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
@@ -50,17 +51,19 @@ def what(exc: sqlite3.Error) -> str:
     return str(exc) or type(exc).__name__
 
 
-def driver_errors(method):
-    """Every driver error of *method* (of an object with a ``path``) reaches
-    the caller as StoreError naming the file: a CLI would otherwise print a
-    traceback."""
+def operation(method):
+    """One operation of a backend (an object with ``db``, its
+    :class:`RssdConnection`): the connection stays open while it runs (see
+    :meth:`RssdConnection.using`), and every driver error reaches the caller
+    as StoreError naming the file — a CLI would otherwise print a traceback."""
 
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
+            with self.db.using():
+                return method(self, *args, **kwargs)
         except sqlite3.Error as exc:
-            raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
+            raise StoreError(f"RSSD {self.db.path}: {what(exc)}") from None
 
     return wrapped
 
@@ -103,7 +106,14 @@ class RssdConnection:
         self.identity: Identity | None = None
         self.pending = Pending()
         self.keeper: Housekeeper | None = None
-        self.user_sql: sqlite3.Connection | None = None
+        #: Held while an operation uses the connection: the housekeeper
+        #: closes it only when nobody does and it has been idle a while.
+        self.lock = threading.RLock()
+        self.last_used = time.monotonic()
+        #: Seconds without an operation after which the connection is closed.
+        self.idle_close_s = IDLE_CLOSE_S
+        self.access = None
+        self._schema_version: int | None = None
         #: This process's session (id and args), written to every file it opens.
         self.session_id: str | None = None
         self.session_args: dict = {}
@@ -129,6 +139,41 @@ class RssdConnection:
             raise StoreError(f"RSSD {path}: {exc}") from None
         if self.readonly_asked and not access.existed:
             raise StoreError(f"RSSD {path}: no such file")
+        conn, found = self._connect(access)
+        try:
+            problems = schema_problems(conn)  # reads only
+            if problems:
+                lead = "" if problems[0].startswith("not an RSSD") else "incompatible schema: "
+                raise StoreError(f"RSSD {path}: {lead}" + "; ".join(problems))
+            read_only = access.read_only or newer_schema(conn)
+            if read_only is not None:
+                if self.readonly_asked and not _has_table(conn, "orchestration_session_state"):
+                    raise StoreError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
+                self._stand_ins(conn)
+            else:
+                self._set_journal(conn)
+                ensure_schema(conn, self.begin)
+            (self._schema_version,) = conn.execute("PRAGMA schema_version").fetchone()
+        except StoreError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreError(f"RSSD {path}: not a usable SQLite database ({what(exc)})") from None
+        self.conn, self.identity, self.read_only, self.access = conn, found, read_only, access
+        self.last_used = time.monotonic()
+        if read_only is not None and not self.readonly_asked:
+            self.say(f"RSSD {path} is read-only here ({read_only}): cells replay; replay counts and this "
+                     "kernel's session are not recorded, and a cell that must run is refused")  # fmt: skip
+        self.keeper = Housekeeper(self)
+        if self.session_id is not None and read_only is None:
+            self.pending.session = new_session(self.session_id, self.host, self.session_args)
+            self.keeper.poke()
+
+    def _connect(self, access) -> tuple[sqlite3.Connection, Identity | None]:
+        """A connection as *access* allows, with our settings, and the
+        identity of the file it has open."""
+        path = self.path
         for _ in range(3):  # the path may be replaced while we open it
             before = identity(path)
             try:
@@ -142,48 +187,26 @@ class RssdConnection:
         try:
             conn.set_progress_handler(self._deadline, PROGRESS_OPS)
             self._deadline.arm()
-            problems = schema_problems(conn)  # reads only
-            if problems:
-                lead = "" if problems[0].startswith("not an RSSD") else "incompatible schema: "
-                raise StoreError(f"RSSD {path}: {lead}" + "; ".join(problems))
-            read_only = access.read_only or newer_schema(conn)
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
             conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            if read_only is not None:
-                if self.readonly_asked and not _has_table(conn, "orchestration_session_state"):
-                    raise StoreError(f"RSSD {path}: not an RSSD (it has no orchestration_session_state table)")
-                # A file surveilr made may not have our tables yet: empty
-                # stand-ins in the connection's own temp schema (the file
-                # is not written) keep every query the same.
-                for table, statement in own_tables_as_temp().items():
-                    if not _has_table(conn, table):  # a temp table would shadow the file's own
-                        conn.execute(statement)
-            else:
-                # surveilr's own settings.  None of these needs the write
-                # lock while the journal mode is already ours.
+            if access.read_only is None:
+                # surveilr's own settings; none needs the write lock.
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("PRAGMA foreign_keys = ON")
                 conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-                self._set_journal(conn)
-                ensure_schema(conn, self.begin)
-        except StoreError:
-            conn.close()
-            raise
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"RSSD {path}: not a usable SQLite database ({what(exc)})") from None
-        self.conn, self.identity, self.read_only = conn, after, read_only
-        if read_only is not None and not self.readonly_asked:
-            self.say(f"RSSD {path} is read-only here ({read_only}): cells replay; replay counts and this "
-                     "kernel's session are not recorded, and a cell that must run is refused")  # fmt: skip
-        elif read_only is None:
-            self.keeper = Housekeeper(path, self._open_identity, self.pending, self.session_id or "")
-            if self.session_id is not None:
-                self.pending.session = new_session(self.session_id, self.host, self.session_args)
-                self.keeper.poke()
+        return conn, after
 
-    def _open_identity(self) -> Identity | None:
-        return self.identity if self.conn is not None else None
+    @staticmethod
+    def _stand_ins(conn: sqlite3.Connection) -> None:
+        """A file surveilr made may not have our tables yet: empty stand-ins
+        in the connection's own temp schema (the file is not written) keep
+        every query the same on a store we only read."""
+        for table, statement in own_tables_as_temp().items():
+            if not _has_table(conn, table):  # a temp table would shadow the file's own
+                conn.execute(statement)
 
     def _set_journal(self, conn: sqlite3.Connection) -> None:
         """WAL (or the rollback journal a network filesystem needs), switched
@@ -198,55 +221,102 @@ class RssdConnection:
         """This process's session: its rows wait for a write (the
         housekeeper is asked at once)."""
         self.session_id, self.host, self.session_args = session_id, host, args
-        if self.keeper is not None:
+        if self.read_only is None:
             self.pending.session = new_session(session_id, host, args)
-            self.keeper.session_id = session_id
             self.keeper.poke()
 
     def close(self, end: Callable[[sqlite3.Connection], None]) -> None:
         """Write what waits and *end(conn)* (the session's last rows) in one
         transaction while the path still names our file, then close."""
-        if self.conn is None:
-            return
         keeper, self.keeper = self.keeper, None
         if keeper is not None:
             keeper.stop()
+        if self.identity is None:
+            return  # closed already
         try:
-            if self.user_sql is not None:
-                self.user_sql.close()
             if self.read_only is None and identity(self.path) == self.identity:
                 with self.write() as c:
                     end(c)
-                checkpoint_idle(self.conn)
                 self.conn.execute("PRAGMA optimize")
         except (sqlite3.Error, StoreError):
             pass  # closing must never raise at interpreter exit
         finally:
-            self.conn.close()
-            self.conn = self.user_sql = None
+            if self.conn is not None:
+                self.conn.close()
+            self.conn, self.identity = None, None
+
+    def close_if_idle(self, idle_s: float) -> bool:
+        """Close the connection if no operation uses it and none did for
+        *idle_s* seconds (the housekeeper asks); True when it is closed.
+        The next operation reopens the same file."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self.conn is not None:
+                if time.monotonic() - self.last_used < idle_s:
+                    return False
+                self.conn.close()  # the last one out removes the -wal and -shm files
+                self.conn = None
+            return True
+        finally:
+            self.lock.release()
 
     # -- the file under us -------------------------------------------------------
 
+    @contextmanager
+    def using(self) -> Iterator[sqlite3.Connection]:
+        """The connection for one operation, held open while it runs."""
+        with self.lock:
+            conn = self.ready()
+            try:
+                yield conn
+            finally:
+                self.last_used = time.monotonic()
+        keeper = self.keeper
+        if keeper is not None and keeper._thread is None:
+            keeper.poke(work=False)  # to close the connection once idle
+
     def ready(self) -> sqlite3.Connection:
-        """The connection, for one operation: still the file the path names
-        (else that is opened, said in one line), with a fresh deadline."""
-        if self.conn is None:
+        """The connection (call with :attr:`lock` held): still the file the
+        path names (else that is opened, said in one line), with a fresh
+        deadline; reopened after an idle close."""
+        if self.identity is None:
             raise StoreError(f"RSSD {self.path}: closed")
         if identity(self.path) != self.identity:
             self._reopen()
+        elif self.conn is None:
+            self._resume()
         self._deadline.arm()
         return self.conn
+
+    def _resume(self) -> None:
+        """Reopen the same file after an idle close: checked again only
+        when its schema changed meanwhile."""
+        conn, found = self._connect(self.access)
+        if found != self.identity:
+            conn.close()
+            return self._reopen()
+        (version,) = conn.execute("PRAGMA schema_version").fetchone()
+        if version != self._schema_version:
+            conn.close()
+            keeper, self.keeper = self.keeper, None
+            if keeper is not None:
+                keeper.stop()
+            return self.open()
+        if self.read_only is not None:
+            self._stand_ins(conn)
+        self.conn = conn
 
     def _reopen(self) -> None:
         gone = identity(self.path) is None
         keeper, self.keeper = self.keeper, None
         if keeper is not None:
             keeper.stop()
-        for conn in (self.conn, self.user_sql):
-            if conn is not None:
-                conn.close()
-        self.conn = self.user_sql = None
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
         self.pending.take()  # the counts and session row were the old file's
+        self.pending.settled()
         self.say(
             f"RSSD {self.path} was {'deleted' if gone else 'replaced by another file'} while this kernel had it "
             f"open; {'starting a new one' if gone else 'using the file there now'}"
@@ -295,28 +365,26 @@ class RssdConnection:
         session row first: rows written after may name it), waiting up to
         *patience_s* (the busy timeout) for the lock; driver errors become
         StoreError."""
-        conn = self.ready()
-        if self.read_only is not None:
-            raise StoreError(f"RSSD {self.path}: {self.read_only}; nothing can be recorded in it")
-        try:
-            self.begin(conn, patience_s)
+        with self.using() as conn:
+            if self.read_only is not None:
+                raise StoreError(f"RSSD {self.path}: {self.read_only}; nothing can be recorded in it")
             try:
-                with pending_written(conn, self.pending):
-                    yield conn
-                    conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
-        if self.keeper is not None:
-            self.keeper.poke()  # checkpoint once idle
+                self.begin(conn, patience_s)
+                try:
+                    with pending_written(conn, self.pending):
+                        yield conn
+                        conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
 
     def sql_connection(self) -> sqlite3.Connection:
-        """A connection of its own for the user's ``--sql`` cells on the RSSD."""
-        self.ready()  # a file replaced under us is reopened, and this connection with it
-        if self.user_sql is None:
-            self.user_sql = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                            timeout=self.busy_timeout_s)  # fmt: skip
-        return self.user_sql
+        """A new connection for one ``--sql`` cell on the RSSD itself: nothing
+        a cell does (PRAGMAs, transactions) touches ours, and none is kept
+        open while the kernel is idle (it goes with the cell that used it)."""
+        with self.using():
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=self.busy_timeout_s)  # fmt: skip

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 from .. import __version__
 from ..canonical import dumps, loads_object, utc_now
@@ -37,10 +38,10 @@ from .base import NATURE_ID, NATURE_LABEL, SESSION_COMPLETED, SESSION_FAILED, SE
 from .sqlite_file import Identity, identity, uri
 
 #: Seconds between two tries of the housekeeper while the write lock is
-#: held by another process, and how long it lingers idle before its thread
-#: ends (a notebook runs cells one after another).
+#: held by another process, and how long a kernel must leave the store
+#: alone before its connection is closed (a loop of replays keeps it).
 RETRY_S = 1.0
-IDLE_S = 30.0
+IDLE_CLOSE_S = 1.0
 #: Replay counts are written at least this often while a kernel replays.
 HIT_FLUSH_S = 5.0
 
@@ -229,28 +230,37 @@ def checkpoint_idle(conn: sqlite3.Connection) -> None:
 
 
 class Housekeeper:
-    """Writes what waits, closes orphaned sessions once, and checkpoints the
-    WAL when the kernel is idle: a daemon thread with a connection of its
-    own that never waits for the write lock.  :meth:`poke` after a write or
-    when rows start waiting; :meth:`stop` before the backend writes them
-    itself at close."""
+    """A daemon thread per open RSSD that writes what waits, closes orphaned
+    sessions once, and — once the kernel has not used the store for
+    :data:`IDLE_CLOSE_S` — closes the kernel's connection.
 
-    def __init__(self, path: Path, expected: Callable[[], Identity | None], pending: Pending, session_id: str):
-        self.path = path
-        self._expected = expected  # the identity the backend's connection has open
-        self.pending = pending
-        self.session_id = session_id
+    Why close: while any connection has the file open, its ``-shm`` (the
+    WAL index) stays, and it describes *this* file (its size, its frames).
+    A teammate's RSSD renamed over the path would be read through it by
+    every other process — "database disk image is malformed" — until this
+    kernel let go.  An idle kernel holds nothing, and reopens on its next
+    operation (same file: no schema check again).
+
+    Its own writes use a connection it opens per round and never waits for
+    the write lock with (a neighbour holding it only delays them).
+    """
+
+    def __init__(self, db: Any):
+        self.db = db  # the RssdConnection it keeps
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self._orphans_done = False
+        self._orphans_done = db.read_only is not None
 
-    def poke(self) -> None:
+    def poke(self, work: bool = True) -> None:
+        """Rows wait, or a write left WAL frames (*work*), or the store was
+        just used: make sure the thread runs (woken at once for work)."""
         with self._lock:
             if self._stopped:
                 return
-            self._wake.set()
+            if work:
+                self._wake.set()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rssd-magic-housekeeper", daemon=True)
                 self._thread.start()
@@ -264,50 +274,58 @@ class Housekeeper:
             thread.join(timeout=10)
 
     def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
-        try:
-            while True:
-                with self._lock:
-                    if self._stopped:
-                        return
-                    self._wake.clear()
-                if self._expected() is None or identity(self.path) != self._expected():
-                    done = True  # replaced or closed: the backend reopens, and starts anew
-                else:
-                    if conn is None:
-                        conn = sqlite3.connect(uri(self.path, "rw"), uri=True, isolation_level=None, timeout=0)
-                        conn.execute("PRAGMA busy_timeout = 0")
-                        conn.execute("PRAGMA foreign_keys = ON")
-                    done = self._once(conn)
-                # Counts that came in since wait a little to be written together.
-                if not self._wake.wait(RETRY_S if not done else HIT_FLUSH_S if self.pending else IDLE_S):
-                    with self._lock:
-                        if done and not self.pending and not self._wake.is_set():
-                            self._thread = None
-                            return
-        finally:
-            if conn is not None:
-                conn.close()
+        db = self.db
+        while True:
+            with self._lock:
+                if self._stopped:
+                    self._thread = None
+                    return
+                self._wake.clear()
+            done = True
+            if db.read_only is None and (db.pending or not self._orphans_done):
+                done = self._once()
+            idle_in = db.last_used + db.idle_close_s - time.monotonic()
+            # Counts that came in since wait a little, to be written together.
+            wait = RETRY_S if not done else min(idle_in, HIT_FLUSH_S) if db.pending else idle_in
+            if self._wake.wait(min(max(0.01, wait), 3600.0)):
+                continue
+            closed = db.close_if_idle(db.idle_close_s)
+            with self._lock:
+                if self._stopped or (closed and done and not db.pending and not self._wake.is_set()):
+                    self._thread = None
+                    return
 
-    def _once(self, conn: sqlite3.Connection) -> bool:
-        """One round; True when nothing is left to do."""
+    def _once(self) -> bool:
+        """Write what waits (and close orphans once) in one transaction, on
+        a connection of this round; True when nothing is left to do."""
+        db = self.db
+        expected = db.identity
+        if expected is None or identity(db.path) != expected:
+            return True  # replaced or closed: the backend reopens, and starts anew
         try:
-            if self.pending or not self._orphans_done:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    with pending_written(conn, self.pending):
-                        if not self._orphans_done:
-                            close_orphans(conn, self.session_id)
-                        conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                self._orphans_done = True
+            conn = sqlite3.connect(uri(db.path, "rw"), uri=True, isolation_level=None, timeout=0)
+        except sqlite3.Error:
+            return False
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                with pending_written(conn, db.pending):
+                    if not self._orphans_done:
+                        close_orphans(conn, db.session_id)
+                    conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self._orphans_done = True
             checkpoint_idle(conn)
-            return not self.pending
+            return not db.pending
         except sqlite3.Error:
             return False  # busy (someone holds the lock) or gone: try again later
+        finally:
+            conn.close()
 
 
 class SqliteRenewer:
