@@ -78,3 +78,14 @@ def test_the_number_is_the_cells_when_the_shell_counts_first(counting_first):
     text = traceback_of(ran)
     assert f"Cell In[{n}], line 3" in text, text
     assert f"In[{n + 1}]" not in text
+
+
+def test_a_body_run_from_code_is_numbered_from_its_own_first_line(kernel):
+    # run_cell_magic called from code: no notebook cell holds this body, so
+    # its lines are its own (never a blank line 1 for a %%stateful line
+    # nobody sees), in the traceback shown and in surveilr's exec row.
+    ran = kernel.run("get_ipython().run_cell_magic('stateful', '--quiet', 'a = 1\\nb = a / 0\\n')")
+    text = traceback_of(ran)
+    assert "----> 2 b = a / 0" in text and "      1 a = 1" in text
+    (stored,) = kernel.rows("SELECT exec_error_text FROM orchestration_session_exec")[0]
+    assert "----> 2 b = a / 0" in stored and "      1 a = 1" in stored

@@ -115,7 +115,10 @@ class BodyRunner:
         the running cell's own result when there is one.  *lines* are the
         notebook cell's lines, for tracebacks to show (None when the running
         cell is not the one whose body this is: then the magic's line is
-        taken to be the only one before the body).
+        taken to be the only one before the body).  Without that cell (the
+        magic called from code), the body is numbered from its own first
+        line, and its own lines are shown: a traceback never shows a line it
+        can't print.
         """
         running = getattr(self.shell.displayhook, "exec_result", None)
         number = getattr(running, "execution_count", None)
@@ -123,6 +126,8 @@ class BodyRunner:
             number = self.shell.execution_count
         raw = getattr(getattr(running, "info", None), "raw_cell", None)
         lines, start = _cell_lines(raw, cell)
+        if lines is None:
+            lines, start = [line if line.endswith("\n") else line + "\n" for line in cell.splitlines()], 0
         dropped = 0  # empty lines the transform drops from the body's start
         for line in cell.splitlines():
             if line and not line.isspace():
@@ -147,16 +152,16 @@ class _Body:
 def _cell_lines(raw: Any, body: str) -> tuple[list[str] | None, int]:
     """The lines of the notebook cell *raw* whose ``%%stateful`` body is
     *body* (each ending in a newline), and the index of the body's first
-    line; ``(None, 1)`` when *raw* is not that cell."""
+    line; ``(None, 0)`` when *raw* is not that cell."""
     if not isinstance(raw, str) or body not in raw:
-        return None, 1
+        return None, 0
     lines = [line if line.endswith("\n") else line + "\n" for line in raw.splitlines()]
     for i, line in enumerate(lines):
         if _STATEFUL_LINE.match(line):
             if "".join(lines[i + 1 :]).rstrip("\n") == body.rstrip("\n"):
                 return lines, i + 1
             break
-    return None, 1
+    return None, 0
 
 
 _STATEFUL_LINE = re.compile(r"%%stateful(?:[ \t]|$)")
