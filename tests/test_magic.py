@@ -188,11 +188,12 @@ def test_failed_cell_shows_traceback_once_is_recorded_and_runs_again(kernel):
     assert json.loads(row[0])["outputs"][0] == {"output_type": "stream", "name": "stdout", "text": "before\n"}
 
 
-def test_syntax_error_in_body_fails_and_is_not_cached(kernel):
+def test_syntax_error_in_body_fails_and_nothing_is_recorded(kernel):
+    kernel.ok("%%stateful\nw = 1\n")  # a store that exists: still nothing is written for the error
     ran = kernel.run("%%stateful\nx = (\n")
     assert not ran.result.success
     assert "SyntaxError" in ran.stdout
-    assert kernel.states()[-1] == ("RUNNING", "FAILED")
+    assert kernel.states() == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
 
 
 def test_keyboard_interrupt_is_recorded_and_not_executed(kernel):

@@ -40,11 +40,13 @@ def test_a_function_defined_in_a_stateful_cell_points_into_that_cell(kernel):
     assert "----> 4     return math.log(v)" in text
 
 
-def test_a_syntax_error_in_the_body_is_on_its_notebook_line(kernel):
+def test_a_syntax_error_in_the_body_is_on_its_notebook_line_and_nothing_is_recorded(kernel):
     ran = kernel.run("%%stateful\nok = 1\nnot valid python(\n")
     text = traceback_of(ran)
     assert "line 3" in text
-    assert "SyntaxError" in text
+    assert "SyntaxError" in text and text.count("SyntaxError") == 1
+    assert not ran.result.success and "ok" not in kernel.shell.user_ns
+    assert not kernel.db.exists(), "no store is created for a cell that can't be run"
 
 
 @pytest.fixture

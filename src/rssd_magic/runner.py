@@ -26,6 +26,7 @@ settings through a :class:`Config` (the adapter's traitlets).
 
 from __future__ import annotations
 
+import ast
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -43,7 +44,7 @@ from .keys import cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
 from .record import RecordError
 from .replaying import Replayer
-from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError
+from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError, for_display
 from .trust import Signer
 from .ttl import age_s
 
@@ -218,20 +219,29 @@ class CellRunner:
         :meth:`run_async` awaits it.  A replay yields nothing."""
         if self._unended:
             self._retry_ends()
+        python = None
+        if not opts.sql:
+            python = self.port.transform_cell(cell)
+            if not _parses(python):
+                # Shown as IPython shows any syntax error: no store is opened
+                # or created, nothing recorded, no key computed.
+                executed = yield cell
+                if executed.error is not None:
+                    raise for_display(executed.error, executed.traceback)
+                return executed.result
         try:
             backend = self.backend(opts.db)
         except StoreError as exc:
             raise UsageProblem(f"%%stateful: {exc}. The cell was not run.") from None
         scope = self.scope(opts.scope, backend)
         inputs: dict = {}
-        sql_cell = python = None
+        sql_cell = None
         if opts.sql:
             sql_cell = self._sql_cell(cell, opts, backend)
             key = cell_key(sql.normalize_sql(cell), scope, opts.name, extra=sql_cell.extra)
         else:
             if opts.conn or opts.out:
                 raise UsageProblem("%%stateful: --conn and --out go with --sql")
-            python = self.port.transform_cell(cell)
             if opts.name is None:
                 inputs = self._inputs(python, opts, cell)
             key = cell_key(cell, scope, opts.name, inputs=inputs_digest(inputs), strict=opts.strict)
@@ -459,6 +469,16 @@ def _may_bind(opts: CellOptions, python: str | None) -> Callable[[frozenset[str]
 @lru_cache(maxsize=512)
 def _read_names(python: str) -> tuple[str, ...]:
     return tuple(read_names(python))
+
+
+@lru_cache(maxsize=512)
+def _parses(python: str) -> bool:
+    """True when *python* is valid Python (top-level ``await`` allowed)."""
+    try:
+        ast.parse(python)
+    except (SyntaxError, ValueError):
+        return False
+    return True
 
 
 def _inputs_of(transition: Transition) -> dict | None:

@@ -126,7 +126,7 @@ class Run:
             # An awaiting body stopped by the kernel's interrupt is cancelled.
             stopped = isinstance(executed.error, (KeyboardInterrupt, asyncio.CancelledError))
             self.end(INTERRUPTED if stopped else FAILED, record, record.error_line()[:500])
-            raise _for_display(executed.error, executed.traceback)
+            raise for_display(executed.error, executed.traceback)
         self.executed(rec, lambda: self._python_payload(ns, before, taken, python, rec, executed))
         return None
 
@@ -328,7 +328,7 @@ def _error(exc: BaseException, stb: list[str] | None) -> dict:
     return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text}
 
 
-def _for_display(exc: BaseException, stb: list[str] | None) -> BaseException:
+def for_display(exc: BaseException, stb: list[str] | None) -> BaseException:
     """The exception to re-raise so the outer cell fails (nbclient and
     papermill stop, as for any failing cell) and shows the body's traceback
     exactly once, through IPython's ``_render_traceback_`` hook."""
