@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 import sqlite3
@@ -301,9 +303,26 @@ def test_rows_follow_surveilr_conventions(kernel):
 def test_unknown_option_is_a_usage_error_naming_it(kernel):
     from IPython.core.error import UsageError
 
-    ran = kernel.run("%%stateful --nope\n" + APPEND)
+    ran = kernel.run("%%stateful --zqxj\n" + APPEND)
     assert type(ran.result.error_in_exec) is UsageError
-    assert "--nope" in str(ran.result.error_in_exec)
+    assert "--zqxj" in str(ran.result.error_in_exec) and "did you mean" not in str(ran.result.error_in_exec)
+    assert counter(kernel.workdir / "side.log") == 0
+
+
+@pytest.mark.parametrize(
+    "line, meant",
+    [
+        ("%%stateful --nmae foo\n" + APPEND, "--name"),
+        ("%%stateful --deps-pakage numpy\n" + APPEND, "--deps-package"),
+        ("%stateful lst", "list"),
+        ("%stateful gc --dryrun", "--dry-run"),
+    ],
+)
+def test_a_mistyped_option_or_command_gets_a_suggestion(kernel, line, meant):
+    from IPython.core.error import UsageError
+
+    err = kernel.run(line).result.error_in_exec
+    assert type(err) is UsageError and str(err).startswith("%") and str(err).endswith(f"did you mean {meant}?")
     assert counter(kernel.workdir / "side.log") == 0
 
 

@@ -6,6 +6,7 @@ in ``--db`` is an error, not a new file."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import shlex
 from functools import lru_cache
 from typing import Any
@@ -23,7 +24,7 @@ USAGE = """\
 %stateful show KEY           source, every transition, what a replay shows
 %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
 %stateful stats              cells, hits, time saved, storage
-%stateful gc                 delete blobs no current result refers to
+%stateful gc [--dry-run]     delete blobs no current result refers to
 %stateful verify [--repair]  check the bytes of every blob current records name
 %stateful trust              sign this store's records with your key"""
 
@@ -33,7 +34,7 @@ def run_command(magics: Any, line: str) -> Any:
     argv = split("%stateful", line)
     if not [a for a in argv if not a.startswith("-")]:
         raise UsageError(f"%stateful needs a command:\n{USAGE}")
-    args = _line_parser().parse_args(argv)
+    args = parse(_line_parser(), "%stateful", argv)
     try:
         # Never creates a store: a typo in --db is an error, not a new file.
         backend = magics.runner.backend(args.db, create=False)
@@ -62,8 +63,10 @@ def _line_command(magics: Any, backend: Any, args: argparse.Namespace) -> Any:
     if args.command == "stats":
         return _Rendered(lambda s: render.stats_text(s, prog="%stateful"), None, report.stats(backend))
     if args.command == "gc":
-        r = report.gc(backend)
-        print(f"freed {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}")
+        r = report.gc(backend, dry_run=args.dry_run)
+        verb = "would free" if args.dry_run else "freed"
+        print(f"{verb} {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}; "
+              f"kept {plural(r['kept'], 'blob')}, {fmt_bytes(r['kept_bytes'])}")  # fmt: skip
         return None
     if args.command == "verify":
         r = report.verify(backend, repair=args.repair)
@@ -89,6 +92,40 @@ class _Rendered:
         return self._html(self.value) if self._html else None
 
 
+def parse(parser: argparse.ArgumentParser, prog: str, argv: list[str]) -> argparse.Namespace:
+    """*argv* parsed by *parser*, or a UsageError that names *prog* and,
+    for a mistyped option or command, the one that was probably meant."""
+    try:
+        return parser.parse_args(argv)
+    except UsageError as exc:
+        message = str(exc)
+        hint = _did_you_mean(parser, message)
+        raise UsageError(f"{prog}: {message}" + (f"; did you mean {hint}?" if hint else "")) from None
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str | None:
+    options: list[str] = []
+    commands: list[str] = []
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps them here, documented for subclasses
+        options += [o for o in action.option_strings if o.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            commands += list(action.choices)
+            for sub in action.choices.values():
+                options += [o for a in sub._actions for o in a.option_strings if o.startswith("--")]  # noqa: SLF001
+    if "unrecognized arguments:" in message:
+        wrong = [t for t in message.split("unrecognized arguments:", 1)[1].split() if t.startswith("-")]
+        pool = options
+    elif "invalid choice:" in message:
+        wrong, pool = [message.split("invalid choice:", 1)[1].split("'")[1]], commands
+    else:
+        return None
+    for token in wrong:
+        close = difflib.get_close_matches(token.split("=")[0], sorted(set(pool)), n=1, cutoff=0.6)
+        if close:
+            return close[0]
+    return None
+
+
 def split(prog: str, line: str) -> list[str]:
     """The option line split as a shell would (``--db "my dir/x.db"``)."""
     try:
@@ -102,8 +139,11 @@ def _line_parser() -> MagicArgumentParser:
     parser = MagicArgumentParser(prog="%stateful", add_help=False)
     parser.add_argument("--db", metavar="PATH")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=MagicArgumentParser)
-    for name in ("list", "stats", "gc", "trust"):
+    for name in ("list", "stats", "trust"):
         sub.add_parser(name).add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    gc = sub.add_parser("gc")
+    gc.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    gc.add_argument("--dry-run", action="store_true")
     verify = sub.add_parser("verify")
     verify.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
     verify.add_argument("--repair", action="store_true")

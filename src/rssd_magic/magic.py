@@ -27,7 +27,7 @@ from . import __version__
 from .backends import DEFAULT_RSSD, ENV_RSSD
 from .body import BodyRunner, route_awaiting_cells, unroute
 from .claims import DEFAULT_LEASE_S
-from .commands import run_command, split
+from .commands import parse, run_command, split
 from .hooks import close_on_sigterm, watch_for_duckdb
 from .runner import (
     CellOptions,
@@ -252,7 +252,7 @@ class StatefulMagics(Magics):
         if opts is None:  # argparse is slow; a notebook repeats few option lines
             if len(self._options) > 256:
                 self._options.clear()
-            args = self.stateful.parser.parse_args(split("%%stateful", line))
+            args = parse(self.stateful.parser, "%%stateful", split("%%stateful", line))
             opts = self._options[line] = _cell_options(args, line.strip())
         return opts
 
@@ -266,7 +266,7 @@ class StatefulMagics(Magics):
         %stateful show KEY           source, every transition, what a replay shows
         %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
         %stateful stats              cells, hits, time saved, storage
-        %stateful gc                 delete blobs no current result refers to
+        %stateful gc [--dry-run]     delete blobs no current result refers to
         %stateful verify [--repair]  check the bytes of every blob current records name
         %stateful trust              sign this store's records with your key
 
