@@ -32,8 +32,14 @@ class Ran:
         return [d for d in self.displays if d.metadata.get("rssd_magic", {}).get("banner")]
 
     @property
+    def notes(self) -> list:
+        """Notes shown as displays of their own (a new RSSD created)."""
+        return [d for d in self.displays if d.metadata.get("rssd_magic", {}).get("note")]
+
+    @property
     def shown(self) -> list:
-        return [d for d in self.displays if not d.metadata.get("rssd_magic", {}).get("banner")]
+        """What the cell itself showed: no banner, no note of ours."""
+        return [d for d in self.displays if not {"banner", "note"} & set(d.metadata.get("rssd_magic", {}))]
 
 
 class Kernel:

@@ -57,10 +57,21 @@ def execute(
     return nb
 
 
+def _ours(output: dict) -> dict:
+    meta = output.get("metadata") or {}
+    ours = meta.get("rssd_magic") if isinstance(meta, dict) else None
+    return ours if isinstance(ours, dict) else {}
+
+
 def is_banner(output: dict) -> bool:
     """True for the replay banner %%stateful shows before a replay."""
-    meta = output.get("metadata") or {}
-    return bool(isinstance(meta, dict) and (meta.get("rssd_magic") or {}).get("banner"))
+    return bool(_ours(output).get("banner"))
+
+
+def is_note(output: dict) -> bool:
+    """True for a note %%stateful shows as a display of its own (a new RSSD
+    created): what a first run shows and a replay never does."""
+    return bool(_ours(output).get("note"))
 
 
 def banners(cell) -> list[dict]:
@@ -69,15 +80,16 @@ def banners(cell) -> list[dict]:
 
 def strip_volatile(nb: nbformat.NotebookNode) -> list[list[dict]]:
     """Per code cell, its outputs without what legitimately differs between a
-    first run and a replay: execution counts, the replay banner, and
-    transient display ids.  Plain dicts, comparable with ``==``."""
+    first run and a replay: execution counts, the replay banner, the note
+    of a new RSSD, and transient display ids.  Plain dicts, comparable
+    with ``==``."""
     cells = []
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         outs = []
         for out in cell.get("outputs", []):
-            if is_banner(out):
+            if is_banner(out) or is_note(out):
                 continue
             out = copy.deepcopy(dict(out))
             out.pop("execution_count", None)

@@ -30,7 +30,7 @@ def last_record(kernel) -> dict:
 def test_values_changed_in_place_are_recorded_said_once_and_restored(kernel):
     kernel.ok(SETUP)
     first = kernel.ok(MUTATE)
-    assert "[stateful] also recorded: df, results (changed in place)" in first.stderr
+    assert "[stateful] also recorded: df, results (changed in place)" in first.stdout and "also recorded" not in first.stderr
     record = last_record(kernel)
     assert record["changed"] == ["df", "results"]
     assert {"df", "results", "counter"} <= set(record["names"])
@@ -39,7 +39,7 @@ def test_values_changed_in_place_are_recorded_said_once_and_restored(kernel):
     kernel.ok(SETUP)
     second = kernel.ok(MUTATE)
     assert counter(kernel.workdir / "side.log") == 1, "replayed, not run"
-    assert "also recorded" not in second.stderr
+    assert "also recorded" not in second.stdout
     ns = kernel.shell.user_ns
     pd.testing.assert_frame_equal(ns["df"], pd.DataFrame({"a": [1, 2, 3], "b": [2, 4, 6]}))
     assert ns["results"] == ["model-1"]
@@ -50,7 +50,7 @@ def test_an_array_changed_in_place_is_restored_and_one_only_read_is_not_recorded
     kernel.ok("import numpy as np\nweights = np.zeros(4)\nlookup = np.arange(4)\n")
     cell = "%%stateful\n" + APPEND + "weights[lookup[1]] = 5.0\ntotal = float(lookup.sum())\n"
     first = kernel.ok(cell)
-    assert "also recorded: weights (changed in place)" in first.stderr
+    assert "also recorded: weights (changed in place)" in first.stdout
     record = last_record(kernel)
     assert record["changed"] == ["weights"]
     assert "lookup" not in record["names"]
@@ -66,7 +66,7 @@ def test_an_array_changed_in_place_is_restored_and_one_only_read_is_not_recorded
 def test_a_cell_that_changes_nothing_in_place_records_as_before(kernel):
     kernel.ok(SETUP)
     ran = kernel.ok("%%stateful\nn_rows = len(df) + len(results)\n")
-    assert "also recorded" not in ran.stderr
+    assert "also recorded" not in ran.stdout
     record = last_record(kernel)
     assert "changed" not in record and "deleted" not in record
     assert list(record["names"]) == ["n_rows"]
@@ -76,7 +76,7 @@ def test_a_function_is_not_changed_in_place_by_rebinding_a_global_it_reads(kerne
     # f's fingerprint folds in the k it reads; the cell rebinds k, not f.
     kernel.ok("def f():\n    return k\nk = 1\n")
     ran = kernel.ok("%%stateful\nk = 2\ny = f()\n")
-    assert "also recorded" not in ran.stderr
+    assert "also recorded" not in ran.stdout
     assert "f" not in last_record(kernel)["names"]
 
 
@@ -93,7 +93,7 @@ def test_a_value_that_cant_be_fingerprinted_and_is_changed_is_named_in_a_warning
 def test_a_value_changed_into_one_that_cant_be_saved_is_named(kernel):
     kernel.ok("holders = []\n")
     ran = kernel.ok("%%stateful\nimport threading\nholders.append(threading.Lock())\n")
-    assert "also recorded: holders (changed in place)" in ran.stderr
+    assert "also recorded: holders (changed in place)" in ran.stdout
     assert "can't be saved" in ran.stderr and "holders" in ran.stderr.split("can't be saved", 1)[1]
 
 

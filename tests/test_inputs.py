@@ -26,16 +26,17 @@ def test_changed_input_reruns_and_says_why_equal_input_replays(kernel):
     kernel.ok(USES_DF)
     assert kernel.shell.user_ns["total"] == 12.0
     kernel.ok("df = pd.DataFrame({'x': [1, 2, 3]})")  # equal value, new object
-    assert not kernel.ok(USES_DF).stderr
+    replayed = kernel.ok(USES_DF)
+    assert not replayed.stderr and "[stateful]" not in replayed.stdout
     assert counter(kernel.workdir / "side.log") == 1
     kernel.ok("factor = 3")
     ran = kernel.ok(USES_DF)
     assert counter(kernel.workdir / "side.log") == 2
-    assert "running again: input factor changed (2 → 3)" in ran.stderr
+    assert "running again: input factor changed (2 → 3)" in ran.stdout and not ran.stderr
     assert kernel.shell.user_ns["total"] == 18.0
     kernel.ok("df = pd.DataFrame({'x': [1, 2, 4]})")
     ran = kernel.ok(USES_DF)
-    assert "input df changed" in ran.stderr and "DataFrame" in ran.stderr
+    assert "input df changed" in ran.stdout and "DataFrame" in ran.stdout
     recorded = reasons(kernel)
     assert recorded[0] == "first run"
     assert recorded[1] == "input factor changed (2 → 3)"
@@ -56,7 +57,7 @@ def test_function_edited_upstream_reruns_the_caller(kernel):
     kernel.ok("def score(v):\n    return v * 3\n")
     ran = kernel.ok(cell)
     assert counter(kernel.workdir / "side.log") == 2 and kernel.shell.user_ns["s"] == 30
-    assert "input score changed" in ran.stderr
+    assert "input score changed" in ran.stdout
 
 
 def test_declared_file_env_and_package_deps(kernel, monkeypatch):
@@ -67,9 +68,9 @@ def test_declared_file_env_and_package_deps(kernel, monkeypatch):
     kernel.ok(cell)
     assert counter(kernel.workdir / "side.log") == 1
     data.write_text("a,b\n1,3\n")
-    assert "file data.csv changed" in kernel.ok(cell).stderr
+    assert "file data.csv changed" in kernel.ok(cell).stdout
     monkeypatch.setenv("MODE", "fast")
-    assert "env MODE set" in kernel.ok(cell).stderr
+    assert "env MODE set" in kernel.ok(cell).stdout
     assert counter(kernel.workdir / "side.log") == 3
     (inputs,) = kernel.rows(
         "SELECT json_extract(transition_result, '$.inputs') FROM orchestration_session_state "
@@ -136,6 +137,6 @@ def test_a_package_installed_in_the_running_kernel_counts(kernel, monkeypatch, t
     assert [json.loads(p) for (p,) in recorded] == [{"rssd-fake-dist": "1.0"}, {"rssd_fake_mod": "1.0"}]
     _install(site, "rssd-fake-dist", "2.0", "rssd_fake_mod")
     for cell in cells:
-        said = kernel.ok(cell).stderr
+        said = kernel.ok(cell).stdout
         assert "running again" in said and "2.0" in said
     assert counter(kernel.workdir / "side.log") == 4

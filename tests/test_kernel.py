@@ -26,6 +26,7 @@ from kernel_util import (
     check_rssd,
     errors_of,
     execute,
+    is_note,
     plain_traceback,
     query,
     strip_volatile,
@@ -119,8 +120,12 @@ def test_outputs_replay_identically_side_effect_once_and_rssd_records_it(tmp_pat
     # The body ran once: its side effect happened once over two kernels.
     assert lines(tmp_path / "side-effect.log") == 1
 
-    # Run 1 shows what the cell did, with no banner.
-    out1 = first.cells[2].outputs
+    # Run 1 shows what the cell did, with no banner; the store it made is
+    # said once, in a display of its own, before the cell's outputs.
+    (created, *out1) = first.cells[2].outputs
+    assert created["output_type"] == "display_data" and created["metadata"] == {"rssd_magic": {"note": "created"}}
+    assert created["data"] == {"text/plain": f"[stateful] created a new RSSD: {tmp_path / DEFAULT_DB}"}
+    assert not any(is_note(o) for c in first.cells[3:] + second.cells for o in c.outputs)
     assert banners(first.cells[2]) == [] and banners(first.cells[3]) == []
     kinds = [o["output_type"] for o in out1]
     assert kinds == ["stream", "stream", "display_data", "display_data", "execute_result"], kinds
@@ -475,7 +480,7 @@ def test_keys_with_inputs_are_stable_across_kernels_and_changes_rerun_with_a_rea
     changed = execute([LOAD, INPUTS.format(scale=3), READS], tmp_path)
     assert "18.0" in text_of(changed.cells[2])
     # The cell reads weight(), whose fingerprint covers the global it reads.
-    assert "running again: input weight changed" in text_of(changed.cells[2], "stderr")
+    assert "running again: input weight changed" in text_of(changed.cells[2], "stdout")
     assert (tmp_path / "reads.log").read_text().count("ran") == 2
     reasons = [r for (r,) in query(tmp_path / DEFAULT_DB, "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' ORDER BY 1")]
     assert reasons[0] == "first run" and reasons[1].startswith("input weight changed")

@@ -172,7 +172,7 @@ def test_a_stalled_holder_on_another_host_is_taken_over_and_cannot_record(tmp_pa
         os.kill(holder.pid, signal.SIGCONT)
     stale = finish(holder)
     assert waiter["ok"] and waiter["mark"] == "fresh"
-    assert "took over" in waiter["stderr"] and "no heartbeat from host other" in waiter["stderr"]
+    assert "took over" in waiter["stdout"] and "no heartbeat from host other" in waiter["stdout"]
     assert 3 <= took < 30, "judged by the lease, on the waiter's own clock"
     assert "this run was taken over by host" in stale["stderr"] and "its result was not recorded" in stale["stderr"]
     states = [(a, b) for a, b, _ in chain(tmp_path)]
@@ -190,7 +190,7 @@ def test_a_live_holder_that_is_pid_1_of_another_namespace_is_waited_for(tmp_path
     inside = finish(holder)
     assert inside["pid"] == 1, "the holder really was pid 1 of its namespace"
     assert waiter["ok"] and waiter["mark"] == "container", "the waiter replayed the holder's run"
-    assert "took over" not in waiter["stderr"]
+    assert "took over" not in waiter["stdout"]
     assert ran(tmp_path) == [f"{inside['host']} container"], "the body ran once"
     assert [(a, b) for a, b, _ in chain(tmp_path)] == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
 
@@ -202,7 +202,7 @@ def test_a_heartbeating_holder_whose_clock_is_five_minutes_behind_is_not_taken_o
     until(store.claimed)
     waiter = finish(start(tmp_path, LEASE=3, MARK="on-time", **store.env))
     finish(holder)
-    assert waiter["ok"] and waiter["mark"] == "behind" and "took over" not in waiter["stderr"]
+    assert waiter["ok"] and waiter["mark"] == "behind" and "took over" not in waiter["stdout"]
     assert len(ran(tmp_path)) == 1
     assert [(a, b) for a, b, _ in store.chain()] == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
 

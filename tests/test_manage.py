@@ -26,7 +26,7 @@ def test_ttl_reruns_a_stale_result_and_records_why(kernel):
     kernel.magics.clock = lambda: time.time() + 31 * 60
     ran = kernel.ok(cell)
     assert counter(kernel.workdir / "side.log") == 2
-    assert "stale" in ran.stderr
+    assert "stale" in ran.stdout
     (reason,) = kernel.rows(
         "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' "
         "ORDER BY rowid DESC LIMIT 1"

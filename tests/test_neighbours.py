@@ -95,7 +95,7 @@ def test_a_neighbour_holding_the_write_lock_slows_no_replay(tmp_path):
         assert not must_run["ok"] and must_run["error"].startswith("UsageError: %%stateful: RSSD")
         assert "database is locked" in must_run["error"] and f"held by pid {holder.pid}" in must_run["error"]
         assert "not run" in must_run["error"]
-        assert must_run["stderr"].count("waiting up to 2s for the write lock") == 1
+        assert must_run["stdout"].count("waiting up to 2s for the write lock") == 1
         assert counter(tmp_path / "side.log") == 1
     finally:
         holder.kill()
@@ -161,7 +161,7 @@ def test_a_published_rssd_on_a_read_only_mount_replays(tmp_path):
         k.close()
     for ran in (plain, only):
         assert any("replayed" in d for d in ran["displays"])
-    said = plain["stderr"] + only["stderr"] + new["stderr"]
+    said = plain["stdout"] + only["stdout"] + new["stdout"]
     assert said.count("is read-only here") == 1, said
     assert not new["ok"] and "read-only" in new["error"] and "not run" in new["error"]
     assert sorted(p.name for p in pub.iterdir()) == files and counter(pub / "side.log") == 1
@@ -237,7 +237,7 @@ def test_an_rssd_deleted_under_a_running_kernel_starts_anew(tmp_path):
         k.ok(CELL)
         os.remove(tmp_path / DB)  # "delete the RSSD to start over"
         second = k.ok("%%stateful\n" + APPEND + "w = 2\n")
-        assert second["stderr"].count("was deleted while this kernel had it open; starting a new one") == 1
+        assert second["stdout"].count("was deleted while this kernel had it open; starting a new one") == 1
     finally:
         k.close()
     # The second cell was recorded in the new file; the first one was not.
@@ -283,7 +283,7 @@ def test_a_teammates_rssd_arriving_under_the_name_keeps_its_records(tmp_path):
             other.close()
         assert counter(mine / "side.log") == 1
         third = k.ok("%%stateful\n" + APPEND + "v = 3\n")
-        assert "replaced by another file while this kernel had it open" in third["stderr"]
+        assert "replaced by another file while this kernel had it open" in third["stdout"]
     finally:
         k.close()
     assert query(mine / DB, "PRAGMA integrity_check") == [("ok",)]

@@ -36,7 +36,7 @@ def test_quoted_option_values_lose_their_quotes(kernel):
     kernel.ok(keyed)
     (kernel.workdir / "my data.csv").write_text("a\n2\n")
     rerun = kernel.ok(keyed)
-    assert "file my data.csv changed" in rerun.stderr
+    assert "file my data.csv changed" in rerun.stdout
     assert counter(kernel.workdir / "side.log") == 3
 
 

@@ -326,6 +326,7 @@ def test_result_replays_before_a_display_flushed_after_the_cell(kernel, monkeypa
     """What matplotlib's inline backend does: flush figures on post_execute,
     after the cell's Out[] is shown."""
     shell = kernel.shell
+    kernel.ok("%%stateful --quiet\nstore_made = True\n")  # its note of a new RSSD is not what is logged here
     log: list = []
 
     def flush_figures():
@@ -351,7 +352,7 @@ def test_result_replays_before_a_display_flushed_after_the_cell(kernel, monkeypa
         cell = "%%stateful --quiet\nfigure_pending = True\n6 * 7\n"
         kernel.ok(cell)
         assert log == ["result", "display"]
-        (row,) = kernel.rows("SELECT transition_result FROM orchestration_session_state WHERE to_state = 'EXECUTED'")
+        row = kernel.rows("SELECT transition_result FROM orchestration_session_state WHERE to_state = 'EXECUTED'")[-1]
         assert [o["output_type"] for o in json.loads(row[0])["outputs"]] == ["execute_result", "display_data"]
         kernel.restart()
         log.clear()
@@ -378,6 +379,8 @@ def test_terminal_shell_records_python_and_fd_output_once_in_order(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     first, replayed = out.stdout.split("--\n")
+    created, first = first.split("\n", 1)
+    assert created == f"[stateful] created a new RSSD: {tmp_path / 'resource-surveillance.sqlite.db'}", created
     assert first == replayed, "the replay shows what the terminal showed"
     assert sorted(first.splitlines()) == ["from fd", "py 1", "py 2", "via buffer"]  # each once
     assert first.startswith("py 1\nfrom fd\n") and first.index("via buffer") > first.index("from fd")

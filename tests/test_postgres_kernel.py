@@ -85,7 +85,7 @@ def test_a_sigkilled_holder_is_taken_over_with_one_executed(url, tmp_path):
     (tmp_path / "sleep.txt").write_text("0.1")
     second = execute([LOAD, SLEEPY_CELL, "print('ran_in', ran_in)"], tmp_path, timeout=60)
     taken_over_in = time.monotonic() - killed
-    note = text_of(second.cells[1], "stderr")
+    note = text_of(second.cells[1], "stdout")
     assert "took over" in note and f"process {victim.pid} on {HOST} is gone" in note, note
     second_pid = int(lines(log)[1])
     assert text_of(second.cells[2]) == f"ran_in {second_pid}\n"
@@ -129,7 +129,7 @@ def test_a_holder_stopped_past_its_lease_is_taken_over_and_can_not_record(url, t
             waited = time.monotonic() - started
         finally:
             os.kill(holder.pid, signal.SIGCONT)
-        note = text_of(waiter.cells[2], "stderr")
+        note = text_of(waiter.cells[2], "stdout")
         assert "took over" in note and "no heartbeat from" in note, note
         taker = int(lines(log)[1])
         assert text_of(waiter.cells[3]) == f"ran_in {taker}\n"

@@ -78,7 +78,7 @@ def test_a_changed_input_reruns_and_says_why(pg_kernel):
     k.ok(cell)
     k.ok("factor = 3")
     ran = k.ok(cell)
-    assert "running again: input factor changed (2 → 3)" in ran.stderr
+    assert "running again: input factor changed (2 → 3)" in ran.stdout
     assert counter(k.workdir / "side.log") == 2 and k.shell.user_ns["total"] == 30
     reasons = raw(k.url, "SELECT transition_reason FROM orchestration_session_state WHERE to_state = 'RUNNING' ORDER BY transitioned_at, orchestration_session_state_id")
     assert [r for (r,) in reasons] == ["first run", "input factor changed (2 → 3)"]
@@ -212,7 +212,7 @@ def test_ttl_compares_the_servers_time_of_the_run(pg_kernel):
     k.ok(cell)
     assert counter(k.workdir / "side.log") == 1, "younger than the TTL: replayed"
     k.magics.clock = lambda: time.time() + 31 * 60
-    assert "stale" in k.ok(cell).stderr and counter(k.workdir / "side.log") == 2
+    assert "stale" in k.ok(cell).stdout and counter(k.workdir / "side.log") == 2
 
 
 def test_sql_on_a_psycopg_connection_of_the_notebook(pg_kernel):

@@ -158,9 +158,22 @@ class StatefulMagics(Magics):
         hook.write_format_data(data, metadata)
         hook.finish_displayhook()
 
+    def say(self, text: str, tag: str | None = None) -> None:
+        """One line that informs (why a cell runs again, what else was
+        recorded, a store replaced): on stdout, which notebooks show as plain
+        text; flushed at once, so it shows where it was said.  A *tag*ged
+        line (a store created) is a display of its own, marked
+        ``{"rssd_magic": {"note": tag}}`` in its metadata, so tools can tell
+        it from the cell's own output."""
+        if tag is None:
+            print(text, flush=True)
+        else:
+            sys.stdout.flush()
+            self.publish({"text/plain": text}, {"rssd_magic": {"note": tag}})
+
     def note(self, text: str) -> None:
-        """One line for the user, on stderr (not mixed into the cell's stdout),
-        flushed at once so it shows where it was said, before what follows."""
+        """One line the user may have to act on (a value not restored, a run
+        not recorded, an untrusted record): on stderr, flushed at once."""
         print(text, file=sys.stderr, flush=True)
 
     def notebook(self) -> str | None:

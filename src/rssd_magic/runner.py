@@ -90,6 +90,7 @@ class ShellPort(Protocol):
     async def execute_async(self, cell: str) -> Executed: ...
     def publish(self, data: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> None: ...
     def show_result(self, value: Any, data: dict, metadata: dict) -> None: ...
+    def say(self, text: str, tag: str | None = None) -> None: ...
     def note(self, text: str) -> None: ...
     def notebook(self) -> str | None: ...
     def session_args(self) -> dict: ...
@@ -149,7 +150,7 @@ class CellRunner:
                 session_args=self.port.session_args(),
                 busy_timeout_s=self.config.busy_timeout_seconds,
                 allow_network_fs=self.config.allow_network_fs,
-                notify=self.port.note,
+                notify=self.port.say,
             )
             self._backends[location] = backend
         self._resolved[where] = backend
@@ -267,7 +268,7 @@ class CellRunner:
                 why = explain(_inputs_of(earlier), inputs) or "inputs changed"
                 first_reason, note = why, f"running again: {why}"
         if note:
-            self.port.note(f"[stateful] {note}")
+            self.port.say(f"[stateful] {note}")
         status = _Status(self.port)
         request = ClaimRequest(
             key,
@@ -300,7 +301,7 @@ class CellRunner:
             return self.replayer.replay(backend, key, outcome.previous, quiet, _may_bind(opts, python))
         if outcome.abandoned is not None:
             status.done("the other kernel died; running the cell here")
-            self.port.note(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
+            self.port.say(f"[stateful] took over: the previous run was abandoned ({outcome.abandoned.reason})")
         beat = self._heartbeat(backend)
         beat.hold(outcome.running.state_id, outcome.claim.token, self.config.lease_seconds)
         run = Run(
@@ -434,7 +435,7 @@ class _Status:
             if self.port.live:
                 self._show(text, update=False)
             else:
-                self.port.note(f"[stateful] {text}")
+                self.port.say(f"[stateful] {text}")
         elif self.port.live:
             self._show(text, update=True)
 

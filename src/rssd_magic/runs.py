@@ -141,7 +141,7 @@ class Run:
         specs, blobs = dump_names(ns, names + changed)
         record = self.record(outputs=rec.finish(), names=specs, changed=changed, deleted=deleted)
         if changed:
-            self.port.note(f"[stateful] also recorded: {', '.join(changed)} (changed in place)")
+            self.port.say(f"[stateful] also recorded: {', '.join(changed)} (changed in place)")
         if unknown:
             self.port.note(
                 "[stateful] may have changed in place, but can't be fingerprinted, so a replay won't restore it: "

@@ -384,9 +384,10 @@ class StateBackend(Protocol):
     # busy_timeout_s=30.0, allow_network_fs=False, notify=None)`` is a
     # classmethod of each backend (options a backend has no use for are
     # accepted and ignored).  Opening a prepared store writes nothing.
-    # *notify(line)* is told what the user should know, once each: a store
-    # that is read-only here, a file replaced under a running kernel, a
-    # wait for another process's lock.
+    # *notify(line, tag=None)* is told what the user should know, once
+    # each: a store that is read-only here, a file replaced under a running
+    # kernel, a wait for another process's lock; and, tagged ``created``, a
+    # store that opening created (a run from the wrong folder shows).
 
     def start_session(self, args: dict) -> str:
         """Start this process's ``orchestration_session`` (once) and return

@@ -135,7 +135,7 @@ class SqliteBackend:
         path = Path(location).expanduser().absolute()
         if not create and not path.exists():
             raise StoreError(f"RSSD {path}: no such file")
-        db = RssdConnection(path, busy_timeout_s, notify or (lambda line: None), readonly=readonly)
+        db = RssdConnection(path, busy_timeout_s, notify or (lambda line, tag=None: None), readonly=readonly)
         remote = network_filesystem(path)
         if remote is not None:
             fstype, mount = remote

@@ -162,6 +162,10 @@ class RssdConnection:
             raise StoreError(f"RSSD {path}: not a usable SQLite database ({what(exc)})") from None
         self.conn, self.identity, self.read_only, self.access = conn, found, read_only, access
         self.last_used = time.monotonic()
+        if (not access.existed or access.empty) and read_only is None:
+            # A run from the wrong folder (papermill elsewhere, a moved
+            # notebook) would otherwise run its cells again unseen.
+            self.notify(f"[stateful] created a new RSSD: {path}", tag="created")
         if read_only is not None and not self.readonly_asked:
             self.say(f"RSSD {path} is read-only here ({read_only}): cells replay; replay counts and this "
                      "kernel's session are not recorded, and a cell that must run is refused")  # fmt: skip

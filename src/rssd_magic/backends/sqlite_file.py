@@ -61,6 +61,8 @@ class Access:
     existed: bool
     read_only: str | None = None
     writable: bool = True
+    #: An empty file: it becomes a new RSSD, as a missing one does.
+    empty: bool = False
 
 
 def _looks_truncated(path: Path) -> bool:
@@ -120,12 +122,13 @@ def check_path(path: Path, readonly: bool = False) -> Access:
         # later is called truncated.
         if _looks_truncated(path) and (time.sleep(0.05) or _looks_truncated(path)):
             raise ValueError("truncated (the file is shorter than its SQLite header says)")
+    empty = path.stat().st_size == 0
     if not _writable(path):
-        return Access(existed=True, read_only="the file is read-only", writable=False)
+        return Access(existed=True, read_only="the file is read-only", writable=False, empty=empty)
     if not _writable(path.parent):
         # WAL needs its -wal and -shm files beside the database.
-        return Access(existed=True, read_only=f"its folder {path.parent} is read-only", writable=False)
-    return Access(existed=True, read_only="opened read-only" if readonly else None)
+        return Access(existed=True, read_only=f"its folder {path.parent} is read-only", writable=False, empty=empty)
+    return Access(existed=True, read_only="opened read-only" if readonly else None, empty=empty)
 
 
 def uri(path: Path, mode: str, immutable: bool = False) -> str:
