@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 
 from .base import StoreError
-from .postgres_conn import Sql, cause, connect, lost
+from .postgres_conn import Sql, cause, connect, lost, transient
 
 #: Seconds between two attempts of a listener to reconnect.
 RELISTEN_S = 1.0
@@ -93,19 +93,24 @@ class PgRenewer:
         self.conn: psycopg.Connection | None = None
 
     def renew(self, held: dict[str, int]) -> set[str]:
-        """Beat; StoreError when the server can't be reached (the next beat
-        reconnects)."""
-        try:
-            if lost(self.conn):
-                self.conn = connect(self.url, purpose="heartbeat")
-            gone = set()
-            with self.q.tx(self.conn):
-                for state_id, token in held.items():
-                    if self.conn.execute(self.q(self.BEAT), (state_id, token)).rowcount == 0:
-                        gone.add(state_id)
-            return gone
-        except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
+        """Beat.  A link found broken (a restart, a killed connection) is
+        reopened at once for this beat; StoreError when the server can't be
+        reached (the next beat tries again)."""
+        for again in (True, False):
+            try:
+                if lost(self.conn):
+                    self.conn = connect(self.url, purpose="heartbeat")
+                gone = set()
+                with self.q.tx(self.conn):
+                    for state_id, token in held.items():
+                        if self.conn.execute(self.q(self.BEAT), (state_id, token)).rowcount == 0:
+                            gone.add(state_id)
+                return gone
+            except psycopg.Error as exc:
+                if not (again and transient(exc, self.conn)):
+                    raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
+                self.close()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         if self.conn is not None:
@@ -113,3 +118,4 @@ class PgRenewer:
                 self.conn.close()
             except Exception:  # noqa: BLE001 - a broken link
                 pass
+            self.conn = None
