@@ -652,3 +652,20 @@ def test_read_only_a_schema_without_our_tables_reads_them_as_empty(opened, pg_ur
     made = raw(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = ? OR schemaname LIKE 'pg_temp%'",
                (schema_of(pg_url),))  # fmt: skip
     assert not {"rssd_magic_hit", "rssd_magic_claim"} & {t for (t,) in made}, "nothing made, not even a temporary table"
+
+
+def test_export_and_import_replace_a_damaged_copy_on_the_other_side(opened, pg_url, tmp_path):
+    b = opened()
+    done, digest = _populate(b)
+    path = tmp_path / "team.sqlite.db"
+    assert b.export_rssd(str(path), digests_of=digests_of)["blobs"]["copied"] == 1
+    lite = sqlite3.connect(path)
+    with lite:
+        lite.execute("UPDATE rssd_magic_blob SET data = zeroblob(size) WHERE digest = ?", (digest,))
+    lite.close()
+    again = b.export_rssd(str(path), digests_of=digests_of)["blobs"]
+    assert (again["copied"], again["present"]) == (1, 0), "the file's damaged copy was replaced"
+    raw(pg_url, "UPDATE rssd_magic_blob_chunk SET data = overlay(data placing '\\xff'::bytea from 3) WHERE digest = ?", (digest,))
+    back = b.import_rssd(str(path))["blobs"]
+    assert (back["copied"], back["present"], back["bad"]) == (1, 0, []), "the server's damaged copy was rewritten"
+    assert bytes(b.blobs.get(digest))[:2] == b"\x80\x05" and b.import_rssd(str(path))["blobs"]["present"] == 1

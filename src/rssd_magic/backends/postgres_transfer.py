@@ -24,7 +24,12 @@ Both are a merge by id, the same code in both directions:
 Rows come from another tool's file, so nothing is trusted: a value the
 target can't hold (text with NUL, JSON that is not JSON) is reported instead
 of failing the rest, and every blob's bytes are checked against its digest
-while they are copied.  Transitions are copied in their store order, so the
+while they are copied.  Nor is a blob trusted for being there already: the
+target's copy is checked (the server's compared with the file's bytes, the
+file's against its digest) and replaced when it is not right.  The server's
+side runs with the store's statements and deadlines (postgres_conn.Sql; a
+blob's stream is given time for its size); a file that can't be written is
+a StoreError naming it.  Transitions are copied in their store order, so the
 target's order (rowid, or the identity seq) agrees with the source's.
 """
 
