@@ -109,7 +109,7 @@ class PostgresBackend:
         #: Why nothing may be written (a newer version's store, or opened
         #: read-only); None when writable.
         self.read_only = read_only
-        self.readonly = read_only is not None
+        #: Behind a pooler (detected at open): nobody LISTENs, waiters poll.
         self.pooled = pooled
         self.notice: str | None = None
         self.host = socket.gethostname()
@@ -200,7 +200,7 @@ class PostgresBackend:
                     self.conn.close()  # a standby, a shutting-down server: next try on a new connection
                 why = f"lost the connection to {target(self.url)}: {cause(exc)}"
             except Unreachable as exc:
-                why = str(exc).split(": ", 1)[1]
+                why = exc.why
             now = time.monotonic()
             if self._down_since is None or now - self._down_last > NEW_OUTAGE_S:
                 self._down_since = now

@@ -56,7 +56,12 @@ TRANSIENT = {"57P01", "57P02", "57P03", "25006", "53300"}
 
 
 class Unreachable(StoreError):
-    """A connection could not be opened (the message says to what and why)."""
+    """A connection could not be opened: the message says to what and why,
+    ``why`` says it without naming the store."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"PostgreSQL {redact(url)}: {why}")
+        self.why = why
 
 
 def params_of(url: str) -> dict:
@@ -87,7 +92,7 @@ def connect(url: str, *, purpose: str = "") -> psycopg.Connection:
     try:
         conn = psycopg.connect(url, autocommit=True, prepare_threshold=None, **extra)
     except psycopg.Error as exc:
-        raise Unreachable(f"PostgreSQL {redact(url)}: cannot connect to {target(url)}: {cause(exc)}") from None
+        raise Unreachable(url, f"cannot connect to {target(url)}: {cause(exc)}") from None
     conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # sent with each BEGIN, not a SET
     return conn
 
