@@ -10,26 +10,24 @@ module's own (pg_util.OwnServer) for the tests that stop or restart one.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
-import psycopg
 import pytest
 
 import pgbouncer_util
 from conftest import counter
 from kernel_util import banners, errors_of, execute, plain_traceback, text_of
-from pg_util import fresh_schema, own_pg, own_server, raw, with_options  # noqa: F401 - fixtures
+from pg_util import own_pg, own_server, raw, with_options  # noqa: F401 - own_pg, own_server: fixtures
 from rssd_magic.acquire import acquire
 from rssd_magic.backends import open_backend
 from rssd_magic.backends.base import ClaimRequest, StoreError
 from rssd_magic.claims import current_holder
 from rssd_magic.keys import cell_key
 from rssd_magic.lifecycle import EXECUTED
-from test_kernel_concurrency import LOAD, RACE_CELL, USE_NAME, HeldKernel, lines, statuses, wait_for_lines
+from test_kernel_concurrency import LOAD, RACE_CELL, USE_NAME, HeldKernel, lines, wait_for_lines
 
 KEY = cell_key("neighbours()", "team")
 
