@@ -4,9 +4,10 @@ waiter's LISTEN.
 
 Each has a connection of its own (a beat must not land inside, or be rolled
 back with, the main thread's transaction; a LISTEN must not be held by a
-connection that also writes), reopened when it was lost: a heartbeat that
-fails (a restart, a killed connection) raises StoreError and the next one
-reconnects; a listener that can't listen sleeps instead, and tries to
+connection that also writes), reopened when it was lost: a beat that finds
+its link broken (a restart, a killed connection) reconnects at once, and
+raises StoreError only while the server can't be reached (the next beat
+tries again); a listener that can't listen sleeps instead, and tries to
 reconnect at most once a second (the caller polls meanwhile).
 
 Behind a pooler no listener is made at all (postgres.py decides): a LISTEN
