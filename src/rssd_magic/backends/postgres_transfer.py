@@ -458,6 +458,9 @@ def _import_blobs(lite: sqlite3.Connection, conn: psycopg.Connection, q: Sql, bl
         try:
             if not isinstance(digest, str) or not isinstance(size, int):
                 raise IntegrityError("not a blob row of ours (digest or size of another type)")
+            with lite.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
+                if len(blob) != size:  # before the size decides anything on the server
+                    raise IntegrityError(f"{len(blob)} bytes for a recorded size of {size}")
 
             def chunks(rowid: int = rowid, size: int = size, digest: str = digest) -> Iterator[bytes]:
                 verifier = Verifier(digest)
