@@ -669,3 +669,17 @@ def test_export_and_import_replace_a_damaged_copy_on_the_other_side(opened, pg_u
     back = b.import_rssd(str(path))["blobs"]
     assert (back["copied"], back["present"], back["bad"]) == (1, 0, []), "the server's damaged copy was rewritten"
     assert bytes(b.blobs.get(digest))[:2] == b"\x80\x05" and b.import_rssd(str(path))["blobs"]["present"] == 1
+
+
+def test_a_store_made_before_the_latest_function_is_read_without_it_and_given_it_when_writable(opened, pg_url):
+    b = opened()
+    mine = b.claim(ask(b))
+    done = b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
+    b.close()
+    raw(pg_url, "DROP FUNCTION rssd_magic_latest(text)")
+    assert opened(readonly=True).latest(KEY) == done, "read with the plain query"
+    assert raw(pg_url, "SELECT count(*) FROM pg_proc WHERE proname = 'rssd_magic_latest' AND pronamespace = ?::regnamespace",
+               (schema_of(pg_url),)) == [(0,)]  # fmt: skip
+    assert opened().latest(KEY) == done
+    (found,) = raw(pg_url, "SELECT * FROM rssd_magic_latest(?)", (KEY.ingest_src,))
+    assert found[0] == done.state_id and found[-1] == done.seq

@@ -99,7 +99,7 @@ class PostgresBackend:
     scheme = "postgresql"
 
     def __init__(self, url: str, conn: psycopg.Connection, q: Sql, busy_timeout_s: float,
-                 read_only: str | None, pooled: bool):  # fmt: skip
+                 read_only: str | None, pooled: bool, latest: str = rows.LATEST):  # fmt: skip
         self.url = url
         self.location = redact(url)
         self.q = q
@@ -111,6 +111,7 @@ class PostgresBackend:
         self.read_only = read_only
         #: Behind a pooler (detected at open): nobody LISTENs, waiters poll.
         self.pooled = pooled
+        self._latest = latest  # the replay's read: through our function when the store has it
         self.notice: str | None = None
         self.host = socket.gethostname()
         self.session_id: str | None = None
@@ -150,7 +151,10 @@ class PostgresBackend:
             layout, q = ensure_schema(conn, readonly=readonly, timeout_s=busy_timeout_s)
             (server_pid,) = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()
             read_only = layout.read_only or ("opened read-only" if readonly else None)
-            backend = cls(url, conn, q, busy_timeout_s, read_only, pooled=server_pid != conn.info.backend_pid)
+            # Our function when this version made it (a newer one may have changed it).
+            ours = "rssd_magic_latest" in layout.functions and "rssd_magic_state_seq" in layout.columns
+            latest = rows.LATEST_CALL if ours and not layout.newer else rows.LATEST
+            backend = cls(url, conn, q, busy_timeout_s, read_only, server_pid != conn.info.backend_pid, latest)
             if layout.read_only:
                 backend.notice = f"PostgreSQL {redact(url)}: {layout.read_only}"
             if session_args is not None and read_only is None:
@@ -225,10 +229,10 @@ class PostgresBackend:
 
         return self._attempts(attempt, patient=patient)
 
-    def _read(self, template: str, params: tuple | list = ()) -> list[tuple]:
+    def _read(self, template: str, params: tuple | list = (), *, pinned: bool = False) -> list[tuple]:
         """Rows of one statement (a template of :class:`Sql`), in one round
         trip with its deadline; riding out an outage like :meth:`_tx`."""
-        return self._attempts(lambda conn: self.q.read(conn, template, params))
+        return self._attempts(lambda conn: self.q.read(conn, template, params, pinned=pinned))
 
     # -- sessions ------------------------------------------------------------------
 
@@ -303,7 +307,7 @@ class PostgresBackend:
     # -- the hot path --------------------------------------------------------------------
 
     def latest(self, key: CellKey) -> Transition | None:
-        found = self._read(rows.LATEST, (key.ingest_src,))
+        found = self._read(self._latest, (key.ingest_src,), pinned=self._latest is rows.LATEST_CALL)
         return Transition(*found[0]) if found else None
 
     def latest_variant(self, key: CellKey) -> Transition | None:

@@ -161,7 +161,7 @@ class Sql:
         self.setup = settings(timeout_s)
         self._prefix = settings(timeout_s, lock=False) + "; "
         self._rendered: dict[str, str] = {}
-        self._reads: dict[str, str] = {}
+        self._reads: dict[tuple[str, bool], str] = {}
 
     def __call__(self, template: str) -> str:
         try:
@@ -170,16 +170,21 @@ class Sql:
             text = self._rendered[template] = template.format_map(self.names)
             return text
 
-    def read(self, conn: psycopg.Connection, template: str, params: tuple | list | dict = ()) -> list[tuple]:
+    def read(self, conn: psycopg.Connection, template: str, params: tuple | list | dict = (), *,
+             pinned: bool = False) -> list[tuple]:  # fmt: skip
         """The rows of one statement, run with the read settings in the same
-        query (one round trip, its own implicit transaction)."""
-        text = self._reads.get(template)
+        query (one round trip, its own implicit transaction).  *pinned*: the
+        statement only calls a function of ours that pins its own
+        search_path, so only the deadline is set (a statement less to run)."""
+        text = self._reads.get((template, pinned))
         if text is None:
-            text = self._reads[template] = self._prefix + self(template)
+            prefix = f"SET LOCAL statement_timeout = {max(1, int(self.timeout_s * 1000))}; " if pinned else self._prefix
+            text = self._reads[(template, pinned)] = prefix + self(template)
         cur = psycopg.ClientCursor(conn)
         cur.execute(text, params)
-        cur.nextset()  # past the two SETs
-        cur.nextset()
+        cur.nextset()  # past the SET(s), to the statement's rows
+        if not pinned:
+            cur.nextset()
         return cur.fetchall()
 
     @contextmanager

@@ -40,6 +40,9 @@ LATEST = f"""
     WHERE q.entry_id IN (SELECT orchestration_session_entry_id FROM {{orchestration_session_entry}}
                          WHERE ingest_src COLLATE "C" = %s)
     ORDER BY q.seq DESC LIMIT 1"""
+#: The same through our function, whose plan the server keeps (the replay's
+#: one read; postgres_schema.FUNCTIONS).
+LATEST_CALL = "SELECT * FROM {rssd_magic_latest}(%s)"
 #: A claim row, with the holder's silence by the server's clock.
 CLAIM = """SELECT entry_id, state_id, token, session_id, host, machine, boot, pidns, pid, started, beat, lease_s,
                   claimed_at, extract(epoch FROM clock_timestamp() - heartbeat_at)::float8

@@ -241,6 +241,28 @@ EXCEPTION WHEN others THEN
     RETURN NULL;
 END""",
     ),
+    # A cell's latest transition (postgres_rows.LATEST), for the replay's one
+    # read.  Without prepared statements (poolers) the query was planned on
+    # every replay, three times its run time; PL/pgSQL keeps its plan in the
+    # server session, where no pooler can lose it (a missing plan is made
+    # again).  A store without this function is read with LATEST itself.
+    "rssd_magic_latest": (
+        """(src TEXT) RETURNS TABLE (state_id VARCHAR, entry_id VARCHAR, session_id VARCHAR, from_state TEXT,
+    to_state TEXT, transition_result TEXT, transition_reason TEXT, transitioned_at TEXT, seq BIGINT)
+LANGUAGE plpgsql STABLE""",
+        """
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id, s.from_state, s.to_state,
+           s.transition_result, s.transition_reason, s.transitioned_at, q.seq
+    FROM {rssd_magic_state_seq} AS q
+    JOIN {orchestration_session_state} AS s ON s.orchestration_session_state_id = q.state_id
+    WHERE q.entry_id IN (SELECT e.orchestration_session_entry_id FROM {orchestration_session_entry} AS e
+                         WHERE e.ingest_src COLLATE "C" = src)
+    ORDER BY q.seq DESC LIMIT 1;
+END""",
+    ),
 }
 TRIGGER_DDL = """CREATE TRIGGER "rssd_magic_state_seq" AFTER INSERT ON {orchestration_session_state}
 FOR EACH ROW EXECUTE FUNCTION {rssd_magic_state_seq_fn}()"""
