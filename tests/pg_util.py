@@ -7,6 +7,10 @@ server ``$RSSD_MAGIC_TEST_PG_URL`` names (to test another version).
 Each test gets a schema of its own (:func:`fresh_url`), chosen through the
 URL's ``options=-c search_path=…`` — which is also how a team keeps
 projects apart on one server, so every test exercises ``search_path``.
+
+Tests that stop, restart or cut off a server get one of their own
+(:class:`OwnServer`: ``initdb`` and ``pg_ctl`` from pgserver's binaries), so
+nothing else in the session is disturbed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import atexit
 import itertools
 import os
 import shutil
+import subprocess
 import tempfile
 import uuid
 import warnings
@@ -70,6 +75,12 @@ def stop_server() -> None:
     _server = _base = None
 
 
+def params_of_url(url: str) -> dict:
+    from psycopg.conninfo import conninfo_to_dict
+
+    return conninfo_to_dict(url)
+
+
 def with_options(url: str, **params: str) -> str:
     sep = "&" if "?" in url else "?"
     return url + sep + "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
@@ -112,3 +123,82 @@ def pg_server():
 def pg_url(pg_server) -> str:
     """A fresh schema's URL, for one test."""
     return fresh_url()
+
+
+def _bin(name: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver._commands import POSTGRES_BIN_PATH
+    return str(POSTGRES_BIN_PATH / name)
+
+
+#: The system user servers run as when the tests run as root (pgserver's own).
+SERVER_USER = "pgserver" if os.geteuid() == 0 else None
+
+
+class OwnServer:
+    """A PostgreSQL server for one test module alone, on a unix socket in a
+    folder of its own, that tests may stop, start and restart."""
+
+    def __init__(self):
+        server_url()  # pgserver's set-up: its binaries' permissions, its system user
+        self.folder = tempfile.mkdtemp(prefix="rssd-own-pg-")
+        self.data = os.path.join(self.folder, "data")
+        if SERVER_USER:
+            shutil.chown(self.folder, SERVER_USER)
+        self._run(_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "utf8", "-N")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
+            conf.write(f"listen_addresses = ''\nunix_socket_directories = '{self.folder}'\n"
+                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")  # fmt: skip
+        self.url = f"postgresql://postgres@/postgres?host={self.folder}"
+        self.start()
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True, timeout=120, user=SERVER_USER)
+
+    def _ctl(self, *args: str) -> None:
+        self._run(_bin("pg_ctl"), "-D", self.data, "-l", os.path.join(self.folder, "log"), "-w", *args)
+
+    def start(self) -> None:
+        self._ctl("start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "stop")
+
+    def restart(self) -> None:
+        self._ctl("-m", "fast", "restart")
+
+    def running(self) -> bool:
+        return os.path.exists(os.path.join(self.data, "postmaster.pid"))
+
+    def fresh_url(self, prefix: str = "own") -> str:
+        """A new, empty schema of this server; its URL."""
+        name = f"{prefix}_{next(_counter)}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{name}"')
+        return with_options(self.url, options=f"-c search_path={name}")
+
+    def close(self) -> None:
+        try:
+            self._ctl("-m", "immediate", "stop")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass  # not running
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def own_server():
+    """A server of this module's own (see :class:`OwnServer`), running at
+    the start of every test that uses it (:func:`own_pg`)."""
+    server = OwnServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_pg(own_server) -> OwnServer:
+    if not own_server.running():
+        own_server.start()
+    yield own_server
+    if not own_server.running():
+        own_server.start()

@@ -1,18 +1,25 @@
 """The PostgreSQL backend on a real server (pg_util.py): what the shared
 contract (test_backend_contract.py) does not cover — the schema it makes and
 refuses, one-line connection errors, the server's clock, LISTEN/NOTIFY,
-chunked blobs, a connection lost mid-run, and export/import with RSSD files.
+chunked blobs, a connection lost mid-run, and export/import with RSSD files;
+and what a neighbour may do to a shared server (issue 21/22): wrong bytes
+planted under a digest, rows and files that lie about their size, schema
+names that try to break out of quoting, an earlier schema that shadows ours,
+views and triggers under our names, locks and hostile functions.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import replace
 
 import psycopg
+import psycopg.sql
 import pytest
 
 import pg_util
@@ -103,11 +110,7 @@ def test_existing_tables_and_rows_are_left_alone_and_get_a_store_order(opened, p
     assert raw(pg_url, "SELECT count(*) FROM rssd_magic_state_seq WHERE state_id = '01OTHERTOOL0000000000000000'") == [(1,)]
 
 
-def test_a_newer_schema_version_and_a_missing_schema_are_refused(opened, pg_url):
-    opened()
-    raw(pg_url, "UPDATE rssd_magic_meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(StoreError, match="schema version 99, made by a newer rssd_magic"):
-        open_backend(pg_url)
+def test_a_missing_schema_is_refused(opened, pg_url):
     nowhere = pg_util.with_options(pg_util.server_url(), options="-c search_path=no_such_schema")
     with pytest.raises(StoreError, match=r"search_path \(no_such_schema\) names no existing schema"):
         open_backend(nowhere)
@@ -181,9 +184,8 @@ def test_a_lost_connection_is_reopened_and_the_run_recorded(opened, pg_url):
     renewer.renew({mine.running.state_id: mine.claim.token})
     pids = [b.conn.info.backend_pid, renewer.conn.info.backend_pid]
     raw(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(?)", (pids,))
-    with pytest.raises(psycopg.OperationalError):
-        renewer.renew({mine.running.state_id: mine.claim.token})  # the heartbeat thread retries next beat
-    assert renewer.renew({mine.running.state_id: mine.claim.token}) == set()
+    assert renewer.renew({mine.running.state_id: mine.claim.token}) == set(), "the beat reconnected at once"
+    assert renewer.conn.info.backend_pid not in pids
     done = b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
     assert b.conn.info.backend_pid not in pids
     assert b.latest(KEY) == done and b.claim_of(mine.running) is None
@@ -397,3 +399,287 @@ def test_large_blobs_are_kept_on_this_machine_and_checked_there_too(pg_url, tmp_
     off = open_backend(pg_url, readonly=True)
     assert off.blobs.cache is None
     off.close()
+
+
+# -- blobs: nothing stored is trusted for being there -----------------------------------------
+
+_PLANTS = {
+    "one byte changed": lambda d: [(n, c) for n, c in enumerate(_chunks(d))][:5] + [(5, b"\0" + _chunks(d)[5][1:])]
+    + [(n, c) for n, c in enumerate(_chunks(d))][6:],
+    "a chunk missing": lambda d: [(n, c) for n, c in enumerate(_chunks(d)) if n != 10],
+    "an extra chunk": lambda d: [(n, c) for n, c in enumerate(_chunks(d))] + [(11, b"more")],
+    "no chunk at all": lambda d: [],
+    "other bytes of the same size": lambda d: [(n, c) for n, c in enumerate(_chunks(bytes(len(d))))],
+}
+
+
+def _chunks(data: bytes, step: int = 1000) -> list[bytes]:
+    return [data[i : i + step] for i in range(0, len(data), step)]
+
+
+def _plant(url: str, digest: str, size: int, chunks: list[tuple[int, bytes]]) -> None:
+    raw(url, "DELETE FROM rssd_magic_blob WHERE digest = ?", (digest,))
+    raw(url, "INSERT INTO rssd_magic_blob (digest, size, chunks) VALUES (?, ?, 11)", (digest, size))
+    for n, chunk in chunks:
+        raw(url, "INSERT INTO rssd_magic_blob_chunk (digest, n, data) VALUES (?, ?, ?)", (digest, n, chunk))
+
+
+def _stored(url: str, digest: str) -> bytes:
+    (found,) = raw(url, "SELECT string_agg(data, ''::bytea ORDER BY n) FROM rssd_magic_blob_chunk WHERE digest = ?", (digest,))
+    return bytes(found[0] or b"")
+
+
+@pytest.mark.parametrize("plant", list(_PLANTS))
+def test_wrong_bytes_under_a_digest_are_rewritten_before_a_record_names_them(opened, pg_url, plant):
+    b = opened()
+    b.blobs.chunk = 1000
+    data = bytes(range(256)) * 41  # 10,496 bytes: 11 chunks
+    digest = stream_digest(data)
+    _plant(pg_url, digest, len(data), _PLANTS[plant](data))
+    mine = b.claim(ask(b))
+    b.finish(mine.running, mine.claim.token, EXECUTED, RECORD % (digest, len(data)), "completed", [(digest, data)])
+    assert _stored(pg_url, digest) == data
+    assert raw(pg_url, "SELECT size, chunks FROM rssd_magic_blob WHERE digest = ?", (digest,)) == [(len(data), 11)]
+    assert bytes(b.blobs.get(digest)) == data
+
+
+def test_a_stored_blob_proven_right_is_left_as_it_is(opened, pg_url):
+    b = opened()
+    data = b"right" * 1000
+    digest = stream_digest(data)
+    b.blobs.put_many([(digest, data)])
+    before = raw(pg_url, "SELECT xmin::text FROM rssd_magic_blob_chunk WHERE digest = ?", (digest,))
+    mine = b.claim(ask(b))
+    b.finish(mine.running, mine.claim.token, EXECUTED, RECORD % (digest, len(data)), "completed", [(digest, data)])
+    assert raw(pg_url, "SELECT xmin::text FROM rssd_magic_blob_chunk WHERE digest = ?", (digest,)) == before, "not rewritten"
+
+
+def test_a_blob_row_claiming_a_terabyte_allocates_nothing(opened, pg_url):
+    b = opened()
+    digest = stream_digest(b"tiny")
+    raw(pg_url, "INSERT INTO rssd_magic_blob (digest, size, chunks) VALUES (?, ?, 1)", (digest, 1 << 40))
+    raw(pg_url, "INSERT INTO rssd_magic_blob_chunk (digest, n, data) VALUES (?, 0, ?)", (digest, b"tiny"))
+    with pytest.raises(IntegrityError, match=r"4 bytes in 1 chunks stored for a recorded 1099511627776 bytes"):
+        b.blobs.get(digest)
+
+
+def test_the_local_cache_reads_only_regular_files_of_this_user(pg_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("RSSD_MAGIC_BLOB_CACHE", str(tmp_path / "cache"))
+    b = open_backend(pg_url, session_args={})
+    try:
+        big = bytes(range(256)) * 8192  # 2 MB: cached
+        digest = stream_digest(big)
+        b.blobs.put_many([(digest, big)])
+        assert bytes(b.blobs.get(digest)) == big
+        copy = b.blobs.cache.path(digest)
+        assert copy.is_file()
+
+        # A FIFO can't block a read (opened without waiting for a writer).
+        copy.unlink()
+        os.mkfifo(copy)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(bytes(b.blobs.get(digest))), daemon=True)
+        reader.start()
+        reader.join(20)
+        assert not reader.is_alive(), "a FIFO in the cache blocked the read"
+        assert got == [big] and copy.is_file() and not copy.is_symlink(), "read from the server, copy made again"
+
+        # Nothing is read through a symlink or from another user's file:
+        # with the server's chunks gone, such a "copy" is not taken.
+        elsewhere = tmp_path / "planted"
+        elsewhere.write_bytes(big)
+        copy.unlink()
+        copy.symlink_to(elsewhere)
+        raw(pg_url, "DELETE FROM rssd_magic_blob_chunk WHERE digest = ?", (digest,))
+        with pytest.raises(IntegrityError, match="incomplete"):
+            b.blobs.get(digest)
+        assert not copy.exists() and elsewhere.read_bytes() == big, "the link is dropped, its target left alone"
+        if os.geteuid() == 0:
+            copy.write_bytes(big)
+            os.chown(copy, 65534, 65534)
+            with pytest.raises(IntegrityError, match="incomplete"):
+                b.blobs.get(digest)
+    finally:
+        b.close()
+
+
+# -- what is in the schema, and what a schema is called --------------------------------------
+
+
+def test_a_schema_name_with_quotes_dollar_quotes_and_percent_is_used_safely(pg_server):
+    name = "t$fn$\";SELECT/**/1;--%s?'"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("CREATE SCHEMA {}").format(psycopg.sql.Identifier(name)))
+    quoted = '"' + name.replace('"', '""') + '"'
+    url = pg_util.with_options(pg_server, options=f"-c search_path={quoted}")
+    b = open_backend(url, session_args={})
+    try:
+        assert b.schema == name
+        mine = b.claim(ask(b))
+        done = b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
+        assert b.latest(KEY) == done and [c.latest.state_id for c in b.cells()] == [done.state_id]
+    finally:
+        b.close()
+    tables = raw(pg_server, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ?", (name,))
+    assert tables[0][0] >= 13
+    # The trigger, whose body names the schema, orders another tool's row.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("""INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, from_state, to_state)
+                        VALUES ('01OTHER', %s, 'A', 'B')""", (done.session_id,))  # fmt: skip
+        assert conn.execute("SELECT count(*) FROM rssd_magic_state_seq WHERE state_id = '01OTHER'").fetchone() == (1,)
+
+
+def test_a_schema_earlier_on_the_search_path_cannot_shadow_our_tables_functions_or_operators(pg_server):
+    ours, shadow = pg_util.fresh_schema("ours"), f"shadow_{uuid.uuid4().hex[:8]}"
+    url = pg_util.with_options(pg_server, options=f"-c search_path={shadow},{ours}")
+    direct = pg_util.with_options(pg_server, options=f"-c search_path={ours}")
+    b = open_backend(url, session_args={})
+    try:
+        assert b.schema == ours, "the first schema that exists when the store is opened"
+        mine = b.claim(ask(b))
+        # Then someone makes the earlier schema, with our names in it, and
+        # plants in ours (a team schema others may create in) an operator
+        # that says every two varchars are equal.
+        raw(pg_server, f'CREATE SCHEMA "{shadow}"')
+        for table in list(EXPECTED_COLUMNS):
+            raw(pg_server, f'CREATE TABLE "{shadow}"."{table}" (LIKE "{ours}"."{table}")')
+        raw(pg_server, f"""CREATE FUNCTION "{shadow}".rssd_magic_json(t text) RETURNS json LANGUAGE sql AS 'SELECT ''{{}}''::json'""")
+        raw(pg_server, f"""CREATE FUNCTION "{ours}".always(a varchar, b varchar) RETURNS bool LANGUAGE sql AS 'SELECT true'""")
+        raw(pg_server, f'CREATE OPERATOR "{ours}".= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = "{ours}".always)')
+        raw(pg_server, "SELECT pg_terminate_backend(?)", (b.conn.info.backend_pid,))
+        other = b.claim(ask(b, cell_key("other()", "nb")))  # reconnected: the new session's path has the shadow first
+        done = b.finish(mine.running, mine.claim.token, EXECUTED, RECORD % ("sha256:" + "0" * 64, 1), "completed")
+        assert b.latest(KEY) == done and b.claim_of(other.running).state_id == other.running.state_id
+        assert sorted((c.latest.to_state, c.latest_host) for c in b.cells()) == [(EXECUTED, "h"), (RUNNING, None)], (
+            "rssd_magic_json is ours"
+        )
+    finally:
+        b.close()
+    for table in EXPECTED_COLUMNS:
+        assert raw(pg_server, f'SELECT count(*) FROM "{shadow}"."{table}"') == [(0,)], table
+    assert raw(direct, "SELECT count(*) FROM orchestration_session_state WHERE to_state = 'EXECUTED'") == [(1,)]
+
+
+@pytest.mark.parametrize(
+    "plant, why",
+    [
+        ("CREATE VIEW rssd_magic_claim AS SELECT 1 AS x", ".rssd_magic_claim is a view, not a table"),
+        ("CREATE SEQUENCE device", ".device is a sequence, not a table"),
+        ("CREATE MATERIALIZED VIEW orchestration_session_state AS SELECT 1 AS x",
+         ".orchestration_session_state is a materialized view, not a table"),
+    ],
+)  # fmt: skip
+def test_our_names_taken_by_what_is_not_a_table_refuse_the_store_and_nothing_is_written(pg_url, plant, why):
+    raw(pg_url, plant)
+    with pytest.raises(StoreError) as err:
+        open_backend(pg_url, session_args={})
+    assert why in str(err.value) and "\n" not in str(err.value)
+    assert raw(pg_url, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_type = 'BASE TABLE'",
+               (schema_of(pg_url),)) == [(0,)], "nothing was created"  # fmt: skip
+
+
+def test_a_trigger_or_rule_of_someone_else_on_our_tables_refuses_the_store(opened, pg_url):
+    opened().close()
+    sessions = raw(pg_url, "SELECT count(*) FROM orchestration_session")
+    raw(pg_url, "CREATE FUNCTION spy() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'")
+    raw(pg_url, "CREATE TRIGGER spy BEFORE UPDATE ON rssd_magic_claim FOR EACH ROW EXECUTE FUNCTION spy()")
+    with pytest.raises(StoreError, match=r"rssd_magic_claim has a trigger \(spy\) that is not ours"):
+        open_backend(pg_url, session_args={})
+    raw(pg_url, "DROP TRIGGER spy ON rssd_magic_claim")
+    raw(pg_url, "CREATE RULE keep AS ON DELETE TO rssd_magic_blob DO INSTEAD NOTHING")
+    with pytest.raises(StoreError, match=r"rssd_magic_blob has a rule \(keep\) that is not ours"):
+        open_backend(pg_url, session_args={})
+    assert raw(pg_url, "SELECT count(*) FROM orchestration_session") == sessions, "no session was written"
+
+
+def test_reads_have_a_deadline_a_lock_or_a_hostile_function_cannot_hang_them(opened, pg_url):
+    b = opened(busy_timeout_s=1.0)
+    mine = b.claim(ask(b))
+    b.finish(mine.running, mine.claim.token, EXECUTED, RECORD % ("sha256:" + "0" * 64, 1), "completed")
+    with psycopg.connect(pg_url) as locker:  # a transaction left open, holding a lock
+        locker.execute("LOCK TABLE rssd_magic_state_seq IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreError, match="canceling statement due to statement timeout"):
+            b.latest(KEY)
+        locker.rollback()
+    assert b.latest(KEY).to_state == EXECUTED
+    raw(pg_url, """CREATE OR REPLACE FUNCTION rssd_magic_json(t TEXT) RETURNS json LANGUAGE plpgsql
+                   AS 'BEGIN PERFORM pg_sleep(600); RETURN NULL; END'""")
+    with pytest.raises(StoreError, match="statement timeout"):
+        b.cells()
+
+
+def test_no_setting_or_prepared_statement_outlives_a_transaction(opened, pg_url):
+    b = opened()
+    defaults = b.conn.execute("SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
+                              "current_setting('search_path')").fetchone()  # fmt: skip
+    for _ in range(8):  # beyond psycopg's default prepare threshold (5)
+        b.latest(KEY)
+        b.signatures("k", ["p"])
+    mine = b.claim(ask(b))
+    b.renewer().renew({mine.running.state_id: mine.claim.token})
+    b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
+    b.cells()
+    after = b.conn.execute("SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
+                           "current_setting('search_path')").fetchone()  # fmt: skip
+    assert after == defaults and defaults[:2] == ("0", "0")
+    assert b.conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+
+
+def test_opened_read_only_nothing_is_written(opened, pg_url):
+    opened().close()
+    before = raw(pg_url, "SELECT count(*) FROM orchestration_session_state")
+    b = opened(readonly=True)
+    assert b.read_only == "opened read-only" and b.session_id is None
+    for write in (lambda: b.claim(ask(b)), lambda: b.add_signatures([("p", "k", "s")]),
+                  lambda: b.blobs.put_many([(stream_digest(b"x"), b"x")]), lambda: b.gc(digests_of),
+                  lambda: b.start_session({})):  # fmt: skip
+        with pytest.raises(StoreError, match="opened read-only"):
+            write()
+    assert b.gc(digests_of, dry_run=True) == ([], 0, 0)
+    b.close()
+    assert raw(pg_url, "SELECT count(*) FROM orchestration_session_state") == before
+
+
+def test_read_only_a_schema_without_our_tables_reads_them_as_empty(opened, pg_url):
+    b = opened()
+    mine = b.claim(ask(b))
+    done = b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
+    b.close()
+    raw(pg_url, "DROP TABLE rssd_magic_hit, rssd_magic_claim, rssd_magic_signature")
+    r = opened(readonly=True)
+    assert r.latest(KEY) == done and r.claim_of(done) is None and r.signatures("k", ["p"]) == {}
+    assert [(c.latest.state_id, c.hits_total) for c in r.cells()] == [(done.state_id, 0)]
+    made = raw(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = ? OR schemaname LIKE 'pg_temp%'",
+               (schema_of(pg_url),))  # fmt: skip
+    assert not {"rssd_magic_hit", "rssd_magic_claim"} & {t for (t,) in made}, "nothing made, not even a temporary table"
+
+
+def test_export_and_import_replace_a_damaged_copy_on_the_other_side(opened, pg_url, tmp_path):
+    b = opened()
+    done, digest = _populate(b)
+    path = tmp_path / "team.sqlite.db"
+    assert b.export_rssd(str(path), digests_of=digests_of)["blobs"]["copied"] == 1
+    lite = sqlite3.connect(path)
+    with lite:
+        lite.execute("UPDATE rssd_magic_blob SET data = zeroblob(size) WHERE digest = ?", (digest,))
+    lite.close()
+    again = b.export_rssd(str(path), digests_of=digests_of)["blobs"]
+    assert (again["copied"], again["present"]) == (1, 0), "the file's damaged copy was replaced"
+    raw(pg_url, "UPDATE rssd_magic_blob_chunk SET data = overlay(data placing '\\xff'::bytea from 3) WHERE digest = ?", (digest,))
+    back = b.import_rssd(str(path))["blobs"]
+    assert (back["copied"], back["present"], back["bad"]) == (1, 0, []), "the server's damaged copy was rewritten"
+    assert bytes(b.blobs.get(digest))[:2] == b"\x80\x05" and b.import_rssd(str(path))["blobs"]["present"] == 1
+
+
+def test_a_store_made_before_the_latest_function_is_read_without_it_and_given_it_when_writable(opened, pg_url):
+    b = opened()
+    mine = b.claim(ask(b))
+    done = b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
+    b.close()
+    raw(pg_url, "DROP FUNCTION rssd_magic_latest(text)")
+    assert opened(readonly=True).latest(KEY) == done, "read with the plain query"
+    assert raw(pg_url, "SELECT count(*) FROM pg_proc WHERE proname = 'rssd_magic_latest' AND pronamespace = ?::regnamespace",
+               (schema_of(pg_url),)) == [(0,)]  # fmt: skip
+    assert opened().latest(KEY) == done
+    (found,) = raw(pg_url, "SELECT * FROM rssd_magic_latest(?)", (KEY.ingest_src,))
+    assert found[0] == done.state_id and found[-1] == done.seq

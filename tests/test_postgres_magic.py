@@ -238,3 +238,70 @@ def test_without_psycopg_a_url_is_one_line_with_the_install_hint(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") == 1 and "pip install 'rssd_magic[postgres]'" in out.stdout and "pw" not in out.stdout
+
+
+# -- blobs proven on write; another version on the team ------------------------------------
+
+
+ARRAY_CELL = "%%stateful --name arr\nimport numpy as np\n" + APPEND + "arr = np.arange(100_000)\n"
+
+
+def _array_blob() -> tuple[str, bytes]:
+    import numpy as np
+
+    from rssd_magic.serialize import dump_value
+
+    _, blobs = dump_value(np.arange(100_000))
+    (digest, data), *_ = sorted(blobs, key=lambda b: -memoryview(b[1]).nbytes)
+    return digest, bytes(memoryview(data).cast("B"))
+
+
+def test_wrong_bytes_planted_under_a_values_digest_never_end_up_in_its_record_and_force_repairs(pg_kernel):
+    k = pg_kernel
+    digest, data = _array_blob()
+    k.ok("%%stateful --name other\nv = 1\n")  # makes the tables
+    raw(k.url, "INSERT INTO rssd_magic_blob (digest, size, chunks) VALUES (?, ?, 1)", (digest, len(data)))
+    raw(k.url, "INSERT INTO rssd_magic_blob_chunk (digest, n, data) VALUES (?, 0, ?)", (digest, bytes(len(data))))
+    k.ok(ARRAY_CELL)
+    k.restart()
+    assert k.ok(ARRAY_CELL).banner and list(k.shell.user_ns["arr"][:3]) == [0, 1, 2] and k.shell.user_ns["arr"][-1] == 99_999
+    # Damaged after it was recorded: the replay refuses it, --force records it again, whole.
+    raw(k.url, "UPDATE rssd_magic_blob_chunk SET data = overlay(data placing '\\x07'::bytea from 9) WHERE digest = ?", (digest,))
+    k.restart()
+    damaged = k.ok(ARRAY_CELL)
+    assert "arr could not be restored (IntegrityError" in damaged.stderr and "arr" not in k.shell.user_ns
+    k.ok(ARRAY_CELL.replace("--name arr", "--name arr --force"))
+    k.restart()
+    assert k.ok(ARRAY_CELL).banner and k.shell.user_ns["arr"][1] == 1
+    assert counter(k.workdir / "side.log") == 2
+    (stored,) = raw(k.url, "SELECT data FROM rssd_magic_blob_chunk WHERE digest = ?", (digest,))
+    assert bytes(stored[0]) == data
+
+
+def test_a_store_of_a_newer_version_replays_its_records_and_is_never_written(pg_kernel, tmp_path):
+    k = pg_kernel
+    k.ok("%%stateful --name old\n" + APPEND + "v = 41\n")
+    k.restart()
+    raw(k.url, "UPDATE rssd_magic_meta SET value = '2' WHERE key = 'schema_version'")
+    raw(k.url, "ALTER TABLE rssd_magic_hit ADD COLUMN hit_source TEXT")  # what a newer version may have added
+    counts = "SELECT (SELECT count(*) FROM orchestration_session), (SELECT count(*) FROM orchestration_session_state), " \
+             "(SELECT count(*) FROM rssd_magic_hit), (SELECT count(*) FROM orchestration_session WHERE orch_finished_at IS NULL)"  # fmt: skip
+    before = raw(k.url, counts)
+    replayed = k.ok("%%stateful --name old\n" + APPEND + "v = 41\n")
+    assert replayed.banner and k.shell.user_ns["v"] == 41
+    (said,) = [ln for ln in replayed.stdout.splitlines() if "schema version 2" in ln]
+    assert "this one knows version 1" in said and "upgrade rssd_magic" in said
+    err = k.run("%%stateful --name new\n" + APPEND + "w = 1\n").result.error_in_exec
+    assert type(err).__name__ == "UsageError" and "\n" not in str(err) and "The cell was not run" in str(err)
+    assert "schema version 2" in str(err) and "upgrade rssd_magic" in str(err)
+    for _ in range(3):
+        k.ok("%%stateful --name old\n" + APPEND + "v = 41\n")
+    k.restart()  # closing: no hit, no end of session is written
+    url = k.url
+    for args in (["forget", "old"], ["gc"], ["import", str(tmp_path / "none.db")]):
+        r = CliRunner().invoke(main, ["--db", url, *args])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "upgrade rssd_magic" in r.output, (args, r.output)
+    assert CliRunner().invoke(main, ["--db", url, "gc", "--dry-run"]).exit_code == 0
+    assert json.loads(cli("--db", url, "list", "--json").output)[0]["state"] == "EXECUTED"
+    assert raw(url, counts) == before
+    assert counter(k.workdir / "side.log") == 1

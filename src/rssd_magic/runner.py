@@ -193,7 +193,10 @@ class CellRunner:
     def run(self, opts: CellOptions, cell: str) -> Any:
         """Replay the cell's record, or run and record it.  Returns what the
         cell shows as its result (None when it was shown already)."""
-        return _drive(self._steps(opts, cell), self.port.execute)
+        try:
+            return _drive(self._steps(opts, cell), self.port.execute)
+        except StoreError as exc:  # a read or a replay the store could not serve
+            raise UsageProblem(f"%%stateful: {exc}. The cell was not run.") from None
 
     async def run_async(self, opts: CellOptions, cell: str) -> Any:
         """:meth:`run` for a body with top-level ``await``: the same steps,
@@ -211,6 +214,8 @@ class CellRunner:
                     body = steps.send(executed)
         except StopIteration as done:
             return done.value
+        except StoreError as exc:
+            raise UsageProblem(f"%%stateful: {exc}. The cell was not run.") from None
 
     def _steps(self, opts: CellOptions, cell: str) -> Generator[str, Executed, Any]:
         """The engine's path for one cell, as a generator: it yields the body

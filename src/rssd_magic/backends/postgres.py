@@ -7,7 +7,12 @@ Design rules, on top of those every backend keeps (base.py):
 * **Short transactions only.**  Connections are in autocommit mode; each
   claim, heartbeat and end of run is one ``BEGIN … COMMIT`` of a few
   statements.  Nothing — no transaction, no session-level advisory lock —
-  is held while a cell runs, so PgBouncer and pools work.
+  is held while a cell runs.
+* **Pool-safe.**  Nothing outlives a transaction (postgres_conn.py): no
+  prepared statements, no session ``SET``; every transaction and read sets
+  its own timeouts and search_path, and names our objects schema-qualified,
+  rendered once per store.  So PgBouncer works in transaction and session
+  pooling, as do pools that reset connections.
 * **A claim is a row lock, for a moment.**  ``INSERT … ON CONFLICT DO
   NOTHING`` makes the cell's claim row exist, ``SELECT … FOR UPDATE`` takes
   it; everything after that in the transaction (the latest state, the new
@@ -18,13 +23,25 @@ Design rules, on top of those every backend keeps (base.py):
   been silent from the server (``Claim.silent_s``), not from another host.
 * **Order by the store.**  ``Transition.seq`` is an identity column
   (``rssd_magic_state_seq``), never an id or a time.
-* **Woken, not polling.**  An end is NOTIFYed on the cell's channel inside
+* **Woken, or polling.**  An end is NOTIFYed on the cell's channel inside
   its transaction (delivered at COMMIT); a waiter LISTENs on its own
-  connection and returns at the first notification.
-* **A lost connection is reconnected.**  A write that failed because the
-  link broke is retried on a new connection for up to the busy timeout; an
-  end whose COMMIT may have landed is recognized by its state id, not
-  written twice.
+  connection and returns at the first notification.  Behind a pooler a
+  LISTEN would be left on a server connection others get, and the
+  notification would never reach us: so a pooler is *detected* when the
+  store is opened — the process id the server reports (``pg_backend_pid()``)
+  differs from the one the connection was handed at start-up, which a
+  pooler makes up — and then nobody LISTENs: waiters read again every 50 ms
+  (acquire.POLL_S).  No URL parameter is needed (libpq would refuse one it
+  does not know).
+* **Riding out an outage.**  A restart, a failover or a killed connection
+  shorter than the busy timeout changes nothing: every read, claim, end
+  and report reconnects and tries again (a write that may have committed is
+  recognized, not written twice), waiting at most the busy timeout counted
+  from the first failure of the outage, so calls that follow one another
+  share it.  Longer, it is one line naming the server and the cause.
+* **Another version.**  A store made by a newer rssd_magic is opened
+  :attr:`~PostgresBackend.read_only`: its records replay, and every write
+  raises StoreError with the reason; ``open(readonly=True)`` does the same.
 """
 
 from __future__ import annotations
@@ -34,10 +51,9 @@ import socket
 import sys
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import psycopg
-from psycopg import sql
 
 from ..canonical import loads_object
 from ..claims import close_orphaned_sessions, current_holder
@@ -62,7 +78,7 @@ from .base import (
     judge_claim,
 )
 from .postgres_blobs import PgBlobs
-from .postgres_conn import cause, connect, lost
+from .postgres_conn import Sql, Unreachable, cause, connect, lost, target, transient
 from .postgres_live import Listener, PgRenewer, channel
 from .postgres_reports import STATE_COLUMNS
 from .postgres_schema import ensure_schema
@@ -71,31 +87,43 @@ BUSY_TIMEOUT_S = 30.0
 HIT_FLUSH_S = 5.0
 #: First pause before reconnecting a lost connection (doubled up to 2 s).
 RECONNECT_PAUSE_S = 0.1
-
+MAX_PAUSE_S = 2.0
+#: Failures further apart than this are two outages, each with its own
+#: busy timeout; closer, one (calls that follow one another share it).
+NEW_OUTAGE_S = 2 * MAX_PAUSE_S
+T = TypeVar("T")
 
 class PostgresBackend:
     """A schema on a PostgreSQL server.  Use :meth:`open`; one per kernel and URL."""
 
     scheme = "postgresql"
 
-    def __init__(self, url: str, conn: psycopg.Connection, schema: str, busy_timeout_s: float, readonly: bool):
+    def __init__(self, url: str, conn: psycopg.Connection, q: Sql, busy_timeout_s: float,
+                 read_only: str | None, pooled: bool, latest: str = rows.LATEST):  # fmt: skip
         self.url = url
         self.location = redact(url)
-        self.schema = schema
+        self.q = q
+        self.schema = q.schema
         self.conn = conn
         self.busy_timeout_s = busy_timeout_s
-        self.readonly = readonly
-        self.notice: str | None = None
+        #: Why nothing may be written (a newer version's store, or opened
+        #: read-only); None when writable.
+        self.read_only = read_only
+        #: Behind a pooler (detected at open): nobody LISTENs, waiters poll.
+        self.pooled = pooled
+        self._latest = latest  # the replay's read: through our function when the store has it
         self.host = socket.gethostname()
         self.session_id: str | None = None
-        self.blobs = PgBlobs(self._live, self._tx, schema, self.location)
+        self.blobs = PgBlobs(self)
         self._pending_hits: dict[str, int] = {}
         self._hits_flushed = time.monotonic()
         self._src_of: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
         self._user_sql: psycopg.Connection | None = None
-        self._listener = Listener(url)
+        self._listener = None if pooled else Listener(url)
         self._awaited: str | None = None
         self._closed = False
+        self._down_since: float | None = None  # the current outage: first and last failure
+        self._down_last = 0.0
 
     # -- opening -----------------------------------------------------------------
 
@@ -115,13 +143,21 @@ class PostgresBackend:
         current schema ready, or raise StoreError naming the target and the
         cause.  Databases are never created (*create* only matters for
         files); *readonly* refuses a schema without surveilr's tables and
-        writes nothing."""
+        writes nothing (nor does a store of a newer version: see
+        :attr:`read_only`)."""
         url = str(location)
-        conn = connect(url, lock_timeout_s=busy_timeout_s)
+        conn = connect(url)
         try:
-            layout = ensure_schema(conn, readonly=readonly)
-            backend = cls(url, conn, layout.schema, busy_timeout_s, readonly)
-            if session_args is not None and not readonly:
+            layout, q = ensure_schema(conn, readonly=readonly, timeout_s=busy_timeout_s)
+            (server_pid,) = conn.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()
+            read_only = layout.read_only or ("opened read-only" if readonly else None)
+            # Our function when this version made it (a newer one may have changed it).
+            ours = "rssd_magic_latest" in layout.functions and "rssd_magic_state_seq" in layout.columns
+            latest = rows.LATEST_CALL if ours and not layout.newer else rows.LATEST
+            backend = cls(url, conn, q, busy_timeout_s, read_only, server_pid != conn.info.backend_pid, latest)
+            if layout.read_only and notify is not None:
+                notify(f"[stateful] PostgreSQL {redact(url)}: {layout.read_only}")
+            if session_args is not None and read_only is None:
                 backend.start_session(session_args)
                 close_orphaned_sessions(backend)
             return backend
@@ -135,6 +171,11 @@ class PostgresBackend:
             conn.close()
             raise
 
+    def _writable(self) -> None:
+        """StoreError at once when this store must not be written."""
+        if self.read_only is not None:
+            raise StoreError(f"PostgreSQL {self.location}: {self.read_only}")
+
     # -- connections and transactions -----------------------------------------------
 
     def _live(self) -> psycopg.Connection:
@@ -142,51 +183,67 @@ class PostgresBackend:
         if self._closed:
             raise StoreError(f"PostgreSQL {self.location}: closed")
         if lost(self.conn):
-            self.conn = connect(self.url, lock_timeout_s=self.busy_timeout_s)
-            self.conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(self.schema)))
+            self.conn = connect(self.url)
         return self.conn
 
-    def _tx(self, fn: Callable[[psycopg.Connection, bool], Any], *, patience_s: float | None = None) -> Any:
-        """``fn(conn, retrying)`` in one transaction.  When the connection is
-        lost, it is reopened and *fn* run again (``retrying`` True: whatever
-        *fn* wrote may have committed) for up to *patience_s* seconds (the
-        busy timeout).  Driver errors become StoreError; Fenced and the
-        like pass through, rolled back."""
-        patience = self.busy_timeout_s if patience_s is None else patience_s
-        deadline = time.monotonic() + patience
-        pause, retrying = RECONNECT_PAUSE_S, False
+    def _attempts(self, fn: Callable[[psycopg.Connection], T], *, patient: bool = True) -> T:
+        """``fn(conn)`` on the live connection, tried again on a new one
+        while the server is away (a restart, a failover, a killed link), for
+        up to the busy timeout counted from the outage's first failure
+        (*patient* False: one try).  Other driver errors, and an outage past
+        the busy timeout, become StoreError; anything else passes through."""
+        pause = RECONNECT_PAUSE_S
         while True:
             try:
-                conn = self._live()
-                with conn.transaction():
-                    return fn(conn, retrying)
+                out = fn(self._live())
+                self._down_since = None
+                return out
             except psycopg.Error as exc:
-                if not lost(self.conn) or time.monotonic() + pause > deadline:
+                if not transient(exc, self.conn):
                     raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
-            except StoreError:  # could not reconnect yet
-                if time.monotonic() + pause > deadline:
-                    raise
+                if not lost(self.conn):
+                    self.conn.close()  # a standby, a shutting-down server: next try on a new connection
+                why = f"lost the connection to {target(self.url)}: {cause(exc)}"
+            except Unreachable as exc:
+                why = exc.why
+            now = time.monotonic()
+            if self._down_since is None or now - self._down_last > NEW_OUTAGE_S:
+                self._down_since = now
+            self._down_last = now
+            down = now - self._down_since
+            if not patient or down + pause > self.busy_timeout_s:
+                longer = f" (for {down:.0f}s, longer than the busy timeout of {self.busy_timeout_s:g}s)" if patient else ""
+                raise StoreError(f"PostgreSQL {self.location}: {why}{longer}") from None
             time.sleep(pause)
-            pause, retrying = min(pause * 2, 2.0), True
+            pause = min(pause * 2, MAX_PAUSE_S)
 
-    def _read(self, query: str, params: tuple = ()) -> list[tuple]:
-        """Rows of one statement (autocommit); a lost link is reconnected once."""
-        for attempt in (0, 1):
-            try:
-                return self._live().execute(query, params).fetchall()
-            except psycopg.Error as exc:
-                if attempt or not lost(self.conn):
-                    raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _tx(self, fn: Callable[[psycopg.Connection, bool], Any], *, patient: bool = True) -> Any:
+        """``fn(conn, retrying)`` in one transaction (:meth:`_attempts`:
+        ``retrying`` is True once a try failed — whatever *fn* wrote then
+        may have committed).  Fenced and the like pass through, rolled back."""
+        tries = [False]
+
+        def attempt(conn: psycopg.Connection) -> Any:
+            retrying, tries[0] = tries[0], True
+            with self.q.tx(conn):
+                return fn(conn, retrying)
+
+        return self._attempts(attempt, patient=patient)
+
+    def _read(self, template: str, params: tuple | list = (), *, pinned: bool = False) -> list[tuple]:
+        """Rows of one statement (a template of :class:`Sql`), in one round
+        trip with its deadline; riding out an outage like :meth:`_tx`."""
+        return self._attempts(lambda conn: self.q.read(conn, template, params, pinned=pinned))
 
     # -- sessions ------------------------------------------------------------------
 
     def start_session(self, args: dict) -> str:
         if self.session_id is not None:
             return self.session_id
+        self._writable()
         session_id = new_ulid()
         holder = asdict(current_holder(session_id))
-        self._tx(lambda c, retrying: rows.open_session(c, session_id, self.host, args, holder, retrying))
+        self._tx(lambda c, retrying: rows.open_session(c, self.q, session_id, self.host, args, holder, retrying))
         self.session_id = session_id
         return session_id
 
@@ -194,9 +251,11 @@ class PostgresBackend:
         return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
 
     def open_sessions(self) -> list[tuple[str, dict]]:
+        if self.read_only is not None:
+            return []  # what this version may not end, it need not judge
         out = []
         for sid, elaboration in self._read(
-            """SELECT orchestration_session_id, elaboration FROM orchestration_session
+            """SELECT orchestration_session_id, elaboration FROM {orchestration_session}
                WHERE orchestration_nature_id = %s AND orch_finished_at IS NULL""",
             (rows.NATURE_ID,),
         ):
@@ -206,26 +265,28 @@ class PostgresBackend:
         return out
 
     def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
-        return self._tx(lambda c, _r: rows.end_session(c, session_id, failed, reason))
+        self._writable()
+        return self._tx(lambda c, _r: rows.end_session(c, self.q, session_id, failed, reason))
 
     def close(self, *, failed: bool = False) -> None:
         if self._closed:
             return
         try:
             # At exit a lost link is not reopened: the next kernel closes the session.
-            if self.session_id is not None and not self.readonly and not lost(self.conn):
+            if self.session_id is not None and self.read_only is None and not lost(self.conn):
 
                 def tx(c: psycopg.Connection, _retrying: bool) -> None:
                     self._flush_hits(c)
                     why = "a cell failed in this kernel" if failed else "kernel shut down"
-                    rows.end_session(c, self.session_id, failed, why)
+                    rows.end_session(c, self.q, self.session_id, failed, why)
 
-                self._tx(tx, patience_s=0)  # at exit: no waiting for a server that is gone
+                self._tx(tx, patient=False)  # at exit: no waiting for a server that is gone
         except (StoreError, psycopg.Error):
             pass  # closing must never raise at interpreter exit
         finally:
             self._closed = True
-            self._listener.close()
+            if self._listener is not None:
+                self._listener.close()
             for conn in (self.conn, self._user_sql):
                 if conn is not None:
                     try:
@@ -237,8 +298,9 @@ class PostgresBackend:
 
     def wait_for_change(self, timeout: float) -> None:
         """Sleep until the awaited cell's channel is notified, or *timeout*.
-        The channel is the one of the cell :meth:`claim` last found held."""
-        if self._awaited is None:
+        The channel is the one of the cell :meth:`claim` last found held;
+        behind a pooler (no LISTEN) this only sleeps: the caller polls."""
+        if self._awaited is None or self._listener is None:
             time.sleep(timeout)
         else:
             self._listener.wait(self._awaited, timeout)
@@ -246,18 +308,18 @@ class PostgresBackend:
     # -- the hot path --------------------------------------------------------------------
 
     def latest(self, key: CellKey) -> Transition | None:
-        found = self._read(rows.LATEST, (key.ingest_src,))
+        found = self._read(self._latest, (key.ingest_src,), pinned=self._latest is rows.LATEST_CALL)
         return Transition(*found[0]) if found else None
 
     def latest_variant(self, key: CellKey) -> Transition | None:
         lo = key.base_src
         hi = lo[:-1] + chr(ord(lo[-1]) + 1)
         found = self._read(
-            f"""SELECT {STATE_COLUMNS}
-                FROM rssd_magic_state_seq AS q
-                JOIN orchestration_session_state AS s ON s.orchestration_session_state_id = q.state_id
+            "SELECT " + STATE_COLUMNS + """
+                FROM {rssd_magic_state_seq} AS q
+                JOIN {orchestration_session_state} AS s ON s.orchestration_session_state_id = q.state_id
                 WHERE q.entry_id IN (
-                    SELECT orchestration_session_entry_id FROM orchestration_session_entry
+                    SELECT orchestration_session_entry_id FROM {orchestration_session_entry}
                     WHERE ingest_src COLLATE "C" >= %s AND ingest_src COLLATE "C" < %s
                       AND ingest_src COLLATE "C" <> %s)
                   AND s.to_state = 'EXECUTED'
@@ -268,36 +330,39 @@ class PostgresBackend:
 
     def note_hit(self, state_id: str) -> None:
         # Counted in memory, written with the next transaction, at close, or
-        # when HIT_FLUSH_S have passed: a replay pays for no write.
+        # when HIT_FLUSH_S have passed: a replay pays for no write.  A
+        # read-only store counts nothing.
+        if self.read_only is not None:
+            return
         self._pending_hits[state_id] = self._pending_hits.get(state_id, 0) + 1
         now = time.monotonic()
-        if now - self._hits_flushed > HIT_FLUSH_S and not self.readonly:
+        if now - self._hits_flushed > HIT_FLUSH_S:
             self._hits_flushed = now
             try:
-                self._tx(lambda c, _r: self._flush_hits(c), patience_s=0)  # a replay never waits for this
+                self._tx(lambda c, _r: self._flush_hits(c), patient=False)  # a replay never waits for this
             except StoreError:
                 pass  # unreachable now: keep counting, try again later
 
     def flush_hits(self, patience_s: float | None = None) -> None:
-        if self._pending_hits and not self.readonly:
+        if self._pending_hits and self.read_only is None:
             self._tx(lambda c, _r: self._flush_hits(c))
 
     def _flush_hits(self, c: psycopg.Connection) -> None:
         if self._pending_hits:
-            rows.add_hits(c, self._pending_hits)
+            rows.add_hits(c, self.q, self._pending_hits)
             self._pending_hits.clear()
 
     # -- claims ------------------------------------------------------------------------
 
     def claim(self, request: ClaimRequest) -> ClaimOutcome:
+        self._writable()
         self._session()
-        key = request.key
-        h = request.holder
+        key, h, q = request.key, request.holder, self.q
 
         def tx(c: psycopg.Connection, _retrying: bool) -> ClaimOutcome:
             self._flush_hits(c)
-            row = rows.lock_cell(c, key.ingest_src)
-            previous = rows.latest_in(c, key.ingest_src)
+            row = rows.lock_cell(c, q, key.ingest_src)
+            previous = rows.latest_in(c, q, key.ingest_src)
             verdict = judge_claim(
                 request, previous, lambda: rows.claim_from(row) if row is not None and row[1] == previous.state_id else None
             )
@@ -306,15 +371,15 @@ class PostgresBackend:
             abandoned = None
             if verdict.abandon is not None:
                 abandoned = previous = rows.append(
-                    c, self.session_id, previous.entry_id, RUNNING, ABANDONED, None, verdict.abandon, None
+                    c, q, self.session_id, previous.entry_id, RUNNING, ABANDONED, None, verdict.abandon, None
                 )
-            entry_id = previous.entry_id if previous else rows.entry(c, self.session_id, key, request.source)
+            entry_id = previous.entry_id if previous else rows.entry(c, q, self.session_id, key, request.source)
             self._src_of[entry_id] = key.ingest_src
             running = rows.append(
-                c, self.session_id, entry_id, previous.to_state if previous else INITIAL, RUNNING, None, verdict.reason,
-                request.elaboration,
+                c, q, self.session_id, entry_id, previous.to_state if previous else INITIAL, RUNNING, None,
+                verdict.reason, request.elaboration,
             )  # fmt: skip
-            token, at = rows.take(c, key.ingest_src, entry_id, running.state_id, self.session_id, h, request.lease_s)
+            token, at = rows.take(c, q, key.ingest_src, entry_id, running.state_id, self.session_id, h, request.lease_s)
             mine = Claim(entry_id, running.state_id, token, h, 0, request.lease_s, at, 0.0)
             return ClaimOutcome("run", previous, running=running, claim=mine, abandoned=abandoned)
 
@@ -324,17 +389,17 @@ class PostgresBackend:
         return outcome
 
     def claim_of(self, running: Transition) -> Claim | None:
-        found = self._read(rows.CLAIM + " WHERE state_id = %s AND entry_id = %s", (running.state_id, running.entry_id))
+        found = self._read(rows.CLAIM_OF, (running.state_id, running.entry_id))
         return rows.claim_from(found[0]) if found else None
 
     def renewer(self) -> PgRenewer:
-        return PgRenewer(self.url, self.schema, self.busy_timeout_s)
+        return PgRenewer(self.url, self.location, self.q)
 
     def _src(self, c: psycopg.Connection, entry_id: str) -> str | None:
         src = self._src_of.get(entry_id)
         if src is None:
             row = c.execute(
-                "SELECT ingest_src FROM orchestration_session_entry WHERE orchestration_session_entry_id = %s",
+                self.q("SELECT ingest_src FROM {orchestration_session_entry} WHERE orchestration_session_entry_id = %s"),
                 (entry_id,),
             ).fetchone()
             if row is None:
@@ -353,36 +418,29 @@ class PostgresBackend:
         signatures: Iterable[tuple[str, str, str]] = (),
         exec_row: ExecRow | None = None,
     ) -> Transition:
+        self._writable()
         blobs, signatures = list(blobs), list(signatures)
-        done_id = new_ulid()
+        done_id, q = new_ulid(), self.q
 
         def tx(c: psycopg.Connection, retrying: bool) -> Transition:
             if retrying:  # the COMMIT of a try whose link broke may have landed
-                row = c.execute(
-                    f"""SELECT {STATE_COLUMNS} FROM orchestration_session_state AS s
-                        JOIN rssd_magic_state_seq AS q ON q.state_id = s.orchestration_session_state_id
-                        WHERE s.orchestration_session_state_id = %s""",
-                    (done_id,),
-                ).fetchone()
+                row = c.execute(q(rows.STATE_BY_ID), (done_id,)).fetchone()
                 if row is not None:
                     return Transition(*row)
             src = self._src(c, running.entry_id)
-            held = rows.lock_cell(c, src, create=False) if src is not None else None
-            latest = rows.latest_in(c, src) if src is not None else None
+            held = rows.lock_cell(c, q, src, create=False) if src is not None else None
+            latest = rows.latest_in(c, q, src) if src is not None else None
             mine = held is not None and held[1] == running.state_id and held[0] == running.entry_id
             if latest is None or latest.state_id != running.state_id or not mine or int(held[2]) != token:
                 raise Fenced(self._who_took_over(held, latest, token))
-            rows.add_signatures(c, signatures)
-            for digest, data in blobs:
+            rows.add_signatures(c, q, signatures)
+            for digest, data in blobs:  # each proven right (or rewritten) before the record names it
                 self.blobs.put(c, digest, data)
-            done = rows.append(c, self.session_id, running.entry_id, RUNNING, to_state, result_json, reason, None, done_id)
+            done = rows.append(c, q, self.session_id, running.entry_id, RUNNING, to_state, result_json, reason, None, done_id)
             # Released, and the cell's waiters told (delivered at COMMIT).
-            c.execute(
-                "UPDATE rssd_magic_claim SET state_id = NULL WHERE ingest_src = %s AND token = %s RETURNING pg_notify(%s, %s)",
-                (src, token, channel(self.schema, src), done.state_id),
-            )
+            c.execute(q(rows.RELEASE), (src, token, channel(self.schema, src), done.state_id))
             if exec_row is not None:
-                rows.exec_row(c, self.session_id, running.entry_id, exec_row)
+                rows.exec_row(c, q, self.session_id, running.entry_id, exec_row)
             return done
 
         return self._tx(tx)
@@ -400,17 +458,19 @@ class PostgresBackend:
     def append_if_latest(
         self, entry_id: str, from_state: str, to_state: str, result_json: str | None, reason: str, if_latest: str
     ) -> Transition | None:
+        self._writable()
         self._session()
+        q = self.q
 
         def tx(c: psycopg.Connection, _retrying: bool) -> Transition | None:
             src = self._src(c, entry_id)
             if src is None:
                 return None
-            rows.lock_cell(c, src)
-            latest = rows.latest_in(c, src)
+            rows.lock_cell(c, q, src)
+            latest = rows.latest_in(c, q, src)
             if latest is None or latest.state_id != if_latest:
                 return None
-            return rows.append(c, self.session_id, entry_id, from_state, to_state, result_json, reason, None)
+            return rows.append(c, q, self.session_id, entry_id, from_state, to_state, result_json, reason, None)
 
         return self._tx(tx)
 
@@ -421,21 +481,23 @@ class PostgresBackend:
         if not ids:
             return {}
         found = self._read(
-            "SELECT payload_id, signature FROM rssd_magic_signature WHERE key_id = %s AND payload_id = ANY(%s)",
+            "SELECT payload_id, signature FROM {rssd_magic_signature} WHERE key_id = %s AND payload_id = ANY(%s)",
             (key_id, ids),
         )
         return {pid: sig for pid, sig in found if isinstance(sig, str)}
 
     def add_signatures(self, signed: Iterable[tuple[str, str, str]]) -> None:
+        self._writable()
         signed = list(signed)
         if signed:
-            self._tx(lambda c, _r: rows.add_signatures(c, signed))
+            self._tx(lambda c, _r: rows.add_signatures(c, self.q, signed))
 
     # -- the user's SQL on the server itself ---------------------------------------------
 
     def sql_connection(self) -> psycopg.Connection:
-        """A connection of its own (autocommit; run_sql opens and closes the
-        cell's transactions), in the same schema as the state."""
+        """A connection of its own (autocommit, no prepared statements;
+        run_sql opens and closes the cell's transactions), in the same
+        schema as the state (the one its search_path starts with)."""
         if lost(self._user_sql):
             self._user_sql = connect(self.url, purpose="sql")
         return self._user_sql
@@ -443,10 +505,8 @@ class PostgresBackend:
     # -- reports ---------------------------------------------------------------------------
 
     def _report(self, fn: Callable, *args) -> Any:
-        try:
-            return fn(self._live(), *args)
-        except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
+        """``fn(conn, q, *args)`` in one transaction, riding out an outage."""
+        return self._tx(lambda c, _r: fn(c, self.q, *args))
 
     def cells(self) -> list[CellRow]:
         return self._report(postgres_reports.cells)
@@ -456,7 +516,7 @@ class PostgresBackend:
 
     def result_of(self, state_id: str) -> str | None:
         found = self._read(
-            "SELECT transition_result FROM orchestration_session_state WHERE orchestration_session_state_id = %s",
+            "SELECT transition_result FROM {orchestration_session_state} WHERE orchestration_session_state_id = %s",
             (state_id,),
         )
         return found[0][0] if found else None
@@ -465,9 +525,11 @@ class PostgresBackend:
         return executed_results(self.cells())
 
     def storage(self) -> StorageStats:
-        return self._report(postgres_reports.storage, self.location, self.schema)
+        return self._report(postgres_reports.storage, self.location)
 
     def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
+        if not dry_run:
+            self._writable()
         return self._report(postgres_reports.gc, self.blobs.lock, digests_of, dry_run)
 
     # -- moving records to and from RSSD files ------------------------------------------------
@@ -478,13 +540,14 @@ class PostgresBackend:
         :func:`postgres_transfer.export_rssd`."""
         from .postgres_transfer import export_rssd
 
-        summary = self._report(export_rssd, path, scope, digests_of)
+        summary = self._report(export_rssd, path, scope, digests_of, self.blobs)
         return {**summary, "from": self.location}
 
     def import_rssd(self, path: str) -> dict:
         """Bring the cells of the RSSD file at *path* into this store: see
-        :func:`postgres_transfer.import_rssd`."""
+        :func:`postgres_transfer.import_rssd` (its own transactions)."""
         from .postgres_transfer import import_rssd
 
-        summary = self._report(import_rssd, path, self.blobs)
+        self._writable()
+        summary = self._attempts(lambda conn: import_rssd(conn, self.q, path, self.blobs), patient=False)
         return {**summary, "to": self.location}

@@ -7,12 +7,32 @@ as binary parameters and read back as a binary stream (single-row mode), each
 copied once into the output buffer and hashed on the way, so a changed or
 missing chunk is an IntegrityError, never a wrong value.
 
+Nothing stored is trusted for being there:
+
+* **On read**, the chunks must add up to the blob row's size and count
+  before a buffer of that size is allocated (a row claiming 1 TB allocates
+  nothing), and the bytes are checked against the digest as they arrive.
+* **On write**, a digest already stored is proven to hold the bytes being
+  recorded before the record that names it commits: its row, chunk numbers
+  and lengths (from the TOAST pointers, nothing read) must be what the
+  writer would store, then its bytes are compared with the writer's — a
+  small blob's come back with that first query (one round trip), a large
+  one's are streamed back and compared chunk by chunk.  Reading back beat
+  hashing on the server: PostgreSQL's own sha256 ran at ~180 MB/s, md5 at
+  ~450 MB/s, a binary stream back at ~500 MB/s, and it costs the shared
+  server no CPU (bench figure p4).  A missing, short, extra or changed
+  chunk, or a size that lies, gets the blob rewritten from the writer's
+  bytes in the same transaction — so ``--force`` repairs a cell whose blob
+  was damaged.
+
 Large blobs are also kept in a cache on this machine (:class:`LocalCache`):
 a server reassembles a value from 2 KB TOAST pieces and sends it through a
 socket, several times slower than reading a local file (bench_postgres.py,
 figure p3), and a digest names its bytes forever, so a copy can't go stale.
 The server still says whether the blob exists; the copy is checked against
-the digest on every read and dropped when it does not match.
+the digest on every read and dropped when it does not match.  The cache
+opens regular files of this user only (never through a symlink, never a
+FIFO that would block), and checks the file's size before allocating.
 
 Blobs and :meth:`gc` exclude each other through a transaction-level advisory
 lock (shared for writers, exclusive for gc): a run that found a blob already
@@ -21,8 +41,10 @@ stored, and so did not upload it, can't have it deleted under its record.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -31,7 +53,7 @@ import psycopg
 
 from ..trust import IntegrityError, Verifier
 from .base import Blob, StoreError
-from .postgres_conn import cause
+from .postgres_conn import Sql, cause
 from .sqlite_blobs import _buffer
 
 #: Bytes per chunk row: large enough that per-row costs vanish, small
@@ -44,6 +66,26 @@ ENV_CACHE = "RSSD_MAGIC_BLOB_CACHE"
 ENV_CACHE_BYTES = "RSSD_MAGIC_BLOB_CACHE_BYTES"
 CACHE_BYTES = 4 << 30
 _HEX = frozenset("0123456789abcdef")
+#: Blobs up to this size come back with their row, in the same round trip.
+INLINE = 64 << 10
+#: Slowest link a blob read is given time for, on top of the busy timeout
+#: (bytes per second): a read's deadline grows with the blob's size.
+MIN_RATE = 1 << 20
+#: Tries at writing one digest while other writers race to store it.
+PUT_TRIES = 3
+
+#: A blob's row, what its chunks add up to (sizes come from the TOAST
+#: pointers: nothing is read), and a small blob's bytes.
+HEAD = f"""SELECT b.size, b.chunks, count(c.n), coalesce(sum(octet_length(c.data)), 0),
+                  CASE WHEN b.size <= {INLINE} AND b.chunks = 1 THEN
+                      (SELECT d.data FROM {{rssd_magic_blob_chunk}} AS d WHERE d.digest = b.digest AND d.n = 0) END
+           FROM {{rssd_magic_blob}} AS b LEFT JOIN {{rssd_magic_blob_chunk}} AS c ON c.digest = b.digest
+           WHERE b.digest = %s GROUP BY b.digest, b.size, b.chunks"""
+#: What is stored under a digest: its row, each chunk's number and length
+#: (from the TOAST pointers: nothing is read), and a small blob's bytes.
+STORED = f"""SELECT b.size, b.chunks, c.n, octet_length(c.data), CASE WHEN b.size <= {INLINE} THEN c.data END
+            FROM {{rssd_magic_blob}} AS b LEFT JOIN {{rssd_magic_blob_chunk}} AS c ON c.digest = b.digest
+            WHERE b.digest = %s ORDER BY c.n"""
 
 
 class LocalCache:
@@ -79,17 +121,24 @@ class LocalCache:
 
     def read(self, digest: str, size: int) -> Any:
         """The blob, checked, or None (not here, or not what it should be:
-        then the copy is deleted)."""
+        then the copy is deleted).  Only a regular file of this user is
+        read, and only when it has *size* bytes."""
         path = self.path(digest)
         if path is None:
             return None
         try:
-            fh = open(path, "rb")
-        except OSError:
+            # O_NONBLOCK: a FIFO planted here opens at once (and is refused below).
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symlink: never followed
+                _unlink(path)
             return None
-        with fh:
+        with os.fdopen(fd, "rb", buffering=0) as fh:
             try:
-                if os.fstat(fh.fileno()).st_size != size:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                    raise IntegrityError("not a regular file of this user")
+                if st.st_size != size:
                     raise IntegrityError("size")
                 out = _buffer(size)
                 view = memoryview(out)
@@ -107,7 +156,7 @@ class LocalCache:
                 _unlink(path)
                 return None
         try:
-            os.utime(path)  # most recently read: evicted last
+            os.utime(path, follow_symlinks=False)  # most recently read: evicted last
         except OSError:
             pass
         return out
@@ -121,7 +170,8 @@ class LocalCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(tmp, "wb") as fh:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            with os.fdopen(os.open(tmp, flags, 0o600), "wb") as fh:
                 fh.write(memoryview(data))
             os.replace(tmp, path)
             self._evict()
@@ -132,7 +182,7 @@ class LocalCache:
         files = []
         for p in self.root.glob("*/*/*"):
             try:
-                st = p.stat()
+                st = p.lstat()
             except OSError:
                 continue
             files.append((st.st_mtime, st.st_size, p))
@@ -157,16 +207,26 @@ def lock_key(schema: str) -> int:
     return int.from_bytes(hashlib.sha256(f"rssd_magic.blobs:{schema}".encode()).digest()[:8], "big", signed=True)
 
 
+def chunks_of(view: memoryview, step: int) -> Callable[[], Iterator[memoryview]]:
+    """A blob in memory as chunks, as often as asked."""
+    return lambda: (view[i : i + step] for i in range(0, view.nbytes, step))
+
+
 class PgBlobs:
     """``rssd_magic_blob``: content-addressed bytes on the server."""
 
-    def __init__(self, conn: Callable[[], psycopg.Connection], tx: Callable, schema: str, where: str, chunk: int = CHUNK):
-        self._conn = conn  # the backend's live connection (reconnected when lost)
-        self._tx = tx  # the backend's transaction runner (see PostgresBackend._tx)
-        self.lock = lock_key(schema)
-        self.where = where
+    def __init__(self, store: Any, chunk: int = CHUNK):
+        # The PostgresBackend: its statements (q), reads and transactions,
+        # which reconnect and ride out an outage.
+        self.store = store
+        self.lock = lock_key(store.schema)
+        self.where = store.location
         self.chunk = chunk
         self.cache = LocalCache.from_env()
+
+    @property
+    def q(self) -> Sql:
+        return self.store.q
 
     def get(self, digest: str) -> Any:
         """Read a blob into one writable buffer, checking its digest on the way."""
@@ -176,129 +236,173 @@ class PgBlobs:
             raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
 
     def _get(self, digest: str) -> Any:
-        conn = self._conn()
-        row = conn.execute("SELECT size, chunks FROM rssd_magic_blob WHERE digest = %s", (digest,)).fetchone()
-        if row is None:
+        found = self.store._read(HEAD, (digest,))
+        if not found:
             raise KeyError(digest)
-        size, chunks = int(row[0]), int(row[1])
+        size, chunks, stored, stored_bytes, inline = int(found[0][0]), int(found[0][1]), *found[0][2:]
         cached = size >= CACHE_MIN and self.cache is not None
         if cached:
             out = self.cache.read(digest, size)
             if out is not None:
                 return out
+        # Trust no row for its size: the chunks must add up before a buffer is made.
+        if int(stored) != chunks or int(stored_bytes) != size:
+            raise IntegrityError(
+                f"blob {digest[:24]}… is incomplete or altered ({int(stored_bytes)} bytes in {int(stored)} chunks "
+                f"stored for a recorded {size} bytes in {chunks})"
+            )
+        if inline is not None:
+            verifier = Verifier(digest)
+            verifier.update(inline)
+            verifier.check()
+            return bytearray(inline)
+        out = self.store._attempts(lambda conn: self._stream_into(conn, digest, size, chunks))
+        if cached:
+            self.cache.write(digest, out)
+        return out
+
+    def _stream_into(self, conn: psycopg.Connection, digest: str, size: int, chunks: int) -> Any:
         out = _buffer(size)
         view = memoryview(out)
         verifier = Verifier(digest)
         offset = n = 0
         try:
-            for chunk in self.chunks(conn, digest):
-                end = offset + len(chunk)
-                if end > size:
-                    raise IntegrityError(f"blob {digest[:24]}… has more bytes than its recorded size {size}")
-                verifier.update(chunk)
-                view[offset:end] = chunk
-                offset, n = end, n + 1
+            with self.q.tx(conn, self.deadline(size)):
+                for chunk in self.chunks(conn, digest):
+                    end = offset + len(chunk)
+                    if end > size:
+                        raise IntegrityError(f"blob {digest[:24]}… has more bytes than its recorded size {size}")
+                    verifier.update(chunk)
+                    view[offset:end] = chunk
+                    offset, n = end, n + 1
         finally:
             view.release()
         if offset != size or n != chunks:
             raise IntegrityError(f"blob {digest[:24]}… is incomplete ({offset} of {size} bytes stored)")
         verifier.check()
-        if cached:
-            self.cache.write(digest, out)
         return out
 
     def check(self, digest: str) -> str | None:
         """What the server holds under *digest*, hashed as it streams (the
         local cache is not asked: the server's bytes are what teammates read)."""
         try:
-            conn = self._conn()
-            row = conn.execute("SELECT size, chunks FROM rssd_magic_blob WHERE digest = %s", (digest,)).fetchone()
-            if row is None:
+            found = self.store._read(HEAD, (digest,))
+            if not found:
                 return "missing"
-            verifier, size, n = Verifier(digest), 0, 0
-            for chunk in self.chunks(conn, digest):
-                verifier.update(chunk)
-                size, n = size + len(chunk), n + 1
+            size, chunks = int(found[0][0]), int(found[0][1])
+            if int(found[0][2]) != chunks or int(found[0][3]) != size:
+                return f"{int(found[0][3])} bytes in {int(found[0][2])} chunks stored, its row says {size} in {chunks}"
+            self.store._attempts(lambda conn: self._stream_into(conn, digest, size, chunks))
         except psycopg.Error as exc:
             raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
-        except IntegrityError as exc:
-            return str(exc)
-        if (size, n) != (int(row[0]), int(row[1])):
-            return f"{size} bytes in {n} chunks stored, its row says {row[0]} in {row[1]}"
-        try:
-            verifier.check()
         except IntegrityError:
             return "its stored bytes do not match its digest"
         return None
 
-    @staticmethod
-    def chunks(conn: psycopg.Connection, digest: str) -> Iterator[bytes]:
+    def deadline(self, size: int) -> float:
+        """Seconds a statement moving *size* bytes may take."""
+        return self.q.timeout_s + size / MIN_RATE
+
+    def chunks(self, conn: psycopg.Connection, digest: str) -> Iterator[bytes]:
         """The stored chunks of a blob, in order, as a binary stream (one row
         in the driver's memory at a time).  Not checked: callers verify."""
         with conn.cursor(binary=True) as cur:
-            for (chunk,) in cur.stream("SELECT data FROM rssd_magic_blob_chunk WHERE digest = %s ORDER BY n", (digest,)):
+            for (chunk,) in cur.stream(
+                self.q("SELECT data FROM {rssd_magic_blob_chunk} WHERE digest = %s ORDER BY n"), (digest,)
+            ):
                 yield chunk
 
     def put_many(self, blobs: Iterable[Blob], conn: psycopg.Connection | None = None) -> None:
-        """Store blobs (a digest already stored is skipped).  Inside the
-        caller's transaction when *conn* is given, else one transaction each."""
+        """Store blobs (a digest already stored is checked, and rewritten
+        unless it holds these bytes).  Inside the caller's transaction when
+        *conn* is given, else one transaction each."""
         if conn is not None:
             for digest, data in blobs:
                 self.put(conn, digest, data)
             return
+        self.store._writable()
         for digest, data in blobs:
-            self._tx(lambda c, _retry, d=digest, b=data: self.put(c, d, b))
+            self.store._tx(lambda c, _retry, d=digest, b=data: self.put(c, d, b))
 
     def put(self, c: psycopg.Connection, digest: str, data: Any) -> bool:
-        """One blob, in the transaction open on *c*; False when it was stored."""
+        """One blob, in the transaction open on *c*; False when the stored
+        copy was proven to be these bytes."""
         view = memoryview(data)
         if not view.c_contiguous:
             view = memoryview(bytes(view))
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
-        step = self.chunk
-        return self.put_stream(c, digest, view.nbytes, (view[i : i + step] for i in range(0, view.nbytes, step)))
+        return self.put_stream(c, digest, view.nbytes, chunks_of(view, self.chunk))
 
-    def put_stream(self, c: psycopg.Connection, digest: str, size: int, chunks: Iterable[Any]) -> bool:
-        """One blob from *chunks* (each :attr:`chunk` bytes, the last one
-        shorter), in the transaction open on *c*; False when it was stored
-        already.  Whatever *chunks* raises (a digest check) rolls it back
-        with the caller's transaction."""
+    def put_stream(self, c: psycopg.Connection, digest: str, size: int, chunks: Callable[[], Iterable[Any]]) -> bool:
+        """One blob of *size* bytes, from *chunks()* (each :attr:`chunk` bytes,
+        the last one shorter; asked again when the bytes are needed twice),
+        in the transaction open on *c*.  Returns False when the stored copy
+        was proven to be these bytes, True when they were (re)written.
+        Whatever *chunks* raises (a digest check) rolls it back with the
+        caller's transaction."""
+        q = self.q
         c.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.lock,))
-        if c.execute("SELECT 1 FROM rssd_magic_blob WHERE digest = %s", (digest,)).fetchone():
-            return False
         count = max(1, -(-size // self.chunk))
-        # Waits for a concurrent writer of the same digest; when that one
-        # commits there is nothing left to do.
-        if not c.execute(
-            """INSERT INTO rssd_magic_blob (digest, size, chunks) VALUES (%s, %s, %s)
-               ON CONFLICT (digest) DO NOTHING RETURNING 1""",
-            (digest, size, count),
-        ).fetchone():
+        for _ in range(PUT_TRIES):
+            stored = c.execute(q(STORED), (digest,)).fetchall()
+            if stored:
+                if self._same(c, digest, stored, size, count, chunks):
+                    return False
+                # Wrong bytes under this digest: replaced by ours.  Waits for
+                # a concurrent writer; if one rewrote it meanwhile, its copy
+                # is checked on the next turn.
+                c.execute(q("DELETE FROM {rssd_magic_blob} WHERE digest = %s"), (digest,))
+            c.execute(q("DELETE FROM {rssd_magic_blob_chunk} WHERE digest = %s"), (digest,))
+            if c.execute(
+                q("""INSERT INTO {rssd_magic_blob} (digest, size, chunks) VALUES (%s, %s, %s)
+                     ON CONFLICT (digest) DO NOTHING RETURNING 1"""),
+                (digest, size, count),
+            ).fetchone():
+                self._write_chunks(c, digest, size, chunks)
+                return True
+        raise StoreError(f"PostgreSQL {self.where}: blob {digest[:24]}… is being rewritten by others; try again")
+
+    def _same(self, c: psycopg.Connection, digest: str, stored: list[tuple], size: int, count: int,
+              chunks: Callable[[], Iterable[Any]]) -> bool:  # fmt: skip
+        """True when the stored rows (STORED) hold exactly *chunks()*: the
+        same row, chunk numbers and lengths, then the same bytes — a small
+        blob's came with its row, a large one's are read back and compared
+        chunk by chunk (stopping at the first difference)."""
+        if int(stored[0][0]) != size or int(stored[0][1]) != count or len(stored) != count:
             return False
-        written = n = 0
-        with c.cursor() as cur:
-            for n, chunk in enumerate(chunks):
-                cur.execute("INSERT INTO rssd_magic_blob_chunk (digest, n, data) VALUES (%s, %s, %b)", (digest, n, chunk))
-                written += memoryview(chunk).nbytes
-            if size == 0:
-                cur.execute("INSERT INTO rssd_magic_blob_chunk (digest, n, data) VALUES (%s, 0, %b)", (digest, b""))
-        if written != size:
-            raise ValueError(f"blob {digest[:24]}…: {written} bytes given for a size of {size}")
+        if [(n, length) for _, _, n, length, _ in stored] != [(n, len(m)) for n, m in enumerate(self._lengths(size))]:
+            return False
+        theirs = (row[4] for row in stored) if size <= INLINE else self.chunks(c, digest)
+        for mine, stored_chunk in zip(chunks(), theirs):
+            if bytes(mine) != stored_chunk:  # bytes(): memcmp, where a memoryview compares item by item
+                return False
         return True
 
+    def _lengths(self, size: int) -> list[range]:
+        return [range(min(self.chunk, size - i)) for i in range(0, size, self.chunk)] or [range(0)]
+
+    def _write_chunks(self, c: psycopg.Connection, digest: str, size: int, chunks: Callable[[], Iterable[Any]]) -> None:
+        written = n = 0
+        with c.cursor() as cur:
+            insert = self.q("INSERT INTO {rssd_magic_blob_chunk} (digest, n, data) VALUES (%s, %s, %b)")
+            for n, chunk in enumerate(chunks()):
+                cur.execute(insert, (digest, n, chunk))
+                written += memoryview(chunk).nbytes
+            if size == 0:
+                cur.execute(insert, (digest, 0, b""))
+        if written != size:
+            raise ValueError(f"blob {digest[:24]}…: {written} bytes given for a size of {size}")
+
     def sizes(self) -> dict[str, int]:
-        try:
-            rows = self._conn().execute("SELECT digest, size FROM rssd_magic_blob").fetchall()
-        except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
-        return {d: int(s) for d, s in rows}
+        return {d: int(s) for d, s in self.store._read("SELECT digest, size FROM {rssd_magic_blob}")}
 
     def delete(self, digests: Iterable[str]) -> int:
         wanted = list(digests)
+        self.store._writable()
 
         def tx(c: psycopg.Connection, _retry: bool) -> int:
             c.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
-            return c.execute("DELETE FROM rssd_magic_blob WHERE digest = ANY(%s)", (wanted,)).rowcount
+            return c.execute(self.q("DELETE FROM {rssd_magic_blob} WHERE digest = ANY(%s)"), (wanted,)).rowcount
 
-        return self._tx(tx)
+        return self.store._tx(tx)

@@ -1,19 +1,42 @@
-"""Reaching a PostgreSQL server: opening connections, and saying in one line
-why one could not be opened or was lost — naming host, port and database,
-never the password.
+"""Reaching a PostgreSQL server: opening connections, the statements of one
+store (:class:`Sql`), and saying in one line why a connection could not be
+opened or was lost — naming host, port and database, never the password.
 
-Every connection is in autocommit mode: a transaction is always one of ours,
-opened and closed by ``with conn.transaction()`` around a few statements,
-so nothing stays open between two of them (PgBouncer in transaction mode,
-``idle_in_transaction_session_timeout`` and pools all rely on that).
-Transactions are READ COMMITTED whatever the server's default, because a
-claim reads *after* taking its row lock and must see what the previous
-holder of that lock committed.
+Everything here works the same on a direct connection and behind a pooler
+(PgBouncer in transaction or session mode), because nothing outlives a
+transaction:
+
+* **No prepared statements**: every connection is opened with
+  ``prepare_threshold=None`` (PgBouncer before 1.21 can't carry a prepared
+  statement from one transaction to the next, which may run on another
+  server connection).
+* **No session settings.**  Each transaction starts with its own ``SET
+  LOCAL``: ``lock_timeout`` and ``statement_timeout`` (the busy timeout, so a
+  lock or a hostile function can't hang a kernel) and ``search_path =
+  pg_catalog, pg_temp``, so every name we leave unqualified (functions,
+  operators, types) is the system's.  A single read sends the same
+  settings ahead of its statement in one simple-protocol query (one round
+  trip, no more than an unprepared extended-protocol query costs).
+* **Qualified names.**  Our tables and functions are written
+  ``"schema"."name"``, quoted as identifiers and rendered once per store
+  (:class:`Sql`): a schema earlier on someone's ``search_path`` can't shadow
+  them (the CVE-2018-1058 pattern), and a pooler handing us another server
+  connection can't change which schema we use.
+
+Connections are in autocommit mode: a transaction is always one of ours,
+opened and closed by :meth:`Sql.tx` around a few statements.  Transactions
+are READ COMMITTED whatever the server's default (sent with each BEGIN),
+because a claim reads *after* taking its row lock and must see what the
+previous holder of that lock committed.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from . import redact
@@ -22,6 +45,23 @@ from .base import StoreError
 #: Seconds to wait for a server that does not answer (libpq waits forever).
 CONNECT_TIMEOUT_S = 10
 APPLICATION_NAME = "rssd_magic"
+#: Unqualified names resolve in the system catalog only (and never in a
+#: temporary schema first).
+SEARCH_PATH = "pg_catalog, pg_temp"
+#: SQLite's CURRENT_TIMESTAMP text, from the server's clock (``{now}`` in a template).
+NOW = "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')"
+#: SQLSTATEs after which the same statement may well succeed on a new
+#: connection: shutdown, crash, start-up, a standby after a failover, no slot.
+TRANSIENT = {"57P01", "57P02", "57P03", "25006", "53300"}
+
+
+class Unreachable(StoreError):
+    """A connection could not be opened: the message says to what and why,
+    ``why`` says it without naming the store."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"PostgreSQL {redact(url)}: {why}")
+        self.why = why
 
 
 def params_of(url: str) -> dict:
@@ -40,8 +80,9 @@ def target(url: str) -> str:
     return f"database {db} on host {host} port {p.get('port') or 5432}"
 
 
-def connect(url: str, *, lock_timeout_s: float | None = None, purpose: str = "") -> psycopg.Connection:
-    """An autocommit connection, or StoreError naming the target and cause."""
+def connect(url: str, *, purpose: str = "") -> psycopg.Connection:
+    """An autocommit connection without prepared statements, or
+    :class:`Unreachable` naming the target and the cause."""
     given = params_of(url)
     extra: dict = {}
     if "connect_timeout" not in given:
@@ -49,24 +90,24 @@ def connect(url: str, *, lock_timeout_s: float | None = None, purpose: str = "")
     if "application_name" not in given:
         extra["application_name"] = APPLICATION_NAME + (f" {purpose}" if purpose else "")
     try:
-        conn = psycopg.connect(url, autocommit=True, **extra)
+        conn = psycopg.connect(url, autocommit=True, prepare_threshold=None, **extra)
     except psycopg.Error as exc:
-        raise StoreError(f"PostgreSQL {redact(url)}: cannot connect to {target(url)}: {cause(exc)}") from None
-    try:
-        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        if lock_timeout_s is not None:
-            # Session-level, once: a write waiting for another's row lock
-            # fails after the busy timeout instead of hanging.
-            conn.execute(f"SET lock_timeout = {int(lock_timeout_s * 1000)}")
-    except psycopg.Error as exc:
-        conn.close()
-        raise StoreError(f"PostgreSQL {redact(url)}: {cause(exc)}") from None
+        raise Unreachable(url, f"cannot connect to {target(url)}: {cause(exc)}") from None
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED  # sent with each BEGIN, not a SET
     return conn
 
 
 def lost(conn: psycopg.Connection | None) -> bool:
     """True when *conn* can't be used any more (closed, or the link broke)."""
     return conn is None or conn.closed or conn.broken
+
+
+def transient(exc: psycopg.Error, conn: psycopg.Connection | None) -> bool:
+    """True when *exc* says the server went away or can't serve us yet (a
+    restart, a failover), not that the statement is wrong: worth a new
+    connection and another try."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return lost(conn) or state.startswith("08") or state in TRANSIENT
 
 
 def cause(exc: BaseException) -> str:
@@ -86,3 +127,70 @@ def cause(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def quote(name: str) -> str:
+    """*name* as an SQL identifier, ready for a statement that takes
+    parameters (a ``%`` in it doubled)."""
+    return sql.Identifier(name).as_string(None).replace("%", "%%")
+
+
+def settings(timeout_s: float, *, lock: bool = True) -> str:
+    """The ``SET LOCAL`` statements a transaction (or a read) starts with."""
+    ms = max(1, int(timeout_s * 1000))
+    out = f"SET LOCAL statement_timeout = {ms}; SET LOCAL search_path = {SEARCH_PATH}"
+    return (f"SET LOCAL lock_timeout = {ms}; " if lock else "") + out
+
+
+class Sql:
+    """The statements of one store.
+
+    A template names our objects as ``{table_name}`` (and the schema as
+    ``{schema}``); it is rendered once, the first time it is used, with each
+    name schema-qualified and quoted — or, for a table a read-only store
+    lacks, replaced by an empty stand-in (*stand_ins*: name -> subquery).
+    Every rendered statement is executed with a parameter tuple (``()``
+    when it has none), so that a ``%`` in a schema name is read as itself.
+    """
+
+    def __init__(self, schema: str, objects: Iterable[str], timeout_s: float, stand_ins: dict | None = None):
+        self.schema = schema
+        self.timeout_s = timeout_s
+        q = quote(schema)
+        self.names = {"schema": q, "now": NOW, **{name: f"{q}.{quote(name)}" for name in objects}, **(stand_ins or {})}
+        self.setup = settings(timeout_s)
+        self._prefix = settings(timeout_s, lock=False) + "; "
+        self._rendered: dict[str, str] = {}
+        self._reads: dict[tuple[str, bool], str] = {}
+
+    def __call__(self, template: str) -> str:
+        try:
+            return self._rendered[template]
+        except KeyError:
+            text = self._rendered[template] = template.format_map(self.names)
+            return text
+
+    def read(self, conn: psycopg.Connection, template: str, params: tuple | list | dict = (), *,
+             pinned: bool = False) -> list[tuple]:  # fmt: skip
+        """The rows of one statement, run with the read settings in the same
+        query (one round trip, its own implicit transaction).  *pinned*: the
+        statement only calls a function of ours that pins its own
+        search_path, so only the deadline is set (a statement less to run)."""
+        text = self._reads.get((template, pinned))
+        if text is None:
+            prefix = f"SET LOCAL statement_timeout = {max(1, int(self.timeout_s * 1000))}; " if pinned else self._prefix
+            text = self._reads[(template, pinned)] = prefix + self(template)
+        cur = psycopg.ClientCursor(conn)
+        cur.execute(text, params)
+        cur.nextset()  # past the SET(s), to the statement's rows
+        if not pinned:
+            cur.nextset()
+        return cur.fetchall()
+
+    @contextmanager
+    def tx(self, conn: psycopg.Connection, timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
+        """One transaction on *conn*, with this store's settings (or
+        timeouts of *timeout_s*)."""
+        with conn.transaction():
+            conn.execute(self.setup if timeout_s is None else settings(timeout_s))
+            yield conn

@@ -4,7 +4,15 @@ waiter's LISTEN.
 
 Each has a connection of its own (a beat must not land inside, or be rolled
 back with, the main thread's transaction; a LISTEN must not be held by a
-connection that also writes), reopened when it was lost.
+connection that also writes), reopened when it was lost: a beat that finds
+its link broken (a restart, a killed connection) reconnects at once, and
+raises StoreError only while the server can't be reached (the next beat
+tries again); a listener that can't listen sleeps instead, and tries to
+reconnect at most once a second (the caller polls meanwhile).
+
+Behind a pooler no listener is made at all (postgres.py decides): a LISTEN
+would stay on a server connection the pooler hands to others, and the
+notification would never reach us.
 """
 
 from __future__ import annotations
@@ -16,7 +24,10 @@ import psycopg
 from psycopg import sql
 
 from .base import StoreError
-from .postgres_conn import connect, lost
+from .postgres_conn import Sql, cause, connect, lost, transient
+
+#: Seconds between two attempts of a listener to reconnect.
+RELISTEN_S = 1.0
 
 
 def channel(schema: str, ingest_src: str) -> str:
@@ -31,6 +42,7 @@ class Listener:
         self.url = url
         self.conn: psycopg.Connection | None = None
         self.channel: str | None = None
+        self._failed_at = float("-inf")
 
     def wait(self, wanted: str, timeout: float) -> None:
         """Return at the first notification on *wanted*, or after *timeout*.
@@ -39,6 +51,9 @@ class Listener:
         missed.  Without a connection it sleeps (the caller polls)."""
         try:
             if lost(self.conn):
+                if time.monotonic() - self._failed_at < RELISTEN_S:
+                    time.sleep(timeout)  # the server was away a moment ago: the caller polls
+                    return
                 self.conn, self.channel = connect(self.url, purpose="listener"), None
             if self.channel != wanted:
                 if self.channel is not None:
@@ -51,6 +66,7 @@ class Listener:
                 break
         except (psycopg.Error, StoreError):
             self.close()
+            self._failed_at = time.monotonic()
             time.sleep(timeout)
         except BaseException:
             self.close()  # interrupted inside the driver: the link's state is unknown
@@ -70,26 +86,37 @@ class PgRenewer:
     ``heartbeat_at`` with the server's clock, for every claim still held
     with its token."""
 
-    def __init__(self, url: str, schema: str, busy_timeout_s: float):
-        self.url, self.schema, self.busy_timeout_s = url, schema, busy_timeout_s
+    BEAT = """UPDATE {rssd_magic_claim} SET beat = beat + 1, heartbeat_at = clock_timestamp()
+              WHERE state_id = %s AND token = %s"""
+
+    def __init__(self, url: str, location: str, q: Sql):
+        self.url, self.location, self.q = url, location, q
         self.conn: psycopg.Connection | None = None
 
     def renew(self, held: dict[str, int]) -> set[str]:
-        if lost(self.conn):
-            self.conn = connect(self.url, lock_timeout_s=self.busy_timeout_s, purpose="heartbeat")
-            self.conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(self.schema)))
-        gone = set()
-        with self.conn.transaction():
-            for state_id, token in held.items():
-                cur = self.conn.execute(
-                    """UPDATE rssd_magic_claim SET beat = beat + 1, heartbeat_at = clock_timestamp()
-                       WHERE state_id = %s AND token = %s""",
-                    (state_id, token),
-                )
-                if cur.rowcount == 0:
-                    gone.add(state_id)
-        return gone
+        """Beat.  A link found broken (a restart, a killed connection) is
+        reopened at once for this beat; StoreError when the server can't be
+        reached (the next beat tries again)."""
+        for again in (True, False):
+            try:
+                if lost(self.conn):
+                    self.conn = connect(self.url, purpose="heartbeat")
+                gone = set()
+                with self.q.tx(self.conn):
+                    for state_id, token in held.items():
+                        if self.conn.execute(self.q(self.BEAT), (state_id, token)).rowcount == 0:
+                            gone.add(state_id)
+                return gone
+            except psycopg.Error as exc:
+                if not (again and transient(exc, self.conn)):
+                    raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
+                self.close()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         if self.conn is not None:
-            self.conn.close()
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 - a broken link
+                pass
+            self.conn = None

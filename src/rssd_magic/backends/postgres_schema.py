@@ -1,12 +1,27 @@
 """The tables on a PostgreSQL server: surveilr's, as an RSSD has them, and ours.
 
-Everything lives in the connection's current schema (the first existing one
-on its ``search_path``), so a team can give each project a schema of its
-own.  Tables are only created when missing, inside one transaction under a
+Everything lives in one schema, chosen when the store is opened: the first
+existing one on the connection's ``search_path`` (a URL's ``options=-c
+search_path=…``, or the role's default — which is how a schema is chosen
+behind PgBouncer, which drops ``options``), so a team can give each
+project a schema of its own.  Every statement names our objects
+schema-qualified (postgres_conn.Sql), so that choice holds for the life of
+the store whatever search_path a later connection has.
+
+Tables are only created when missing, inside one transaction under a
 transaction-level advisory lock (two kernels opening a fresh database at
-once would otherwise race in ``CREATE TABLE IF NOT EXISTS``); an existing
-table with other columns is refused with one line before anything is
-written.  Our objects are versioned in ``rssd_magic_meta``.
+once would otherwise race in ``CREATE TABLE IF NOT EXISTS``).  What is
+there is checked before anything is written, and refused with one line:
+
+* a table of ours with other columns;
+* one of our names taken by something that is not a plain table (a view,
+  a foreign table, a sequence …: writes would go wherever it points);
+* a trigger or rule on one of our ``rssd_magic_*`` tables (ours have none:
+  someone else's would run with every claim).
+
+Our objects are versioned in ``rssd_magic_meta``; a store made by a newer
+version is opened read-only (:attr:`Layout.read_only`): replays of what this
+version can read go on, nothing is written.
 
 How surveilr's SQLite columns map, so rows round-trip byte-identical between
 an RSSD file and the server (``postgres_transfer.py``):
@@ -32,30 +47,24 @@ import re
 import psycopg
 from psycopg import sql
 
+from .postgres_conn import NOW, SEARCH_PATH, Sql, quote  # noqa: F401 - NOW for the other modules
+
 #: Version of our own objects on PostgreSQL.  1: the first layout.
 SCHEMA_VERSION = 1
 
-#: SQLite's CURRENT_TIMESTAMP text, from the server's clock.
-NOW = "to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')"
-
-
-def _json(column: str, required: bool = False) -> str:
-    if required:
-        return f'CHECK ("{column}"::json IS NOT NULL)'
-    return f'CHECK ("{column}" IS NULL OR "{column}"::json IS NOT NULL)'
-
-
+# Templates (postgres_conn.Sql): {name} is one of our objects, qualified;
+# {now} the server's clock as SQLite's CURRENT_TIMESTAMP text.
 # surveilr's tables (shared/rssd/orchestration.sql), one column per line.
-SURVEILR_DDL = f"""
-CREATE TABLE IF NOT EXISTS "device" (
+SURVEILR_DDL = """
+CREATE TABLE IF NOT EXISTS {device} (
     "device_id" VARCHAR PRIMARY KEY NOT NULL,
     "name" TEXT NOT NULL,
-    "state" TEXT NOT NULL {_json("state", True)},
+    "state" TEXT NOT NULL CHECK ("state"::json IS NOT NULL),
     "boundary" TEXT NOT NULL,
-    "segmentation" TEXT {_json("segmentation")},
-    "state_sysinfo" TEXT {_json("state_sysinfo")},
-    "elaboration" TEXT {_json("elaboration")},
-    "created_at" TEXT DEFAULT {NOW},
+    "segmentation" TEXT CHECK ("segmentation" IS NULL OR "segmentation"::json IS NOT NULL),
+    "state_sysinfo" TEXT CHECK ("state_sysinfo" IS NULL OR "state_sysinfo"::json IS NOT NULL),
+    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
+    "created_at" TEXT DEFAULT {now},
     "created_by" TEXT DEFAULT 'UNKNOWN',
     "updated_at" TEXT,
     "updated_by" TEXT,
@@ -64,11 +73,11 @@ CREATE TABLE IF NOT EXISTS "device" (
     "activity_log" TEXT,
     UNIQUE ("name", "state", "boundary")
 );
-CREATE TABLE IF NOT EXISTS "orchestration_nature" (
+CREATE TABLE IF NOT EXISTS {orchestration_nature} (
     "orchestration_nature_id" TEXT PRIMARY KEY NOT NULL,
     "nature" TEXT NOT NULL,
-    "elaboration" TEXT {_json("elaboration")},
-    "created_at" TEXT DEFAULT {NOW},
+    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
+    "created_at" TEXT DEFAULT {now},
     "created_by" TEXT DEFAULT 'UNKNOWN',
     "updated_at" TEXT,
     "updated_by" TEXT,
@@ -77,43 +86,43 @@ CREATE TABLE IF NOT EXISTS "orchestration_nature" (
     "activity_log" TEXT,
     UNIQUE ("orchestration_nature_id", "nature")
 );
-CREATE TABLE IF NOT EXISTS "orchestration_session" (
+CREATE TABLE IF NOT EXISTS {orchestration_session} (
     "orchestration_session_id" VARCHAR PRIMARY KEY NOT NULL,
-    "device_id" VARCHAR NOT NULL REFERENCES "device" ("device_id"),
-    "orchestration_nature_id" TEXT NOT NULL REFERENCES "orchestration_nature" ("orchestration_nature_id"),
+    "device_id" VARCHAR NOT NULL REFERENCES {device} ("device_id"),
+    "orchestration_nature_id" TEXT NOT NULL REFERENCES {orchestration_nature} ("orchestration_nature_id"),
     "version" TEXT NOT NULL,
-    "orch_started_at" TEXT DEFAULT {NOW},
+    "orch_started_at" TEXT DEFAULT {now},
     "orch_finished_at" TEXT,
-    "elaboration" TEXT {_json("elaboration")},
-    "args_json" TEXT {_json("args_json")},
-    "diagnostics_json" TEXT {_json("diagnostics_json")},
+    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
+    "args_json" TEXT CHECK ("args_json" IS NULL OR "args_json"::json IS NOT NULL),
+    "diagnostics_json" TEXT CHECK ("diagnostics_json" IS NULL OR "diagnostics_json"::json IS NOT NULL),
     "diagnostics_md" TEXT
 );
-CREATE TABLE IF NOT EXISTS "orchestration_session_entry" (
+CREATE TABLE IF NOT EXISTS {orchestration_session_entry} (
     "orchestration_session_entry_id" VARCHAR PRIMARY KEY NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES "orchestration_session" ("orchestration_session_id"),
+    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
     "ingest_src" TEXT NOT NULL,
     "ingest_table_name" TEXT,
-    "elaboration" TEXT {_json("elaboration")}
+    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL)
 );
-CREATE TABLE IF NOT EXISTS "orchestration_session_state" (
+CREATE TABLE IF NOT EXISTS {orchestration_session_state} (
     "orchestration_session_state_id" VARCHAR PRIMARY KEY NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES "orchestration_session" ("orchestration_session_id"),
-    "session_entry_id" VARCHAR REFERENCES "orchestration_session_entry" ("orchestration_session_entry_id"),
+    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
+    "session_entry_id" VARCHAR REFERENCES {orchestration_session_entry} ("orchestration_session_entry_id"),
     "from_state" TEXT NOT NULL,
     "to_state" TEXT NOT NULL,
-    "transition_result" TEXT {_json("transition_result")},
+    "transition_result" TEXT CHECK ("transition_result" IS NULL OR "transition_result"::json IS NOT NULL),
     "transition_reason" TEXT,
-    "transitioned_at" TEXT DEFAULT {NOW},
-    "elaboration" TEXT {_json("elaboration")},
+    "transitioned_at" TEXT DEFAULT {now},
+    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
     UNIQUE ("orchestration_session_state_id", "from_state", "to_state")
 );
-CREATE TABLE IF NOT EXISTS "orchestration_session_exec" (
+CREATE TABLE IF NOT EXISTS {orchestration_session_exec} (
     "orchestration_session_exec_id" VARCHAR PRIMARY KEY NOT NULL,
     "exec_nature" TEXT NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES "orchestration_session" ("orchestration_session_id"),
-    "session_entry_id" VARCHAR REFERENCES "orchestration_session_entry" ("orchestration_session_entry_id"),
-    "parent_exec_id" VARCHAR REFERENCES "orchestration_session_exec" ("orchestration_session_exec_id"),
+    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
+    "session_entry_id" VARCHAR REFERENCES {orchestration_session_entry} ("orchestration_session_entry_id"),
+    "parent_exec_id" VARCHAR REFERENCES {orchestration_session_exec} ("orchestration_session_exec_id"),
     "namespace" TEXT,
     "exec_identity" TEXT,
     "exec_code" TEXT NOT NULL,
@@ -121,9 +130,9 @@ CREATE TABLE IF NOT EXISTS "orchestration_session_exec" (
     "input_text" TEXT,
     "exec_error_text" TEXT,
     "output_text" TEXT,
-    "output_nature" TEXT {_json("output_nature")},
+    "output_nature" TEXT CHECK ("output_nature" IS NULL OR "output_nature"::json IS NOT NULL),
     "narrative_md" TEXT,
-    "elaboration" TEXT {_json("elaboration")}
+    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL)
 );
 """
 
@@ -140,17 +149,17 @@ CREATE TABLE IF NOT EXISTS "orchestration_session_exec" (
 #   signature   HMACs of payloads (trust.py);  hit  replay counts.
 # ingest_src is indexed in the "C" collation so that prefix ranges mean
 # code-point order whatever the database's collation.
-OWN_TABLES_DDL = f"""
-CREATE TABLE IF NOT EXISTS "rssd_magic_meta" (
+OWN_TABLES_DDL = """
+CREATE TABLE IF NOT EXISTS {rssd_magic_meta} (
     "key" TEXT PRIMARY KEY NOT NULL,
     "value" TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS "rssd_magic_state_seq" (
+CREATE TABLE IF NOT EXISTS {rssd_magic_state_seq} (
     "seq" BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     "state_id" VARCHAR NOT NULL UNIQUE,
     "entry_id" VARCHAR
 );
-CREATE TABLE IF NOT EXISTS "rssd_magic_claim" (
+CREATE TABLE IF NOT EXISTS {rssd_magic_claim} (
     "ingest_src" TEXT PRIMARY KEY NOT NULL,
     "token" BIGINT NOT NULL DEFAULT 0,
     "entry_id" VARCHAR,
@@ -167,26 +176,26 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_claim" (
     "claimed_at" TEXT,
     "heartbeat_at" TIMESTAMPTZ
 );
-CREATE TABLE IF NOT EXISTS "rssd_magic_blob" (
+CREATE TABLE IF NOT EXISTS {rssd_magic_blob} (
     "digest" TEXT PRIMARY KEY NOT NULL,
     "size" BIGINT NOT NULL,
     "chunks" INTEGER NOT NULL,
-    "created_at" TEXT DEFAULT {NOW}
+    "created_at" TEXT DEFAULT {now}
 );
-CREATE TABLE IF NOT EXISTS "rssd_magic_blob_chunk" (
-    "digest" TEXT NOT NULL REFERENCES "rssd_magic_blob" ("digest") ON DELETE CASCADE,
+CREATE TABLE IF NOT EXISTS {rssd_magic_blob_chunk} (
+    "digest" TEXT NOT NULL REFERENCES {rssd_magic_blob} ("digest") ON DELETE CASCADE,
     "n" INTEGER NOT NULL,
     "data" BYTEA NOT NULL,
     PRIMARY KEY ("digest", "n")
 );
-CREATE TABLE IF NOT EXISTS "rssd_magic_signature" (
+CREATE TABLE IF NOT EXISTS {rssd_magic_signature} (
     "payload_id" TEXT NOT NULL,
     "key_id" TEXT NOT NULL,
     "signature" TEXT NOT NULL,
-    "created_at" TEXT DEFAULT {NOW},
+    "created_at" TEXT DEFAULT {now},
     PRIMARY KEY ("payload_id", "key_id")
 );
-CREATE TABLE IF NOT EXISTS "rssd_magic_hit" (
+CREATE TABLE IF NOT EXISTS {rssd_magic_hit} (
     "state_id" VARCHAR PRIMARY KEY NOT NULL,
     "hits" BIGINT NOT NULL,
     "last_hit_at" TEXT
@@ -195,48 +204,73 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_hit" (
 
 OWN_INDEXES_DDL = """
 CREATE INDEX IF NOT EXISTS "rssd_magic_entry_src_idx"
-    ON "orchestration_session_entry" ("ingest_src" COLLATE "C");
+    ON {orchestration_session_entry} ("ingest_src" COLLATE "C");
 CREATE INDEX IF NOT EXISTS "rssd_magic_state_entry_idx"
-    ON "orchestration_session_state" ("session_entry_id");
+    ON {orchestration_session_state} ("session_entry_id");
 CREATE INDEX IF NOT EXISTS "rssd_magic_state_seq_entry_idx"
-    ON "rssd_magic_state_seq" ("entry_id", "seq");
+    ON {rssd_magic_state_seq} ("entry_id", "seq");
 -- Chunks are read whole and never updated: no compression attempt (the
 -- values are mostly incompressible arrays and pickles) and no TOAST rewrite.
-ALTER TABLE "rssd_magic_blob_chunk" ALTER COLUMN "data" SET STORAGE EXTERNAL;
+ALTER TABLE {rssd_magic_blob_chunk} ALTER COLUMN "data" SET STORAGE EXTERNAL;
 """
 
-# Functions are created schema-qualified and refer to our table qualified,
-# so the trigger works whatever search_path the inserting tool has.
-FUNCTIONS_DDL = """
-CREATE OR REPLACE FUNCTION {schema}."rssd_magic_state_seq_fn"() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+# Our functions: (signature and attributes, body).  The body refers to our
+# table qualified and the function pins its search_path, so it works (and
+# can't be redirected) whatever search_path the inserting tool has.  The
+# body is passed as a quoted literal, never spliced between dollar quotes:
+# a schema name can hold anything, "$fn$" included.
+FUNCTIONS = {
+    "rssd_magic_state_seq_fn": (
+        "() RETURNS trigger LANGUAGE plpgsql",
+        """
 BEGIN
-    INSERT INTO {schema}."rssd_magic_state_seq" ("state_id", "entry_id")
+    INSERT INTO {rssd_magic_state_seq} ("state_id", "entry_id")
     VALUES (NEW."orchestration_session_state_id", NEW."session_entry_id")
     ON CONFLICT ("state_id") DO NOTHING;
     RETURN NULL;
-END
-$fn$;
--- A row another tool wrote may hold anything: JSON that is not JSON reads
--- as NULL in the listings instead of failing them.
-CREATE OR REPLACE FUNCTION {schema}."rssd_magic_json"(t TEXT) RETURNS json
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
+END""",
+    ),
+    # A row another tool wrote may hold anything: JSON that is not JSON reads
+    # as NULL in the listings instead of failing them.
+    "rssd_magic_json": (
+        "(t TEXT) RETURNS json LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE",
+        """
 BEGIN
     RETURN t::json;
 EXCEPTION WHEN others THEN
     RETURN NULL;
-END
-$fn$;
-"""
-TRIGGER_DDL = """
-CREATE TRIGGER "rssd_magic_state_seq" AFTER INSERT ON {schema}."orchestration_session_state"
-FOR EACH ROW EXECUTE FUNCTION {schema}."rssd_magic_state_seq_fn"()
-"""
+END""",
+    ),
+    # A cell's latest transition (postgres_rows.LATEST), for the replay's one
+    # read.  Without prepared statements (poolers) the query was planned on
+    # every replay, three times its run time; PL/pgSQL keeps its plan in the
+    # server session, where no pooler can lose it (a missing plan is made
+    # again).  A store without this function is read with LATEST itself.
+    "rssd_magic_latest": (
+        """(src TEXT) RETURNS TABLE (state_id VARCHAR, entry_id VARCHAR, session_id VARCHAR, from_state TEXT,
+    to_state TEXT, transition_result TEXT, transition_reason TEXT, transitioned_at TEXT, seq BIGINT)
+LANGUAGE plpgsql STABLE""",
+        """
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT s.orchestration_session_state_id, s.session_entry_id, s.session_id, s.from_state, s.to_state,
+           s.transition_result, s.transition_reason, s.transitioned_at, q.seq
+    FROM {rssd_magic_state_seq} AS q
+    JOIN {orchestration_session_state} AS s ON s.orchestration_session_state_id = q.state_id
+    WHERE q.entry_id IN (SELECT e.orchestration_session_entry_id FROM {orchestration_session_entry} AS e
+                         WHERE e.ingest_src COLLATE "C" = src)
+    ORDER BY q.seq DESC LIMIT 1;
+END""",
+    ),
+}
+TRIGGER_DDL = """CREATE TRIGGER "rssd_magic_state_seq" AFTER INSERT ON {orchestration_session_state}
+FOR EACH ROW EXECUTE FUNCTION {rssd_magic_state_seq_fn}()"""
 #: Rows that existed before our trigger get a seq in their most likely order.
 BACKFILL = """
-INSERT INTO "rssd_magic_state_seq" ("state_id", "entry_id")
-SELECT s."orchestration_session_state_id", s."session_entry_id" FROM "orchestration_session_state" AS s
-WHERE NOT EXISTS (SELECT 1 FROM "rssd_magic_state_seq" AS q WHERE q."state_id" = s."orchestration_session_state_id")
+INSERT INTO {rssd_magic_state_seq} ("state_id", "entry_id")
+SELECT s."orchestration_session_state_id", s."session_entry_id" FROM {orchestration_session_state} AS s
+WHERE NOT EXISTS (SELECT 1 FROM {rssd_magic_state_seq} AS q WHERE q."state_id" = s."orchestration_session_state_id")
 ORDER BY s."transitioned_at", s."orchestration_session_state_id"
 """
 
@@ -249,7 +283,10 @@ _TYPES = {
     "DOUBLE PRECISION": "double precision",
     "TIMESTAMPTZ": "timestamp with time zone",
 }
+_TABLE = re.compile(r"^CREATE TABLE IF NOT EXISTS \{(\w+)\}")
 _COLUMN = re.compile(r'^\s+"(\w+)" (DOUBLE PRECISION|[A-Z]+)\b')
+_KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence", "i": "an index",
+          "I": "an index", "c": "a composite type", "t": "a TOAST table"}  # fmt: skip
 
 
 def _columns(ddl: str) -> dict[str, list[tuple[str, str]]]:
@@ -258,8 +295,8 @@ def _columns(ddl: str) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {}
     table = None
     for line in ddl.splitlines():
-        if line.startswith("CREATE TABLE"):
-            table = line.split('"')[1]
+        if m := _TABLE.match(line):
+            table = m.group(1)
             out[table] = []
         elif table and (m := _COLUMN.match(line)):
             out[table].append((m.group(1), _TYPES[m.group(2)]))
@@ -271,20 +308,20 @@ def _columns(ddl: str) -> dict[str, list[tuple[str, str]]]:
 EXPECTED_COLUMNS = _columns(SURVEILR_DDL) | _columns(OWN_TABLES_DDL)
 OWN_TABLES = [t for t in _columns(OWN_TABLES_DDL)]
 INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx"]
-FUNCTIONS = ["rssd_magic_state_seq_fn", "rssd_magic_json"]
+#: Every name a template may use (postgres_conn.Sql).
+OBJECTS = [*EXPECTED_COLUMNS, *FUNCTIONS]
 
 
 def statements(script: str) -> list[str]:
     """A DDL script as single statements: split where a line ends with
-    ``;`` outside a ``$fn$`` function body; comment lines dropped."""
-    out, pending, in_body = [], [], False
+    ``;``; comment lines dropped.  Split before names are filled in, so a
+    name can't split a statement."""
+    out, pending = [], []
     for line in script.splitlines():
-        if line.strip().startswith("--") and not in_body:
+        if line.strip().startswith("--"):
             continue
         pending.append(line)
-        if line.count("$fn$") % 2:
-            in_body = not in_body
-        if line.rstrip().endswith(";") and not in_body:
+        if line.rstrip().endswith(";"):
             text = "\n".join(pending).strip().rstrip(";")
             if text:
                 out.append(text)
@@ -293,71 +330,103 @@ def statements(script: str) -> list[str]:
     return out + ([tail] if tail else [])
 
 
-class Layout:
-    """What the current schema holds of ours, read from the catalog once."""
+def stand_in(table: str) -> str:
+    """An empty subquery with *table*'s columns: what a read-only store
+    reads where one of our tables is missing (a temporary table would be
+    session state, which a pooler does not keep)."""
+    cols = ", ".join(f"NULL::{t} AS {quote(c)}" for c, t in EXPECTED_COLUMNS[table])
+    return f"(SELECT {cols} WHERE false)"
 
-    def __init__(self, conn: psycopg.Connection):
-        row = conn.execute("SELECT current_schema(), current_setting('search_path')").fetchone()
-        self.schema, self.search_path = row
+
+class Layout:
+    """What the chosen schema holds of ours, read from the catalog once
+    (inside a transaction of :meth:`Sql.tx`: nothing resolves through the
+    caller's search_path)."""
+
+    def __init__(self, conn: psycopg.Connection, schema: str, search_path: str, q: Sql):
+        self.schema, self.search_path = schema, search_path
         self.columns: dict[str, list[tuple[str, str]]] = {}
-        self.indexes: set[str] = set()
-        self.functions: set[str] = set()
-        self.trigger = False
-        self.version: int | None = None
-        if self.schema is None:
-            return
-        for table, column, type_ in conn.execute(
-            """SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
+        self.others: list[str] = []  # our names taken by what we can't use
+        for table, kind, column, type_ in conn.execute(
+            """SELECT c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod)
                FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-               JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-               WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND c.relname = ANY(%s)
+               LEFT JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                          AND c.relkind IN ('r', 'p')
+               WHERE n.nspname = %s AND c.relname = ANY(%s)
                ORDER BY c.relname, a.attnum""",
-            (list(EXPECTED_COLUMNS),),
+            (schema, list(EXPECTED_COLUMNS)),
         ):
-            self.columns.setdefault(table, []).append((column, type_))
+            if kind in ("r", "p"):
+                self.columns.setdefault(table, []).append((column, type_))
+            else:
+                self.others.append(f"{schema}.{table} is {_KINDS.get(kind, 'not a table')}, not a table")
+        own = [t for t in OWN_TABLES if t in self.columns]
+        for table, what, name in conn.execute(
+            """SELECT c.relname, 'trigger', t.tgname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+               JOIN pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relname = ANY(%s) AND NOT t.tgisinternal
+               UNION ALL
+               SELECT c.relname, 'rule', r.rulename FROM pg_rewrite AS r JOIN pg_class AS c ON c.oid = r.ev_class
+               JOIN pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relname = ANY(%s)""",
+            (schema, own, schema, own),
+        ):
+            self.others.append(f"table {schema}.{table} has a {what} ({name}) that is not ours")
         self.indexes = {
             name
             for (name,) in conn.execute(
                 """SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-                   WHERE n.nspname = current_schema() AND c.relkind = 'i' AND c.relname = ANY(%s)""",
-                (INDEXES,),
+                   WHERE n.nspname = %s AND c.relkind = 'i' AND c.relname = ANY(%s)""",
+                (schema, INDEXES),
             )
         }
         self.functions = {
             name
             for (name,) in conn.execute(
                 """SELECT p.proname FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
-                   WHERE n.nspname = current_schema() AND p.proname = ANY(%s)""",
-                (FUNCTIONS,),
+                   WHERE n.nspname = %s AND p.proname = ANY(%s)""",
+                (schema, list(FUNCTIONS)),
             )
         }
-        if "orchestration_session_state" in self.columns:
-            self.trigger = bool(
-                conn.execute(
-                    """SELECT 1 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
-                       JOIN pg_namespace AS n ON n.oid = c.relnamespace
-                       WHERE n.nspname = current_schema() AND c.relname = 'orchestration_session_state'
-                         AND t.tgname = 'rssd_magic_state_seq'"""
-                ).fetchone()
-            )
-        if "rssd_magic_meta" in self.columns:
-            row = conn.execute("SELECT value FROM rssd_magic_meta WHERE key = 'schema_version'").fetchone()
+        self.trigger = "orchestration_session_state" in self.columns and bool(
+            conn.execute(
+                """SELECT 1 FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
+                   JOIN pg_namespace AS n ON n.oid = c.relnamespace
+                   WHERE n.nspname = %s AND c.relname = 'orchestration_session_state'
+                     AND t.tgname = 'rssd_magic_state_seq'""",
+                (schema,),
+            ).fetchone()
+        )
+        self.version: int | None = None
+        if "rssd_magic_meta" in self.columns and not self.others:
+            row = conn.execute(q("SELECT value FROM {rssd_magic_meta} WHERE key = 'schema_version'"), ()).fetchone()
             self.version = int(row[0]) if row and str(row[0]).isdigit() else None
 
+    @property
+    def newer(self) -> bool:
+        return self.version is not None and self.version > SCHEMA_VERSION
+
+    @property
+    def read_only(self) -> str | None:
+        """Why this version must not write here (None: it may)."""
+        if not self.newer:
+            return None
+        return (
+            f"its rssd_magic tables are of schema version {self.version}, made by a newer rssd_magic "
+            f"(this one knows version {SCHEMA_VERSION}): records replay, nothing is written; upgrade rssd_magic"
+        )
+
     def problems(self) -> list[str]:
-        """Every table of ours that exists with another shape."""
-        out = []
+        """Every reason the schema can't be used: names taken by what is not
+        a table of ours, tables of ours with another shape (a newer version
+        may have added columns)."""
+        out = list(self.others)
         for table, actual in self.columns.items():
             expected = EXPECTED_COLUMNS[table]
-            if actual != expected:
+            if actual != expected and not (self.newer and set(expected) <= set(actual)):
                 want = ", ".join(f"{n} {t}" for n, t in expected)
                 got = ", ".join(f"{n} {t}" for n, t in actual)
                 out.append(f"table {self.schema}.{table} has columns ({got}); expected ({want})")
-        if self.version is not None and self.version > SCHEMA_VERSION:
-            out.append(
-                f"its rssd_magic tables are of schema version {self.version}, made by a newer rssd_magic "
-                f"(this one knows version {SCHEMA_VERSION}): upgrade rssd_magic"
-            )
         return out
 
     def complete(self) -> bool:
@@ -370,50 +439,56 @@ class Layout:
         )
 
 
-def ensure_schema(conn: psycopg.Connection, readonly: bool = False) -> Layout:
-    """Check the current schema and create what is missing (ValueError with
-    the reason when the schema can't be used; nothing is written then).
-
-    *readonly*: nothing is created on the server; our tables, when missing,
-    are stood in for by empty temporary tables, so listings read alike."""
-    layout = Layout(conn)
-    if layout.schema is None:
-        raise ValueError(
-            f"no schema to keep the tables in: search_path ({layout.search_path}) names no existing schema"
-        )
+def _checked(conn: psycopg.Connection, schema: str, search_path: str, q: Sql) -> Layout:
+    layout = Layout(conn, schema, search_path, q)
     problems = layout.problems()
     if problems:
         raise ValueError("incompatible schema: " + "; ".join(problems))
-    if readonly:
+    return layout
+
+
+def ensure_schema(conn: psycopg.Connection, *, readonly: bool = False, timeout_s: float = 30.0) -> tuple[Layout, Sql]:
+    """Choose the schema, check it and create what is missing (ValueError
+    with the reason when it can't be used; nothing is written then).
+    Returns the layout and the store's statements.
+
+    *readonly* (or a store of a newer version): nothing is created; our
+    tables, when missing, are read as empty (:func:`stand_in`)."""
+    schema, search_path = conn.execute(
+        "SELECT pg_catalog.current_schema(), pg_catalog.current_setting('search_path')"  # the caller's path, on purpose
+    ).fetchone()
+    if schema is None:
+        raise ValueError(f"no schema to keep the tables in: search_path ({search_path}) names no existing schema")
+    q = Sql(schema, OBJECTS, timeout_s)
+    with q.tx(conn):
+        layout = _checked(conn, schema, search_path, q)
+    if readonly or layout.newer:
         if "orchestration_session_state" not in layout.columns:
-            raise ValueError(f"not an RSSD store: schema {layout.schema} has no orchestration_session_state table")
-        for statement in statements(OWN_TABLES_DDL):
-            table = statement.split('"')[1]
-            if table not in layout.columns:  # a temp table would shadow a real one
-                conn.execute(statement.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE", 1))
-        return layout
+            raise ValueError(f"not an RSSD store: schema {schema} has no orchestration_session_state table")
+        missing = {t: stand_in(t) for t in OWN_TABLES if t not in layout.columns}
+        return layout, (Sql(schema, OBJECTS, timeout_s, missing) if missing else q)
     if layout.complete():
-        return layout
-    schema = sql.Identifier(layout.schema).as_string(conn)
-    with conn.transaction():
+        return layout, q
+    with q.tx(conn):
         # Transaction-level: released at COMMIT, so pools can't keep it.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"rssd_magic.ddl:{layout.schema}",))
-        layout = Layout(conn)  # decided again under the lock: another kernel may have done it
-        problems = layout.problems()
-        if problems:
-            raise ValueError("incompatible schema: " + "; ".join(problems))
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"rssd_magic.ddl:{schema}",))
+        layout = _checked(conn, schema, search_path, q)  # again under the lock: another kernel may have done it
         if not layout.complete():
-            had_trigger = layout.trigger
             for statement in statements(SURVEILR_DDL + OWN_TABLES_DDL + OWN_INDEXES_DDL):
-                conn.execute(statement)
-            for statement in statements(FUNCTIONS_DDL.replace("{schema}", schema)):
-                conn.execute(statement)
-            if not had_trigger:
-                conn.execute(BACKFILL)
-                conn.execute(TRIGGER_DDL.replace("{schema}", schema))
+                conn.execute(q(statement), ())
+            for name, (signature, body) in FUNCTIONS.items():
+                conn.execute(
+                    f"CREATE OR REPLACE FUNCTION {q('{' + name + '}')}{signature} SET search_path = {SEARCH_PATH} "
+                    f"AS {sql.Literal(q(body)).as_string(conn)}",
+                    (),
+                )
+            if not layout.trigger:
+                conn.execute(q(BACKFILL), ())
+                conn.execute(q(TRIGGER_DDL), ())
             conn.execute(
-                """INSERT INTO rssd_magic_meta (key, value) VALUES ('schema_version', %s)
-                   ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
+                q("""INSERT INTO {rssd_magic_meta} (key, value) VALUES ('schema_version', %s)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value"""),
                 (str(SCHEMA_VERSION),),
             )
-    return Layout(conn)
+        layout = Layout(conn, schema, search_path, q)
+    return layout, q

@@ -24,13 +24,19 @@ Both are a merge by id, the same code in both directions:
 Rows come from another tool's file, so nothing is trusted: a value the
 target can't hold (text with NUL, JSON that is not JSON) is reported instead
 of failing the rest, and every blob's bytes are checked against its digest
-while they are copied.  Transitions are copied in their store order, so the
+while they are copied.  Nor is a blob trusted for being there already: the
+target's copy is checked (the server's compared with the file's bytes, the
+file's against its digest) and replaced when it is not right.  The server's
+side runs with the store's statements and deadlines (postgres_conn.Sql; a
+blob's stream is given time for its size); a file that can't be written is
+a StoreError naming it.  Transitions are copied in their store order, so the
 target's order (rowid, or the identity seq) agrees with the source's.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -40,7 +46,8 @@ import psycopg
 from ..keys import URI_PREFIX, cell_key
 from ..trust import IntegrityError, Verifier
 from .base import StoreError
-from .postgres_blobs import PgBlobs
+from .postgres_blobs import HEAD, PgBlobs
+from .postgres_conn import Sql, settings
 from .postgres_schema import EXPECTED_COLUMNS, SURVEILR_DDL
 from .sqlite import SqliteBackend
 
@@ -68,8 +75,8 @@ INTEGER = {(t, c) for t, _ in TABLES for c, ty in EXPECTED_COLUMNS[t] if ty == "
 #: surveilr's JSON columns (checked with a ::json cast in our DDL).
 JSON = set()
 for _line in SURVEILR_DDL.splitlines():
-    if _line.startswith("CREATE TABLE"):
-        _table = _line.split('"')[1]
+    if _m := re.match(r"CREATE TABLE IF NOT EXISTS \{(\w+)\}", _line):
+        _table = _m.group(1)
     elif "::json" in _line:
         JSON.add((_table, _line.split('"')[1]))
 
@@ -83,20 +90,19 @@ def _prefix(scope: str | None) -> tuple[str, str]:
 class _Target:
     """Where rows go: insert-if-missing and read-back by key."""
 
-    mark = "?"
-
     def __init__(self, conn: Any):
         self.conn = conn
 
-    def _sql(self, text: str) -> str:
-        return text if self.mark == "?" else text.replace("?", "%s")
+    def _sql(self, text: str, table: str) -> str:
+        """*text* with ``@T`` naming *table* (here: unqualified, in the file)."""
+        return text.replace("@T", f'"{table}"')
 
     def insert(self, table: str, row: dict) -> bool:
         cols = COLUMNS[table]
         names = ", ".join(f'"{c}"' for c in cols)
         marks = ", ".join("?" * len(cols))
         cur = self.conn.execute(
-            self._sql(f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING'),
+            self._sql(f"INSERT INTO @T ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING", table),
             [row[c] for c in cols],
         )
         return cur.rowcount == 1
@@ -105,14 +111,14 @@ class _Target:
         cols, keys = COLUMNS[table], KEYS[table]
         where = " AND ".join(f'"{k}" = ?' for k in keys)
         found = self.conn.execute(
-            self._sql(f'SELECT {", ".join(chr(34) + c + chr(34) for c in cols)} FROM "{table}" WHERE {where}'),
+            self._sql(f'SELECT {", ".join(chr(34) + c + chr(34) for c in cols)} FROM @T WHERE {where}', table),
             [row[k] for k in keys],
         ).fetchone()
         return dict(zip(cols, found)) if found is not None else None
 
     def device_like(self, row: dict) -> str | None:
         found = self.conn.execute(
-            self._sql('SELECT "device_id" FROM "device" WHERE "name" = ? AND "state" = ? AND "boundary" = ?'),
+            self._sql('SELECT "device_id" FROM @T WHERE "name" = ? AND "state" = ? AND "boundary" = ?', "device"),
             (row["name"], row["state"], row["boundary"]),
         ).fetchone()
         return found[0] if found else None
@@ -123,7 +129,13 @@ class _Target:
 
 
 class _PgTarget(_Target):
-    mark = "%s"
+    def __init__(self, conn: psycopg.Connection, q: Sql):
+        super().__init__(conn)
+        self.q = q
+
+    def _sql(self, text: str, table: str) -> str:
+        # Placeholders first: a schema name may hold a "?" (its "%" are doubled by q).
+        return text.replace("?", "%s").replace("@T", self.q("{" + table + "}"))
 
     def fit(self, table: str, row: dict) -> str | None:
         for column, value in row.items():
@@ -247,23 +259,26 @@ def _copy_rows(merge: _Merge, rows: Callable[[str], Iterable[dict]]) -> None:
 # -- export: server -> RSSD file --------------------------------------------------------
 
 
-def export_rssd(conn: psycopg.Connection, path: str, scope: str | None, digests_of: Callable[[str], set[str]]) -> dict:
+def export_rssd(conn: psycopg.Connection, q: Sql, path: str, scope: str | None, digests_of: Callable[[str], set[str]],
+                blobs: PgBlobs) -> dict:  # fmt: skip
     """Write the cells of *scope* (all when None) into the RSSD at *path*
-    (created when missing, merged into when it exists)."""
+    (created when missing, merged into when it exists).  Runs in the
+    caller's transaction (one consistent read of the server)."""
     lo, hi = _prefix(scope)
-    entries = [r[0] for r in conn.execute(
-        """SELECT orchestration_session_entry_id FROM orchestration_session_entry
-           WHERE ingest_src COLLATE "C" >= %s AND ingest_src COLLATE "C" < %s""", (lo, hi)
+    entries = [r[0] for r in conn.execute(q(
+        """SELECT orchestration_session_entry_id FROM {orchestration_session_entry}
+           WHERE ingest_src COLLATE "C" >= %s AND ingest_src COLLATE "C" < %s"""), (lo, hi)
     )]  # fmt: skip
-    sessions = [r[0] for r in conn.execute(
-        """SELECT session_id FROM orchestration_session_entry WHERE orchestration_session_entry_id = ANY(%(e)s)
-           UNION SELECT session_id FROM orchestration_session_state WHERE session_entry_id = ANY(%(e)s)
-           UNION SELECT session_id FROM orchestration_session_exec WHERE session_entry_id = ANY(%(e)s)""",
+    sessions = [r[0] for r in conn.execute(q(
+        """SELECT session_id FROM {orchestration_session_entry} WHERE orchestration_session_entry_id = ANY(%(e)s)
+           UNION SELECT session_id FROM {orchestration_session_state} WHERE session_entry_id = ANY(%(e)s)
+           UNION SELECT session_id FROM {orchestration_session_exec} WHERE session_entry_id = ANY(%(e)s)"""),
         {"e": entries},
     )]  # fmt: skip
     digests: set[str] = set()
     for (text,) in conn.execute(
-        "SELECT transition_result FROM orchestration_session_state WHERE session_entry_id = ANY(%s) AND to_state = 'EXECUTED'",
+        q("""SELECT transition_result FROM {orchestration_session_state}
+             WHERE session_entry_id = ANY(%s) AND to_state = 'EXECUTED'"""),
         (entries,),
     ):
         if text:
@@ -272,61 +287,85 @@ def export_rssd(conn: psycopg.Connection, path: str, scope: str | None, digests_
     def rows(table: str) -> Iterator[dict]:
         cols = ", ".join(f'x."{c}"' for c in COLUMNS[table])
         queries = {
-            "device": """SELECT {} FROM device AS x WHERE x.device_id IN
-                         (SELECT device_id FROM orchestration_session WHERE orchestration_session_id = ANY(%(s)s))""",
-            "orchestration_nature": """SELECT {} FROM orchestration_nature AS x WHERE x.orchestration_nature_id IN
-                         (SELECT orchestration_nature_id FROM orchestration_session
+            "device": """SELECT @C FROM {device} AS x WHERE x.device_id IN
+                         (SELECT device_id FROM {orchestration_session} WHERE orchestration_session_id = ANY(%(s)s))""",
+            "orchestration_nature": """SELECT @C FROM {orchestration_nature} AS x WHERE x.orchestration_nature_id IN
+                         (SELECT orchestration_nature_id FROM {orchestration_session}
                           WHERE orchestration_session_id = ANY(%(s)s))""",
-            "orchestration_session": "SELECT {} FROM orchestration_session AS x WHERE x.orchestration_session_id = ANY(%(s)s)",
-            "orchestration_session_entry": """SELECT {} FROM orchestration_session_entry AS x
+            "orchestration_session": """SELECT @C FROM {orchestration_session} AS x
+                         WHERE x.orchestration_session_id = ANY(%(s)s)""",
+            "orchestration_session_entry": """SELECT @C FROM {orchestration_session_entry} AS x
                          WHERE x.orchestration_session_entry_id = ANY(%(e)s)""",
-            "orchestration_session_state": """SELECT {} FROM rssd_magic_state_seq AS q
-                         JOIN orchestration_session_state AS x ON x.orchestration_session_state_id = q.state_id
+            "orchestration_session_state": """SELECT @C FROM {rssd_magic_state_seq} AS q
+                         JOIN {orchestration_session_state} AS x ON x.orchestration_session_state_id = q.state_id
                          WHERE x.session_entry_id = ANY(%(e)s)
                             OR (x.session_entry_id IS NULL AND x.session_id = ANY(%(s)s))
                          ORDER BY q.seq""",
-            "orchestration_session_exec": """SELECT {} FROM orchestration_session_exec AS x
+            "orchestration_session_exec": """SELECT @C FROM {orchestration_session_exec} AS x
                          WHERE x.session_entry_id = ANY(%(e)s)""",
-            "rssd_magic_signature": "SELECT {} FROM rssd_magic_signature AS x ORDER BY x.payload_id, x.key_id",
-            "rssd_magic_hit": """SELECT {} FROM rssd_magic_hit AS x JOIN orchestration_session_state AS s
+            "rssd_magic_signature": "SELECT @C FROM {rssd_magic_signature} AS x ORDER BY x.payload_id, x.key_id",
+            "rssd_magic_hit": """SELECT @C FROM {rssd_magic_hit} AS x JOIN {orchestration_session_state} AS s
                          ON s.orchestration_session_state_id = x.state_id WHERE s.session_entry_id = ANY(%(e)s)""",
         }
         with conn.cursor() as cur:
-            for row in cur.stream(queries[table].format(cols), {"e": entries, "s": sessions}):
+            for row in cur.stream(q(queries[table]).replace("@C", cols), {"e": entries, "s": sessions}):
                 yield dict(zip(COLUMNS[table], row))
 
     target = SqliteBackend.open(path)  # surveilr's DDL and ours; refuses a file it can't use
     try:
-        blobs = _export_blobs(conn, target.conn, sorted(digests))
+        copied = _export_blobs(conn, q, target.conn, sorted(digests), blobs)
         merge = _Merge(_Target(target.conn))
         with target._write():
             _copy_rows(merge, rows)
+    except sqlite3.Error as exc:
+        raise StoreError(f"RSSD {Path(path).absolute()}: {exc}") from None
     finally:
         target.close()
     return {"from": None, "to": str(Path(path).absolute()), "scope": scope, "cells": len(entries),
-            **merge.summary(), "blobs": blobs}  # fmt: skip
+            **merge.summary(), "blobs": copied}  # fmt: skip
 
 
-def _export_blobs(conn: psycopg.Connection, lite: sqlite3.Connection, digests: list[str]) -> dict:
+def _file_blob_ok(lite: sqlite3.Connection, rowid: int, digest: str) -> bool:
+    """True when the file's blob row holds the bytes of its digest."""
+    try:
+        verifier = Verifier(digest)
+        with lite.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
+            while chunk := blob.read(4 << 20):
+                verifier.update(chunk)
+        verifier.check()
+        return True
+    except (IntegrityError, sqlite3.Error):
+        return False
+
+
+def _export_blobs(conn: psycopg.Connection, q: Sql, lite: sqlite3.Connection, digests: list[str], blobs: PgBlobs) -> dict:
     """Copy blobs into the RSSD's ``rssd_magic_blob``, each in a transaction
-    of its own, streamed and checked against its digest."""
+    of its own, streamed and checked against its digest.  A blob the file
+    has already is checked too, and replaced when it is not right."""
     out = {"copied": 0, "present": 0, "missing": [], "bad": []}
     for digest in digests:
-        if lite.execute("SELECT 1 FROM rssd_magic_blob WHERE digest = ?", (digest,)).fetchone():
+        there = lite.execute("SELECT rowid FROM rssd_magic_blob WHERE digest = ?", (digest,)).fetchone()
+        if there is not None and _file_blob_ok(lite, there[0], digest):
             out["present"] += 1
             continue
-        row = conn.execute("SELECT size FROM rssd_magic_blob WHERE digest = %s", (digest,)).fetchone()
+        row = conn.execute(q(HEAD), (digest,)).fetchone()
         if row is None:
             out["missing"].append(digest)
             continue
-        size = int(row[0])
+        size, chunks, stored, stored_bytes = int(row[0]), int(row[1]), int(row[2]), int(row[3])
+        if stored != chunks or stored_bytes != size:  # before the file is given room for it
+            out["bad"].append({"digest": digest, "why": f"incomplete ({stored_bytes} of {size} bytes stored)"})
+            continue
         verifier = Verifier(digest)
+        conn.execute(settings(blobs.deadline(size)))  # for this blob's stream
         lite.execute("BEGIN IMMEDIATE")
         try:
+            if there is not None:
+                lite.execute("DELETE FROM rssd_magic_blob WHERE rowid = ?", (there[0],))
             cur = lite.execute("INSERT INTO rssd_magic_blob (digest, size, data) VALUES (?, ?, zeroblob(?))", (digest, size, size))
             offset = 0
             with lite.blobopen("rssd_magic_blob", "data", cur.lastrowid) as blob:
-                for chunk in PgBlobs.chunks(conn, digest):
+                for chunk in blobs.chunks(conn, digest):
                     if offset + len(chunk) > size:
                         raise IntegrityError("more bytes than its recorded size")
                     verifier.update(chunk)
@@ -343,13 +382,14 @@ def _export_blobs(conn: psycopg.Connection, lite: sqlite3.Connection, digests: l
         except BaseException:
             lite.execute("ROLLBACK")
             raise
+    conn.execute(q.setup)  # back to the store's deadlines
     return out
 
 
 # -- import: RSSD file -> server --------------------------------------------------------
 
 
-def import_rssd(conn: psycopg.Connection, path: str, blobs: PgBlobs) -> dict:
+def import_rssd(conn: psycopg.Connection, q: Sql, path: str, blobs: PgBlobs) -> dict:
     """Bring every ``%%stateful`` cell of the RSSD at *path* into the server
     (rows in one transaction, after the blobs, each in its own)."""
     file = Path(path).expanduser().absolute()
@@ -379,7 +419,7 @@ def import_rssd(conn: psycopg.Connection, path: str, blobs: PgBlobs) -> dict:
                UNION SELECT session_id FROM orchestration_session_state WHERE session_entry_id IN temp.rssd_magic_export_entry
                UNION SELECT session_id FROM orchestration_session_exec WHERE session_entry_id IN temp.rssd_magic_export_entry"""
         )
-        copied = _import_blobs(lite, conn, blobs) if "rssd_magic_blob" in tables else {"copied": 0, "present": 0, "bad": []}
+        copied = _import_blobs(lite, conn, q, blobs) if "rssd_magic_blob" in tables else {"copied": 0, "present": 0, "bad": []}
 
         def rows(table: str) -> Iterator[dict]:
             if table not in tables:
@@ -399,8 +439,8 @@ def import_rssd(conn: psycopg.Connection, path: str, blobs: PgBlobs) -> dict:
             for row in lite.execute(f"SELECT {cols} FROM {table} AS x WHERE {where} ORDER BY x.rowid"):
                 yield dict(zip(COLUMNS[table], row))
 
-        merge = _Merge(_PgTarget(conn))
-        with conn.transaction():
+        merge = _Merge(_PgTarget(conn, q))
+        with q.tx(conn):
             _copy_rows(merge, rows)
     except sqlite3.Error as exc:
         raise StoreError(f"RSSD {file}: {exc}") from None
@@ -409,18 +449,21 @@ def import_rssd(conn: psycopg.Connection, path: str, blobs: PgBlobs) -> dict:
     return {"from": str(file), "to": None, "scope": None, "cells": cells, **merge.summary(), "blobs": copied}
 
 
-def _import_blobs(lite: sqlite3.Connection, conn: psycopg.Connection, blobs: PgBlobs) -> dict:
+def _import_blobs(lite: sqlite3.Connection, conn: psycopg.Connection, q: Sql, blobs: PgBlobs) -> dict:
+    """Every blob of the file into the server, each in a transaction of its
+    own: checked against its digest while it is read, and a digest the
+    server has already proven to hold the same bytes (else rewritten)."""
     out = {"copied": 0, "present": 0, "bad": []}
     for rowid, digest, size in lite.execute("SELECT rowid, digest, size FROM rssd_magic_blob ORDER BY rowid").fetchall():
         try:
             if not isinstance(digest, str) or not isinstance(size, int):
                 raise IntegrityError("not a blob row of ours (digest or size of another type)")
-            if conn.execute("SELECT 1 FROM rssd_magic_blob WHERE digest = %s", (digest,)).fetchone():
-                out["present"] += 1
-                continue
-            verifier = Verifier(digest)
+            with lite.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
+                if len(blob) != size:  # before the size decides anything on the server
+                    raise IntegrityError(f"{len(blob)} bytes for a recorded size of {size}")
 
-            def chunks(rowid: int = rowid, size: int = size, verifier: Verifier = verifier) -> Iterator[bytes]:
+            def chunks(rowid: int = rowid, size: int = size, digest: str = digest) -> Iterator[bytes]:
+                verifier = Verifier(digest)
                 with lite.blobopen("rssd_magic_blob", "data", rowid, readonly=True) as blob:
                     if len(blob) != size:
                         raise IntegrityError(f"{len(blob)} bytes for a recorded size of {size}")
@@ -429,9 +472,9 @@ def _import_blobs(lite: sqlite3.Connection, conn: psycopg.Connection, blobs: PgB
                         yield chunk
                 verifier.check()  # before the transaction commits: a bad blob is rolled back
 
-            with conn.transaction():
-                blobs.put_stream(conn, digest, size, chunks())
-            out["copied"] += 1
+            with q.tx(conn, blobs.deadline(size)):
+                written = blobs.put_stream(conn, digest, size, chunks)
+            out["copied" if written else "present"] += 1
         except (IntegrityError, sqlite3.Error) as exc:
             out["bad"].append({"digest": str(digest), "why": str(exc)})
     return out
