@@ -552,3 +552,16 @@ def test_a_record_written_past_the_json_check_lists_shows_and_counts(tmp_path):
     shown = as_json(db, "show", cell["key"][:10], "--json")
     assert shown["outputs"] == [] and shown["names"] == {}
     assert as_json(db, "stats", "--json")["cells"] == 1
+
+
+@pytest.mark.kernel
+def test_read_only_commands_and_an_import_source_leave_no_files_behind(base, tmp_path, pg_url):
+    c = clone(base, tmp_path)
+    beside = lambda: sorted(p.name for p in c.dir.iterdir() if p.name.startswith(DB_NAME))  # noqa: E731
+    assert beside() == [DB_NAME]
+    key = base.cells["side"]["key"]
+    for args in (["list"], ["list", "--json"], ["stats"], ["gc", "--dry-run"], ["verify"], ["show", key[:12]]):
+        ok(cli("--db", str(c.db), *args))
+        assert beside() == [DB_NAME], args
+    ok(cli("--db", pg_url, "import", str(c.db)))
+    assert beside() == [DB_NAME], "import's source"

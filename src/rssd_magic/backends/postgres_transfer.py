@@ -50,6 +50,7 @@ from .postgres_blobs import HEAD, PgBlobs
 from .postgres_conn import Sql, settings
 from .postgres_schema import EXPECTED_COLUMNS, SURVEILR_DDL
 from .sqlite import SqliteBackend
+from .sqlite_file import check_path, connect
 
 #: Tables in the order rows must arrive (foreign keys), with their keys.
 TABLES = [
@@ -396,8 +397,13 @@ def import_rssd(conn: psycopg.Connection, q: Sql, path: str, blobs: PgBlobs) -> 
     if not file.is_file():
         raise StoreError(f"RSSD {file}: no such file")
     try:
-        lite = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+        # Read-write where the file may be written (nothing is: temp tables
+        # live apart), so SQLite removes its -wal and -shm files at close:
+        # an import leaves nothing beside its source.
+        lite = connect(file, check_path(file, readonly=True), timeout=30)
         tables = {name for (name,) in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except ValueError as exc:
+        raise StoreError(f"RSSD {file}: {exc}") from None
     except sqlite3.Error as exc:
         raise StoreError(f"RSSD {file}: not a usable SQLite database ({exc})") from None
     try:
