@@ -356,7 +356,9 @@ def test_deletes(code, deletes):
 def test_analysis_is_one_frozen_memoized_answer():
     code = "import numpy as np\ny = np.zeros(n)\ndel tmp\n"
     first = analyse_cell(code)
-    assert first == CellAnalysis(reads=("n",), binds=frozenset({"np", "y"}), deletes=("tmp",))
+    assert first == CellAnalysis(
+        reads=("n",), binds=frozenset({"np", "y"}), deletes=("tmp",), stores=("np", "y", "tmp"), dynamic=False
+    )
     assert analyse_cell(code) is first
     with pytest.raises(AttributeError):
         first.reads = ()  # type: ignore[misc]
@@ -399,12 +401,26 @@ def test_reads_keep_builtins_for_the_namespace_to_decide():
 
 
 def test_names_bound_combines_the_code_and_the_namespace():
+    code = "a = 1\n_ = 5\nget_ipython().run_line_magic('run', 'setup.py')"
     namespace = {"a": 1, "b": 2, "_": 3, "keep": 4}
-    before = snapshot(namespace)
-    namespace["b"] = object()  # rebound (as if by %run)
+    before = snapshot(namespace, code)
+    namespace["b"] = object()  # rebound by %run
     namespace["a"] = 1  # same object again: only the code says it was bound
     namespace["_"] = object()  # the shell's own
-    assert names_bound(namespace, before, "a = 1\n_ = 5") == ["a", "b"]
+    assert names_bound(namespace, before, code) == ["a", "b"]
+
+
+def test_plain_code_looks_only_at_the_names_it_stores():
+    namespace = {f"g{i}": i for i in range(40_000)} | {"a": 1, "t": 0}
+    code = "a = 1\nt += 2\nfor i in range(3):\n    (j := i)\ndel a"
+    before = snapshot(namespace, code)
+    assert set(before) == {"a", "t"}, "only the names the code stores"
+    namespace["t"], namespace["i"], namespace["j"] = 2, 2, 2
+    del namespace["a"]
+    namespace["g7"] = object()  # changed by no code of the cell: another thread, say
+    assert names_bound(namespace, before, code) == ["t", "i", "j"]
+    for dynamic in ("exec('q = 1')", "globals()['q'] = 1", "from os.path import *"):
+        assert len(snapshot(namespace, dynamic)) == len(namespace), dynamic
 
 
 # ---------------------------------------------------------------------------

@@ -108,7 +108,7 @@ class Run:
         executes it, synchronously or awaited, and sends back what that gave."""
         port = self.port
         ns = port.user_ns
-        before = snapshot(ns)
+        before = snapshot(ns, python)
         try:
             # What the cell reads, as it was: the key's fingerprints, plus those
             # the key left out (--ignore, --name); compared after the run.

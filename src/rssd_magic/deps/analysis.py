@@ -151,6 +151,15 @@ _WALRUS = 2  # inside a top-level comprehension: only ``:=`` targets bind
 _NONE = 3  # nothing binds: def/class/lambda, annotations, augmented values, …
 
 
+#: Calls through which code binds module names its text doesn't show:
+#: ``exec``, ``globals()[…] =``, ``setattr(module, …)``, and IPython's
+#: magics after its transforms (``%run``, ``%store -r``, ``%%capture out``).
+_DYNAMIC_CALLS = frozenset(
+    {"exec", "eval", "globals", "vars", "locals", "setattr", "delattr", "__import__",
+     "run_line_magic", "run_cell_magic", "magic"}
+)  # fmt: skip
+
+
 class _CellWalker(ast.NodeVisitor):
     """Walks a cell in evaluation order, resolving each load to its scope.
 
@@ -176,6 +185,8 @@ class _CellWalker(ast.NodeVisitor):
         self.reads: dict[str, bool] = {}
         self.binds: set[str] = set()
         self.deletes: dict[str, None] = {}  # ordered set
+        self.stores: dict[str, None] = {}  # every module-level name stored, in order
+        self.dynamic = False  # binds names its code can't show (exec, %run, import *)
         self.mode = _TOP
 
     # -- modes ----------------------------------------------------------------
@@ -225,6 +236,7 @@ class _CellWalker(ast.NodeVisitor):
             scope.names.add(name)
             if scope is self.module:
                 self.ever_bound.add(name)
+                self.stores[name] = None
 
     def _delete(self, name: str) -> None:
         # ``del x`` needs x to exist but does not use its value: no read.
@@ -233,6 +245,7 @@ class _CellWalker(ast.NodeVisitor):
             scope.names.discard(name)
             if scope is self.module:
                 self.deletes[name] = None
+                self.stores[name] = None
 
     def _store_walrus(self, name: str) -> None:
         # ``:=`` in a comprehension binds in the enclosing non-comprehension scope.
@@ -241,7 +254,15 @@ class _CellWalker(ast.NodeVisitor):
                 if scope.kind == "module":
                     scope.names.add(name)
                     self.ever_bound.add(name)
+                    self.stores[name] = None
                 return
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if name in _DYNAMIC_CALLS:
+            self.dynamic = True
+        self.generic_visit(node)
 
     def result(self) -> list[str]:
         return [n for n, now in self.reads.items() if now or n not in self.ever_bound]
@@ -313,7 +334,9 @@ class _CellWalker(ast.NodeVisitor):
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         for alias in node.names:
-            if alias.name != "*":
+            if alias.name == "*":
+                self.dynamic = True
+            else:
                 self._store(alias.asname or alias.name)
                 self._bind(alias.asname or alias.name)
 
@@ -425,6 +448,12 @@ class CellAnalysis:
     binds: frozenset[str]
     deletes: tuple[str, ...]
     analysed: bool = True
+    #: Every module-level name the code stores or deletes, in order (a
+    #: superset of binds and deletes); and whether the code may bind names
+    #: its text doesn't show (``exec``, ``%run``, ``import *``): then only
+    #: the whole namespace, before and after, can tell what it bound.
+    stores: tuple[str, ...] = ()
+    dynamic: bool = True
 
     def inputs(self, namespace: Mapping[str, Any] | None = None) -> list[str]:
         """:attr:`reads` without the builtins *namespace* does not shadow
@@ -462,6 +491,8 @@ def analyse_cell(python_code: str) -> CellAnalysis:
         reads=tuple(n for n in walker.result() if not is_shell_name(n)),
         binds=frozenset(walker.binds),
         deletes=tuple(walker.deletes),
+        stores=tuple(dict.fromkeys([*walker.stores, *sorted(walker.binds)])),
+        dynamic=walker.dynamic,
     )
 
 
@@ -538,17 +569,30 @@ def bound_names(python_code: str) -> set[str]:
 # ``files = !ls`` after IPython's transforms, ``%run`` or ``globals()[...]``.
 
 
-def snapshot(namespace: dict) -> dict[str, int]:
-    """Identity of every value, to diff against after a run."""
-    return {k: id(v) for k, v in namespace.items()}
+def snapshot(namespace: dict, python_code: str | None = None) -> dict[str, int]:
+    """Identity of the values *python_code* may bind, to diff against after a
+    run: the names it stores or deletes — or every name, for code that may
+    bind names its text doesn't show (or without code).  A notebook with
+    40,000 globals pays for the names of the cell, not for its globals."""
+    analysis = analyse_cell(python_code) if python_code is not None else None
+    if analysis is None or analysis.dynamic:
+        return {k: id(v) for k, v in namespace.items()}
+    return {k: id(namespace[k]) for k in analysis.stores if k in namespace}
 
 
 def names_bound(namespace: dict, before: dict[str, int], python_code: str) -> list[str]:
-    """Names the run bound, in namespace order (definition order, mostly);
-    never the shell's own (``_``, ``_i3``, ``Out`` …)."""
-    from_code = analyse_cell(python_code).binds
+    """Names the run bound, never the shell's own (``_``, ``_i3``, ``Out``
+    …): those its code binds, and those whose value is another object now —
+    among the names it stores, or every name for code that may bind names
+    its text doesn't show (then in namespace order)."""
+    analysis = analyse_cell(python_code)
+    from_code = analysis.binds
+    if analysis.dynamic:
+        candidates: Iterable[str] = list(namespace)
+    else:
+        candidates = analysis.stores
     return [
         k
-        for k, v in namespace.items()
-        if not is_shell_name(k) and (k in from_code or before.get(k) != id(v))
+        for k in candidates
+        if k in namespace and not is_shell_name(k) and (k in from_code or before.get(k) != id(namespace[k]))
     ]
