@@ -17,9 +17,7 @@ of:
   value, fields of other versions — nothing in it is left unsigned;
 * ``blobs``: the digests of every blob it refers to (they are inside the
   specs too; naming them says that the bytes are covered, through their
-  digests, which every read checks: SHA-256 for pickle streams, which decide
-  what code runs, XXH3-128 for raw array buffers, never executed and fast
-  enough to check 200 MB in ~20 ms);
+  digests, which every read checks — all cryptographic: digests.py);
 * ``cell``: the ``ingest_src`` the record is filed under (the cell's scope
   and key).  **This binds a record to its cell**: a validly signed record
   copied under another cell's key does not check there, so whoever can
@@ -61,64 +59,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from .canonical import CANONICAL_VERSION, canonical_bytes
+# Re-exported: the blob readers and older callers import them from here.
+from .digests import IntegrityError, Verifier, buffer_digest, stream_digest, verify  # noqa: F401
 
 ENV_SECRET = "RSSD_MAGIC_SECRET"
 
 #: The form of the signed message; bumped whenever what is signed changes.
 SIGNED_FORM = "rssd_magic.record-signature.v2"
-
-
-class IntegrityError(Exception):
-    """A blob's bytes don't match the digest its payload names."""
-
-
-# -- digests of blobs -------------------------------------------------------------
-
-
-def stream_digest(data: Any) -> str:
-    """Digest of a pickle stream or any blob whose bytes get interpreted."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def buffer_digest(data: Any) -> str:
-    """Digest of raw data (out-of-band pickle buffers): fast, 128-bit."""
-    return "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
-
-
-class Verifier:
-    """Checks bytes against a digest as they are read, chunk by chunk (one
-    pass over a large blob instead of a second one after reading it)."""
-
-    def __init__(self, digest: str):
-        self.digest = digest
-        algo = digest.partition(":")[0] if isinstance(digest, str) else type(digest).__name__
-        if algo == "sha256":
-            self._hash = hashlib.sha256()
-        elif algo == "xxh3-128":
-            self._hash = xxhash.xxh3_128()
-        else:
-            raise IntegrityError(f"blob {str(digest)[:24]}…: unknown digest algorithm {algo!r}")
-        self._prefix = algo + ":"
-
-    def update(self, data: Any) -> None:
-        self._hash.update(data)
-
-    def check(self) -> None:
-        """Raise IntegrityError unless what was read has the digest."""
-        if not hmac.compare_digest(self._prefix + self._hash.hexdigest(), self.digest):
-            raise IntegrityError(
-                f"blob {self.digest[:24]}… does not match its digest (changed after it was written)"
-            )
-
-
-def verify(digest: str, data: Any) -> None:
-    """Raise IntegrityError unless *data* has *digest*."""
-    verifier = Verifier(digest)
-    verifier.update(data)
-    verifier.check()
 
 
 # -- keys -----------------------------------------------------------------------------
