@@ -274,7 +274,7 @@ def test_export_writes_an_rssd_that_replays_byte_identical(opened, pg_url, tmp_p
         latest = file.latest(KEY)
         assert latest == replace(done, seq=latest.seq), "the same transition; seq is the file's own rowid"
         assert bytes(file.blobs.get(digest)) == bytes(b.blobs.get(digest))
-        assert file.signatures("key-1", ["payload-1"]) == {"payload-1": "sig-1"}
+        assert file.signatures(["payload-1"]) == {"payload-1": {"key-1": "sig-1"}}
         assert [c.latest_hits for c in file.cells() if c.latest.state_id == done.state_id] == [1]
     finally:
         file.close()

@@ -6,6 +6,7 @@ in ``--db`` is an error, not a new file."""
 from __future__ import annotations
 
 import argparse
+import html
 import shlex
 from functools import lru_cache
 from typing import Any
@@ -14,7 +15,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import render, report
+from .backends import redact
 from .backends.base import StoreError
+from .keyfiles import KeyProblem
 from .canonical import fmt_bytes, plural
 
 #: The commands, as the line magic's help lists them (said when none is given).
@@ -24,7 +27,8 @@ USAGE = """\
 %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
 %stateful stats              cells, hits, time saved, storage
 %stateful gc                 delete blobs no current result refers to
-%stateful trust              sign this store's records with your key"""
+%stateful trust [KEY] [--signer NAME|FINGERPRINT] [--yes]
+                             what records would do once trusted; --yes signs them with your key"""
 
 
 def run_command(magics: Any, line: str) -> Any:
@@ -37,8 +41,10 @@ def run_command(magics: Any, line: str) -> Any:
         # Never creates a store: a typo in --db is an error, not a new file.
         backend = magics.runner.backend(args.db, create=False)
         backend.flush_hits()
+        if args.command == "trust":
+            return _trust(magics, backend, args, line)
         return _line_command(magics, backend, args)
-    except (StoreError, report.ReportError) as exc:
+    except (StoreError, report.ReportError, KeyProblem) as exc:
         raise UsageError(f"%stateful {args.command}: {exc}") from None
 
 
@@ -61,8 +67,30 @@ def _line_command(magics: Any, backend: Any, args: argparse.Namespace) -> Any:
         r = report.gc(backend)
         print(f"freed {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}")
         return None
-    r = report.trust(backend, magics.signer)
-    print(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} of {backend.location} with your key")
+    raise AssertionError(args.command)  # pragma: no cover - the parser knows no other
+
+
+def _trust(magics: Any, backend: Any, args: argparse.Namespace, line: str) -> Any:
+    """``%stateful trust``: without ``--yes``, the preview of what would be
+    signed and what it would make active (nothing is written, nothing
+    blocks); with it, the signing."""
+    if not args.yes:
+        preview = report.trust_preview(backend, magics.signer, args.key, args.signer)
+        ready = [r for r in preview["records"] if r["refused"] is None]
+        hint = f"to sign {plural(len(ready), 'record')} with your key: %stateful {line.strip()} --yes" if ready else ""
+
+        def text(p: dict) -> str:
+            return render.trust_preview_text(p) + (f"\n{hint}" if hint else "")
+
+        def html_(p: dict) -> str:
+            return render.trust_preview_html(p) + (f"<p><code>{html.escape(hint)}</code></p>" if hint else "")
+
+        return _Rendered(text, html_, preview)
+    r = report.trust(backend, magics.signer, args.key, args.signer)
+    print(
+        f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} of {redact(backend.location)} "
+        f"with your key {r['key_id']}"
+    )
     for bad in r["refused"]:
         magics.note(f"[stateful] not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}")
     return None
@@ -94,8 +122,13 @@ def _line_parser() -> MagicArgumentParser:
     parser = MagicArgumentParser(prog="%stateful", add_help=False)
     parser.add_argument("--db", metavar="PATH")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=MagicArgumentParser)
-    for name in ("list", "stats", "gc", "trust"):
+    for name in ("list", "stats", "gc"):
         sub.add_parser(name).add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
+    trust = sub.add_parser("trust")
+    trust.add_argument("key", nargs="?")
+    trust.add_argument("--signer", metavar="NAME|FINGERPRINT")
+    trust.add_argument("--yes", action="store_true")
+    trust.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
     show = sub.add_parser("show")
     show.add_argument("key")
     forget = sub.add_parser("forget")

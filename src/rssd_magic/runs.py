@@ -36,7 +36,6 @@ from .lifecycle import EXECUTED, FAILED, INTERRUPTED
 from .deps import analyse_cell, changes, is_shell_name, names_bound, snapshot
 from .record import RunRecord
 from .serialize import dump_names, dump_value
-from .trust import sign_message
 
 @dataclass
 class Executed:
@@ -204,7 +203,7 @@ class Run:
             record, blobs = payload()
             # One signature over the whole record, bound to this cell's key:
             # what a replay checks before anything of it acts (trust.py).
-            signatures = [sign_message(self.config.signer, p) for p in record.payloads_to_sign(self.key.ingest_src)]
+            signatures = [row for p in record.payloads_to_sign(self.key.ingest_src) for row in self.config.signer.sign(p)]
         except KeyboardInterrupt as exc:
             self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted while recording")
             raise
