@@ -24,7 +24,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__
-from .backends import DEFAULT_RSSD, ENV_RSSD
+from .backends import DEFAULT_RSSD, ENV_RSSD, redact_text
 from .body import BodyRunner, route_awaiting_cells, unroute
 from .claims import DEFAULT_LEASE_S
 from .commands import run_command, split
@@ -190,7 +190,7 @@ class StatefulMagics(Magics):
 
         return {
             "notebook": self.notebook(),
-            "kernel": {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv},
+            "kernel": {"pid": os.getpid(), "cwd": os.getcwd(), "argv": [redact_text(a) for a in sys.argv]},
             "python": sys.version.split()[0],
             "ipython": IPython.__version__,
             "rssd_magic": __version__,

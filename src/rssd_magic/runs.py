@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
 from . import sql
-from .backends import redact
+from .backends import redact, redact_text
 from .backends.base import ExecRow, Fenced, StateBackend, Transition
 from .capture import OutputRecorder, capture
 from .keys import CellKey
@@ -222,7 +222,7 @@ class Run:
             code=self.source,
             status=0 if to_state == EXECUTED else 1,
             identity=self.key.digest,
-            input_text=self.options,
+            input_text=redact_text(self.options),  # a --db URL's password is never stored
             output_text=output_text(record.outputs),
             error_text=str(error)[:EXEC_TEXT_MAX] if error else None,
             namespace=self.key.scope,
