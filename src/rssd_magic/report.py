@@ -347,6 +347,7 @@ def trust(backend: StateBackend, signer: Signer, key: str | None = None, by: str
 
 
 def _review(backend: StateBackend, signer: Signer, key: str | None, by: str | None):
+    signer.refresh()  # the trusted signers as they are now
     cell = _find(backend, key).ingest_src if key else None
     return review(backend, signer, cell, signer.resolve(by) if by else None)
 
