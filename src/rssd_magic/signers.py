@@ -139,6 +139,8 @@ def parse_line(line: str, source: str) -> Signer | None:
     if len(fields) < 3:
         raise ValueError(f"expected NAME {KEY_TYPE} KEY")
     name, rest = fields[0], fields[1:]
+    if name == KEY_TYPE or name in OTHER_KEY_TYPES:
+        raise ValueError(f"the line starts with the key type: put the signer's name first (NAME {KEY_TYPE} KEY)")
     namespaces = None
     if rest[0] != KEY_TYPE and rest[0] not in OTHER_KEY_TYPES:
         namespaces = _options(rest[0])

@@ -148,7 +148,11 @@ class PersonalKey:
             pem = made.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
             )
-            if write_new(path, pem):
+            try:
+                written = write_new(path, pem)
+            except OSError as exc:
+                raise KeyProblem(f"key file {path} can't be made ({exc.strerror or exc})") from None
+            if written:
                 return cls(made, path)
             data = read_private(path, MIN_PRIVATE_BYTES)  # another kernel made it first: theirs it is
             if data is None:
