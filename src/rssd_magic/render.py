@@ -179,14 +179,19 @@ def _few(items: list[str], most: int = 4) -> str:
 
 
 def _trust_row(r: dict) -> list[str]:
+    # Types, modules, MIME types and the host come from the record: another
+    # tool's text, shown without terminal escapes wherever it is shown.
     return [
-        r["key"][:12],
-        r["name"] if r["name"] is not None else "-",
-        r["signer"],
-        r["host"] or "-",
-        _few(r["pickled"]),
-        _few(r["modules"]),
-        _few(r["active"]),
+        strip_escapes(cell)
+        for cell in (
+            r["key"][:12],
+            r["name"] if r["name"] is not None else "-",
+            r["signer"],
+            r["host"] or "-",
+            _few(r["pickled"]),
+            _few(r["modules"]),
+            _few(r["active"]),
+        )
     ]
 
 
