@@ -11,6 +11,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +35,12 @@ def child_env(extra: dict | None = None) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
     return env
 
-# Stored values are signed (issue 5); a fixed team key keeps the benchmarks
-# from creating a per-user key file in the Jupyter data directory.  Kernels
-# started by bench_waiters inherit it.
+# Stored values are signed (issue 5): a fixed team key, and a Jupyter data
+# directory of the benchmarks' own, keep them from creating key files in
+# yours (each person's signing key is made there on first use, issue 22).
+# Kernels started by bench_waiters inherit both.
 os.environ.setdefault("RSSD_MAGIC_SECRET", "rssd-magic-bench-key")
+os.environ.setdefault("JUPYTER_DATA_DIR", tempfile.mkdtemp(prefix="rssd-bench-jupyter-"))
 
 
 def cpu_model() -> str:

@@ -322,11 +322,11 @@ def test_finish_stores_blobs_and_signatures_with_the_record(env):
     mine = b.claim(ask(b))
     b.finish(mine.running, mine.claim.token, EXECUTED, RESULT, "completed", [(digest, data)], [("pid-1", "key-a", "sig-a")])
     assert bytes(b.blobs.get(digest)) == data
-    assert b.signatures("key-a", ["pid-1", "pid-2"]) == {"pid-1": "sig-a"}
+    assert b.signatures(["pid-1", "pid-2"]) == {"pid-1": {"key-a": "sig-a"}}
     b.add_signatures([("pid-2", "key-a", "sig-b"), ("pid-1", "key-b", "sig-c")])
-    assert b.signatures("key-a", ["pid-1", "pid-2"]) == {"pid-1": "sig-a", "pid-2": "sig-b"}
-    assert b.signatures("key-b", ["pid-1"]) == {"pid-1": "sig-c"}
-    assert b.signatures("key-a", []) == {}
+    assert b.signatures(["pid-1", "pid-2"]) == {"pid-1": {"key-a": "sig-a", "key-b": "sig-c"}, "pid-2": {"key-a": "sig-b"}}
+    assert b.signatures(["pid-2"]) == {"pid-2": {"key-a": "sig-b"}}
+    assert b.signatures([]) == {}
 
 
 def test_hits_are_counted_and_flushed(env):

@@ -31,6 +31,7 @@ ENGINE = [
     "acquire", "bindable", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
     "runs", "replaying", "earlier",
+    "digests", "keyfiles", "signing", "signers", "keyring", "trusting",
     "backends", "backends.base",
     "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports", "backends.sqlite_sessions",
     "backends.sqlite_schema", "backends.sqlite_file", "backends.sqlite_conn", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",

@@ -194,7 +194,7 @@ def test_records_the_previous_version_filed_under_a_notebook_path_still_replay(t
     # say how to trust them (the README's upgrading note).
     before = execute(CLIENT_CELLS, tmp_path, allow_errors=True)
     assert "%stateful trust" in text_of(before.cells[2], "stderr") and not banners(before.cells[2])
-    execute(["%load_ext rssd_magic", "%stateful trust"], tmp_path)
+    execute(["%load_ext rssd_magic", "%stateful trust --yes"], tmp_path)
     for env in ({}, _lab(notebook)):  # headless (nbclient, papermill), then Lab again
         nb = execute(CLIENT_CELLS, tmp_path, env=env)
         assert len(banners(nb.cells[2])) == 1 and len(banners(nb.cells[3])) == 1, env

@@ -63,7 +63,7 @@ def test_edited_record_publishes_nothing_active_and_binds_nothing_until_trusted(
     assert text_of(edited.cells[2]) == "None\n", "nothing bound"
     assert (tmp_path / "side.log").read_text() == "ran\n", "not re-run"
 
-    trusted = execute([LOAD, "%stateful trust"], tmp_path)
+    trusted = execute([LOAD, "%stateful trust --yes"], tmp_path)
     assert "signed 1 record in 1 cell" in text_of(trusted.cells[1])
 
     again = execute(nb, tmp_path)

@@ -309,7 +309,7 @@ def test_with_the_server_gone_every_path_says_store_error_naming_the_server(own_
             "finish": lambda: b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed"),
             "cells": b.cells,
             "storage": b.storage,
-            "signatures": lambda: b.signatures("k", ["p"]),
+            "signatures": lambda: b.signatures(["p"]),
             "blob": lambda: b.blobs.get("sha256:" + "0" * 64),
             "blob sizes": b.blobs.sizes,
             "export": lambda: b.export_rssd(str(tmp_path / "x.db"), digests_of=lambda _: set()),

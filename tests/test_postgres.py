@@ -276,7 +276,7 @@ def test_export_writes_an_rssd_that_replays_byte_identical(opened, pg_url, tmp_p
         latest = file.latest(KEY)
         assert latest == replace(done, seq=latest.seq), "the same transition; seq is the file's own rowid"
         assert bytes(file.blobs.get(digest)) == bytes(b.blobs.get(digest))
-        assert file.signatures("key-1", ["payload-1"]) == {"payload-1": "sig-1"}
+        assert file.signatures(["payload-1"]) == {"payload-1": {"key-1": "sig-1"}}
         assert [c.latest_hits for c in file.cells() if c.latest.state_id == done.state_id] == [1]
     finally:
         file.close()
@@ -614,7 +614,7 @@ def test_no_setting_or_prepared_statement_outlives_a_transaction(opened, pg_url)
                               "current_setting('search_path')").fetchone()  # fmt: skip
     for _ in range(8):  # beyond psycopg's default prepare threshold (5)
         b.latest(KEY)
-        b.signatures("k", ["p"])
+        b.signatures(["p"])
     mine = b.claim(ask(b))
     b.renewer().renew({mine.running.state_id: mine.claim.token})
     b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
@@ -647,7 +647,7 @@ def test_read_only_a_schema_without_our_tables_reads_them_as_empty(opened, pg_ur
     b.close()
     raw(pg_url, "DROP TABLE rssd_magic_hit, rssd_magic_claim, rssd_magic_signature")
     r = opened(readonly=True)
-    assert r.latest(KEY) == done and r.claim_of(done) is None and r.signatures("k", ["p"]) == {}
+    assert r.latest(KEY) == done and r.claim_of(done) is None and r.signatures(["p"]) == {}
     assert [(c.latest.state_id, c.hits_total) for c in r.cells()] == [(done.state_id, 0)]
     made = raw(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = ? OR schemaname LIKE 'pg_temp%'",
                (schema_of(pg_url),))  # fmt: skip

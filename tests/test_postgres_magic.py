@@ -120,7 +120,7 @@ def test_line_magics_list_show_forget_stats_gc_trust(pg_kernel):
     stats = shown.value
     assert stats["cells"] == 1 and stats["hits"] == 1 and stats["storage"]["blobs"] >= 1
     assert repr(shown).splitlines()[0].startswith("server") and "schema" in repr(shown) and "WAL" not in repr(shown)
-    assert "signed" in k.ok("%stateful trust").stdout
+    assert "signed" in k.ok("%stateful trust --yes").stdout
     assert "forgot 1 cell:" in k.ok("%stateful forget load").stdout
     assert "freed 1 blob," in k.ok("%stateful gc").stdout, "the forgotten run's array is no longer referenced"
     k.ok(body)

@@ -7,15 +7,21 @@ writes), calls one report function or backend method and prints the answer
 as aligned text or, with ``--json``, as JSON.  It never creates a file or a
 database: a missing, non-SQLite or non-RSSD path, or a server it can't use,
 is one line on stderr and exit status 1.  ``export`` and ``import`` move
-records between a PostgreSQL store and RSSD files.  Importing it does not
-import IPython.
+records between a PostgreSQL store and RSSD files; ``keys`` shows the
+person's public key and edits their trusted signers.  Text that comes from
+a store (cells, outputs, names) is printed without terminal escapes.  A
+secret is never taken on the command line (``ps`` shows it to everyone):
+``$RSSD_MAGIC_SECRET`` or ``--secret-file``.  Importing it does not import
+IPython.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import click
@@ -24,7 +30,11 @@ from . import __version__, render, report
 from .backends import DEFAULT_RSSD, ENV_DB, ENV_RSSD, open_backend, redact, resolve_location, scheme_of
 from .canonical import fmt_bytes, plural
 from .backends.base import StateBackend, StoreError
-from .trust import Signer
+from .keyfiles import KeyProblem, check_private
+from .keyring import Keyring, data_dir, signers_path
+from .signers import ENV_SIGNERS, add, lines_of, quote, revoke
+from .signing import KEY_FILE, PersonalKey
+from .trust import ENV_SECRET
 
 
 class Fail(click.ClickException):
@@ -56,6 +66,11 @@ def opened(ctx: click.Context, write: bool = False) -> Iterator[StateBackend]:
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def echo(text: str, err: bool = False) -> None:
+    """Print text that may come from a store, without terminal escapes."""
+    click.echo(render.strip_escapes(text), err=err)
 
 
 # -- commands ---------------------------------------------------------------------
@@ -106,7 +121,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
     if not cells:
         click.echo(f"no %%stateful cells in {redact(ctx.obj['db'])}", err=True)
         return
-    click.echo(render.cells_text(cells))
+    echo(render.cells_text(cells))
 
 
 @main.command("show")
@@ -121,7 +136,7 @@ def show_cmd(ctx: click.Context, key: str, as_json: bool) -> None:
     if as_json:
         emit_json(cell)
         return
-    click.echo(render.cell_text(cell))
+    echo(render.cell_text(cell))
 
 
 @main.command("forget")
@@ -218,26 +233,171 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+def _no_secret_in_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        raise Fail(
+            f"--secret is not accepted: a value on the command line is visible to every user of this machine "
+            f"(ps, /proc); set ${ENV_SECRET} or give --secret-file PATH instead"
+        )
+
+
+def _interactive() -> bool:
+    """Is there a person at a terminal to ask?"""
+    return sys.stdin.isatty()
+
+
+def _keyring(secret_file: str | None = None, signers: str | None = None) -> Keyring:
+    """Your keys (and the team secret from --secret-file or $RSSD_MAGIC_SECRET)."""
+    secret = None
+    if secret_file:
+        path = Path(secret_file).expanduser()
+        try:
+            with open(path, "rb") as fh:
+                check_private(path, os.fstat(fh.fileno()))
+                secret = fh.read().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Fail(f"--secret-file {secret_file}: can't be read ({exc})") from None
+        except KeyProblem as exc:
+            raise Fail(f"--secret-file: {exc}") from None
+        if not secret:
+            raise Fail(f"--secret-file {secret_file} is empty")
+    try:
+        return Keyring.load(secret, signers)
+    except KeyProblem as exc:
+        raise Fail(str(exc)) from None
+
+
 @main.command("trust")
 @db_option
-@click.option("--secret", metavar="KEY", envvar="RSSD_MAGIC_SECRET", help="Team key (default: your per-user key).")
+@click.argument("key", required=False)
+@click.option("--signer", "by", metavar="NAME|FINGERPRINT", help="Only the records this key signed.")
+@click.option("--yes", "-y", is_flag=True, help="Sign without asking (scripts).")
+@click.option("--dry-run", is_flag=True, help="Only show what would be signed.")
+@click.option("--secret-file", metavar="PATH", help=f"A team secret (default: ${ENV_SECRET}) whose records act already.")
+@click.option("--secret", hidden=True, expose_value=False, callback=_no_secret_in_argv, is_eager=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def trust_cmd(ctx: click.Context, secret: str | None, as_json: bool) -> None:
-    """Trust this RSSD: sign its stored values with your key.
+def trust_cmd(
+    ctx: click.Context, key: str | None, by: str | None, yes: bool, dry_run: bool, secret_file: str | None, as_json: bool
+) -> None:
+    """Let records act: sign them with your key, after seeing what they do.
 
-    Values written by someone else (another user's key, a merged RSSD) are
-    never unpickled until you do this. Blobs that are missing or don't match
-    their digests stay untrusted and are listed.
+    Shows each record no key you trust signed yet — who signed it, where it
+    ran, what it would unpickle, import and publish — and asks before
+    signing. KEY (a key prefix or --name) takes one cell, --signer the
+    records one key signed. Records whose blobs are missing, don't match
+    their digests or are named by XXH3 are listed and never signed.
     """
-    with opened(ctx, write=True) as backend:
-        r = report.trust(backend, Signer.load(secret))
+    keyring = _keyring(secret_file)
+    with opened(ctx, write=not dry_run) as backend:
+        try:
+            preview = report.trust_preview(backend, keyring, key, by)
+        except KeyProblem as exc:
+            raise Fail(str(exc)) from None
+        ready = [r for r in preview["records"] if r["refused"] is None]
+        if dry_run or not ready:
+            if as_json:
+                emit_json(preview)
+            else:
+                echo(render.trust_preview_text(preview))
+            return
+        if not yes:
+            if not _interactive():
+                raise Fail(
+                    f"trust: {plural(len(ready), 'record')} would be signed, and there is no terminal to ask: "
+                    "see them with --dry-run, sign them with --yes"
+                )
+            echo(render.trust_preview_text(preview))
+            if not click.confirm(f"Sign {plural(len(ready), 'record')} with your key {keyring.key_id}?", default=False):
+                raise Fail("nothing signed")
+        r = report.trust(backend, keyring, key, by)
     if as_json:
         emit_json(r)
         return
-    click.echo(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} with key {r['key_id']}")
+    click.echo(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} with your key {r['key_id']}")
     for bad in r["refused"]:
-        click.echo(f"not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}", err=True)
+        echo(f"not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}", err=True)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+@main.group("keys")
+@click.option(
+    "--file", "signers", metavar="PATH",
+    help=f"The trusted signers file (default: ${ENV_SIGNERS}, else allowed_signers in the Jupyter data directory).",
+)  # fmt: skip
+@click.pass_context
+def keys_cmd(ctx: click.Context, signers: str | None) -> None:
+    """Your signing key, and whose records act in your notebooks.
+
+    Each person signs records with an Ed25519 key of their own (made on
+    first use in the Jupyter data directory). A teammate's records act once
+    their line is in your trusted signers file: they run `keys show`, you
+    run `keys trust LINE` (or the team commits one file and points
+    everyone at it).
+    """
+    ctx.ensure_object(dict)["signers"] = signers
+
+
+def _signers_file(ctx: click.Context) -> Path:
+    return signers_path(ctx.obj.get("signers"))
+
+
+@keys_cmd.command("show")
+@click.option("--name", metavar="NAME", help="The name on the line (default: user@host).")
+def keys_show(name: str | None) -> None:
+    """Your public key, as one trusted-signers line for teammates."""
+    try:
+        own = PersonalKey.load(data_dir() / KEY_FILE)
+    except KeyProblem as exc:
+        raise Fail(str(exc)) from None
+    click.echo(f"{quote(name or report.who_am_i())} {own.public.openssh}")
+
+
+@keys_cmd.command("trust")
+@click.argument("line_or_file", metavar="LINE|FILE")
+@click.pass_context
+def keys_trust(ctx: click.Context, line_or_file: str) -> None:
+    """Trust a key: add its line (NAME ssh-ed25519 KEY), or every line of FILE."""
+    path = _signers_file(ctx)
+    try:
+        new, source = lines_of(line_or_file)
+        if not new:
+            raise Fail(f"{source}: no ssh-ed25519 key to trust")
+        added = add(path, new)
+    except KeyProblem as exc:
+        raise Fail(str(exc)) from None
+    for s in added:
+        echo(f"trusted {s.name} ({s.fingerprint}) in {path}")
+    if len(added) < len(new):
+        click.echo(f"{plural(len(new) - len(added), 'key')} already trusted in {path}", err=True)
+
+
+@keys_cmd.command("revoke")
+@click.argument("what", metavar="NAME|FINGERPRINT")
+@click.pass_context
+def keys_revoke(ctx: click.Context, what: str) -> None:
+    """Stop trusting a key: its records no longer act, from their next replay."""
+    path = _signers_file(ctx)
+    try:
+        removed = revoke(path, what)
+    except KeyProblem as exc:
+        raise Fail(str(exc)) from None
+    for s in removed:
+        echo(f"revoked {s.name} ({s.fingerprint}) from {path}")
+
+
+@keys_cmd.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_context
+def keys_list(ctx: click.Context, as_json: bool) -> None:
+    """The keys whose records act here: yours, then your trusted signers."""
+    rows = _keyring(signers=ctx.obj.get("signers")).listing()
+    if as_json:
+        emit_json(rows)
+        return
+    echo(render.table(["NAME", "FINGERPRINT", "SOURCE"], [[r["name"], r["fingerprint"], r["source"]] for r in rows]))
 
 
 def _transfer_report(r: dict, as_json: bool) -> None:

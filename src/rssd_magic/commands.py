@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import html
 import shlex
 from functools import lru_cache
 from typing import Any
@@ -15,7 +16,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import MagicArgumentParser
 
 from . import render, report
+from .backends import redact
 from .backends.base import StoreError
+from .keyfiles import KeyProblem
 from .canonical import fmt_bytes, plural
 
 #: The commands, as the line magic's help lists them (said when none is given).
@@ -26,7 +29,8 @@ USAGE = """\
 %stateful stats              cells, hits, time saved, storage
 %stateful gc [--dry-run]     delete blobs no current result refers to
 %stateful verify [--repair]  check the bytes of every blob current records name
-%stateful trust              sign this store's records with your key"""
+%stateful trust [KEY] [--signer NAME|FINGERPRINT] [--yes]
+                             what records would do once trusted; --yes signs them with your key"""
 
 
 def run_command(magics: Any, line: str) -> Any:
@@ -42,8 +46,10 @@ def run_command(magics: Any, line: str) -> Any:
             backend.flush_hits(patience_s=1.0)  # this kernel's counts, unless a neighbour holds the lock
         except StoreError:
             pass
+        if args.command == "trust":
+            return _trust(magics, backend, args, line)
         return _line_command(magics, backend, args)
-    except (StoreError, report.ReportError) as exc:
+    except (StoreError, report.ReportError, KeyProblem) as exc:
         raise UsageError(f"%stateful {args.command}: {exc}") from None
 
 
@@ -72,8 +78,30 @@ def _line_command(magics: Any, backend: Any, args: argparse.Namespace) -> Any:
         r = report.verify(backend, repair=args.repair)
         print(render.verify_text(r, prog="%stateful"))
         return None
-    r = report.trust(backend, magics.signer)
-    print(f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} of {backend.location} with your key")
+    raise AssertionError(args.command)  # pragma: no cover - the parser knows no other
+
+
+def _trust(magics: Any, backend: Any, args: argparse.Namespace, line: str) -> Any:
+    """``%stateful trust``: without ``--yes``, the preview of what would be
+    signed and what it would make active (nothing is written, nothing
+    blocks); with it, the signing."""
+    if not args.yes:
+        preview = report.trust_preview(backend, magics.signer, args.key, args.signer)
+        ready = [r for r in preview["records"] if r["refused"] is None]
+        hint = f"to sign {plural(len(ready), 'record')} with your key: %stateful {line.strip()} --yes" if ready else ""
+
+        def text(p: dict) -> str:
+            return render.trust_preview_text(p) + (f"\n{hint}" if hint else "")
+
+        def html_(p: dict) -> str:
+            return render.trust_preview_html(p) + (f"<p><code>{html.escape(hint)}</code></p>" if hint else "")
+
+        return _Rendered(text, html_, preview)
+    r = report.trust(backend, magics.signer, args.key, args.signer)
+    print(
+        f"signed {plural(r['signed'], 'record')} in {plural(r['cells'], 'cell')} of {redact(backend.location)} "
+        f"with your key {r['key_id']}"
+    )
     for bad in r["refused"]:
         magics.note(f"[stateful] not trusted: {bad['key'][:12]} {bad['name']}: {bad['why']}")
     return None
@@ -139,7 +167,7 @@ def _line_parser() -> MagicArgumentParser:
     parser = MagicArgumentParser(prog="%stateful", add_help=False)
     parser.add_argument("--db", metavar="PATH")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=MagicArgumentParser)
-    for name in ("list", "stats", "trust"):
+    for name in ("list", "stats"):
         sub.add_parser(name).add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
     gc = sub.add_parser("gc")
     gc.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
@@ -147,6 +175,11 @@ def _line_parser() -> MagicArgumentParser:
     verify = sub.add_parser("verify")
     verify.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
     verify.add_argument("--repair", action="store_true")
+    trust = sub.add_parser("trust")
+    trust.add_argument("key", nargs="?")
+    trust.add_argument("--signer", metavar="NAME|FINGERPRINT")
+    trust.add_argument("--yes", action="store_true")
+    trust.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)
     show = sub.add_parser("show")
     show.add_argument("key")
     forget = sub.add_parser("forget")

@@ -24,7 +24,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 
 from . import __version__
-from .backends import DEFAULT_RSSD, ENV_RSSD
+from .backends import DEFAULT_RSSD, ENV_RSSD, redact_text
 from .body import BodyRunner, route_awaiting_cells, unroute
 from .claims import DEFAULT_LEASE_S
 from .commands import parse, run_command, split
@@ -37,7 +37,10 @@ from .runner import (
     StatefulRunError,
     UsageProblem,
 )
-from .trust import Signer
+from .keyfiles import KeyProblem
+from .keyring import Keyring
+from .signers import ENV_SIGNERS
+from .trust import ENV_SECRET
 from .ttl import parse_duration
 
 __all__ = ["StatefulMagics", "StatefulRunError", "SQLCellError", "ENV_RSSD", "load", "unload"]
@@ -62,8 +65,15 @@ class StatefulMagics(Magics):
     secret = Unicode(
         None,
         allow_none=True,
-        help="Team key for signing stored values (default: $RSSD_MAGIC_SECRET, else a per-user "
-        "key created in the Jupyter data directory). Values signed with another key are not unpickled.",
+        help="A team's shared secret (default: $RSSD_MAGIC_SECRET): records signed with it act too, and new "
+        "records are signed with it besides your own key. Without it, records act only when your key or a "
+        "trusted signer's signed them.",
+    ).tag(config=True)
+    trusted_signers = Unicode(
+        None,
+        allow_none=True,
+        help="File of trusted signers, one 'NAME ssh-ed25519 KEY' line each (OpenSSH allowed-signers form): "
+        f"their records act here. Default: ${ENV_SIGNERS}, else allowed_signers in the Jupyter data directory.",
     ).tag(config=True)
     max_output_size = Int(
         10_000_000,
@@ -96,23 +106,31 @@ class StatefulMagics(Magics):
         self._bodies = BodyRunner(self.shell, self.transform_cell)
         self._options: dict[str, CellOptions] = {}
         self._transformed: dict[str, str] = {}
-        self._signer: Signer | None = None
-        self._signer_source: str | None = None
+        self._signer: Keyring | None = None
+        self._signer_source: tuple | None = None
         self.clock = time.time  # what --ttl compares against; tests set their own
         atexit.register(self.close)
 
     # -- settings the runner reads ------------------------------------------------
 
     @property
-    def signer(self) -> Signer:
-        """The key that signs what this kernel stores and checks what it loads."""
-        if self._signer is None or self._signer_source != self.secret:
-            self._signer, self._signer_source = Signer.load(self.secret), self.secret
+    def signer(self) -> Keyring:
+        """The keys that sign what this kernel stores and judge what it
+        replays (keyring.py): loaded again when a setting or variable that
+        chooses them changes; KeyProblem when one can't be used."""
+        env = os.environ
+        source = (self.secret, self.trusted_signers, env.get(ENV_SECRET), env.get(ENV_SIGNERS), env.get("JUPYTER_DATA_DIR"))
+        if self._signer is None or self._signer_source != source:
+            self._signer = None
+            self._signer = Keyring.load(self.secret, self.trusted_signers)
+            self._signer_source = source
         return self._signer
 
     def close(self) -> None:
-        """Close every store this kernel opened, marking its sessions finished."""
+        """Close every store this kernel opened, marking its sessions finished
+        (and forget the keys: they are read again on next use)."""
         self.runner.close()
+        self._signer = None
 
     # -- the shell port (runner.ShellPort) --------------------------------------------
 
@@ -185,7 +203,7 @@ class StatefulMagics(Magics):
 
         return {
             "notebook": self.notebook(),
-            "kernel": {"pid": os.getpid(), "cwd": os.getcwd(), "argv": sys.argv},
+            "kernel": {"pid": os.getpid(), "cwd": os.getcwd(), "argv": [redact_text(a) for a in sys.argv]},
             "python": sys.version.split()[0],
             "ipython": IPython.__version__,
             "rssd_magic": __version__,
@@ -241,8 +259,9 @@ class StatefulMagics(Magics):
         """
         opts = self._parsed(line)
         try:
+            self.signer  # a key that can't be used: one line, before the cell runs
             return self.runner.run(opts, cell)
-        except UsageProblem as exc:
+        except (UsageProblem, KeyProblem) as exc:
             raise UsageError(str(exc)) from None
 
     async def stateful_async(self, line: str, cell: str) -> Any:
@@ -256,8 +275,9 @@ class StatefulMagics(Magics):
         ``run_cell_async``.  Everything else is :meth:`stateful`'s."""
         opts = self._parsed(self.shell.var_expand(line))  # as run_cell_magic expands it
         try:
+            self.signer
             return await self.runner.run_async(opts, cell)
-        except UsageProblem as exc:
+        except (UsageProblem, KeyProblem) as exc:
             raise UsageError(str(exc)) from None
 
     def _parsed(self, line: str) -> CellOptions:
@@ -281,7 +301,8 @@ class StatefulMagics(Magics):
         %stateful stats              cells, hits, time saved, storage
         %stateful gc [--dry-run]     delete blobs no current result refers to
         %stateful verify [--repair]  check the bytes of every blob current records name
-        %stateful trust              sign this store's records with your key
+        %stateful trust [KEY] [--signer NAME|FINGERPRINT] [--yes]
+                                     show what records would do, then sign them with your key
 
         KEY is any unique prefix of a cell key, or a --name. Every command
         takes --db PATH|URL (default: as for %%stateful); it never creates a store.

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .canonical import dumps
+from .digests import BUFFER, STREAM, usable
 from .serialize import spec_blobs
-from .trust import signed_bytes
+from .trust import SAFE_MIME, signed_bytes
 
 #: ``format`` of every record this package writes.
 RESULT_FORMAT = "rssd_magic.result.v1"
@@ -168,6 +169,34 @@ class RunRecord:
         ``ingest_src``): one payload, the whole record and its blobs'
         digests, bound to the cell (trust.py says why)."""
         return [signed_bytes(cell, self.to_json(), self.blob_digests())]
+
+    def weak_digests(self) -> list[str]:
+        """Digests of its blobs no loader accepts (XXH3-128 buffers of older
+        records): such a record can't be trusted into acting again."""
+        return sorted(d for d in self.blob_digests() if not usable(d, STREAM | BUFFER))
+
+    def what_acts(self) -> dict:
+        """What a trusted replay of this record would make happen that an
+        untrusted one doesn't: ``pickled`` (the types it unpickles),
+        ``modules`` (those it imports), ``active`` (the MIME types it
+        publishes beyond text and raster images); ``names`` it binds."""
+        pickled: list[str] = []
+        modules: list[str] = []
+        for spec in self.specs().values():
+            kind = spec.get("kind")
+            if kind == "frame" and isinstance(spec.get("value"), dict):
+                spec, kind = spec["value"], spec["value"].get("kind")
+            if kind == "pickle":
+                pickled.append(str(spec.get("type") or "?"))
+            elif kind == "module":
+                modules.append(str(spec.get("module")))
+        active: list[str] = []
+        for out in self.outputs:
+            data = out.get("data") if isinstance(out, dict) else None
+            if isinstance(data, dict):
+                active += [str(mime) for mime in data if mime not in SAFE_MIME]
+        dedup = lambda items: list(dict.fromkeys(items))  # noqa: E731 - order kept
+        return {"names": list(self.names), "pickled": dedup(pickled), "modules": dedup(modules), "active": dedup(active)}
 
     def error_line(self) -> str:
         """``ename: evalue`` of a failed run, for ``transition_reason``."""

@@ -8,6 +8,7 @@ shell, ``%stateful`` in a notebook, so a hint names what they can type.
 from __future__ import annotations
 
 import html
+import re
 
 from .canonical import fmt_bytes, fmt_duration, plural
 from .report import label_of
@@ -185,3 +186,84 @@ def verify_text(r: dict, prog: str = "rssd-magic") -> str:
     else:
         lines.append(f"`{prog} verify --repair` deletes them and forgets those cells, so they run again")
     return "\n".join(lines)
+
+
+# -- trust -------------------------------------------------------------------------------
+
+TRUST_HEADERS = ["KEY", "NAME", "SIGNED BY", "HOST", "UNPICKLES", "IMPORTS", "PUBLISHES"]
+
+
+def _few(items: list[str], most: int = 4) -> str:
+    items = [str(i) for i in items]
+    more = f" +{len(items) - most}" if len(items) > most else ""
+    return ", ".join(items[:most]) + more if items else "-"
+
+
+def _trust_row(r: dict) -> list[str]:
+    # Types, modules, MIME types and the host come from the record: another
+    # tool's text, shown without terminal escapes wherever it is shown.
+    return [
+        strip_escapes(cell)
+        for cell in (
+            r["key"][:12],
+            r["name"] if r["name"] is not None else "-",
+            r["signer"],
+            r["host"] or "-",
+            _few(r["pickled"]),
+            _few(r["modules"]),
+            _few(r["active"]),
+        )
+    ]
+
+
+def _trust_notes(p: dict) -> tuple[str | None, list[str]]:
+    """The preview's heading (None when nothing can be signed) and its notes."""
+    ok = [r for r in p["records"] if r["refused"] is None]
+    heading = f"{plural(len(ok), 'record')} would act once signed with your key {p['key_id']}:" if ok else None
+    notes = [
+        f"can't be trusted: {r['key'][:12]} {r['refused']['name']}: {r['refused']['why']}"
+        for r in p["records"]
+        if r["refused"] is not None
+    ]
+    if not ok:
+        notes.append("nothing to sign")
+    if p["already"]:
+        notes.append(f"({plural(p['already'], 'record')} of {p['cells']} already act: signed by you or a key you trust)")
+    return heading, notes
+
+
+def trust_preview_text(p: dict) -> str:
+    """``trust``'s preview: per record to sign, who signed it now and what
+    it would make active once trusted; then the records that can't be."""
+    heading, notes = _trust_notes(p)
+    rows = [_trust_row(r) for r in p["records"] if r["refused"] is None]
+    return "\n".join(([heading, table(TRUST_HEADERS, rows)] if heading else []) + notes)
+
+
+def trust_preview_html(p: dict) -> str:
+    heading, notes = _trust_notes(p)
+    out = []
+    if heading:
+        head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in TRUST_HEADERS)
+        body = "".join(
+            "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(v)}</td>" for v in _trust_row(r)) + "</tr>"
+            for r in p["records"]
+            if r["refused"] is None
+        )
+        out += [f"<p>{html.escape(heading)}</p>", f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"]
+    return "".join(out + [f"<p>{html.escape(n)}</p>" for n in notes])
+
+
+#: Terminal control sequences: CSI (ESC [ … final byte), OSC (ESC ] … BEL or
+#: ESC \), other two-byte escapes, 8-bit C1 controls, and C0 controls but
+#: newline and tab.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?|\x1b.?|[\x80-\x9f]|[\x00-\x08\x0b-\x1f\x7f]"
+)
+
+
+def strip_escapes(text: str) -> str:
+    """*text* without terminal control sequences: what another tool wrote
+    into a record (or a cell printed) can't move the cursor, retitle the
+    window, write a link or hide text on the terminal that shows it."""
+    return _ESCAPES.sub("", text)

@@ -5,26 +5,31 @@ The order of a replay, each step from a way an earlier version failed:
 
 1. parse the record and check every field (record.py), one line naming the
    record when anything is off — never a traceback from another tool's row;
-2. check the one signature over the whole record, bound to its cell
-   (trust.py), before anything of it is used: a record no trusted key
-   signed shows its text and raster images, marked untrusted, binds
-   nothing, imports nothing (:meth:`Replayer._unsigned`);
+2. check its signature rows — every key's, in one lookup — against the
+   keys the user trusts (trust.py, keyring.py), before anything of it is
+   used: a record no trusted key signed shows its text and raster images,
+   marked untrusted, binds nothing, imports nothing, and one line names
+   its signer and the narrow command that would trust it
+   (:meth:`Replayer._unsigned`);
 3. bind only the names the cell's own code binds, deletes or read and
    changed in place (bindable.py), never builtins, dunders or the shell's;
 4. show the outputs in the order they were shown, the result at its place.
 
 Parsing and the payload id are memoized per stored text and cell (a
 notebook replays the same cells again and again), and so is a good
-signature check per payload id and key: the id covers the exact text and
-cell, so a later change to the signature row can't un-sign what was read.
+verdict per payload id: the id covers the exact text and cell, so a later
+change to a signature row can't un-sign what was read.  A good verdict
+lasts only as long as the keys that gave it: when the trusted signers
+change (a revocation), every cached verdict is dropped (keyring.py).
 """
 
 from __future__ import annotations
 
 import html
+import shlex
 from typing import Any, Callable
 
-from .backends import redact
+from .backends import redact, resolve_location
 from .backends.base import StateBackend, Transition
 from .bindable import why_not
 from .canonical import fmt_duration
@@ -34,7 +39,7 @@ from .keys import CellKey
 from .record import RecordError, RunRecord
 from .runs import StatefulRunError
 from .serialize import load_names, load_value
-from .trust import inert_outputs, payload_id, unsigned_because
+from .trust import Verdict, inert_outputs, payload_id
 
 #: Records parsed and kept per kernel, and the largest stored text kept.
 MEMO_RECORDS = 128
@@ -49,8 +54,9 @@ class Replayer:
         self.config = config
         #: Parsed records and their payload ids, by (cell, stored text).
         self._records: dict[tuple[str, str | None], tuple[RunRecord, str]] = {}
-        #: (payload id, key id) pairs whose signature this process checked.
-        self._signed: set[tuple[str, str]] = set()
+        #: Good verdicts by payload id, for the keyring and generation below.
+        self._signed: dict[str, Verdict] = {}
+        self._keys: tuple[Any, int] | None = None
 
     def clear(self) -> None:
         self._records.clear()
@@ -77,17 +83,9 @@ class Replayer:
                 f"the recorded result of cell {key.digest[:12]} in {redact(backend.location)} is unreadable "
                 f"({exc}); nothing was replayed and the cell was not run (--force runs it and records it again)"
             ) from None
-        # A record this process found signed by this key, as this exact text
-        # under this cell, stays signed whatever later happens to the
-        # signature row; anything else is checked (one lookup).
-        signer = self.config.signer
-        if (pid, signer.key_id) not in self._signed:
-            why = unsigned_because(signer, pid, backend.signatures)
-            if why is not None:
-                return self._unsigned(backend, key, record, why)
-            if len(self._signed) >= MEMO_RECORDS * 4:
-                self._signed.clear()
-            self._signed.add((pid, signer.key_id))
+        verdict = self._verdict(backend, pid)
+        if not verdict.trusted:
+            return self._unsigned(backend, key, record, verdict)
         allowed = may_bind(frozenset(record.changed))
         specs, refused = {}, {}
         for name, spec in record.names.items():
@@ -105,7 +103,8 @@ class Replayer:
                 ns.pop(name, None)
         if not quiet:
             self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
-                         f"on {_printable(record.host or '?')} in {fmt_duration(record.duration_s or 0.0)}")  # fmt: skip
+                         f"on {_printable(record.host or '?')} in {fmt_duration(record.duration_s or 0.0)}",
+                         None if verdict.mine else verdict.label)  # fmt: skip
         if key.kind == "name" and record.code_hash not in (None, key.code_hash):
             port.note(
                 f"[stateful] the code of --name {key.name} changed since it ran; "
@@ -160,12 +159,33 @@ class Replayer:
             self._records[memo] = parsed
         return parsed
 
-    def _unsigned(self, backend: StateBackend, key: CellKey, record: RunRecord, why: str) -> None:
+    def _verdict(self, backend: StateBackend, pid: str) -> Verdict:
+        """Who signed payload *pid*, as the user's keys judge it: a good
+        verdict from this process is reused (no lookup), as long as the
+        trusted keys are the ones that gave it; else every key's row of the
+        payload is read in one query and judged."""
+        signer = self.config.signer
+        signer.refresh()  # the one look at the signers file of this replay
+        keys = (signer, signer.generation)
+        if self._keys != keys:
+            self._signed.clear()  # a revoked key's verdicts must not outlive it
+            self._keys = keys
+        verdict = self._signed.get(pid)
+        if verdict is None:
+            verdict = signer.judge(pid, backend.signatures([pid]).get(pid))
+            if verdict.trusted:
+                if len(self._signed) >= MEMO_RECORDS * 4:
+                    self._signed.clear()
+                self._signed[pid] = verdict
+        return verdict
+
+    def _unsigned(self, backend: StateBackend, key: CellKey, record: RunRecord, verdict: Verdict) -> None:
         """A record no trusted key signed (edited, written by another tool,
-        another person's RSSD not trusted yet) does not act here: no name is
-        bound, nothing imported or unpickled, no active content published;
-        its text and raster images are shown, marked untrusted, after one
-        line saying so and how to trust or re-run it.  The cell is not run."""
+        a teammate you don't trust yet) does not act here: no name is bound,
+        nothing imported or unpickled, no active content published; its text
+        and raster images are shown, marked untrusted, after one line naming
+        its signer and the narrow command that would trust it — this one
+        cell, or this signer's records, after a preview.  The cell is not run."""
         where = redact(backend.location)
         shown, withheld = inert_outputs(record.outputs)
         hidden = []
@@ -174,16 +194,22 @@ class Replayer:
         if record.names:
             hidden.append("not bound: " + _listing(record.names))
         detail = f" ({'; '.join(hidden)})" if hidden else ""
+        db = "" if backend.location == resolve_location(None, self.config.rssd_path) else f" --db {shlex.quote(where)}"
+        narrow = f"%stateful trust {key.digest[:12]}{db}"
+        if verdict.key_id is not None and verdict.label == verdict.key_id:
+            narrow += f" (or --signer {verdict.key_id} for all of theirs)"
         self.port.note(
-            f"[stateful] untrusted record: cell {key.digest[:12]} in {where} is {why}; showing its text and "
-            f"images only{detail}. If you trust {where}: %stateful trust (it also re-signs records from before "
-            "whole-record signing); to run the cell again: --force"
+            f"[stateful] untrusted record: cell {key.digest[:12]} in {where} is {verdict.why}; showing its text "
+            f"and images only{detail}. To see what it would do and trust it: {narrow}; to run the cell again: --force"
         )
         replay(shown, self.port.shell)
 
-    def _banner(self, text: str) -> None:
+    def _banner(self, text: str, signer: str | None = None) -> None:
         """The replay banner: a display of its own (never merged into the
-        cell's stderr), tagged in metadata so tools can tell it apart."""
+        cell's stderr), tagged in metadata so tools can tell it apart.  It
+        names the *signer* when it isn't you."""
+        if signer is not None:
+            text += f"; signed by {_printable(signer)}"
         self.port.publish(
             {
                 "text/plain": f"[stateful] {text}",

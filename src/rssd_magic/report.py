@@ -26,7 +26,8 @@ from .keys import URI_PREFIX
 from .lifecycle import EXECUTED, FORGOTTEN
 from .record import RESULT_VALUE, RecordError, RunRecord
 from .serialize import spec_blobs
-from .trust import IntegrityError, Signer, sign_message
+from .trust import Signer
+from .trusting import review, sign
 
 #: How many candidates an ambiguity error lists.
 MAX_CANDIDATES = 10
@@ -362,50 +363,44 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
     }
 
 
-def trust(backend: StateBackend, signer: Signer) -> dict:
-    """Sign with *signer* every current EXECUTED record whose blobs are
-    intact: the user's decision to trust this store, recorded as one
-    signature row of their key per record (other keys' rows are left).  A
-    signature covers the whole record, bound to the cell it is filed under
-    (trust.py); records signed before that — value by value — are signed
-    again the new way.
+def trust_preview(backend: StateBackend, signer: Signer, key: str | None = None, by: str | None = None) -> dict:
+    """What ``trust`` would sign, and what each record would make active
+    once trusted (trusting.py): the current EXECUTED records no trusted key
+    signed — or only the cell *key* (a key prefix or ``--name``), or only
+    the records the key *by* signed (a trusted signer's name or any key's
+    fingerprint).  Nothing is written.
 
-    Returns ``signed`` (records), ``cells`` (current EXECUTED records seen),
-    ``refused``: ``{key, name, why}`` for each record left untrusted — one
-    that can't be read, or a value whose blob is missing or doesn't match
-    its digest (``name`` is the value, ``(result)`` or ``(record)``) — and
-    the ``key_id`` that signed.
+    Returns ``records`` (each: ``key``, ``name``, ``signer``, ``signature``
+    (why it doesn't act now), ``host``, ``names``, ``pickled`` (types),
+    ``modules``, ``active`` (MIME types), ``refused`` (``{name, why}`` or
+    None)), ``cells`` (current records considered), ``already`` (of those,
+    the ones that act already) and ``key_id`` (the key that would sign).
     """
-    rows: list[tuple[str, str, str]] = []
-    refused: list[dict] = []
-    cells = 0
-    for cell, text in backend.current_results():
-        cells += 1
-        try:
-            record = RunRecord.from_json(text)
-        except RecordError as exc:
-            refused.append({"key": _key(cell), "name": "(record)", "why": f"unreadable ({exc})"})
-            continue
-        broken = _broken_blob(backend, record)
-        if broken is not None:
-            refused.append({"key": _key(cell), **broken})
-            continue
-        rows += [sign_message(signer, payload) for payload in record.payloads_to_sign(cell.ingest_src)]
-    backend.add_signatures(rows)
-    return {"signed": len(rows), "cells": cells, "refused": refused, "key_id": signer.key_id}
+    found = _review(backend, signer, key, by)
+    return {"records": found.records, "cells": found.cells, "already": found.already, "key_id": signer.key_id}
 
 
-def _broken_blob(backend: StateBackend, record: RunRecord) -> dict | None:
-    """``{name, why}`` of the first value of *record* whose blob is missing
-    or doesn't match its digest (each blob is read, which checks it)."""
-    for name, spec in record.specs().items():
-        try:
-            for digest in spec_blobs(spec):
-                backend.blobs.get(digest)
-        except (KeyError, IntegrityError) as exc:
-            why = "a blob is missing" if isinstance(exc, KeyError) else str(exc)
-            return {"name": "(result)" if name == RESULT_VALUE else name, "why": why}
-    return None
+def trust(backend: StateBackend, signer: Signer, key: str | None = None, by: str | None = None) -> dict:
+    """Sign with the person's own key the records :func:`trust_preview`
+    lists (the adapters show the preview and ask first): the user's
+    decision that they may act, recorded as one signature row of their key
+    per record (other keys' rows are left).
+
+    Returns the preview's fields plus ``signed`` (records signed) and
+    ``refused`` (``{key, name, why}`` of each record left untrusted).
+    """
+    found = _review(backend, signer, key, by)
+    rows = sign(backend, signer, found)
+    return {
+        "records": found.records, "cells": found.cells, "already": found.already, "key_id": signer.key_id,
+        "signed": len(rows), "refused": found.refused,
+    }  # fmt: skip
+
+
+def _review(backend: StateBackend, signer: Signer, key: str | None, by: str | None):
+    signer.refresh()  # the trusted signers as they are now
+    cell = _find(backend, key).ingest_src if key else None
+    return review(backend, signer, cell, signer.resolve(by) if by else None)
 
 
 __all__ = [
@@ -421,5 +416,6 @@ __all__ = [
     "stats",
     "trust",
     "verify",
+    "trust_preview",
     "who_am_i",
 ]

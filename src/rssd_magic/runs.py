@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
 from . import sql
-from .backends import redact
+from .backends import redact, redact_text
 from .backends.base import ExecRow, Fenced, StateBackend, Transition
 from .capture import OutputRecorder, capture
 from .keys import CellKey
@@ -36,7 +36,6 @@ from .lifecycle import EXECUTED, FAILED, INTERRUPTED
 from .deps import analyse_cell, changes, is_shell_name, names_bound, snapshot
 from .record import RunRecord
 from .serialize import dump_names, dump_value
-from .trust import sign_message
 
 @dataclass
 class Executed:
@@ -204,7 +203,7 @@ class Run:
             record, blobs = payload()
             # One signature over the whole record, bound to this cell's key:
             # what a replay checks before anything of it acts (trust.py).
-            signatures = [sign_message(self.config.signer, p) for p in record.payloads_to_sign(self.key.ingest_src)]
+            signatures = [row for p in record.payloads_to_sign(self.key.ingest_src) for row in self.config.signer.sign(p)]
         except KeyboardInterrupt as exc:
             self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted while recording")
             raise
@@ -223,7 +222,7 @@ class Run:
             code=self.source,
             status=0 if to_state == EXECUTED else 1,
             identity=self.key.digest,
-            input_text=self.options,
+            input_text=redact_text(self.options),  # a --db URL's password is never stored
             output_text=output_text(record.outputs),
             error_text=str(error)[:EXEC_TEXT_MAX] if error else None,
             namespace=self.key.scope,

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from .trust import buffer_digest, stream_digest
+from .digests import BUFFER, STREAM, algorithm, buffer_digest, stream_digest, usable
 
 #: Strings longer than this go to a blob rather than into the JSON.
 MAX_INLINE_STR = 4096
@@ -220,7 +220,29 @@ def _unpickle(ref: Any, get_blob: Callable[[str], Any]) -> Any:
     # digests: said as such, not as "blob None is missing".
     if not isinstance(blob, str) or not isinstance(buffers, list) or not all(isinstance(d, str) for d in buffers):
         raise NotRestored("has a malformed pickle spec (no blob digest)")
+    check_digests([blob], buffers)
     return pickle.loads(get_blob(blob), buffers=[get_blob(d) for d in buffers])
+
+
+def check_digests(streams: list[str], buffers: list[str] = ()) -> None:
+    """NotRestored unless every digest names the algorithm its kind of
+    blob must have (digests.py): a stream BLAKE3 or SHA-256, a raw buffer
+    BLAKE3.  Checked before any blob is read, so a blob named by a digest
+    that is not collision-resistant is never loaded, whoever signed it."""
+    for digest in buffers:
+        if not usable(digest, BUFFER):
+            algo = algorithm(digest) or "no"
+            if algo == "xxh3-128":
+                raise NotRestored(
+                    "names an XXH3-128 buffer (an older format, not collision-resistant): not loaded; "
+                    "--force runs the cell again and records it anew"
+                )
+            raise NotRestored(f"names a buffer by {algo[:20]!r} digest (only blake3 is accepted): not loaded")
+    for digest in streams:
+        if not usable(digest, STREAM):
+            raise NotRestored(
+                f"names a stream by {(algorithm(digest) or 'no')[:20]!r} digest (only blake3 or sha256 is accepted): not loaded"
+            )
 
 
 def _load_pickle(spec: dict, get_blob: Callable[[str], Any], namespace: dict) -> Any:

@@ -1,192 +1,64 @@
-"""Knowing that a stored record is one we (or someone we trust) wrote, and
+"""Knowing that a stored record is one someone the user trusts wrote, and
 what may be shown of one that isn't.
 
-An RSSD is a file people share, commit and merge.  Whatever a record holds
-acts in the notebook when it is replayed: its names are bound, its modules
-imported, its pickles unpickled (code chosen by whoever wrote them), its HTML
-and JavaScript published as live kernel output, which Jupyter trusts.  So,
-like Jupyter's notebook trust, **a record acts only if a key the user trusts
-signed it**; anyone else's record is shown as inert text and images.
+An RSSD is a file people share, commit and merge, and a PostgreSQL store is
+shared by a team.  Whatever a record holds acts in the notebook when it is
+replayed: its names are bound, its modules imported, its pickles unpickled
+(code chosen by whoever wrote them), its HTML and JavaScript published as
+live kernel output, which Jupyter trusts.  So, like Jupyter's notebook
+trust, **a record acts only if a key the user trusts signed it**; anyone
+else's record is shown as inert text and images.
 
-What is signed — one signature per record, over one message
-(:func:`signed_bytes`), the canonical JSON (:func:`canonical.canonical_bytes`)
-of:
+What is signed — one message per record (:func:`signed_bytes`), the
+canonical JSON (:func:`canonical.canonical_bytes`) of:
 
 * ``record``: everything ``transition_result`` holds, as parsed
   (:meth:`RunRecord.to_json`): outputs, names and their specs, the result
   value, fields of other versions — nothing in it is left unsigned;
 * ``blobs``: the digests of every blob it refers to (they are inside the
   specs too; naming them says that the bytes are covered, through their
-  digests, which every read checks: SHA-256 for pickle streams, which decide
-  what code runs, XXH3-128 for raw array buffers, never executed and fast
-  enough to check 200 MB in ~20 ms);
+  digests, which every read checks — all cryptographic: digests.py);
 * ``cell``: the ``ingest_src`` the record is filed under (the cell's scope
   and key).  **This binds a record to its cell**: a validly signed record
   copied under another cell's key does not check there, so whoever can
-  write the RSSD can't make one cell replay what another cell showed and
-  bound (say, a cell that binds ``model`` replaying a record that binds
-  ``threshold``).  The key is enough to bind: it is computed from the cell's
-  code, scope and inputs, the same everywhere the cell runs;
+  write the store can't make one cell replay what another cell showed and
+  bound.  The key is enough to bind: it is computed from the cell's code,
+  scope and inputs, the same everywhere the cell runs;
 * the form's version (``signed``) and the canonical encoding's
   (``canonical``), so a change of either can never alias an old signature.
 
-The **payload id** is the SHA-256 of that message; the HMAC-SHA256 of the id
-under the key is stored in ``rssd_magic_signature(payload_id, key_id,
-signature)``: one row per record and key, so a teammate's ``trust`` adds a
-row and never rewrites ours.  A replay computes the message from the record
-it read, looks up one row (its key's), and acts on the record only if the
-row is lowercase hex text equal to the HMAC (anything else in the row — a
-BLOB, non-ASCII text, a number — is "not signed").  The message differs in
-form from anything signed before whole-record signatures (each pickle spec
-alone, always with a ``kind`` field; the message has none), so an old
-signature never checks as a new one: old records replay untrusted until
-``%stateful trust`` re-signs them.
+The **payload id** is the SHA-256 of that message.  Each signature is one
+row ``rssd_magic_signature(payload_id, key_id, signature)``: one per record
+and key, so a teammate's ``trust`` adds a row and never rewrites ours.
+Who signs and whose rows count is the :class:`Signer` (keyring.py): the
+person's Ed25519 key (signing.py says the row's format), the keys of their
+trusted signers (signers.py), and a team's shared HMAC secret when one is
+configured.  A replay reads every row of the payload id in one query and
+acts on the record only if one checks under a trusted key
+(:class:`Verdict`); a row of any other shape is "not a signature".
 
 What is *not* covered: which record is the latest.  Whoever can write the
-RSSD can append an older signed record of the same cell, or delete rows; a
-signature says who wrote a record, not that it is the newest.
-
-The secret: ``StatefulMagics.secret`` / ``$RSSD_MAGIC_SECRET`` (a team key), or
-a random key created on first use in the Jupyter data directory, mode 0600.
+store can append an older signed record of the same cell, or delete rows;
+a signature says who wrote a record, not that it is the newest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import os
 import re
-import secrets
-from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any
-
-import xxhash
+from dataclasses import dataclass
+from typing import Any, Iterable, Protocol
 
 from .canonical import CANONICAL_VERSION, canonical_bytes
+# Re-exported: the blob readers and older callers import them from here.
+from .digests import IntegrityError, Verifier, buffer_digest, stream_digest, verify  # noqa: F401
 
 ENV_SECRET = "RSSD_MAGIC_SECRET"
 
 #: The form of the signed message; bumped whenever what is signed changes.
 SIGNED_FORM = "rssd_magic.record-signature.v2"
 
-
-class IntegrityError(Exception):
-    """A blob's bytes don't match the digest its payload names."""
-
-
-# -- digests of blobs -------------------------------------------------------------
-
-
-def stream_digest(data: Any) -> str:
-    """Digest of a pickle stream or any blob whose bytes get interpreted."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def buffer_digest(data: Any) -> str:
-    """Digest of raw data (out-of-band pickle buffers): fast, 128-bit."""
-    return "xxh3-128:" + xxhash.xxh3_128_hexdigest(data)
-
-
-class Verifier:
-    """Checks bytes against a digest as they are read, chunk by chunk (one
-    pass over a large blob instead of a second one after reading it)."""
-
-    def __init__(self, digest: str):
-        self.digest = digest
-        algo = digest.partition(":")[0] if isinstance(digest, str) else type(digest).__name__
-        if algo == "sha256":
-            self._hash = hashlib.sha256()
-        elif algo == "xxh3-128":
-            self._hash = xxhash.xxh3_128()
-        else:
-            raise IntegrityError(f"blob {str(digest)[:24]}…: unknown digest algorithm {algo!r}")
-        self._prefix = algo + ":"
-
-    def update(self, data: Any) -> None:
-        self._hash.update(data)
-
-    def check(self) -> None:
-        """Raise IntegrityError unless what was read has the digest."""
-        if not hmac.compare_digest(self._prefix + self._hash.hexdigest(), self.digest):
-            raise IntegrityError(
-                f"blob {self.digest[:24]}… does not match its digest (changed after it was written)"
-            )
-
-
-def verify(digest: str, data: Any) -> None:
-    """Raise IntegrityError unless *data* has *digest*."""
-    verifier = Verifier(digest)
-    verifier.update(data)
-    verifier.check()
-
-
-# -- keys -----------------------------------------------------------------------------
-
-
-def default_secret_path() -> Path:
-    from jupyter_core.paths import jupyter_data_dir
-
-    return Path(jupyter_data_dir()) / "rssd_magic" / "secret"
-
-
-#: A signature as we write it: HMAC-SHA256 as lowercase hex.
-_SIGNATURE = re.compile(r"[0-9a-f]{64}")
-
-
-class Signer:
-    """Signs and checks payload ids with one secret."""
-
-    def __init__(self, secret: bytes):
-        self._secret = secret
-        # Which key signed a row, without revealing the key.
-        self.key_id = hashlib.sha256(b"rssd_magic key id\0" + secret).hexdigest()[:16]
-        self._good: set[tuple[str, str]] = set()  # (payload id, signature) pairs checked good
-
-    @classmethod
-    def load(cls, configured: str | None = None, path: Path | None = None) -> "Signer":
-        """The configured team key, ``$RSSD_MAGIC_SECRET``, or the per-user
-        key file (created on first use, readable by its owner only)."""
-        team = configured or os.environ.get(ENV_SECRET)
-        if team:
-            return cls(team.encode("utf-8"))
-        path = path or default_secret_path()
-        try:
-            return cls(path.read_bytes().strip())
-        except FileNotFoundError:
-            pass
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_hex(32).encode("ascii")
-        # O_EXCL: two kernels starting at once must not each write a key.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls(path.read_bytes().strip())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key + b"\n")
-        return cls(key)
-
-    def sign(self, pid: str) -> str:
-        return hmac.new(self._secret, pid.encode("ascii"), hashlib.sha256).hexdigest()
-
-    def check(self, pid: str, signature: Any) -> bool:
-        """True when *signature* (a row another tool may have written: any
-        type) is this key's signature of *pid*.  A pair found good is
-        remembered: a notebook replays the same records again and again, and
-        the HMAC was a third of a replay's own cost."""
-        if (pid, signature) in self._good:
-            return True
-        good = (
-            isinstance(signature, str)
-            and signature.isascii()  # compare_digest refuses non-ASCII text
-            and _SIGNATURE.fullmatch(signature) is not None
-            and hmac.compare_digest(self.sign(pid), signature)
-        )
-        if good:
-            if len(self._good) >= 4096:
-                self._good.clear()
-            self._good.add((pid, signature))
-        return good
+Row = tuple[str, str, str]
 
 
 # -- records --------------------------------------------------------------------------
@@ -212,28 +84,55 @@ def payload_id(message: bytes) -> str:
     return hashlib.sha256(message).hexdigest()
 
 
-def sign_message(signer: Signer, message: bytes) -> tuple[str, str, str]:
-    """The ``(payload_id, key_id, signature)`` row that signs *message*."""
-    pid = payload_id(message)
-    return pid, signer.key_id, signer.sign(pid)
+@dataclass(frozen=True)
+class Verdict:
+    """What the signature rows of one payload say.
+
+    ``trusted``: a row checked under a key the user trusts.  ``label`` names
+    the signer for people: ``you``, a trusted signer's name, ``the team
+    key``; for an untrusted record the fingerprint of a key that really
+    signed it, or ``unsigned``.  ``key_id`` is that key's id (None when no
+    row checked under any key); ``why`` says in a few words why an
+    untrusted record is not trusted.
+    """
+
+    trusted: bool
+    label: str
+    key_id: str | None = None
+    why: str | None = None
+
+    @property
+    def mine(self) -> bool:
+        return self.trusted and self.label == "you"
 
 
-Lookup = Callable[[str, list[str]], dict]
+class Signer(Protocol):
+    """Signs what this kernel records and judges what it replays
+    (keyring.Keyring)."""
 
+    key_id: str
+    #: Bumped whenever the set of trusted keys changes (a revocation).
+    generation: int
 
-def unsigned_because(signer: Signer, pid: str, lookup: Lookup) -> str | None:
-    """None when *signer*'s key signed the payload *pid*, else why not, in a
-    few words.  *lookup(key_id, payload_ids)* is the store's one signature
-    query."""
-    stored = lookup(signer.key_id, [pid])
-    signature = stored.get(pid) if isinstance(stored, dict) else None
-    if signature is None:
-        return "not signed by your key"
-    if signer.check(pid, signature):
-        return None
-    if not (isinstance(signature, str) and signature.isascii() and _SIGNATURE.fullmatch(signature)):
-        return "its signature row is not a signature (not 64 hex digits)"
-    return "its signature does not match (changed after it was signed)"
+    def sign(self, message: bytes) -> list[Row]:
+        """The rows that sign *message* (the person's key, and the team key
+        when one is configured)."""
+
+    def sign_own(self, message: bytes) -> Row:
+        """The row of the person's own key for *message* (``trust``)."""
+
+    def refresh(self) -> None:
+        """Look again at what decides trust (the signers file): at most one
+        ``stat`` per call."""
+
+    def judge(self, pid: str, rows: Any) -> Verdict:
+        """The verdict of *rows* (``{key_id: signature}`` as stored) on *pid*."""
+
+    def signed_by(self, pid: str, rows: Any, key_id: str) -> bool:
+        """Did the key *key_id* sign *pid*, trusted here or not?"""
+
+    def resolve(self, what: str) -> list[str]:
+        """The key ids ``--signer WHAT`` names (a signer's name or a fingerprint)."""
 
 
 # -- what an unsigned record may show ---------------------------------------------------

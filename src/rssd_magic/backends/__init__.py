@@ -78,6 +78,22 @@ def redact(location: str) -> str:
     return urlunsplit(parts)
 
 
+#: A URL inside free text (an option line, a message, an argv entry).
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+#: libpq's keyword form (``host=db password=s3cret``), anywhere in text.
+_PASSWORD_WORD = re.compile(r"(?i)\b(password\s*=\s*)('[^']*'|\"[^\"]*\"|[^\s&'\"]+)")
+
+
+def redact_text(text: str) -> str:
+    """*text* with the password of every URL in it removed (see
+    :func:`redact`), and of every ``password=…`` keyword: what is stored
+    (an option line, a session's argv) and shown never carries one."""
+    if "://" not in text and "password" not in text.lower():
+        return text
+    text = _URL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    return _PASSWORD_WORD.sub(lambda m: m.group(1) + "***", text)
+
+
 def backend_class(location: str) -> type:
     """The backend class for *location* (StoreError when none can serve it)."""
     scheme = scheme_of(location)
@@ -112,6 +128,7 @@ __all__ = [
     "backend_class",
     "open_backend",
     "redact",
+    "redact_text",
     "resolve_location",
     "scheme_of",
 ]

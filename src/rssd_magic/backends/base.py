@@ -476,8 +476,11 @@ class StateBackend(Protocol):
 
     # -- signatures -------------------------------------------------------------
 
-    def signatures(self, key_id: str, payload_ids: Iterable[str]) -> dict[str, str]:
-        """``{payload_id: signature}`` made by *key_id* (missing ones absent)."""
+    def signatures(self, payload_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        """Every key's signature row of *payload_ids*, in one query:
+        ``{payload_id: {key_id: signature}}`` (payloads without a row absent;
+        rows whose key id or signature is not text left out).  A replay asks
+        for one payload; ``trust`` for all it considers."""
 
     def add_signatures(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Record ``(payload_id, key_id, signature)`` rows (idempotent)."""

@@ -476,15 +476,18 @@ class PostgresBackend:
 
     # -- signatures ----------------------------------------------------------------------
 
-    def signatures(self, key_id: str, payload_ids: Iterable[str]) -> dict[str, str]:
-        ids = list(payload_ids)
+    def signatures(self, payload_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        ids = list(dict.fromkeys(payload_ids))
         if not ids:
             return {}
         found = self._read(
-            "SELECT payload_id, signature FROM {rssd_magic_signature} WHERE key_id = %s AND payload_id = ANY(%s)",
-            (key_id, ids),
+            "SELECT payload_id, key_id, signature FROM {rssd_magic_signature} WHERE payload_id = ANY(%s)", (ids,)
         )
-        return {pid: sig for pid, sig in found if isinstance(sig, str)}
+        out: dict[str, dict[str, str]] = {}
+        for pid, key_id, sig in found:
+            if isinstance(key_id, str) and isinstance(sig, str):
+                out.setdefault(pid, {})[key_id] = sig
+        return out
 
     def add_signatures(self, signed: Iterable[tuple[str, str, str]]) -> None:
         self._writable()

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
 
+from ..digests import KNOWN
 from ..trust import IntegrityError, Verifier
 from .base import Blob, StoreError
 from .postgres_conn import Sql, cause
@@ -115,7 +116,7 @@ class LocalCache:
         """Where *digest* is kept; None for a digest that is not a plain
         algorithm and hex (it names a file: nothing else may get in)."""
         algo, _, hexd = digest.partition(":")
-        if algo not in ("sha256", "xxh3-128") or len(hexd) < 16 or not set(hexd) <= _HEX:
+        if algo not in KNOWN or len(hexd) < 16 or not set(hexd) <= _HEX:
             return None
         return self.root / algo / hexd[:2] / hexd
 

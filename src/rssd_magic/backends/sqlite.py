@@ -432,16 +432,20 @@ class SqliteBackend:
     # -- signatures ----------------------------------------------------------------------
 
     @operation
-    def signatures(self, key_id: str, payload_ids: Iterable[str]) -> dict[str, str]:
-        ids = list(payload_ids)
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        rows = self.db.conn.execute(
-            f"SELECT payload_id, signature FROM rssd_magic_signature WHERE key_id = ? AND payload_id IN ({marks})",
-            (key_id, *ids),
-        )
-        return {pid: sig for pid, sig in rows.fetchall() if isinstance(sig, str)}
+    def signatures(self, payload_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        ids = list(dict.fromkeys(payload_ids))
+        out: dict[str, dict[str, str]] = {}
+        for at in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+            part = ids[at : at + 500]
+            rows = self.db.conn.execute(
+                "SELECT payload_id, key_id, signature FROM rssd_magic_signature "
+                f"WHERE payload_id IN ({','.join('?' * len(part))})",
+                part,
+            )
+            for pid, key_id, sig in rows.fetchall():
+                if isinstance(key_id, str) and isinstance(sig, str):
+                    out.setdefault(pid, {})[key_id] = sig
+        return out
 
     def add_signatures(self, rows: Iterable[tuple[str, str, str]]) -> None:
         with self._write() as c:

@@ -42,6 +42,9 @@ from .base import Blob
 #: Blobs are read back in slices of this size, into one preallocated buffer:
 #: large enough to amortise the call, small enough to stay in L2.
 READ_CHUNK = 256 << 10
+#: Bytes read are handed to the digest check in slices of this size: few
+#: enough hand-offs to its thread, small enough to keep both cores busy.
+HASH_SPAN = 8 << 20
 #: Blobs from this size up are read into huge-page mappings (see get).
 HUGE_BUFFER = 4 << 20
 #: Bytes per chunk row of a large blob, and per staging transaction (so the
@@ -395,17 +398,22 @@ def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[s
     view = memoryview(out)
     verifier = Verifier(digest)
     unmap = _unmapper(conn) if size > UNMAP_ABOVE and len(pieces) > 1 else None
-    at = 0
+    at = hashed = 0
     try:
         for table, rowid, length in pieces:
             with conn.blobopen(table, "data", rowid, readonly=True) as blob:
                 for _ in range(0, length, READ_CHUNK):
                     chunk = blob.read(READ_CHUNK)
-                    verifier.update(chunk)
                     view[at : at + len(chunk)] = chunk
                     at += len(chunk)
+                    if at - hashed >= HASH_SPAN:
+                        # What landed is checked in large slices, on a second
+                        # core while the next ones are read (trust.Verifier).
+                        verifier.update(view[hashed:at])
+                        hashed = at
             if unmap is not None:
                 unmap()
+        verifier.update(view[hashed:at])
     finally:
         view.release()
     verifier.check()

@@ -5,7 +5,7 @@ the cell reads to make the inputs dict of a run::
 
     {"names":    {"df": {"digest": "3f2a…", "hint": "1000×3 DataFrame"}, …},
      "files":    {"data/x.csv": "81b0…", "data/*.json": None},   # None: no match
-     "env":      {"API_URL": "<sha256 of the value>", "DEBUG": None},
+     "env":      {"API_URL": "scrypt:<digest of the value>", "DEBUG": None},
      "packages": {"pandas": "2.2.1", "missing-pkg": None}}
 
 It is stored in the RSSD beside the run, so a later run can say what changed.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from functools import lru_cache
 from typing import Any, Iterable, Mapping
 
 from .fingerprint import fingerprint_names
@@ -57,19 +58,33 @@ def file_deps(patterns: Iterable[str]) -> dict[str, str | None]:
     return out
 
 
+#: What stretches an environment variable's value before it is stored:
+#: scrypt (~50 ms and 16 MB per try) under a fixed salt and the variable's
+#: name.  Fixed, so equal values give equal digests on every machine (a
+#: cell keyed on them replays on a teammate's); slow, so whoever reads the
+#: store can't test guesses at a token at the speed of SHA-256.
+ENV_KDF = {"n": 2**14, "r": 8, "p": 1}
+ENV_SALT = b"rssd_magic --deps-env v1\0"
+
+
+@lru_cache(maxsize=256)
+def _env_digest(name: str, value: str) -> str:
+    """One variable's stored digest, computed once per process and value."""
+    data = value.encode("utf-8", "surrogateescape")
+    return "scrypt:" + hashlib.scrypt(data, salt=ENV_SALT + name.encode("utf-8", "surrogateescape"), dklen=32, **ENV_KDF).hex()
+
+
 def env_deps(names: Iterable[str]) -> dict[str, str | None]:
     """``{VAR: digest of its value or None if unset}``.
 
-    Values are stored only as SHA-256 digests: environment variables hold
-    tokens and passwords, and the inputs dict is written to a shared file.
+    Values are stored only as slow, salted digests (:data:`ENV_KDF`):
+    environment variables hold tokens and passwords, and the inputs dict is
+    written to a shared store.  A notebook pays for each value once.
     """
     out: dict[str, str | None] = {}
     for name in names:
         value = os.environ.get(name)
-        if value is None:
-            out[name] = None
-        else:
-            out[name] = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+        out[name] = None if value is None else _env_digest(name, value)
     return out
 
 

@@ -25,7 +25,7 @@ import math
 from typing import Any, Callable
 
 from ..canonical import canonical
-from ..serialize import Blob, Codec, dump_value, load_names, register, spec_blobs
+from ..serialize import Blob, Codec, NotRestored, check_digests, dump_value, load_names, register, spec_blobs
 from ..trust import stream_digest
 
 #: Frames with at most this many cells (rows × columns) may be kept as JSON…
@@ -280,7 +280,7 @@ def _dump_arrow(df: Any, cols: tuple[list, str]) -> tuple[dict, list[Blob]] | No
     ):
         return None
     spec["format"], data = _table_blob(table)
-    # SHA-256 (not the fast raw-buffer hash): these bytes get parsed.
+    # A stream's digest (BLAKE3; SHA-256 in older records): these bytes get parsed.
     digest = stream_digest(data)
     spec["blob"] = digest
     spec["size"] = data.size
@@ -364,6 +364,10 @@ def load_frame(spec: dict, get_blob: Callable[[str], Any], trusted: bool = False
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        try:
+            check_digests([spec.get("blob")])
+        except NotRestored as exc:
+            raise ValueError(f"the result table {exc.why}") from None
         source = pa.BufferReader(pa.py_buffer(get_blob(spec["blob"])))
         table = pq.read_table(source) if fmt == "parquet" else pa.ipc.open_file(source).read_all()
         return _arrow_to_frame(table, spec)
