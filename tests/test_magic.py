@@ -6,6 +6,7 @@ import pytest
 
 import json
 import re
+import socket
 import sqlite3
 
 import nbformat
@@ -60,7 +61,32 @@ def test_first_run_executes_and_second_replays_everything(kernel):
     assert "84" in second.stdout  # the replayed result is shown as Out[n]
     assert kernel.shell.user_ns["answer"] == 42
     (banner,) = second.banner
-    assert re.search(r"replayed [0-9a-f]{12}: executed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC on \S+ in", banner.data["text/plain"])
+    assert re.search(
+        r"replayed [0-9a-f]{12} from resource-surveillance\.sqlite\.db: executed \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
+        r"on \S+ in [^;]+$",
+        banner.data["text/plain"],
+    ), "names its store; no signer when it is you"
+    assert f'title="{kernel.db}"' in banner.data["text/html"]
+
+
+def test_the_banner_carries_a_bundle_frontends_can_read_that_does_not_churn(kernel):
+    cell = "%%stateful --name fit --scope models\nweights = [1, 2]\n"
+    kernel.ok(cell)
+    kernel.restart()
+    bundles = []
+    for _ in range(2):
+        (banner,) = kernel.ok(cell).banner
+        bundles.append(banner.data["application/vnd.rssd-magic.replay+json"])
+    assert bundles[0] == bundles[1], "nothing that changes from one replay to the next"
+    bundle = bundles[0]
+    (key,) = kernel.rows("SELECT json_extract(elaboration, '$.key') FROM orchestration_session_entry")[0]
+    (at,) = kernel.rows("SELECT transitioned_at FROM orchestration_session_state WHERE to_state = 'EXECUTED'")[0]
+    assert bundle == {
+        "key": key, "store": str(kernel.db), "state": "EXECUTED", "state_id": bundle["state_id"],
+        "executed_at": at.replace(" ", "T") + "Z", "host": socket.gethostname(), "duration_s": bundle["duration_s"],
+        "scope": "models", "name": "fit", "signer": "you", "signed_by_you": True,
+    }  # fmt: skip
+    assert isinstance(bundle["duration_s"], float) and len(bundle["state_id"]) == 26
 
 
 def test_recorded_outputs_are_valid_nbformat_in_order(kernel):

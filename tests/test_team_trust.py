@@ -84,7 +84,11 @@ def test_three_people_on_one_store(kernel, become, store):
     assert added.exit_code == 0 and "trusted alice@team (SHA256:" in added.output
     ran = kernel.ok(CELL)
     assert ran.stderr == "" and kernel.shell.user_ns["secret_sauce"] == {"a": 2, "b": 1}
-    assert "signed by alice@team" in ran.banner[0].data["text/plain"], "the banner names a signer who isn't you"
+    banner = ran.banner[0].data
+    assert "signed by alice@team" in banner["text/plain"], "the banner names a signer who isn't you"
+    assert f" from {os.path.basename(store) if store == str(kernel.db) else store[:60]}" in banner["text/plain"]
+    bundle = banner["application/vnd.rssd-magic.replay+json"]
+    assert (bundle["signer"], bundle["signed_by_you"], bundle["store"]) == ("alice@team", False, store)
     clear(kernel.shell.user_ns)
     kernel.ok(CELL)  # the good verdict, cached
     assert kernel.shell.user_ns["plain"] == 5

@@ -26,6 +26,7 @@ change (a revocation), every cached verdict is dropped (keyring.py).
 from __future__ import annotations
 
 import html
+import os
 import shlex
 from typing import Any, Callable
 
@@ -102,9 +103,7 @@ class Replayer:
             if name in allowed and not is_shell_name(name):
                 ns.pop(name, None)
         if not quiet:
-            self._banner(f"replayed {key.digest[:12]}: executed {done.transitioned_at} UTC "
-                         f"on {_printable(record.host or '?')} in {fmt_duration(record.duration_s or 0.0)}",
-                         None if verdict.mine else verdict.label)  # fmt: skip
+            self._banner(backend, key, done, record, verdict)
         if key.kind == "name" and record.code_hash not in (None, key.code_hash):
             port.note(
                 f"[stateful] the code of --name {key.name} changed since it ran; "
@@ -204,19 +203,58 @@ class Replayer:
         )
         replay(shown, self.port.shell)
 
-    def _banner(self, text: str, signer: str | None = None) -> None:
+    def _banner(self, backend: StateBackend, key: CellKey, done: Transition, record: RunRecord, verdict: Verdict) -> None:
         """The replay banner: a display of its own (never merged into the
-        cell's stderr), tagged in metadata so tools can tell it apart.  It
-        names the *signer* when it isn't you."""
-        if signer is not None:
-            text += f"; signed by {_printable(signer)}"
+        cell's stderr), tagged ``{"rssd_magic": {"banner": true}}`` in its
+        metadata so tools can tell it apart.  It says which store the record
+        came from (a run from the wrong folder shows), when, where and how
+        long it ran, and who signed it when that isn't you; and carries the
+        same as ``application/vnd.rssd-magic.replay+json`` for frontends —
+        nothing that changes from one replay to the next, so a saved
+        notebook does not churn."""
+        store = redact(backend.location)
+        short = os.path.basename(store) if backend.scheme == "file" else store
+        host = record.host if isinstance(record.host, str) else None
+        duration = record.duration_s if isinstance(record.duration_s, (int, float)) else None
+        signer = None if verdict.mine else verdict.label
+        text = (
+            f"replayed {key.digest[:12]} from {_printable(short, 80)}: executed {done.transitioned_at} UTC "
+            f"on {_printable(host or '?')} in {fmt_duration(duration or 0.0)}"
+            + (f"; signed by {_printable(signer)}" if signer is not None else "")
+        )
+        bundle = {
+            "key": key.digest,
+            "store": store,
+            "state": done.to_state,
+            "state_id": done.state_id,
+            "executed_at": utc_iso(done.transitioned_at),
+            "host": host,
+            "duration_s": duration,
+            "scope": key.scope,
+            "name": key.name,
+            "signer": verdict.label,
+            "signed_by_you": verdict.mine,
+        }
         self.port.publish(
             {
                 "text/plain": f"[stateful] {text}",
-                "text/html": f'<small style="opacity:.6">&#8635; stateful: {html.escape(text)}</small>',
+                "text/html": f'<small style="opacity:.6" title="{html.escape(store, quote=True)}">'
+                f"&#8635; stateful: {html.escape(text)}</small>",
+                REPLAY_MIME: bundle,
             },
             {"rssd_magic": {"banner": True}},
         )
+
+
+#: The banner's machine-readable part, for frontend extensions.
+REPLAY_MIME = "application/vnd.rssd-magic.replay+json"
+
+
+def utc_iso(stored: str | None) -> str | None:
+    """``2026-12-07T02:39:28Z`` from the store's ``2026-12-07 02:39:28`` (UTC)."""
+    if not isinstance(stored, str) or len(stored) != 19 or stored[10] != " ":
+        return stored if isinstance(stored, str) else None
+    return stored.replace(" ", "T") + "Z"
 
 
 def _trusted(name: str) -> bool:

@@ -366,6 +366,8 @@ class Renewer(Protocol):
 class StateBackend(Protocol):
     """An opened state store.  One instance per kernel and location."""
 
+    #: ``file`` or the URL scheme the backend serves (``postgresql``).
+    scheme: str
     #: What messages name: the file path, or the URL without its password.
     location: str
     #: This host's name (for records and messages only).
