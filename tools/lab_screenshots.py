@@ -31,6 +31,8 @@ CELLS = [
     "%load_ext rssd_magic",
     "%%stateful\nimport pandas as pd\nprint('training…')\nscores = pd.DataFrame({'model': ['a', 'b'], 'score': [0.91, 0.93]})\nscores",
     "%%stateful --name load_once\nrows = 1234\nprint(f'loaded {rows} rows')",
+    "results = []",
+    "%%stateful\nresults.append(0.93)\nprint('appended')",
     "%stateful list",
 ]
 THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
@@ -56,6 +58,7 @@ def start_lab(root: Path, theme: str) -> tuple[subprocess.Popen, str]:
     settings = root / ".lab-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True, exist_ok=True)
     (settings / "themes.jupyterlab-settings").write_text(json.dumps({"theme": theme}))
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
     port = free_port()
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(root / ".lab-settings")}
     lab = subprocess.Popen(
