@@ -30,7 +30,7 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 ENGINE = [
     "acquire", "bindable", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
-    "runs", "replaying", "earlier",
+    "runs", "replaying", "earlier", "recorder",
     "digests", "keyfiles", "signing", "signers", "keyring", "trusting",
     "backends", "backends.base",
     "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports", "backends.sqlite_sessions",

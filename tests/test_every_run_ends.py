@@ -91,6 +91,7 @@ def test_ctrl_c_while_a_large_result_is_recorded_ends_the_run_interrupted(kernel
     monkeypatch.delenv("SIGINT_AFTER_BODY")
     kernel.ok("big = None")
     kernel.ok(cell)
+    kernel.magics.runner.settle()  # its record is written while the notebook goes on
     assert kernel.states()[-2:] == [("INTERRUPTED", "RUNNING"), ("RUNNING", "EXECUTED")]
     assert counter(kernel.workdir / "side.log") == 2
     kernel.ok("big = None")

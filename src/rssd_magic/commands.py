@@ -39,6 +39,9 @@ def run_command(magics: Any, line: str) -> Any:
     if not [a for a in argv if not a.startswith("-")]:
         raise UsageError(f"%stateful needs a command:\n{USAGE}")
     args = parse(_line_parser(), "%stateful", argv)
+    # What a command reads, counts or collects includes the records still
+    # being written in the background.
+    magics.runner.settle()
     try:
         # Never creates a store: a typo in --db is an error, not a new file.
         backend = magics.runner.backend(args.db, create=False)

@@ -1,6 +1,7 @@
-"""Two hooks the extension installs in the shell (IPython adapter): DuckDB
-lock conflicts shown as one line naming the holder, and hit counts and
-sessions written when the kernel is stopped with SIGTERM."""
+"""Hooks the extension installs in the shell (IPython adapter): DuckDB lock
+conflicts shown as one line naming the holder; hit counts and sessions
+written when the kernel is stopped with SIGTERM; and, before every cell,
+how the records written in the background since the last one ended."""
 
 from __future__ import annotations
 
@@ -63,3 +64,20 @@ def close_on_sigterm(magics: Any) -> None:
 
     on_sigterm._rssd_magic_before = before  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def report_records_before_each_cell(shell) -> None:
+    """Before every cell (a ``%%stateful`` one or not), say how the records
+    written in the background since the last cell ended: a failed write
+    is said at the next cell, whatever it is."""
+
+    def report(*_args) -> None:
+        magics = shell.magics_manager.registry.get("StatefulMagics")  # the loaded one, after any reload
+        if magics is not None:
+            magics.runner.report_finished_records()
+
+    report.__name__ = "rssd_magic_report_records"
+    for hook in list(shell.events.callbacks["pre_run_cell"]):
+        if getattr(hook, "__name__", "") == "rssd_magic_report_records":
+            shell.events.unregister("pre_run_cell", hook)
+    shell.events.register("pre_run_cell", report)

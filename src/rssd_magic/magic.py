@@ -28,7 +28,7 @@ from .backends import DEFAULT_RSSD, ENV_RSSD, redact_text
 from .body import BodyRunner, route_awaiting_cells, unroute
 from .claims import DEFAULT_LEASE_S
 from .commands import parse, run_command, split
-from .hooks import close_on_sigterm, watch_for_duckdb
+from .hooks import close_on_sigterm, report_records_before_each_cell, watch_for_duckdb
 from .runner import (
     CellOptions,
     CellRunner,
@@ -362,6 +362,7 @@ def load(ipython) -> None:
     ipython.input_transformers_cleanup.append(route_awaiting_cells(ipython))
     watch_for_duckdb(ipython)
     close_on_sigterm(ipython.magics_manager.registry["StatefulMagics"])
+    report_records_before_each_cell(ipython)
 
 
 def unload(ipython) -> None:

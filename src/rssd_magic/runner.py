@@ -43,6 +43,7 @@ from .earlier import EarlierKeys
 from .keys import cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
 from .record import RecordError
+from .recorder import Recorder, background_ok
 from .replaying import Replayer
 from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError, for_display
 from .trust import Signer
@@ -129,6 +130,7 @@ class CellRunner:
         self._unended: list[Run] = []
         self.replayer = Replayer(port, config)
         self.earlier = EarlierKeys(port)
+        self.recorder = Recorder(port.say)
 
     # -- stores ------------------------------------------------------------------
 
@@ -174,8 +176,28 @@ class CellRunner:
                 still.append(run)
         self._unended = still
 
+    def settle(self, why: str = "") -> None:
+        """Wait for the records being written in the background, and take
+        in how they ended (notes said, failures kept, ends to retry)."""
+        self.recorder.wait(why=why)
+        self.report_finished_records()
+
+    def report_finished_records(self) -> None:
+        """Say how the records written in the background since last asked
+        ended, keep the failures (the session ends failed) and the ends still
+        to write (retried before the next cell)."""
+        for run, notes in self.recorder.finished():
+            for line in notes:
+                self.port.note(line)
+            if run.ended != EXECUTED:
+                self._failed.add(id(run.backend))
+            if run.pending is not None:
+                self._unended.append(run)
+
     def close(self) -> None:
-        """Stop heartbeats and close every store (sessions marked finished)."""
+        """Stop heartbeats and close every store (sessions marked finished),
+        once the records being written in the background have landed."""
+        self.settle(" before this kernel closes its stores")
         self._retry_ends()
         for beat in self._beats.values():
             beat.stop()
@@ -223,6 +245,7 @@ class CellRunner:
         gave; its return value is what the cell shows as its result.  One
         engine, two drivers: :meth:`run` executes the body synchronously,
         :meth:`run_async` awaits it.  A replay yields nothing."""
+        self.report_finished_records()  # how records written in the background ended, said here
         if self._unended:
             self._retry_ends()
         python = None
@@ -252,6 +275,9 @@ class CellRunner:
                 inputs = self._inputs(python, opts, cell)
             key = cell_key(cell, scope, opts.name, inputs=inputs_digest(inputs), strict=opts.strict)
         quiet = opts.quiet or self.config.quiet
+        # This cell's record from its last run in this kernel may still be
+        # being written: what it is decides what happens now.
+        self.recorder.wait(key.ingest_src, " (this cell's, from its run a moment ago)")
         # The hot path is this one indexed read, then a replay: no write.
         latest = backend.latest(key)
         if latest is None:
@@ -313,6 +339,12 @@ class CellRunner:
             self.port, self.config, backend, key, outcome.running, outcome.claim.token, inputs,
             source=cell, options=opts.line, nature="sql-cell" if sql_cell is not None else "python-cell",
         )  # fmt: skip
+        if background_ok(backend):
+            # A large record is written while the notebook goes on; its claim
+            # beats until it lands (released by the writing thread).
+            run.later = lambda r, record, blobs: self.recorder.take(
+                r, record, blobs, on_done=lambda done: beat.release(done.running.state_id)
+            )
         try:
             if sql_cell is not None:
                 return run.sql(sql_cell)
@@ -320,11 +352,12 @@ class CellRunner:
         finally:
             # On every path out, even when the end could not be recorded:
             # a claim that stops beating is taken over once its lease lapses.
-            beat.release(outcome.running.state_id)
-            if run.ended != EXECUTED:
-                self._failed.add(id(backend))
-            if run.pending is not None:
-                self._unended.append(run)
+            if not run.deferred:
+                beat.release(outcome.running.state_id)
+                if run.ended != EXECUTED:
+                    self._failed.add(id(backend))
+                if run.pending is not None:
+                    self._unended.append(run)
 
     def scope(self, explicit: str | None, backend: StateBackend) -> str:
         """--scope, else the default scope (``StatefulMagics.default_scope``):

@@ -35,7 +35,7 @@ from .keys import CellKey
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
 from .deps import analyse_cell, changes, is_shell_name, names_bound, snapshot
 from .record import RunRecord
-from .serialize import dump_names, dump_value
+from .serialize import dump_names, dump_value, resolve_pending
 
 @dataclass
 class Executed:
@@ -90,6 +90,14 @@ class Run:
     ended: str | None = None
     #: A small end that could not be written yet: (state, record, reason, exec row).
     pending: tuple | None = None
+    #: Hands a finished run's record to the background (recorder.py): called
+    #: with (run, record, blobs, signatures); True when it took it.
+    later: Callable[..., bool] | None = None
+    #: True once the record is being written in the background.
+    deferred: bool = False
+    #: Where notes go while another thread ends the run (said later by the
+    #: kernel); None: said at once.
+    notes: list | None = None
 
     def record(self, **fields: Any) -> RunRecord:
         """A record with what every run has (and ``inputs`` when the key
@@ -137,7 +145,10 @@ class Run:
         # Deleted: gone now, there before.  The code's deletes include
         # ``except … as e`` names and a ``del`` that may not have run.
         deleted = [n for n in analyse_cell(python).deletes if n in before and n not in ns and not is_shell_name(n)]
-        specs, blobs = dump_names(ns, names + changed)
+        # Large buffers are hashed later, from their snapshot, when the
+        # record may be written in the background (recorder.py).
+        defer = DEFER_HASH_MIN if self.later is not None else None
+        specs, blobs = dump_names(ns, names + changed, defer)
         record = self.record(outputs=rec.finish(), names=specs, changed=changed, deleted=deleted)
         if changed:
             self.port.say(f"[stateful] also recorded: {', '.join(changed)} (changed in place)")
@@ -148,7 +159,7 @@ class Run:
             )
         if any(o["output_type"] == "execute_result" for o in record.outputs):
             # Kept so a replay binds _ / Out[n] to the value, not a stand-in.
-            record.result_value, value_blobs = dump_value(executed.result)
+            record.result_value, value_blobs = dump_value(executed.result, defer)
             blobs += value_blobs
         bad = {n: s["error"] for n, s in specs.items() if s["kind"] == "unserializable"}
         if bad:
@@ -201,16 +212,35 @@ class Run:
         time rather than leaving a claim behind."""
         try:
             record, blobs = payload()
-            # One signature over the whole record, bound to this cell's key:
-            # what a replay checks before anything of it acts (trust.py).
-            signatures = [row for p in record.payloads_to_sign(self.key.ingest_src) for row in self.config.signer.sign(p)]
+            if self.later is not None and self.later(self, record, blobs):
+                self.deferred = True  # written while the notebook goes on
+                return
+            blobs, signatures = self.seal(record, blobs)
         except KeyboardInterrupt as exc:
             self.end(INTERRUPTED, self.record(error=_error(exc, None)), "interrupted while recording")
             raise
         except Exception as exc:  # noqa: BLE001 - anything a value's pickling may raise
             self.end_unrecorded(exc)
             return
-        self.end(EXECUTED, record, "completed", blobs, signatures)
+        self.end_executed(record, blobs, signatures)
+
+    def seal(self, record: RunRecord, blobs: list) -> tuple[list, list]:
+        """The digests of blobs not hashed yet, and the record's signature
+        rows: one signature over the whole record, bound to this cell's key,
+        what a replay checks before anything of it acts (trust.py)."""
+        blobs = resolve_pending(list(record.specs().values()), blobs)
+        signatures = [row for p in record.payloads_to_sign(self.key.ingest_src) for row in self.config.signer.sign(p)]
+        return blobs, signatures
+
+    def end_executed(self, record: RunRecord, blobs: list, signatures: list) -> bool:
+        """Record the run EXECUTED (see :meth:`end`)."""
+        return self.end(EXECUTED, record, "completed", blobs, signatures)
+
+    def _note(self, text: str) -> None:
+        if self.notes is not None:
+            self.notes.append(text)
+        else:
+            self.port.note(text)
 
     def exec_row(self, to_state: str, record: RunRecord) -> ExecRow:
         """surveilr's view of this run (``orchestration_session_exec``)."""
@@ -239,7 +269,7 @@ class Run:
             self.ended = to_state
             return True
         except Fenced as exc:
-            self.port.note(f"[stateful] this run was taken over by {exc.by}; its result was not recorded")
+            self._note(f"[stateful] this run was taken over by {exc.by}; its result was not recorded")
             return False
         except BaseException as exc:  # noqa: BLE001 - the record failed, whatever the cause
             self.end_unrecorded(exc)
@@ -263,9 +293,9 @@ class Run:
             self.retry_end()
         except BaseException as second:  # noqa: BLE001 - kept pending; only Ctrl-C goes on
             again = second if isinstance(second, KeyboardInterrupt) else None
-        self.port.note(
-            f"[stateful] {redact(self.backend.location)}: the run could not be recorded ({_one_line(exc)}); "
-            "it will run again next time"
+        self._note(
+            f"[stateful] {redact(self.backend.location)}: the run of cell {self.key.digest[:12]} could not be "
+            f"recorded ({_one_line(exc)}); it will run again next time"
         )
         if interrupted:
             raise exc
@@ -292,6 +322,10 @@ def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:299] + "…"
 
+
+#: Buffers this large are hashed from their snapshot when the record may be
+#: written in the background, not on the user's time.
+DEFER_HASH_MIN = 1 << 20
 
 #: How much of a run's text output and error surveilr's exec row keeps.
 EXEC_TEXT_MAX = 4096

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import math
 import pickle
 import types
@@ -126,8 +127,19 @@ def _is_closed_file(value: Any) -> bool:
     return isinstance(value, io.IOBase) and value.closed
 
 
-def dump_value(value: Any) -> tuple[dict, list[Blob]]:
-    """Spec and blobs for one value.  Never raises: failures become specs."""
+#: A buffer's digest not computed yet (:func:`dump_value` with *defer*):
+#: ``pending:<n>`` until :func:`resolve_pending` hashes what was kept of it.
+PENDING = "pending:"
+_pending = itertools.count()
+
+
+def dump_value(value: Any, defer: int | None = None) -> tuple[dict, list[Blob]]:
+    """Spec and blobs for one value.  Never raises: failures become specs.
+
+    With *defer*, pickle streams and out-of-band buffers of at least that
+    many bytes are named ``pending:<n>`` instead of hashed: the caller
+    snapshots them and hashes the snapshot later, off the user's time
+    (:func:`resolve_pending`)."""
     if _is_inline(value):
         return {"kind": "json", "value": value}, []
     if isinstance(value, types.ModuleType):
@@ -147,11 +159,12 @@ def dump_value(value: Any) -> tuple[dict, list[Blob]]:
     blobs: dict[str, Any] = {}
     refs = []
     for pickler, data, buffers in streams:
-        ref = {"pickler": pickler, "blob": stream_digest(data), "buffers": []}
+        digest = f"{PENDING}{next(_pending)}" if defer is not None and len(data) >= defer else stream_digest(data)
+        ref = {"pickler": pickler, "blob": digest, "buffers": []}
         blobs[ref["blob"]] = data
         for buf in buffers:
             raw = buf.raw()
-            digest = buffer_digest(raw)
+            digest = f"{PENDING}{next(_pending)}" if defer is not None and raw.nbytes >= defer else buffer_digest(raw)
             blobs[digest] = raw
             ref["buffers"].append(digest)
         refs.append(ref)
@@ -166,15 +179,47 @@ def dump_value(value: Any) -> tuple[dict, list[Blob]]:
     return spec, list(blobs.items())
 
 
-def dump_names(namespace: dict, names: list[str]) -> tuple[dict[str, dict], list[Blob]]:
-    """Specs for *names* of *namespace*, and all the blobs they need."""
+def dump_names(namespace: dict, names: list[str], defer: int | None = None) -> tuple[dict[str, dict], list[Blob]]:
+    """Specs for *names* of *namespace*, and all the blobs they need (see
+    :func:`dump_value` for *defer*)."""
     specs: dict[str, dict] = {}
     blobs: list[Blob] = []
     for name in names:
-        spec, value_blobs = dump_value(namespace[name])
+        spec, value_blobs = dump_value(namespace[name], defer)
         specs[name] = spec
         blobs.extend(value_blobs)
     return specs, blobs
+
+
+def resolve_pending(specs: list[dict], blobs: list[Blob]) -> list[Blob]:
+    """Hash the blobs named ``pending:<n>`` and put their digests in their
+    place, in *specs* (changed in place) and in the blob list returned."""
+    streams = set()
+
+    def streams_of(ref: Any) -> None:
+        if isinstance(ref, dict):
+            streams.add(ref.get("blob"))
+            streams_of(ref.get("by_reference"))
+
+    for spec in specs:
+        streams_of(spec)
+    found = {
+        d: (stream_digest if d in streams else buffer_digest)(data) for d, data in blobs if d.startswith(PENDING)
+    }
+    if not found:
+        return blobs
+
+    def fix(ref: Any) -> None:
+        if isinstance(ref, dict):
+            if isinstance(ref.get("blob"), str):
+                ref["blob"] = found.get(ref["blob"], ref["blob"])
+            if isinstance(ref.get("buffers"), list):
+                ref["buffers"] = [found.get(d, d) for d in ref["buffers"]]
+            fix(ref.get("by_reference"))
+
+    for spec in specs:
+        fix(spec)
+    return [(found.get(d, d), data) for d, data in blobs]
 
 
 def _rebound(func: types.FunctionType, namespace: dict) -> types.FunctionType:

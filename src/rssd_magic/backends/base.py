@@ -446,6 +446,11 @@ class StateBackend(Protocol):
     def renewer(self) -> Renewer:
         """A new heartbeat connection (used from another thread)."""
 
+    def writer(self) -> "StateBackend":
+        """A second instance of this store for this process's session, with
+        a connection of its own, for a thread that writes a run's record
+        while this one goes on (recorder.py).  Closing it ends no session."""
+
     def wait_for_change(self, timeout: float) -> None:
         """Sleep until another process may have ended a run (a backend that
         can be told, such as PostgreSQL's LISTEN/NOTIFY, wakes at once), or

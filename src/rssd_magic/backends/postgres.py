@@ -124,6 +124,7 @@ class PostgresBackend:
         self._closed = False
         self._down_since: float | None = None  # the current outage: first and last failure
         self._down_last = 0.0
+        self._owns_session = True  # False for a writer(): its session is another instance's
 
     # -- opening -----------------------------------------------------------------
 
@@ -268,12 +269,18 @@ class PostgresBackend:
         self._writable()
         return self._tx(lambda c, _r: rows.end_session(c, self.q, session_id, failed, reason))
 
+    def writer(self) -> "PostgresBackend":
+        other = PostgresBackend.open(self.url, busy_timeout_s=self.busy_timeout_s)
+        other.session_id = self.session_id
+        other._owns_session = False
+        return other
+
     def close(self, *, failed: bool = False) -> None:
         if self._closed:
             return
         try:
             # At exit a lost link is not reopened: the next kernel closes the session.
-            if self.session_id is not None and self.read_only is None and not lost(self.conn):
+            if self.session_id is not None and self._owns_session and self.read_only is None and not lost(self.conn):
 
                 def tx(c: psycopg.Connection, _retrying: bool) -> None:
                     self._flush_hits(c)

@@ -156,7 +156,15 @@ class SqliteBackend:
 
     def close(self, *, failed: bool = False) -> None:
         why = "a cell failed in this kernel" if failed else "kernel shut down"
-        self.db.close(lambda c: self.session_id is not None and end_session(c, self.session_id, failed, why))
+        ends = self.session_id if self.db.session_id is not None else None  # a writer's session is not its own
+        self.db.close(lambda c: ends is not None and end_session(c, ends, failed, why))
+
+    def writer(self) -> "SqliteBackend":
+        other = SqliteBackend.open(
+            self.path, busy_timeout_s=self.busy_timeout_s, allow_network_fs=self.db.journal != "WAL"
+        )
+        other.session_id = self.session_id  # its rows name ours, written before it exists
+        return other
 
     def wait_for_change(self, timeout: float) -> None:
         time.sleep(timeout)  # SQLite can't tell another process's commit: poll
