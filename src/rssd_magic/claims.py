@@ -215,6 +215,7 @@ class Heartbeat:
         self._wake = threading.Event()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self._wakes_at = 0.0  # when the thread's current wait ends (monotonic)
 
     def hold(self, state_id: str, token: int, lease_s: float) -> None:
         with self._lock:
@@ -226,8 +227,12 @@ class Heartbeat:
                 self._wake = threading.Event()
                 self._thread = threading.Thread(target=self._run, name="rssd-magic-heartbeat", daemon=True)
                 self._thread.start()
-            elif idle:
-                self._wake.set()  # idling on a long wait: beat on this claim's lease
+            elif idle and time.monotonic() + lease_s / 3 < self._wakes_at:
+                # Idling on a wait that ends too late for this claim's lease.
+                # (Otherwise the thread is not woken: each wake-up costs the
+                # cell a GIL hand-off; its first beat then comes within two
+                # thirds of the lease, before any waiter can call it dead.)
+                self._wake.set()
 
     def release(self, state_id: str) -> None:
         with self._lock:
@@ -263,6 +268,7 @@ class Heartbeat:
                     idle = not self._held
                     interval = IDLE_S if idle else min(lease for _, lease in self._held.values()) / 3
                     self._wake.clear()
+                    self._wakes_at = time.monotonic() + interval
                 woke = self._wake.wait(interval)
                 if idle or woke:
                     with self._lock:
