@@ -21,7 +21,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode, observe
 
 from . import __version__
 from .backends import DEFAULT_RSSD, ENV_RSSD, redact_text
@@ -118,13 +118,19 @@ class StatefulMagics(Magics):
         """The keys that sign what this kernel stores and judge what it
         replays (keyring.py): loaded again when a setting or variable that
         chooses them changes; KeyProblem when one can't be used."""
+        # The settings are watched (_keys_changed); the environment is read
+        # on every call: a kernel's os.environ can change under it.
         env = os.environ
-        source = (self.secret, self.trusted_signers, env.get(ENV_SECRET), env.get(ENV_SIGNERS), env.get("JUPYTER_DATA_DIR"))
+        source = (env.get(ENV_SECRET), env.get(ENV_SIGNERS), env.get("JUPYTER_DATA_DIR"))
         if self._signer is None or self._signer_source != source:
             self._signer = None
             self._signer = Keyring.load(self.secret, self.trusted_signers)
             self._signer_source = source
         return self._signer
+
+    @observe("secret", "trusted_signers")
+    def _keys_changed(self, change) -> None:
+        self._signer = None  # loaded again, with the new setting, on next use
 
     def close(self) -> None:
         """Close every store this kernel opened, marking its sessions finished
