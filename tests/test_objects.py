@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -276,6 +277,19 @@ def test_a_closed_port_is_one_line(s3_env, monkeypatch):
     with pytest.raises(StoreError) as caught:
         s.get(blob(10)[0])
     assert f"unreachable at http://127.0.0.1:{port}" in one_line(caught.value, "s3://team-blobs/rssd", s3_env.secret)
+
+
+def test_a_server_that_never_answers_times_out_in_one_line(s3_env, monkeypatch):
+    silent = socket.create_server(("127.0.0.1", 0))  # connections are queued, never answered
+    try:
+        port = silent.getsockname()[1]
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        s = S3Blobs("s3://team-blobs/rssd", cache=None, client=make_client(attempts=1, read_timeout=0.5))
+        with pytest.raises(StoreError) as caught:
+            s.put(*blob(10))
+        assert f"timed out talking to http://127.0.0.1:{port}" in one_line(caught.value, "s3://team-blobs/rssd", s3_env.secret)
+    finally:
+        silent.close()
 
 
 def test_a_server_that_stops_is_one_line(weed_server, monkeypatch):
