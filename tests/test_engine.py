@@ -36,7 +36,7 @@ ENGINE = [
     "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports", "backends.sqlite_sessions",
     "backends.sqlite_schema", "backends.sqlite_file", "backends.sqlite_conn", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",
     "backends.postgres_live", "backends.postgres_reports", "backends.postgres_rows", "backends.postgres_schema",
-    "backends.postgres_transfer",
+    "backends.postgres_transfer", "backends.objects",
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
     "deps.analysis", "deps.changes", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip
