@@ -237,7 +237,7 @@ class PgBlobs:
             raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
 
     def _get(self, digest: str) -> Any:
-        found = self.store._read(HEAD, (digest,))
+        found = self.store._fetch(HEAD, (digest,))
         if not found:
             raise KeyError(digest)
         size, chunks, stored, stored_bytes, inline = int(found[0][0]), int(found[0][1]), *found[0][2:]
@@ -287,7 +287,7 @@ class PgBlobs:
         """What the server holds under *digest*, hashed as it streams (the
         local cache is not asked: the server's bytes are what teammates read)."""
         try:
-            found = self.store._read(HEAD, (digest,))
+            found = self.store._fetch(HEAD, (digest,))
             if not found:
                 return "missing"
             size, chunks = int(found[0][0]), int(found[0][1])
@@ -396,7 +396,7 @@ class PgBlobs:
             raise ValueError(f"blob {digest[:24]}…: {written} bytes given for a size of {size}")
 
     def sizes(self) -> dict[str, int]:
-        return {d: int(s) for d, s in self.store._read("SELECT digest, size FROM {rssd_magic_blob}")}
+        return {d: int(s) for d, s in self.store._fetch("SELECT digest, size FROM {rssd_magic_blob}")}
 
     def delete(self, digests: Iterable[str]) -> int:
         wanted = list(digests)

@@ -171,15 +171,16 @@ class Sql:
             return text
 
     def read(self, conn: psycopg.Connection, template: str, params: tuple | list | dict = (), *,
-             pinned: bool = False) -> list[tuple]:  # fmt: skip
+             pinned: bool = False, rendered: bool = False) -> list[tuple]:  # fmt: skip
         """The rows of one statement, run with the read settings in the same
         query (one round trip, its own implicit transaction).  *pinned*: the
         statement only calls a function of ours that pins its own
-        search_path, so only the deadline is set (a statement less to run)."""
+        search_path, so only the deadline is set (a statement less to run).
+        *rendered*: *template* is final SQL already (a dialect's)."""
         text = self._reads.get((template, pinned))
         if text is None:
             prefix = f"SET LOCAL statement_timeout = {max(1, int(self.timeout_s * 1000))}; " if pinned else self._prefix
-            text = self._reads[(template, pinned)] = prefix + self(template)
+            text = self._reads[(template, pinned)] = prefix + (template if rendered else self(template))
         cur = psycopg.ClientCursor(conn)
         cur.execute(text, params)
         cur.nextset()  # past the SET(s), to the statement's rows

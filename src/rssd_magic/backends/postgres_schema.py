@@ -42,12 +42,14 @@ what the server wrote last, whoever wrote it.
 
 from __future__ import annotations
 
+import json
 import re
 
 import psycopg
 from psycopg import sql
 
-from .postgres_conn import NOW, SEARCH_PATH, Sql, quote  # noqa: F401 - NOW for the other modules
+from .dialect import Dialect
+from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 
 #: Version of our own objects on PostgreSQL.  1: the first layout.
 SCHEMA_VERSION = 1
@@ -241,7 +243,7 @@ EXCEPTION WHEN others THEN
     RETURN NULL;
 END""",
     ),
-    # A cell's latest transition (postgres_rows.LATEST), for the replay's one
+    # A cell's latest transition (rows.LATEST), for the replay's one
     # read.  Without prepared statements (poolers) the query was planned on
     # every replay, three times its run time; PL/pgSQL keeps its plan in the
     # server session, where no pooler can lose it (a missing plan is made
@@ -310,6 +312,92 @@ OWN_TABLES = [t for t in _columns(OWN_TABLES_DDL)]
 INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx"]
 #: Every name a template may use (postgres_conn.Sql).
 OBJECTS = [*EXPECTED_COLUMNS, *FUNCTIONS]
+
+
+#: Columns that hold integers, and surveilr's JSON columns (a ``::json`` check).
+INTEGER = {(t, c) for t, cols in EXPECTED_COLUMNS.items() for c, ty in cols if ty == "bigint"}
+
+
+def _json_columns(ddl: str) -> set[tuple[str, str]]:
+    out, table = set(), None
+    for line in ddl.splitlines():
+        if m := _TABLE.match(line):
+            table = m.group(1)
+        elif "::json" in line:
+            out.add((table, line.split('"')[1]))
+    return out
+
+
+JSON = _json_columns(SURVEILR_DDL)
+
+
+class PgDialect(Dialect):
+    """The shared statements (dialect.py) in this store's SQL: our objects
+    schema-qualified, ``%s`` parameters, the order from ``rssd_magic_state_seq``."""
+
+    name = "postgresql"
+
+    def __init__(self, q: Sql):
+        states = q("{rssd_magic_state_seq} AS q JOIN {orchestration_session_state} AS s "
+                   "ON s.orchestration_session_state_id = q.state_id")  # fmt: skip
+        super().__init__(q.names, {"states": states, "seq": "q.seq", "entry": "q.entry_id", "C": ' COLLATE "C"',
+                                   "now": NOW, "silent": "extract(epoch FROM clock_timestamp() - heartbeat_at)::float8"})  # fmt: skip
+
+    def _render(self, template: str) -> str:
+        # Placeholders first: our names may hold "?" or "%" (doubled by quote()).
+        return template.replace("%", "%%").replace("?", "%s").format_map(self.names)
+
+    def _path(self, column: str, path: tuple[str, ...], last: str) -> str:
+        steps = "".join(f" -> '{p}'" for p in path[:-1])
+        return f"{{rssd_magic_json}}({column}){steps} {last} '{path[-1]}'"
+
+    def json_text(self, column: str, *path: str) -> str:
+        return self._path(column, path, "->>")
+
+    def json_number(self, column: str, *path: str) -> str:
+        return (f"CASE WHEN json_typeof({self._path(column, path, '->')}) = 'number' "
+                f"THEN ({self._path(column, path, '->>')})::float8 END")  # fmt: skip
+
+    def in_list(self, column: str) -> str:
+        return f"{column} = ANY(?)"
+
+    def listed(self, values):
+        return list(values)
+
+    def text(self, value):
+        """PostgreSQL text can't hold NUL: it is stored as U+FFFD (JSON
+        columns never have one, ``dumps`` escapes it)."""
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+    def fit(self, table: str, row: dict) -> str | None:
+        for column, value in row.items():
+            if value is None:
+                continue
+            if (table, column) in INTEGER:
+                if isinstance(value, str) and value.lstrip("-").isdigit():
+                    row[column] = int(value)
+                elif not isinstance(value, int):
+                    return f"{column} is not an integer"
+                continue
+            if isinstance(value, (int, float)):
+                row[column] = value = str(value)  # SQLite's NUMERIC affinity turned text into a number
+            elif isinstance(value, bytes):
+                try:
+                    row[column] = value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"{column} holds bytes that are not UTF-8 text"
+            if "\x00" in value:
+                return f"{column} holds a NUL character, which PostgreSQL text can't"
+            if (table, column) in JSON:
+                try:
+                    json.loads(value, parse_constant=_no_constant)
+                except (ValueError, RecursionError):
+                    return f"{column} is not valid JSON"
+        return None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def statements(script: str) -> list[str]:

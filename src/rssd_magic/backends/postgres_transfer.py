@@ -316,7 +316,7 @@ def export_rssd(conn: psycopg.Connection, q: Sql, path: str, scope: str | None, 
     try:
         copied = _export_blobs(conn, q, target.conn, sorted(digests), blobs)
         merge = _Merge(_Target(target.conn))
-        with target._write():
+        with target.db.write():
             _copy_rows(merge, rows)
     except sqlite3.Error as exc:
         raise StoreError(f"RSSD {Path(path).absolute()}: {exc}") from None
