@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import pg_util
+from rssd_magic import tables
 from rssd_magic.backends import open_backend
 from rssd_magic.backends.base import ClaimRequest, Fenced, StateBackend, StoreError
 from rssd_magic.claims import Heartbeat, current_holder
@@ -335,9 +336,9 @@ def test_hits_are_counted_and_flushed(env):
     for _ in range(3):
         b.note_hit(done.state_id)
     b.flush_hits()
-    (cell,) = b.cells()
+    (cell,) = tables.cells(b)
     assert cell.latest_hits == 3 and cell.hits_total == 3
-    assert b.storage().hits == 3
+    assert tables.counts(b).hits == 3
 
 
 # -- listings ---------------------------------------------------------------------------------
@@ -349,21 +350,21 @@ def test_listings_for_reports(env):
     run_once(b, named, '{"host":"h1","duration_s":2.5,"names":{},"outputs":[]}')
     failing = b.claim(ask(b))
     b.finish(failing.running, failing.claim.token, FAILED, '{"error":{"ename":"ValueError","evalue":"bad"}}', "ValueError: bad")
-    cells = b.cells()
-    assert [c.ingest_src for c in cells] == [named.ingest_src, KEY.ingest_src], "in the order first seen"
-    first, second = cells
+    cells = list(tables.cells(b))
+    assert [c.ingest_src for c in cells] == [KEY.ingest_src, named.ingest_src], "newest first"
+    second, first = cells
     assert first.elaboration["name"] == "migration" and first.latest.to_state == EXECUTED
     assert (first.latest_host, first.latest_duration_s, first.transitions) == ("h1", 2.5, 2)
     assert first.source == "contract()"
     assert second.latest.to_state == FAILED
-    history = b.history(second)
+    history = tables.history(b, second)
     assert [(h.from_state, h.to_state) for h in history] == [(INITIAL, RUNNING), (RUNNING, FAILED)]
     assert history[-1].error == {"ename": "ValueError", "evalue": "bad"} and history[-1].reason == "ValueError: bad"
-    assert b.result_of(history[-1].id) == '{"error":{"ename":"ValueError","evalue":"bad"}}'
-    assert [(c.ingest_src, text) for c, text in b.current_results()] == [
+    assert tables.result_of(b, history[-1].id) == '{"error":{"ename":"ValueError","evalue":"bad"}}'
+    assert [(c.ingest_src, c.latest.result_json) for c in tables.cells(b, executed=True, with_results=True)] == [
         (named.ingest_src, '{"host":"h1","duration_s":2.5,"names":{},"outputs":[]}')
     ]
-    s = b.storage()
+    s = tables.counts(b)
     assert s.transitions == 4 and s.result_json_bytes > 0
 
 
@@ -373,10 +374,10 @@ def test_gc_keeps_what_current_records_name_and_deletes_the_rest(env):
     mine = b.claim(ask(b))
     b.finish(mine.running, mine.claim.token, EXECUTED, RESULT, "completed", [(keep, b"kept"), (drop, b"dropped")])
     names = lambda text: {keep}  # noqa: E731 - the record names one of its two blobs
-    doomed, kept, kept_bytes = b.gc(names, dry_run=True)
+    doomed, kept, kept_bytes = tables.gc(b, names, dry_run=True)
     assert doomed == [(drop, 7)] and (kept, kept_bytes) == (1, 4)
     assert set(b.blobs.sizes()) == {keep, drop}, "a dry run deletes nothing"
-    doomed, kept, _ = b.gc(names)
+    doomed, kept, _ = tables.gc(b, names)
     assert doomed == [(drop, 7)] and kept == 1 and set(b.blobs.sizes()) == {keep}
 
 

@@ -150,8 +150,8 @@ def test_list_json_describes_every_cell_in_notebook_order(base):
         assert re.fullmatch(r"[0-9a-f]{64}", c["key"])
     by = base.cells
     assert set(by) == {"side", "cfg", "fail", "named", "array"}
-    # First seen = notebook order.
-    assert [c["key"] for c in cells] == [by[k]["key"] for k in ("side", "cfg", "fail", "named", "array")]
+    # Newest first: the failing cell ran (and failed) again in the second run; the others replayed.
+    assert [c["key"] for c in cells] == [by[k]["key"] for k in ("fail", "array", "named", "cfg", "side")]
     for label in ("side", "cfg", "named", "array"):
         c = by[label]
         assert c["state"] == "EXECUTED"
@@ -389,7 +389,7 @@ def test_forget_all(base, tmp_path):
     states = {c["key"]: c["state"] for c in as_json(work.db, "list", "--json")}
     assert states == {**{k: "FORGOTTEN" for k in executed}, base.cells["fail"]["key"]: "FAILED"}
     # Nothing left to forget; text output says so.
-    assert "0 cells forgotten" in ok(cli("--db", str(work.db), "forget", "--all"))
+    assert "nothing to forget" in ok(cli("--db", str(work.db), "forget", "--all"))
     assert state_rows(work.db) == rows + 4
     # Exactly one of KEY / --all.
     assert cli("--db", str(work.db), "forget").returncode == 2

@@ -33,15 +33,15 @@ ENGINE = [
     "runs", "replaying", "earlier",
     "digests", "keyfiles", "signing", "signers", "keyring", "trusting",
     "backends", "backends.base",
-    "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_reports", "backends.sqlite_sessions",
+    "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_sessions",
     "backends.sqlite_schema", "backends.sqlite_file", "backends.sqlite_conn", "backends.postgres", "backends.postgres_blobs", "backends.postgres_conn",
-    "backends.postgres_live", "backends.postgres_reports", "backends.postgres_schema",
+    "backends.postgres_live", "backends.postgres_schema", "tables", "transfer",
     "backends.dialect", "backends.rows", "backends.journal",
-    "backends.postgres_transfer",
+
     "sql.frames", "sql.key", "sql.lexer", "sql.locks", "sql.run", "sql.target",
     "deps.analysis", "deps.changes", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip
-ADAPTERS = ["magic", "body", "commands", "hooks", "cli"]
+ADAPTERS = ["magic", "body", "commands", "surfaces", "hooks", "cli"]
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
 
 

@@ -75,13 +75,13 @@ def test_line_magic_list_show_stats_forget(kernel):
     assert stats["cells"] == 1 and stats["hits"] == 1
 
     forgot = kernel.ok("%stateful forget load")
-    assert "forgot 1 cell:" in forgot.stdout
+    assert "1 cell forgotten" in forgot.stdout and "EXECUTED → FORGOTTEN" in forgot.stdout
     kernel.ok("%%stateful --name load\n" + APPEND + "print('loaded')\nv = 1\n")
     assert counter(kernel.workdir / "side.log") == 2
     assert kernel.states()[-3:] == [("EXECUTED", "FORGOTTEN"), ("FORGOTTEN", "RUNNING"), ("RUNNING", "EXECUTED")]
 
     kernel.ok("%%stateful\nother = 2\n")
-    assert "forgot 2 cells:" in kernel.ok("%stateful forget --all").stdout
+    assert "2 cells forgotten" in kernel.ok("%stateful forget --all").stdout
     assert "nothing to forget" in kernel.ok("%stateful forget --all").stdout
     assert kernel.rows("SELECT count(*) FROM orchestration_session_state WHERE to_state = 'FORGOTTEN'") == [(3,)]
 

@@ -350,7 +350,7 @@ def test_cli_trust_asks_on_a_terminal(kernel, become, monkeypatch):
     kernel.ok(PLAIN)
     kernel.restart()
     become("bob")
-    monkeypatch.setattr("rssd_magic.cli._interactive", lambda: True)
+    monkeypatch.setattr("rssd_magic.surfaces._interactive", lambda: True)
     no = cli("--db", str(kernel.db), "trust", input="n\n")
     assert no.exit_code == 1 and "collections.Counter" in no.output and "nothing signed" in no.output
     yes = cli("--db", str(kernel.db), "trust", input="y\n")

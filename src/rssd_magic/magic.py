@@ -27,7 +27,7 @@ from . import __version__
 from .backends import DEFAULT_RSSD, ENV_RSSD, redact_text
 from .body import BodyRunner, route_awaiting_cells, unroute
 from .claims import DEFAULT_LEASE_S
-from .commands import parse, run_command, split
+from .commands import CommandError, parse, run_line, split
 from .hooks import close_on_sigterm, watch_for_duckdb
 from .runner import (
     CellOptions,
@@ -285,7 +285,10 @@ class StatefulMagics(Magics):
         if opts is None:  # argparse is slow; a notebook repeats few option lines
             if len(self._options) > 256:
                 self._options.clear()
-            args = parse(self.stateful.parser, "%%stateful", split("%%stateful", line))
+            try:
+                args = parse(self.stateful.parser, "%%stateful", split("%%stateful", line))
+            except CommandError as exc:
+                raise UsageError(exc.format_message()) from None
             opts = self._options[line] = _cell_options(args, line.strip())
         return opts
 
@@ -293,9 +296,10 @@ class StatefulMagics(Magics):
 
     @line_magic("stateful")
     def stateful_line(self, line: str) -> Any:
-        """Inspect and manage the recorded state of %%stateful cells.
+        """Inspect and manage the recorded state of %%stateful cells: the
+        commands of ``rssd-magic`` (commands.py), with the same options.
 
-        %stateful list               the cells: key, name, scope, state, source, when, where, hits
+        %stateful list [--limit N|--all]   the newest cells: key, name, scope, state, source, when, where, hits
         %stateful show KEY           source, every transition, what a replay shows
         %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
         %stateful stats              cells, hits, time saved, storage
@@ -303,11 +307,15 @@ class StatefulMagics(Magics):
         %stateful verify [--repair]  check the bytes of every blob current records name
         %stateful trust [KEY] [--signer NAME|FINGERPRINT] [--yes]
                                      show what records would do, then sign them with your key
+        %stateful keys|export|import ...   as rssd-magic's; --json where it has it
 
         KEY is any unique prefix of a cell key, or a --name. Every command
         takes --db PATH|URL (default: as for %%stateful); it never creates a store.
         """
-        return run_command(self, line)
+        try:
+            return run_line(self, line)
+        except CommandError as exc:
+            raise UsageError(exc.format_message()) from None
 
 
 def _cell_options(args: argparse.Namespace, line: str) -> CellOptions:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from .canonical import dumps
 from .digests import BUFFER, STREAM, usable
-from .serialize import spec_blobs
+from .serialize import kinds_with_blobs, spec_blobs
 from .trust import SAFE_MIME, signed_bytes
 
 #: ``format`` of every record this package writes.
@@ -49,6 +49,26 @@ FIELDS = (
     "format", "host", "duration_s", "code_hash", "inputs", "sql", "outputs", "names", "changed", "deleted",
     "result_value", "error",
 )  # fmt: skip
+
+
+#: Where the listings read a field of a stored record with the store's JSON
+#: functions (so they never load outputs): its path in the JSON.
+FIELD_PATHS = {"host": ("host",), "duration_s": ("duration_s",), "ename": ("error", "ename"), "evalue": ("error", "evalue")}
+
+
+def blob_markers() -> tuple[str, ...]:
+    """Text every record that names a blob holds: the JSON string of a value
+    kind whose codec refers to blobs (``"pickle"``), or an escape, which
+    could spell one.  gc and ``stats`` read only the records that hold one."""
+    return (*(f'"{kind}"' for kind in kinds_with_blobs()), "\\u")
+
+
+def digests_in(text: str | None) -> set[str]:
+    """The blobs a stored record refers to (none for an unreadable one)."""
+    try:
+        return RunRecord.from_json(text).blob_digests()
+    except RecordError:
+        return set()
 
 
 class RecordError(ValueError):

@@ -1,9 +1,10 @@
 """Inspecting and maintaining the ``%%stateful`` cells of a state store.
 
 Functions over an opened backend that return plain dicts and lists
-(JSON-ready), so the CLI, the line magic and tests use them alike.  They
-ask the backend for rows (backends/base.py) and records for their fields
-(record.py): no SQL here, and no knowledge of where a record keeps what.
+(JSON-ready), so the command layer and tests use them alike.  They ask
+tables.py for rows (one text of each query, for every store) and records
+for their fields (record.py): no SQL here, and no knowledge of where a
+record keeps what.
 
 Maintenance never rewrites history: :func:`forget` appends
 ``EXECUTED → FORGOTTEN`` (the cell runs again next time, as after a
@@ -20,12 +21,16 @@ import os
 import socket
 from urllib.parse import unquote
 
-from .backends.base import CellRow, StateBackend
+from typing import Iterator
+
+from . import tables
+from .backends.base import StateBackend
 from .canonical import dumps
 from .keys import URI_PREFIX
 from .lifecycle import EXECUTED, FORGOTTEN
-from .record import RESULT_VALUE, RecordError, RunRecord
+from .record import RESULT_VALUE, RecordError, RunRecord, digests_in
 from .serialize import spec_blobs
+from .tables import CellRow
 from .trust import Signer
 from .trusting import review, sign
 
@@ -64,9 +69,12 @@ def label_of(cell: dict, width: int = 40) -> str:
     return first_line(cell.get("source") or "", width)
 
 
+def _key_of(ingest_src: str, key: str | None) -> str:
+    return str(key or ingest_src[len(URI_PREFIX) :].partition("#")[2])
+
+
 def _key(cell: CellRow) -> str:
-    digest = cell.ingest_src[len(URI_PREFIX) :].partition("#")[2]
-    return str(cell.elaboration.get("key") or digest)
+    return _key_of(cell.ingest_src, cell.elaboration.get("key"))
 
 
 def _scope(cell: CellRow) -> str:
@@ -93,13 +101,14 @@ def _summary(cell: CellRow) -> dict:
         "transitions": cell.transitions,
         "updated_at": latest.transitioned_at if latest else None,
         "state_id": latest.state_id if latest else None,
-        "entry_id": latest.entry_id if latest else cell.entry_ids[0],
+        "entry_id": latest.entry_id if latest else cell.entry_id,
         "ingest_src": cell.ingest_src,
     }
 
 
-def list_cells(backend: StateBackend) -> list[dict]:
-    """Every ``%%stateful`` cell, in the order first seen.
+def iter_cells(backend: StateBackend, limit: int | None = None) -> Iterator[dict]:
+    """The ``%%stateful`` cells, newest first (by their latest transition),
+    streamed: the *limit* newest, or all of them.
 
     Each dict has ``key`` (64 hex), ``name`` (``--name`` or None), ``scope``,
     ``kind``, ``state`` (latest ``to_state``), ``source`` (code of the latest
@@ -108,7 +117,12 @@ def list_cells(backend: StateBackend) -> list[dict]:
     (replays over its whole history), ``transitions`` (row count),
     ``updated_at`` and ``state_id`` of the latest transition.
     """
-    return [_summary(c) for c in backend.cells()]
+    return (_summary(c) for c in tables.cells(backend, limit=limit))
+
+
+def list_cells(backend: StateBackend, limit: int | None = None) -> list[dict]:
+    """:func:`iter_cells` as a list."""
+    return list(iter_cells(backend, limit))
 
 
 def _find(backend: StateBackend, prefix: str, prog: str = "rssd-magic") -> CellRow:
@@ -117,20 +131,21 @@ def _find(backend: StateBackend, prefix: str, prog: str = "rssd-magic") -> CellR
         text = text.rpartition("#")[2]
     if not text:
         raise ReportError(f"empty cell key: give a key prefix (see `{prog} list`)")
-    cells = backend.cells()
+    entries = tables.keys(backend)
     wanted = text.lower()
-    matches = [c for c in cells if _key(c).lower().startswith(wanted)]
+    matches = list(dict.fromkeys(src for src, key, _ in entries if _key_of(src, key).lower().startswith(wanted)))
     how = f"key prefix {text!r}"
     if not matches:
-        matches = [c for c in cells if c.elaboration.get("name") == text]
+        matches = list(dict.fromkeys(src for src, _, name in entries if name == text))
         how = f"name {text!r}"
     if not matches:
         raise ReportError(f"no %%stateful cell has a key starting with {text!r} or that --name (see `{prog} list`)")
     if len(matches) > 1:
-        shown = "; ".join(_describe(c) for c in matches[:MAX_CANDIDATES])
+        shown = "; ".join(_describe(c) for c in tables.cells(backend, srcs=matches[:MAX_CANDIDATES]))
         more = f"; and {len(matches) - MAX_CANDIDATES} more" if len(matches) > MAX_CANDIDATES else ""
         raise ReportError(f"{how} is ambiguous: it matches {len(matches)} cells: {shown}{more}; give more characters")
-    return matches[0]
+    (cell,) = tables.cells(backend, srcs=matches, with_results=True)
+    return cell
 
 
 def resolve_key(backend: StateBackend, prefix: str, prog: str = "rssd-magic") -> dict:
@@ -176,7 +191,7 @@ def show_cell(backend: StateBackend, key: str) -> dict:
             "hits": h.hits,
             "error": h.error,
         }
-        for h in backend.history(cell)
+        for h in tables.history(backend, cell)
     ]
     info.update(transition_count=len(transitions), transitions=transitions, outputs=None, names=None, error=None)
     if info["state"] == EXECUTED:
@@ -189,7 +204,7 @@ def show_cell(backend: StateBackend, key: str) -> dict:
     else:
         failed = next((t for t in reversed(transitions) if t["error"] is not None), None)
         if failed is not None:
-            error = _record(backend.result_of(failed["id"])).error or {}
+            error = _record(tables.result_of(backend, failed["id"])).error or {}
             info["error"] = {**error, "at": failed["at"], "state": failed["to"]}
     return info
 
@@ -252,7 +267,8 @@ def forget(backend: StateBackend, key: str, who: str | None = None) -> list[dict
 def forget_all(backend: StateBackend, who: str | None = None) -> list[dict]:
     """:func:`forget` every executed cell; returns what was forgotten."""
     who = who or who_am_i()
-    return [d for d in (_forget(backend, c, who) for c in backend.cells()) if d]
+    executed = list(tables.cells(backend, executed=True))  # read whole before writing
+    return [d for d in (_forget(backend, c, who) for c in executed) if d]
 
 
 def stats(backend: StateBackend) -> dict:
@@ -265,36 +281,32 @@ def stats(backend: StateBackend) -> dict:
     ``unreferenced_blobs``/``unreferenced_blob_bytes`` (what :func:`gc`
     would free now).
     """
-    cells = list_cells(backend)
-    by_state: dict[str, int] = {}
-    for c in cells:
-        by_state[c["state"] or "NONE"] = by_state.get(c["state"] or "NONE", 0) + 1
-    s = backend.storage()
-    garbage, _, _ = backend.gc(digests_of, dry_run=True)
+    c = tables.counts(backend)
+    garbage, _, _ = tables.gc(backend, dry_run=True)
+    file_bytes, wal_bytes, extra = backend.footprint()
     return {
-        "path": s.location,
-        "cells": len(cells),
-        "executed": by_state.get(EXECUTED, 0),
-        "by_state": by_state,
-        "transitions": s.transitions,
-        "hits": s.hits,
-        "time_saved_s": _finite(s.time_saved_s) or 0.0,
+        "path": backend.location,
+        "cells": c.cells,
+        "executed": c.by_state.get(EXECUTED, 0),
+        "by_state": c.by_state,
+        "transitions": c.transitions,
+        "hits": c.hits,
+        "time_saved_s": _finite(c.time_saved_s) or 0.0,
         "storage": {
-            "blobs": s.blobs,
-            "blob_bytes": s.blob_bytes,
-            "result_json_bytes": s.result_json_bytes,
-            "file_bytes": s.file_bytes,
-            "wal_bytes": s.wal_bytes,
+            "blobs": c.blobs,
+            "blob_bytes": c.blob_bytes,
+            "result_json_bytes": c.result_json_bytes,
+            "file_bytes": file_bytes,
+            "wal_bytes": wal_bytes,
             "unreferenced_blobs": len(garbage),
             "unreferenced_blob_bytes": sum(size for _, size in garbage),
-            **s.extra,
+            **extra,
         },
     }
 
 
-def digests_of(result_json: str) -> set[str]:
-    """The blobs a stored record refers to (none for an unreadable one)."""
-    return _record(result_json).blob_digests()
+#: The blobs a stored record refers to (none for an unreadable one).
+digests_of = digests_in
 
 
 def gc(backend: StateBackend, dry_run: bool = False) -> dict:
@@ -303,7 +315,7 @@ def gc(backend: StateBackend, dry_run: bool = False) -> dict:
     Returns ``deleted`` (count), ``bytes_freed``, ``kept`` and
     ``kept_bytes``; with *dry_run*, nothing is deleted (and the store may be
     read-only)."""
-    doomed, kept, kept_bytes = backend.gc(digests_of, dry_run=dry_run)
+    doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run)
     return {
         "deleted": len(doomed),
         "bytes_freed": sum(size for _, size in doomed),
@@ -327,9 +339,11 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
     """
     users: dict[str, list[tuple[CellRow, str]]] = {}
     records = 0
-    for cell, text in backend.current_results():
+    for cell in list(tables.cells(backend, executed=True, with_results=True)):
+        if not cell.latest.result_json:
+            continue
         records += 1
-        for name, spec in _record(text).specs().items():
+        for name, spec in _record(cell.latest.result_json).specs().items():
             for digest in spec_blobs(spec):
                 users.setdefault(digest, []).append((cell, "(result)" if name == RESULT_VALUE else name))
     sizes = backend.blobs.sizes()

@@ -293,6 +293,14 @@ def register(codec: Codec) -> Codec:
     return codec
 
 
+def kinds_with_blobs() -> list[str]:
+    """The kinds whose specs may refer to blobs (plugins loaded to ask them)."""
+    for kind in _PLUGINS:
+        codec_for({"kind": kind})
+    none = Codec.__dataclass_fields__["blobs"].default
+    return sorted(kind for kind, codec in CODECS.items() if codec.blobs is not none)
+
+
 def codec_for(spec: Any) -> Codec | None:
     """The codec of *spec*'s kind (None for a kind nobody registered)."""
     kind = spec.get("kind") if isinstance(spec, dict) else None

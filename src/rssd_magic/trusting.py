@@ -27,11 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .backends.base import CellRow, StateBackend
+from . import tables
+from .backends.base import StateBackend
 from .digests import IntegrityError
 from .keys import URI_PREFIX
 from .record import RESULT_VALUE, RecordError, RunRecord
 from .serialize import spec_blobs
+from .tables import CellRow
 from .trust import Row, Signer, payload_id
 
 
@@ -69,8 +71,9 @@ def review(
     or only those a key of *signed_by* (key ids) signed."""
     found = Review()
     parsed: list[tuple[CellRow, RunRecord | None, str | None, str]] = []
-    for row, text in backend.current_results():
-        if cell is not None and row.ingest_src != cell:
+    for row in list(tables.cells(backend, srcs=[cell] if cell is not None else None, executed=True, with_results=True)):
+        text = row.latest.result_json
+        if not text:
             continue
         found.cells += 1
         try:

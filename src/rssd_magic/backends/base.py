@@ -1,14 +1,18 @@
-"""The storage seam: what the engine needs from a place that keeps cell state.
+"""The storage seam: what the engine and the reports need from a place that
+keeps cell state, and the promises every store keeps.
 
-Two protocols.  :class:`StateBackend` keeps the rows — sessions, cells and
-their transitions, claims, signatures, hit counts — and answers the
-listings reports need.  :class:`BlobStore` keeps content-addressed bytes.
-A backend is one module under ``backends/`` that registers itself by URL
-scheme (``backends/__init__.py``); the engine never sees a driver, a
-connection or a line of SQL for the state store.
+A store is a :class:`StateBackend`: a **journal** — the latest transition
+of a cell, claims, compare-and-append ends, forgetting while a run is the
+latest, heartbeats, waiting for a change (journal.py writes the shared
+half once; a store adds its transactions and a few hooks) — with
+:class:`BlobStore` **blobs** (get, put, check, delete, list) and a
+**dialect** (dialect.py) in which everything above the stores — the
+session rows (rows.py), the reports, gc, export and import (tables.py,
+transfer.py) — is written once.  A store registers itself by URL scheme
+(``backends/__init__.py``); the engine never sees a driver or a connection.
 
-Promises every backend keeps (``tests/test_backend_contract.py`` holds each
-backend to them):
+Promises every store keeps (``tests/test_backend_contract.py`` holds each
+to them):
 
 * **Order by the store.**  "Latest" is the store's own insertion order
   (SQLite's rowid, a PostgreSQL sequence), carried as ``Transition.seq``.
@@ -26,20 +30,20 @@ backend to them):
   the file or URL: callers never catch ``sqlite3.Error`` or ``psycopg.Error``.
 * **A replay writes nothing**, and neither does opening a store to replay:
   sessions and hit counts wait until a write is possible; a store the
-  process can't write (``read_only``) still replays.
+  process can't write (``read_only``: a read-only file, a schema made by a
+  newer version) still replays, and is never written.
 * **Blobs are verified on write**: before a record names a blob, the bytes
   stored under its digest are checked (or replaced); a row is never trusted
-  for being there.
+  for being there.  Reads check every byte against the digest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
-from ..canonical import loads_object
 from ..keys import CellKey
-from ..lifecycle import EXECUTED, REPLAY, WAIT, decide
+from ..lifecycle import REPLAY, WAIT, decide
 from ..record import RunRecord
 
 Blob = tuple[str, Any]  # (digest, bytes-like)
@@ -249,87 +253,6 @@ class ExecRow:
     elaboration: dict | None = None
 
 
-@dataclass
-class CellRow:
-    """One cell for the reports: its entries (several when RSSDs were merged),
-    grouped by ``ingest_src``, and its latest transition."""
-
-    ingest_src: str
-    elaboration: dict
-    entry_ids: list[str]
-    transitions: int
-    hits_total: int
-    latest: Transition | None = None
-    latest_host: str | None = None
-    latest_duration_s: float | None = None
-    latest_hits: int = 0
-    source: str | None = None
-
-
-def executed_results(cells: Iterable[CellRow]) -> Iterator[tuple[CellRow, str]]:
-    """``(cell, result_json)`` of the *cells* whose latest state is EXECUTED
-    with a record: what replays, what ``gc`` keeps and ``trust`` re-signs."""
-    for cell in cells:
-        if cell.latest is not None and cell.latest.to_state == EXECUTED and cell.latest.result_json:
-            yield cell, cell.latest.result_json
-
-
-def group_cells(
-    entries: Iterable[tuple[str, str, str | None, int, int | None, float | None]],
-) -> tuple[dict[str, CellRow], dict[str, int]]:
-    """Entry rows, in the order first seen, grouped into cells by
-    ``ingest_src`` (two merged RSSDs may each hold an entry for one cell).
-
-    Each row is ``(entry_id, ingest_src, elaboration text, transitions, seq
-    of its latest transition or None, hits)``.  Returns the cells by
-    ``ingest_src`` and each cell's latest ``seq``, for the backend to fill
-    in what its latest transition says."""
-    cells: dict[str, CellRow] = {}
-    latest_seq: dict[str, int] = {}
-    for entry_id, src, elaboration, transitions, latest, hits in entries:
-        cell = cells.get(src)
-        if cell is None:
-            cell = cells[src] = CellRow(src, loads_object(elaboration), [], 0, 0)
-        cell.entry_ids.append(entry_id)
-        cell.transitions += int(transitions)
-        cell.hits_total += int(hits or 0)
-        if latest is not None and latest > latest_seq.get(src, -1):
-            latest_seq[src] = latest
-    return cells, latest_seq
-
-
-@dataclass
-class HistoryRow:
-    """One transition of a cell, as ``show`` lists it."""
-
-    id: str
-    from_state: str
-    to_state: str
-    at: str | None
-    reason: str | None
-    session: str | None
-    host: str | None
-    duration_s: float | None
-    hits: int | None
-    error: dict | None = None
-
-
-@dataclass
-class StorageStats:
-    """What ``stats`` reports about the store itself."""
-
-    location: str
-    transitions: int = 0
-    result_json_bytes: int = 0
-    hits: int = 0
-    time_saved_s: float = 0.0
-    blobs: int = 0
-    blob_bytes: int = 0
-    file_bytes: int = 0
-    wal_bytes: int = 0
-    extra: dict = field(default_factory=dict)
-
-
 class BlobStore(Protocol):
     """Content-addressed bytes: a digest names its blob forever."""
 
@@ -350,6 +273,11 @@ class BlobStore(Protocol):
 
     def delete(self, digests: Iterable[str]) -> int:
         """Delete blobs; returns how many existed."""
+
+    # gc decides and deletes in one transaction ``t`` (tables.gc):
+    # ``exclusive(t)`` keeps writers that found a blob stored away until it
+    # ends, ``listing(t)`` is ``(blobs, partial)`` as ``(digest, size)``
+    # pairs (``partial``: what a write cut short left), ``drop(t, digests)``.
 
 
 class Renewer(Protocol):
@@ -379,6 +307,7 @@ class StateBackend(Protocol):
     #: A read-only store replays; every write raises StoreError at once.
     read_only: str | None
     blobs: BlobStore
+    dialect: Any
 
     # -- opening and closing -----------------------------------------------------
     #
@@ -487,30 +416,16 @@ class StateBackend(Protocol):
     def add_signatures(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Record ``(payload_id, key_id, signature)`` rows (idempotent)."""
 
+    # -- what the code above the stores reads and writes through ------------------
+    #
+    # ``dialect`` renders shared statements; ``read(fn)`` runs ``fn(tx)`` in
+    # one consistent read, ``write(fn)`` runs ``fn(tx, retrying)`` in one
+    # short write transaction, ``query``/``each`` return or stream the rows
+    # of one statement, ``footprint()`` is what the store takes on disk
+    # (journal.py documents each).
+
     # -- the user's SQL on the store itself (--sql without --conn) -----------------
 
     def sql_connection(self) -> Any:
         """A DB-API connection of its own for the user's SQL cells, so nothing
         a cell does (PRAGMAs, transactions) touches the state's connection."""
-
-    # -- reports ---------------------------------------------------------------
-
-    def cells(self) -> list[CellRow]:
-        """Every ``%%stateful`` cell, in the order first seen."""
-
-    def history(self, cell: CellRow) -> list[HistoryRow]:
-        """Every transition of *cell*, in store order."""
-
-    def result_of(self, state_id: str) -> str | None:
-        """The ``transition_result`` text of one transition."""
-
-    def current_results(self) -> Iterator[tuple[CellRow, str]]:
-        """``(cell, result_json)`` of every cell whose state is EXECUTED."""
-
-    def storage(self) -> StorageStats:
-        """Counts and sizes for ``stats``."""
-
-    def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
-        """Delete the blobs no current EXECUTED record refers to, deciding and
-        deleting in one write transaction.  *digests_of(result_json)* names a
-        record's blobs.  Returns ``(deleted [(digest, size)], kept, kept_bytes)``."""

@@ -14,7 +14,8 @@ and may say:
   whatever the database's collation;
 * ``{now}`` — the store's clock as surveilr's timestamp text;
 * ``{silent}`` — seconds since a claim row's last heartbeat by the store's
-  one clock (NULL where there is none: a file shared by hosts).
+  one clock (NULL where there is none: a file shared by hosts);
+* ``{cross}`` — a join whose left side the planner must keep outside.
 
 What differs beyond text — how a list is passed, how a JSON field is read
 from text another tool may have written, which values a column can hold —
@@ -61,6 +62,19 @@ class Dialect:
         """``column`` is one of a list passed as one parameter (:meth:`listed`)."""
         raise NotImplementedError
 
+    def state_at(self, alias: str, seq: str) -> str:
+        """What follows ``LEFT JOIN`` to name the transition whose store order
+        is *seq* as *alias*."""
+        raise NotImplementedError
+
+    def octets(self, expr: str) -> str:
+        """The UTF-8 length of a text, in bytes."""
+        raise NotImplementedError
+
+    def contains(self, expr: str) -> str:
+        """*expr* holds the text given as the next parameter."""
+        raise NotImplementedError
+
     def listed(self, values: Iterable[Any]) -> Any:
         """*values* as the parameter :meth:`in_list` takes."""
         raise NotImplementedError
@@ -82,7 +96,7 @@ class SqliteDialect(Dialect):
         super().__init__(
             {t: f'"{t}"' for t in tables},
             {"states": '"orchestration_session_state" AS s', "seq": "s.rowid", "entry": "s.session_entry_id",
-             "C": "", "now": "CURRENT_TIMESTAMP", "silent": "NULL"},
+             "C": "", "now": "CURRENT_TIMESTAMP", "silent": "NULL", "cross": "CROSS JOIN"},
         )  # fmt: skip
 
     def json_text(self, column: str, *path: str) -> str:
@@ -95,6 +109,15 @@ class SqliteDialect(Dialect):
 
     def in_list(self, column: str) -> str:
         return f"{column} IN (SELECT value FROM json_each(?))"
+
+    def state_at(self, alias: str, seq: str) -> str:
+        return f'"orchestration_session_state" AS {alias} ON {alias}.rowid = {seq}'
+
+    def octets(self, expr: str) -> str:
+        return f"length(CAST({expr} AS BLOB))"
+
+    def contains(self, expr: str) -> str:
+        return f"instr({expr}, ?) > 0"
 
     def listed(self, values: Iterable[Any]) -> Any:
         return json.dumps(list(values))

@@ -13,7 +13,7 @@ path — ``latest``, one indexed read — stays the store's own.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ..ids import new_ulid
 from ..keys import CellKey
@@ -30,24 +30,34 @@ class Journal:
     location = ""
     session_id: str | None = None
     #: The store's SQL (dialect.py).
-    d: Dialect
+    dialect: Dialect
 
     def __init__(self) -> None:
         self._srcs: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
 
-    # -- hooks: what each store implements -----------------------------------------------
+    # -- what each store implements: its transactions (also what the code
+    # above the stores reads and writes through), then its hooks ---------------
 
-    def _read(self, fn: Callable[[Tx], Any]) -> Any:
+    def read(self, fn: Callable[[Tx], Any]) -> Any:
         """``fn(tx)`` in one consistent read (driver errors: StoreError)."""
         raise NotImplementedError
 
-    def _write(self, fn: Callable[[Tx, bool], Any]) -> Any:
-        """``fn(tx, retrying)`` in one short write transaction; *retrying*
-        is True when an earlier try may have committed."""
+    def write(self, fn: Callable[[Tx, bool], Any]) -> Any:
+        """``fn(tx, retrying)`` in one short write transaction, waiting for
+        another process's lock up to the busy timeout; *retrying* is True
+        when an earlier try may have committed."""
         raise NotImplementedError
 
-    def _query(self, template: str, params: Any = ()) -> list[tuple]:
+    def query(self, template: str, params: Any = ()) -> list[tuple]:
         """The rows of one statement, in one round trip."""
+        raise NotImplementedError
+
+    def each(self, template: str, params: Any = ()) -> Iterator[tuple]:
+        """The rows of one statement, one at a time (never all in memory)."""
+        raise NotImplementedError
+
+    def footprint(self) -> tuple[int, int, dict]:
+        """What the store takes on disk: ``(bytes, WAL bytes, extra fields)``."""
         raise NotImplementedError
 
     def _writable(self) -> None:
@@ -102,11 +112,11 @@ class Journal:
 
     def latest_variant(self, key: CellKey) -> Transition | None:
         lo, hi = rows.src_range(key.base_src)
-        found = self._query(rows.VARIANT, (lo, hi, key.ingest_src))
+        found = self.query(rows.VARIANT, (lo, hi, key.ingest_src))
         return Transition(*found[0]) if found else None
 
     def claim_of(self, running: Transition) -> Claim | None:
-        found = self._query(rows.CLAIM_OF, (running.entry_id, running.state_id))
+        found = self.query(rows.CLAIM_OF, (running.entry_id, running.state_id))
         return rows.claim_from(found[0]) if found else None
 
     def signatures(self, payload_ids: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -114,13 +124,13 @@ class Journal:
         if not ids:
             return {}
         if len(ids) == 1:  # a replay's one record
-            return rows.signatures_of(self._query(rows.SIGNATURES + "payload_id = ?", (ids[0],)))
-        return rows.signatures_of(self._query(rows.SIGNATURES + self.d.in_list("payload_id"), (self.d.listed(ids),)))
+            return rows.signatures_of(self.query(rows.SIGNATURES + "payload_id = ?", (ids[0],)))
+        return rows.signatures_of(self.query(rows.SIGNATURES + self.dialect.in_list("payload_id"), (self.dialect.listed(ids),)))
 
     def open_sessions(self) -> list[tuple[str, dict]]:
         if self.read_only is not None:
             return []  # what this process may not end, it need not judge
-        return self._read(rows.open_sessions)
+        return self.read(rows.open_sessions)
 
     # -- writing -------------------------------------------------------------------------
 
@@ -128,11 +138,11 @@ class Journal:
         signed = list(signed)
         self._writable()
         if signed:
-            self._write(lambda t, _retrying: rows.add_signatures(t, signed))
+            self.write(lambda t, _retrying: rows.add_signatures(t, signed))
 
     def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
         self._writable()
-        return self._write(lambda t, _retrying: rows.end_session(t, session_id, failed, reason))
+        return self.write(lambda t, _retrying: rows.end_session(t, session_id, failed, reason))
 
     def _src(self, t: Tx, entry_id: str) -> str | None:
         src = self._srcs.get(entry_id)
@@ -171,7 +181,7 @@ class Journal:
             mine = Claim(entry_id, running.state_id, token, holder, 0, request.lease_s, at, silent)
             return ClaimOutcome("run", previous, running=running, claim=mine, abandoned=abandoned)
 
-        outcome = self._write(tx)
+        outcome = self.write(tx)
         self._claimed(outcome, key)
         return outcome
 
@@ -227,7 +237,7 @@ class Journal:
                 rows.exec_row(t, self.session_id, running.entry_id, exec_row)
             return done
 
-        done = self._write(tx)
+        done = self.write(tx)
         self._finished(staged)
         return done
 
@@ -247,4 +257,4 @@ class Journal:
                 return None
             return self._append(t, entry_id, from_state, to_state, result_json, reason, None)
 
-        return self._write(tx)
+        return self.write(tx)

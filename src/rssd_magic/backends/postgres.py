@@ -50,7 +50,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import psycopg
 
@@ -58,8 +58,8 @@ from ..canonical import dumps
 from ..claims import close_orphaned_sessions
 from ..ids import new_ulid
 from ..keys import CellKey
-from . import postgres_reports, redact, rows
-from .base import Blob, CellRow, ClaimOutcome, Holder, HistoryRow, StorageStats, StoreError, Transition, executed_results
+from . import redact, rows
+from .base import Blob, ClaimOutcome, Holder, StoreError, Transition
 from .dialect import Tx
 from .journal import Journal
 from .postgres_blobs import PgBlobs
@@ -101,7 +101,7 @@ class PostgresBackend(Journal):
         self.url = url
         self.location = redact(url)
         self.q = q
-        self.d = PgDialect(q)
+        self.dialect = PgDialect(q)
         self.schema = q.schema
         self.conn = conn
         self.busy_timeout_s = busy_timeout_s
@@ -111,7 +111,7 @@ class PostgresBackend(Journal):
         #: Behind a pooler (detected at open): nobody LISTENs, waiters poll.
         self.pooled = pooled
         # The replay's read: through our function when the store has it.
-        self._latest = q(LATEST_CALL) if latest_call else self.d(rows.LATEST)
+        self._latest = q(LATEST_CALL) if latest_call else self.dialect(rows.LATEST)
         self._latest_pinned = latest_call
         self.host = socket.gethostname()
         self.session_id: str | None = None
@@ -236,15 +236,36 @@ class PostgresBackend(Journal):
 
     # journal.py's hooks
 
-    def _read(self, fn: Callable[[Tx], Any]) -> Any:
-        return self._tx(lambda c, _retrying: fn(Tx(c, self.d)))
+    def read(self, fn: Callable[[Tx], Any]) -> Any:
+        return self._tx(lambda c, _retrying: fn(Tx(c, self.dialect)))
 
-    def _write(self, fn: Callable[[Tx, bool], Any]) -> Any:
+    def write(self, fn: Callable[[Tx, bool], Any]) -> Any:
         self._writable()
-        return self._tx(lambda c, retrying: fn(Tx(c, self.d), retrying))
+        return self._tx(lambda c, retrying: fn(Tx(c, self.dialect), retrying))
 
-    def _query(self, template: str, params: Any = ()) -> list[tuple]:
-        return self._fetch(self.d(template), params, rendered=True)
+    def query(self, template: str, params: Any = ()) -> list[tuple]:
+        return self._fetch(self.dialect(template), params, rendered=True)
+
+    def each(self, template: str, params: Any = ()) -> Iterator[tuple]:
+        # Streamed in one transaction; not tried again (what was read is gone).
+        try:
+            conn = self._live()
+            with self.q.tx(conn):
+                yield from Tx(conn, self.dialect).stream(template, params)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
+
+    def footprint(self) -> tuple[int, int, dict]:
+        # What the tables of this schema take on the server's disk (with
+        # their indexes and TOAST): the nearest thing to an RSSD's file size.
+        (on_disk,) = self._fetch(
+            """SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class AS c
+               JOIN pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relkind IN ('r', 'p')
+                 AND (c.relname LIKE 'rssd\\_magic\\_%%' OR c.relname LIKE 'orchestration\\_%%' OR c.relname = 'device')""",
+            (self.schema,), rendered=True,
+        )[0]
+        return int(on_disk), 0, {"schema": self.schema}
 
     # -- sessions ------------------------------------------------------------------
 
@@ -253,7 +274,7 @@ class PostgresBackend(Journal):
             return self.session_id
         self._writable()
         session = rows.new_session(new_ulid(), self.host, args)  # stamped by the server's clock
-        self._tx(lambda c, retrying: rows.start_session(Tx(c, self.d), session, retrying))
+        self._tx(lambda c, retrying: rows.start_session(Tx(c, self.dialect), session, retrying))
         self.session_id = session["id"]
         return self.session_id
 
@@ -268,9 +289,9 @@ class PostgresBackend(Journal):
             if self.session_id is not None and self.read_only is None and not lost(self.conn):
 
                 def tx(c: psycopg.Connection, _retrying: bool) -> None:
-                    self._flush_hits(Tx(c, self.d))
+                    self._flush_hits(Tx(c, self.dialect))
                     why = "a cell failed in this kernel" if failed else "kernel shut down"
-                    rows.end_session(Tx(c, self.d), self.session_id, failed, why)
+                    rows.end_session(Tx(c, self.dialect), self.session_id, failed, why)
 
                 self._tx(tx, patient=False)  # at exit: no waiting for a server that is gone
         except (StoreError, psycopg.Error):
@@ -314,13 +335,13 @@ class PostgresBackend(Journal):
         if now - self._hits_flushed > HIT_FLUSH_S:
             self._hits_flushed = now
             try:
-                self._tx(lambda c, _r: self._flush_hits(Tx(c, self.d)), patient=False)  # a replay never waits for this
+                self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)), patient=False)  # a replay never waits for this
             except StoreError:
                 pass  # unreachable now: keep counting, try again later
 
     def flush_hits(self, patience_s: float | None = None) -> None:
         if self._pending_hits and self.read_only is None:
-            self._tx(lambda c, _r: self._flush_hits(Tx(c, self.d)))
+            self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)))
 
     def _flush_hits(self, t: Tx) -> None:
         if self._pending_hits:
@@ -388,53 +409,3 @@ class PostgresBackend(Journal):
         if lost(self._user_sql):
             self._user_sql = connect(self.url, purpose="sql")
         return self._user_sql
-
-    # -- reports ---------------------------------------------------------------------------
-
-    def _report(self, fn: Callable, *args) -> Any:
-        """``fn(conn, q, *args)`` in one transaction, riding out an outage."""
-        return self._tx(lambda c, _r: fn(c, self.q, *args))
-
-    def cells(self) -> list[CellRow]:
-        return self._report(postgres_reports.cells)
-
-    def history(self, cell: CellRow) -> list[HistoryRow]:
-        return self._report(postgres_reports.history, cell)
-
-    def result_of(self, state_id: str) -> str | None:
-        found = self._fetch(
-            "SELECT transition_result FROM {orchestration_session_state} WHERE orchestration_session_state_id = %s",
-            (state_id,),
-        )
-        return found[0][0] if found else None
-
-    def current_results(self) -> Iterator[tuple[CellRow, str]]:
-        return executed_results(self.cells())
-
-    def storage(self) -> StorageStats:
-        return self._report(postgres_reports.storage, self.location)
-
-    def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
-        if not dry_run:
-            self._writable()
-        return self._report(postgres_reports.gc, self.blobs.lock, digests_of, dry_run)
-
-    # -- moving records to and from RSSD files ------------------------------------------------
-
-    def export_rssd(self, path: str, *, scope: str | None = None, digests_of: Callable[[str], set[str]]) -> dict:
-        """Write this store's cells (of *scope*, or all) into the RSSD file at
-        *path*, with the blobs *digests_of(record)* names: see
-        :func:`postgres_transfer.export_rssd`."""
-        from .postgres_transfer import export_rssd
-
-        summary = self._report(export_rssd, path, scope, digests_of, self.blobs)
-        return {**summary, "from": self.location}
-
-    def import_rssd(self, path: str) -> dict:
-        """Bring the cells of the RSSD file at *path* into this store: see
-        :func:`postgres_transfer.import_rssd` (its own transactions)."""
-        from .postgres_transfer import import_rssd
-
-        self._writable()
-        summary = self._attempts(lambda conn: import_rssd(conn, self.q, path, self.blobs), patient=False)
-        return {**summary, "to": self.location}

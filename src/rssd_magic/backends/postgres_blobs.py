@@ -395,6 +395,20 @@ class PgBlobs:
         if written != size:
             raise ValueError(f"blob {digest[:24]}…: {written} bytes given for a size of {size}")
 
+    # -- for gc, in its transaction (tables.gc) ----------------------------------
+
+    def exclusive(self, t: Any) -> None:
+        """Take the blob lock exclusively: a run that skipped uploading a blob
+        because it was stored holds it shared until its record commits, so
+        gc sees that record or runs before it."""
+        t.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
+
+    def listing(self, t: Any) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        return t.all("SELECT digest, size FROM {rssd_magic_blob}"), []  # chunks go with their row
+
+    def drop(self, t: Any, digests: list[str]) -> None:
+        t.run("DELETE FROM {rssd_magic_blob} WHERE digest = ANY(?)", (list(digests),))
+
     def sizes(self) -> dict[str, int]:
         return {d: int(s) for d, s in self.store._fetch("SELECT digest, size FROM {rssd_magic_blob}")}
 

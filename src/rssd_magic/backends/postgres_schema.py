@@ -338,10 +338,11 @@ class PgDialect(Dialect):
     name = "postgresql"
 
     def __init__(self, q: Sql):
-        states = q("{rssd_magic_state_seq} AS q JOIN {orchestration_session_state} AS s "
-                   "ON s.orchestration_session_state_id = q.state_id")  # fmt: skip
+        states = q("({rssd_magic_state_seq} AS q JOIN {orchestration_session_state} AS s "
+                   "ON s.orchestration_session_state_id = q.state_id)")  # fmt: skip
         super().__init__(q.names, {"states": states, "seq": "q.seq", "entry": "q.entry_id", "C": ' COLLATE "C"',
-                                   "now": NOW, "silent": "extract(epoch FROM clock_timestamp() - heartbeat_at)::float8"})  # fmt: skip
+                                   "now": NOW, "silent": "extract(epoch FROM clock_timestamp() - heartbeat_at)::float8",
+                                   "cross": "JOIN"})  # fmt: skip
 
     def _render(self, template: str) -> str:
         # Placeholders first: our names may hold "?" or "%" (doubled by quote()).
@@ -363,6 +364,16 @@ class PgDialect(Dialect):
 
     def listed(self, values):
         return list(values)
+
+    def state_at(self, alias: str, seq: str) -> str:
+        return (f"({{rssd_magic_state_seq}} AS {alias}_q JOIN {{orchestration_session_state}} AS {alias} "
+                f"ON {alias}.orchestration_session_state_id = {alias}_q.state_id) ON {alias}_q.seq = {seq}")  # fmt: skip
+
+    def octets(self, expr: str) -> str:
+        return f"octet_length({expr})"
+
+    def contains(self, expr: str) -> str:
+        return f"strpos({expr}, ?) > 0"
 
     def text(self, value):
         """PostgreSQL text can't hold NUL: it is stored as U+FFFD (JSON

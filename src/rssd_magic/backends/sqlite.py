@@ -37,13 +37,13 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..canonical import dumps, utc_now
 from ..ids import new_ulid
 from ..keys import CellKey
-from . import rows, sqlite_reports
-from .base import Blob, CellRow, HistoryRow, Holder, StorageStats, StoreError, Transition, executed_results
+from . import rows
+from .base import Blob, Holder, StoreError, Transition
 from .dialect import Tx
 from .journal import Journal
 from .sqlite_blobs import SqliteBlobs, checkpoint
@@ -59,7 +59,7 @@ class SqliteBackend(Journal):
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 
     scheme = "file"
-    d = SQL
+    dialect = SQL
 
     def __init__(self, db: RssdConnection):
         super().__init__()
@@ -143,7 +143,11 @@ class SqliteBackend(Journal):
 
     # -- transactions (journal.py's hooks) ---------------------------------------------
 
-    def _read(self, fn: Callable[[Tx], Any]) -> Any:
+    def _writable(self) -> None:
+        if self.read_only is not None:
+            raise StoreError(f"RSSD {self.path}: {self.read_only}; nothing can be recorded in it")
+
+    def read(self, fn: Callable[[Tx], Any]) -> Any:
         try:
             with self.db.using() as conn:
                 conn.execute("BEGIN")  # one snapshot for every statement, no write lock
@@ -155,13 +159,24 @@ class SqliteBackend(Journal):
         except sqlite3.Error as exc:
             raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
 
-    def _write(self, fn: Callable[[Tx, bool], Any]) -> Any:
+    def write(self, fn: Callable[[Tx, bool], Any]) -> Any:
         with self.db.write() as c:  # waits for the lock; writes what waited first
             return fn(Tx(c, SQL), False)
 
     @operation
-    def _query(self, template: str, params: Any = ()) -> list[tuple]:
+    def query(self, template: str, params: Any = ()) -> list[tuple]:
         return self.db.conn.execute(SQL(template), params).fetchall()
+
+    def each(self, template: str, params: Any = ()) -> Iterator[tuple]:
+        try:
+            with self.db.using() as conn:
+                yield from conn.execute(SQL(template), params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
+
+    def footprint(self) -> tuple[int, int, dict]:
+        wal = self.path.with_name(self.path.name + "-wal")
+        return (self.path.stat().st_size if self.path.exists() else 0), (wal.stat().st_size if wal.exists() else 0), {}
 
     # -- the hot path ----------------------------------------------------------------
 
@@ -275,33 +290,3 @@ class SqliteBackend(Journal):
 
     def sql_connection(self) -> sqlite3.Connection:
         return self.db.sql_connection()
-
-    # -- reports -----------------------------------------------------------------------------
-
-    @operation
-    def cells(self) -> list[CellRow]:
-        return sqlite_reports.cells(self.db.conn)
-
-    @operation
-    def history(self, cell: CellRow) -> list[HistoryRow]:
-        return sqlite_reports.history(self.db.conn, cell)
-
-    @operation
-    def result_of(self, state_id: str) -> str | None:
-        row = self.db.conn.execute(
-            "SELECT transition_result FROM orchestration_session_state WHERE orchestration_session_state_id = ?",
-            (state_id,),
-        ).fetchone()
-        return row[0] if row else None
-
-    def current_results(self) -> Iterator[tuple[CellRow, str]]:
-        return executed_results(self.cells())
-
-    @operation
-    def storage(self) -> StorageStats:
-        return sqlite_reports.storage(self.db.conn, self.path)
-
-    @operation
-    def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
-        return sqlite_reports.gc(self.db.conn, self.db.write, digests_of, dry_run)
-

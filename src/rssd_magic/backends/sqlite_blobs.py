@@ -233,6 +233,24 @@ class SqliteBlobs:
         with self._write() as c:
             return delete(c, digests)
 
+    # -- for gc, in its transaction (tables.gc) ----------------------------------
+
+    def exclusive(self, t: Any) -> None:
+        """Nothing to take: gc's write transaction holds the file's write lock."""
+
+    def listing(self, t: Any) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """``(digest, size)`` of every blob, and of what writes cut short left:
+        chunks without a blob row (a crash, Ctrl-C, a run taken over), one
+        per digest with the bytes they hold."""
+        partial = t.all(
+            f"""SELECT k.digest, total(length(k.data)) FROM {CHUNKS} AS k
+                WHERE NOT EXISTS (SELECT 1 FROM {BLOB} AS b WHERE b.digest = k.digest) GROUP BY k.digest"""
+        )
+        return t.all(f"SELECT digest, size FROM {BLOB}"), partial
+
+    def drop(self, t: Any, digests: list[str]) -> None:
+        delete(t.conn, digests)
+
 
 def delete(c: sqlite3.Connection, digests: Iterable[str]) -> int:
     """Delete blobs and their chunks in transaction *c*; how many blob rows
