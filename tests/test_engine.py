@@ -30,7 +30,7 @@ SHARED_DDL = Path(__file__).resolve().parents[2] / "shared" / "rssd" / "orchestr
 ENGINE = [
     "acquire", "bindable", "canonical", "capture", "claims", "deps", "fdcapture", "ids", "keys", "lifecycle",
     "record", "render", "report", "runner", "serialize", "sql", "trust", "ttl", "widgets",
-    "runs", "replaying", "earlier",
+    "runs", "replaying", "ports", "outputs",
     "digests", "keyfiles", "signing", "signers", "keyring", "trusting",
     "backends", "backends.base",
     "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_sessions",
@@ -249,7 +249,7 @@ def test_serialize_round_trips_and_reports_failures():
     store = dict(blobs)
     untrusted, why = serialize.load_names(specs, lambda d: bytearray(store[d]), {})
     assert "s" not in untrusted and why["s"] == serialize.UNTRUSTED and untrusted["i"] == 7
-    values, missing = serialize.load_names(specs, lambda d: bytearray(store[d]), {}, lambda name: True)
+    values, missing = serialize.load_names(specs, lambda d: bytearray(store[d]), {}, trusted=True)
     assert values["i"] == 7 and values["s"] == ns["s"] and np.isnan(values["nan"])
     assert (values["arr"] == ns["arr"]).all()
     assert set(missing) == {"g"}
@@ -257,7 +257,7 @@ def test_serialize_round_trips_and_reports_failures():
     def blob_gone(digest):
         raise KeyError(digest)
 
-    values, missing = serialize.load_names({"arr": specs["arr"]}, blob_gone, {}, lambda name: True)
+    values, missing = serialize.load_names({"arr": specs["arr"]}, blob_gone, {}, trusted=True)
     assert "missing from the RSSD" in missing["arr"] and not values
 
 

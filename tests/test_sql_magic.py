@@ -163,23 +163,3 @@ def test_duckdb_lock_in_a_plain_cell_names_the_holder_in_one_line(kernel, locked
     assert f"PID {pid}" in ran.stdout and "Traceback" not in ran.stdout
     other = kernel.run("import duckdb\nduckdb.connect('/nonexistent-dir/x.duckdb')")
     assert "Traceback (most recent call last)" in other.stdout, "other IO errors keep their traceback"
-
-
-def test_a_cell_recorded_under_a_v1_sql_key_replays_after_the_upgrade(kernel, monkeypatch):
-    # The previous version keyed SQL parameters with a JSON form of its own
-    # (sql.legacy_key_extra). Record a cell the way it did, then run it with
-    # today's keys: it must replay, never run its CREATE TABLE again.
-    from rssd_magic import runner, sql
-
-    kernel.ok("import duckdb\ncon = duckdb.connect('v1.duckdb')\nlimit = 3")
-    with monkeypatch.context() as m:
-        m.setattr(runner.sql, "key_extra", lambda body, conn, params: sql.legacy_key_extra(body, conn, params))
-        kernel.ok(CREATE)
-    (src,) = kernel.rows("SELECT ingest_src FROM orchestration_session_entry")[0]
-    kernel.restart()
-    kernel.ok("import duckdb\ncon = duckdb.connect('v1.duckdb')\nlimit = 3")
-    again = kernel.ok(CREATE)
-    assert again.banner and "already exists" not in again.stdout + again.stderr
-    assert list(kernel.shell.user_ns["df"]["i"]) == [0, 1, 2]
-    assert kernel.states() == [("INITIAL", "RUNNING"), ("RUNNING", "EXECUTED")]
-    assert kernel.rows("SELECT ingest_src FROM orchestration_session_entry") == [(src,)]

@@ -60,12 +60,6 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime(TIMESTAMP_FORMAT)
 
 
-def parse_timestamp(text: str) -> float:
-    """Epoch seconds of a stored timestamp ('YYYY-MM-DD HH:MM:SS', UTC);
-    ValueError when *text* is not one."""
-    return datetime.strptime(str(text)[:19], TIMESTAMP_FORMAT).replace(tzinfo=timezone.utc).timestamp()
-
-
 def fmt_bytes(n: int | float | None) -> str:
     """``812 B``, ``1.2 kB``, ``200.0 MB``: decimal units (1 kB = 1000 B), as
     disks and ``ls -h --si`` count, one form everywhere."""

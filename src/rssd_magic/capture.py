@@ -36,6 +36,8 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 from . import fdcapture, widgets
+from . import outputs as nb
+from .outputs import Output
 
 
 def _jsonable(value: Any) -> Any:
@@ -79,7 +81,7 @@ class OutputRecorder:
     """
 
     def __init__(self, limit: int | None = None) -> None:
-        self.outputs: list[dict] = []
+        self.outputs: list[Output] = []
         self.paused = 0
         self.limit = limit
         self.size = 0
@@ -94,7 +96,7 @@ class OutputRecorder:
         self._clear_pending = False
         # display_id -> outputs shown with it; kept aside because nbformat's
         # display_data has no place for transient data.
-        self._displays: dict[str, list[dict]] = {}
+        self._displays: dict[str, list[Output]] = {}
 
     def _room(self, n: int) -> int:
         """How much of *n* more characters may be kept."""
@@ -124,12 +126,12 @@ class OutputRecorder:
                 if not text:
                     return
             last = self.outputs[-1] if self.outputs and not self._clear_pending else None
-            if last and last["output_type"] == "stream" and last["name"] == name:
+            if last and nb.kind(last) == nb.STREAM and last["name"] == name:
                 last["text"].append(text)  # joined in finish(): no quadratic +=
             else:
-                self._add({"output_type": "stream", "name": name, "text": [text]})
+                self._add(nb.stream(name, [text]))
 
-    def finish(self) -> list[dict]:
+    def finish(self) -> list[Output]:
         """The outputs, JSON- and UTF-8-safe, with a note if any were cut.
 
         Widgets are read now, at the end of the cell: their final state is
@@ -138,19 +140,16 @@ class OutputRecorder:
             self.outputs = widgets.snapshot_outputs(self.outputs)
             return self._finish()
 
-    def _finish(self) -> list[dict]:
+    def _finish(self) -> list[Output]:
         for out in self.outputs:
-            if out["output_type"] == "stream" and isinstance(out["text"], list):
+            if nb.kind(out) == nb.STREAM and isinstance(out["text"], list):
                 out["text"] = _utf8("".join(out["text"]))
         if self.truncated:
-            self.outputs.append(
-                {
-                    "output_type": "stream",
-                    "name": "stderr",
-                    "text": f"[stateful] output recorded up to {self.limit} characters; the rest was shown "
-                    "live but not recorded (StatefulMagics.max_output_size)\n",
-                }
-            )
+            self.outputs.append(nb.stream(
+                "stderr",
+                f"[stateful] output recorded up to {self.limit} characters; the rest was shown "
+                "live but not recorded (StatefulMagics.max_output_size)\n",
+            ))  # fmt: skip
         return self.outputs
 
     def display(self, data: dict, metadata: dict | None, transient: dict | None, update: bool) -> None:
@@ -168,7 +167,7 @@ class OutputRecorder:
                 out["data"] = _jsonable(data)
                 out["metadata"] = _jsonable(metadata or {})
             return
-        out = {"output_type": "display_data", "data": _jsonable(data), "metadata": _jsonable(metadata or {})}
+        out = nb.display(_jsonable(data), _jsonable(metadata or {}))
         if not self._room(_size(out["data"])):
             return
         if display_id is not None:
@@ -184,14 +183,7 @@ class OutputRecorder:
     def _result(self, data: dict, metadata: dict | None, execution_count: int | None) -> None:
         if not self._room(_size(data)):
             return
-        self._add(
-            {
-                "output_type": "execute_result",
-                "execution_count": execution_count,
-                "data": _jsonable(data),
-                "metadata": _jsonable(metadata or {}),
-            }
-        )
+        self._add(nb.result(_jsonable(data), _jsonable(metadata or {}), execution_count))
 
     def clear(self, wait: bool = False) -> None:
         if os.getpid() != self.pid:
@@ -405,17 +397,16 @@ def replay(
     for out in outputs:
         try:
             kind = out.get("output_type")
-            if kind == "stream":
-                text = out["text"]
-                text = "".join(text) if isinstance(text, list) else text
+            if kind == nb.STREAM:
+                text = nb.joined(out["text"])
                 stream = sys.stderr if out.get("name") == "stderr" else sys.stdout
-                stream.write(str(text))
+                stream.write(text)
                 stream.flush()  # keep stdout/stderr interleaving as recorded
-            elif kind == "display_data":
+            elif kind == nb.DISPLAY:
                 bundle = _bundle(out)
                 if bundle is not None:
                     shell.display_pub.publish(data=bundle[0], metadata=bundle[1])
-            elif kind == "execute_result":
+            elif kind == nb.RESULT:
                 bundle = _bundle(out)
                 if bundle is None:
                     continue
@@ -426,7 +417,7 @@ def replay(
                     sys.stdout.flush()
                     sys.stderr.flush()
                     show_result(data, metadata)
-            elif kind != "error":
+            elif kind != nb.ERROR:
                 raise TypeError(f"unknown output_type {kind!r}")
         except (AttributeError, KeyError, TypeError, ValueError):
             skipped += 1

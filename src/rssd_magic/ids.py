@@ -1,10 +1,12 @@
 """Monotonic ULIDs for primary keys.
 
 surveilr's ids are ULIDs made by the writer, so RSSDs from different machines
-merge without collisions.  We also rely on their order: the latest transition
-of a cell is the one with the greatest id.  A plain ULID is only ordered to the
-millisecond, so within one process each new id is forced above the previous
-one (the ULID spec's monotonic mode).
+merge without collisions.  Nothing is decided by their order: a ULID carries
+its writer's clock, so the latest transition of a cell is the one the store
+wrote last (SQLite's rowid, PostgreSQL's ``rssd_magic_state_seq``), never
+the greatest id.  Within one process each new id is still forced above the
+previous one (the ULID spec's monotonic mode), so ids read in the order a
+kernel wrote them.
 """
 
 from __future__ import annotations

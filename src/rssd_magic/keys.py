@@ -3,8 +3,10 @@
 A cell is identified either by its *code* (so that re-running an unchanged
 cell is recognised, while editing comments, blank lines or spacing is not a
 change) or by a *name* the user gives (surveilr's ``_once_`` migrations: the
-name, not the code, says whether it ran).  Either way the key is scoped, so
-two notebooks sharing one RSSD do not replay each other's cells.
+name, not the code, says whether it ran).  Either way the key is scoped: by
+default one scope for the whole store, so the same cell on the same inputs
+replays in any notebook and from any client; ``--scope`` keeps groups of
+cells apart.
 
 Nothing here imports IPython: the key of a cell must be computable (and
 testable) without a shell.

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from .canonical import dumps
 from .digests import BUFFER, STREAM, usable
+from .outputs import Output
 from .serialize import kinds_with_blobs, spec_blobs
 from .trust import SAFE_MIME, signed_bytes
 
@@ -98,7 +99,7 @@ class RunRecord:
     code_hash: str | None = None
     inputs: dict | None = None
     sql: dict | None = None
-    outputs: list[dict] = field(default_factory=list)
+    outputs: list[Output] = field(default_factory=list)
     names: dict[str, dict] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)

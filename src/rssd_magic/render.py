@@ -10,7 +10,9 @@ from __future__ import annotations
 import html
 import re
 
+from . import outputs
 from .canonical import fmt_bytes, fmt_duration, plural
+from .outputs import Output
 from .report import label_of
 
 def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -34,19 +36,15 @@ def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines()) or prefix
 
 
-def _output_text(out: dict) -> tuple[str, str]:
-    kind = out.get("output_type")
-    if kind == "stream":
-        text = out.get("text", "")
-        return out.get("name", "stream"), "".join(text) if isinstance(text, list) else text
-    if kind in ("execute_result", "display_data"):
-        data = out.get("data", {})
-        label = "result" if kind == "execute_result" else "display"
-        plain = data.get("text/plain")
-        if plain is not None:
-            return label, "".join(plain) if isinstance(plain, list) else plain
-        return label, "<" + ", ".join(sorted(data)) + ">"
-    if kind == "error":
+def _output_text(out: Output) -> tuple[str, str]:
+    kind = outputs.kind(out)
+    if kind == outputs.STREAM:
+        return out.get("name", "stream"), outputs.text_of(out)
+    if kind in (outputs.RESULT, outputs.DISPLAY):
+        label = "result" if kind == outputs.RESULT else "display"
+        plain = outputs.plain_of(out)
+        return label, plain if plain is not None else "<" + ", ".join(sorted(out.get("data", {}))) + ">"
+    if kind == outputs.ERROR:
         return "error", f"{out.get('ename')}: {out.get('evalue')}"
     return str(kind), ""
 

@@ -37,6 +37,7 @@ from .canonical import fmt_duration
 from .capture import ReplayedResult, replay
 from .deps import is_shell_name
 from .keys import CellKey
+from .ports import Config, ShellPort
 from .record import RecordError, RunRecord
 from .runs import StatefulRunError
 from .serialize import load_names, load_value
@@ -50,7 +51,7 @@ MEMO_TEXT_MAX = 256 * 1024
 class Replayer:
     """Replays records for one shell (its port and settings)."""
 
-    def __init__(self, port: Any, config: Any):
+    def __init__(self, port: ShellPort, config: Config):
         self.port = port
         self.config = config
         #: Parsed records and their payload ids, by (cell, stored text).
@@ -95,7 +96,7 @@ class Replayer:
             else:
                 refused[name] = why_not(name)
         # The record's signature checked: every spec in it is ours to load.
-        _, missing = load_names(specs, backend.blobs.get, ns, _trusted)
+        _, missing = load_names(specs, backend.blobs.get, ns, trusted=True)
         # Names the run deleted (``del x``) are deleted again, where the
         # cell's code deletes them.  (Names it changed in place are in
         # record.names, restored above when its code read them.)
@@ -255,10 +256,6 @@ def utc_iso(stored: str | None) -> str | None:
     if not isinstance(stored, str) or len(stored) != 19 or stored[10] != " ":
         return stored if isinstance(stored, str) else None
     return stored.replace(" ", "T") + "Z"
-
-
-def _trusted(name: str) -> bool:
-    return True
 
 
 def _printable(text: str, width: int = 60) -> str:

@@ -282,7 +282,7 @@ def stats(backend: StateBackend) -> dict:
     would free now).
     """
     c = tables.counts(backend)
-    garbage, _, _ = tables.gc(backend, dry_run=True)
+    garbage = c.garbage
     file_bytes, wal_bytes, extra = backend.footprint()
     return {
         "path": backend.location,

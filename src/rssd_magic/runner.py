@@ -7,9 +7,7 @@ The path of a run, in order:
    fingerprints of what it reads (deps) or, for SQL, its target and
    parameters;
 2. **decide** on one indexed read (:func:`lifecycle.decide`): an EXECUTED
-   record replays with no write at all — the hot path (replaying.py); a key
-   with no record may have one under a key an earlier version computed
-   (earlier.py);
+   record replays with no write at all — the hot path (replaying.py);
 3. otherwise **acquire** the cell (acquire.py): claim it, wait for another
    kernel's run, or take over from a dead one;
 4. **run** the body through the shell, recording what it shows (capture.py),
@@ -28,9 +26,8 @@ from __future__ import annotations
 
 import ast
 import os
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Generator, Protocol
+from typing import Any, Callable, Generator
 
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
@@ -39,76 +36,18 @@ from .backends.base import ClaimRequest, StateBackend, StoreError, Transition
 from .bindable import bindable
 from .claims import Heartbeat, current_holder
 from .deps import collect_inputs, explain, inputs_digest, read_names
-from .earlier import EarlierKeys
 from .keys import cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
 from .record import RecordError
 from .replaying import Replayer
-from .runs import Executed, Run, SQLCell, SQLCellError, StatefulRunError, for_display
-from .trust import Signer
+from .ports import CellOptions, Config, Executed, ShellPort
+from .runs import Run, SQLCell, SQLCellError, StatefulRunError, for_display
 from .ttl import age_s
 
 
 class UsageProblem(Exception):
     """The user's options or setup are wrong; shown as one line (the adapter
     turns it into IPython's ``UsageError``).  The cell was not run."""
-
-
-@dataclass(frozen=True)
-class CellOptions:
-    """The options of one ``%%stateful`` line (see the magic's help)."""
-
-    db: str | None = None
-    line: str = ""  # the option line as typed (surveilr's exec row keeps it)
-    name: str | None = None
-    scope: str | None = None
-    force: bool = False
-    quiet: bool = False
-    wait_s: float | None = None
-    ttl_s: float | None = None
-    ttl_text: str = ""
-    replay_only: bool = False
-    strict: bool = False
-    ignore: tuple[str, ...] = ()
-    deps_file: tuple[str, ...] = ()
-    deps_env: tuple[str, ...] = ()
-    deps_package: tuple[str, ...] = ()
-    sql: bool = False
-    conn: str | None = None
-    out: str | None = None
-
-
-class ShellPort(Protocol):
-    """What the runner needs from the shell (the adapter implements it)."""
-
-    shell: Any  # duck-typed by capture.py: display_pub, displayhook
-    user_ns: dict
-    live: bool  # True when displays can be updated in place (a Jupyter kernel)
-
-    def transform_cell(self, cell: str) -> str: ...
-    def execute(self, cell: str) -> Executed: ...
-    async def execute_async(self, cell: str) -> Executed: ...
-    def publish(self, data: dict, metadata: dict, display_id: str | None = None, update: bool = False) -> None: ...
-    def show_result(self, value: Any, data: dict, metadata: dict) -> None: ...
-    def say(self, text: str, tag: str | None = None) -> None: ...
-    def note(self, text: str) -> None: ...
-    def notebook(self) -> str | None: ...
-    def session_args(self) -> dict: ...
-
-
-class Config(Protocol):
-    """Settings read on every run (the adapter's traitlets)."""
-
-    rssd_path: str | None
-    default_scope: str
-    quiet: bool
-    wait_seconds: float | None
-    lease_seconds: float
-    max_output_size: int | None
-    busy_timeout_seconds: float
-    allow_network_fs: bool
-    clock: Callable[[], float]
-    signer: Signer
 
 
 class CellRunner:
@@ -128,7 +67,6 @@ class CellRunner:
         #: Runs whose end could not be written yet (runs.Run.end_unrecorded).
         self._unended: list[Run] = []
         self.replayer = Replayer(port, config)
-        self.earlier = EarlierKeys(port)
 
     # -- stores ------------------------------------------------------------------
 
@@ -186,7 +124,6 @@ class CellRunner:
         self._failed.clear()
         self._resolved.clear()
         self.replayer.clear()
-        self.earlier.clear()
 
     # -- one cell -------------------------------------------------------------------
 
@@ -239,7 +176,7 @@ class CellRunner:
             backend = self.backend(opts.db)
         except StoreError as exc:
             raise UsageProblem(f"%%stateful: {exc}. The cell was not run.") from None
-        scope = self.scope(opts.scope, backend)
+        scope = self.scope(opts.scope)
         inputs: dict = {}
         sql_cell = None
         if opts.sql:
@@ -254,8 +191,6 @@ class CellRunner:
         quiet = opts.quiet or self.config.quiet
         # The hot path is this one indexed read, then a replay: no write.
         latest = backend.latest(key)
-        if latest is None:
-            key, latest = self.earlier.find(backend, key, cell, scope, opts, sql_cell)
         state = latest.to_state if latest is not None else None
         rerun, note = self._rerun(latest, opts)
         decision = decide(state, rerun=rerun, replay_only=opts.replay_only)
@@ -326,7 +261,7 @@ class CellRunner:
             if run.pending is not None:
                 self._unended.append(run)
 
-    def scope(self, explicit: str | None, backend: StateBackend) -> str:
+    def scope(self, explicit: str | None) -> str:
         """--scope, else the default scope (``StatefulMagics.default_scope``):
         one scope for the whole RSSD, so a cell is keyed by its code and
         inputs alone and replays whichever client runs it (JupyterLab and
@@ -412,7 +347,6 @@ class CellRunner:
             raise UsageProblem(f"%%stateful --sql{option}: {exc}. The cell was not run.") from None
         return SQLCell(body, conn, params, extra, opts.out)
 
-    # -- replay ---------------------------------------------------------------------
 
 class _Status:
     """One live status line while waiting for another kernel.

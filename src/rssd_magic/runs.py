@@ -27,25 +27,17 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
-from . import sql
+from . import outputs, sql
 from .backends import redact, redact_text
 from .backends.base import ExecRow, Fenced, StateBackend, Transition
 from .capture import OutputRecorder, capture
 from .keys import CellKey
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
 from .deps import analyse_cell, changes, is_shell_name, names_bound, snapshot
+from .outputs import Output
+from .ports import Config, Executed, ShellPort
 from .record import RunRecord
 from .serialize import dump_names, dump_value
-
-@dataclass
-class Executed:
-    """What running the body gave: its result, or the error and the
-    traceback lines the shell formatted for it (the port's ``execute``)."""
-
-    result: Any = None
-    error: BaseException | None = None
-    traceback: list[str] | None = None
-
 
 @dataclass
 class SQLCell:
@@ -75,8 +67,8 @@ class SQLCellError(StatefulRunError):
 class Run:
     """One claimed run: executes the body and records how it ended."""
 
-    port: Any  # runner.ShellPort
-    config: Any  # runner.Config
+    port: ShellPort
+    config: Config
     backend: StateBackend
     key: CellKey
     running: Transition
@@ -119,8 +111,7 @@ class Run:
             raise
         if executed.error is not None:
             err = _error(executed.error, executed.traceback)
-            shown = {"output_type": "error", "ename": err["ename"], "evalue": err["evalue"],
-                     "traceback": executed.traceback or []}  # fmt: skip
+            shown = outputs.error(err["ename"], err["evalue"], executed.traceback or [])
             record = self.record(outputs=rec.finish() + [shown], error=err)
             # An awaiting body stopped by the kernel's interrupt is cancelled.
             stopped = isinstance(executed.error, (KeyboardInterrupt, asyncio.CancelledError))
@@ -146,7 +137,7 @@ class Run:
                 "[stateful] may have changed in place, but can't be fingerprinted, so a replay won't restore it: "
                 + "; ".join(f"{n} ({why})" for n, why in unknown.items())
             )
-        if any(o["output_type"] == "execute_result" for o in record.outputs):
+        if any(outputs.kind(o) == outputs.RESULT for o in record.outputs):
             # Kept so a replay binds _ / Out[n] to the value, not a stand-in.
             record.result_value, value_blobs = dump_value(executed.result)
             blobs += value_blobs
@@ -176,7 +167,7 @@ class Run:
             if res.frame is None:
                 summary = f"{res.summary()}\n"
                 print(summary, end="")
-                record.outputs.append({"output_type": "stream", "name": "stdout", "text": summary})
+                record.outputs.append(outputs.stream("stdout", summary))
             else:
                 spec, blobs = sql.dump_frame(res.frame)
                 data, metadata = sql.frame_bundle(res.frame)
@@ -186,9 +177,7 @@ class Run:
                     port.user_ns[cell.out] = res.frame
                 port.show_result(res.frame, data, metadata)
                 count = getattr(port.shell, "execution_count", None)
-                record.outputs.append(
-                    {"output_type": "execute_result", "execution_count": count, "data": data, "metadata": metadata}
-                )
+                record.outputs.append(outputs.result(data, metadata, count))
             return record, blobs
 
         self.executed(None, payload)
@@ -297,21 +286,20 @@ def _one_line(exc: BaseException) -> str:
 EXEC_TEXT_MAX = 4096
 
 
-def output_text(outputs: list[dict], limit: int = EXEC_TEXT_MAX) -> str:
+def output_text(recorded: list[Output], limit: int = EXEC_TEXT_MAX) -> str:
     """The first *limit* characters of what a run printed or showed as text
     (streams, and the text/plain of displays and results), in order."""
     parts: list[str] = []
     size = 0
-    for out in outputs:
-        kind = out.get("output_type")
-        if kind == "stream":
-            text = out.get("text", "")
-        elif kind in ("display_data", "execute_result"):
-            text = (out.get("data") or {}).get("text/plain", "")
+    for out in recorded:
+        kind = outputs.kind(out)
+        if kind == outputs.STREAM:
+            text = outputs.text_of(out)
+        elif kind in (outputs.DISPLAY, outputs.RESULT):
+            text = outputs.plain_of(out) or ""
             text = text + "\n" if text else ""
         else:
             continue
-        text = "".join(text) if isinstance(text, list) else str(text)
         parts.append(text[: limit - size])
         size += len(parts[-1])
         if size >= limit:

@@ -389,12 +389,12 @@ def load_names(
     specs: dict[str, dict],
     get_blob: Callable[[str], Any],
     namespace: dict,
-    trusted: Callable[[str], bool] = lambda name: False,
+    trusted: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Rebuild values from *specs*; returns ``(values, {name: why not})``.
 
-    A pickle is only loaded when ``trusted(name)`` says its payload carries
-    a valid signature; *get_blob* must verify each blob against its digest.
+    A pickle is only loaded when *trusted* (the record's signature was
+    judged good); *get_blob* must verify each blob against its digest.
     Each value is bound into *namespace* as soon as it is rebuilt, so a later
     name (an instance) can find an earlier one (its class) by reference.
     """
@@ -404,7 +404,7 @@ def load_names(
         return values, {"(names)": f"recorded names are not a JSON object ({type(specs).__name__})"}
     for name, spec in specs.items():
         try:
-            values[name] = namespace[name] = load_value(spec, get_blob, namespace, trusted(name))
+            values[name] = namespace[name] = load_value(spec, get_blob, namespace, trusted)
         except NotRestored as exc:
             if exc.why:
                 missing[name] = exc.why

@@ -75,6 +75,8 @@ class Counts:
     time_saved_s: float = 0.0
     blobs: int = 0
     blob_bytes: int = 0
+    #: ``(digest, size)`` of what gc would free now.
+    garbage: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _number(value: Any) -> float | int | None:
@@ -254,23 +256,32 @@ def _latest_per_cell(d: Dialect, columns: str) -> str:
                LEFT JOIN {d.state_at('l', 'c.last')}"""
 
 
+def _marked(d: Dialect) -> str:
+    """The latest transition ``l`` is EXECUTED and its record can name a blob."""
+    return "l.to_state = 'EXECUTED' AND (" + " OR ".join([d.contains("l.transition_result")] * len(blob_markers())) + ")"
+
+
 def counts(store: StateBackend) -> Counts:
-    """What ``stats`` counts, in one consistent read of three statements."""
+    """What ``stats`` counts, and the blobs gc would free, in one consistent
+    read: one pass over the cells (their latest states, transitions, record
+    bytes, and the records that can name a blob), the replays, the blobs."""
     d = store.dialect
     duration = d.json_number("s.transition_result", *FIELD_PATHS["duration_s"])
 
     def read(t: Tx) -> Counts:
         out = Counts()
-        for state, cells, transitions, json_bytes in t.all(
-            f"""SELECT l.to_state, count(*), coalesce(sum(c.n), 0), coalesce(sum(c.bytes), 0)
-                FROM {_latest_per_cell(d, f"count(s.orchestration_session_state_id) AS n, sum({d.octets('s.transition_result')}) AS bytes")}
-                GROUP BY l.to_state""",
-            OURS,
+        per_cell = _latest_per_cell(d, f"count(s.orchestration_session_state_id) AS n, sum({d.octets('s.transition_result')}) AS bytes")
+        keep: set[str] = set()
+        for state, transitions, json_bytes, text in t.all(
+            f"SELECT l.to_state, c.n, c.bytes, CASE WHEN {_marked(d)} THEN l.transition_result END FROM {per_cell}",
+            (*blob_markers(), *OURS),
         ):
-            out.cells += int(cells)
-            out.by_state[state or "NONE"] = int(cells)
+            out.cells += 1
+            out.by_state[state or "NONE"] = out.by_state.get(state or "NONE", 0) + 1
             out.transitions += int(transitions)
-            out.result_json_bytes += int(json_bytes)
+            out.result_json_bytes += int(json_bytes or 0)
+            if text:
+                keep |= digests_in(text)
         hits, saved = t.one(
             f"""SELECT coalesce(sum(h.hits), 0), coalesce(sum(h.hits * coalesce({duration}, 0)), 0)
                 FROM {{rssd_magic_hit}} AS h
@@ -279,8 +290,9 @@ def counts(store: StateBackend) -> Counts:
             (EXECUTED,),
         )
         out.hits, out.time_saved_s = int(hits), round(float(saved), 6)
-        blobs, blob_bytes = t.one("SELECT count(*), coalesce(sum(size), 0) FROM {rssd_magic_blob}")
-        out.blobs, out.blob_bytes = int(blobs), int(blob_bytes)
+        stored, partial = store.blobs.listing(t)
+        out.blobs, out.blob_bytes = len(stored), sum(int(s or 0) for _, s in stored)
+        out.garbage = [(dg, int(s or 0)) for dg, s in stored + partial if dg not in keep]
         return out
 
     return store.read(read)
@@ -293,15 +305,13 @@ def referenced(t: Tx, digests_of: Callable[[str], set[str]] | None = None) -> se
     """The blobs the current EXECUTED records name.  Without *digests_of*,
     only records whose text can name one are read (record.blob_markers)."""
     d = t.d
-    where = "l.to_state = 'EXECUTED'"
-    params: tuple = OURS
     if digests_of is None:
-        markers = blob_markers()
-        where += " AND (" + " OR ".join([d.contains("l.transition_result")] * len(markers)) + ")"
-        params += tuple(markers)
-        digests_of = digests_in
+        where, params, digests_of = _marked(d), (*blob_markers(), *OURS), digests_in
+    else:
+        where, params = "l.to_state = 'EXECUTED'", OURS
     out: set[str] = set()
-    for (text,) in t.stream(f"SELECT l.transition_result FROM {_latest_per_cell(d, 'e.ingest_src')} WHERE {where}", params):
+    for (text,) in t.all(f"SELECT CASE WHEN {where} THEN l.transition_result END FROM {_latest_per_cell(d, 'e.ingest_src')}",
+                         params):  # fmt: skip
         if text:
             out |= digests_of(text)
     return out

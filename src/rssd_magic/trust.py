@@ -49,6 +49,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
+from . import outputs
+from .outputs import Output
 from .canonical import CANONICAL_VERSION, canonical_bytes
 # Re-exported: the blob readers and older callers import them from here.
 from .digests import IntegrityError, Verifier, buffer_digest, stream_digest, verify  # noqa: F401
@@ -164,8 +166,8 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def inert_outputs(outputs: Any) -> tuple[list[dict], list[str]]:
-    """What an unsigned record may show of its *outputs*, and what it may not.
+def inert_outputs(recorded: Any) -> tuple[list[Output], list[str]]:
+    """What an unsigned record may show of its *recorded* outputs, and what it may not.
 
     Returns ``(shown, withheld)``: *shown* are nbformat outputs safe to
     replay — streams as text, and displays and results reduced to
@@ -175,20 +177,20 @@ def inert_outputs(outputs: Any) -> tuple[list[dict], list[str]]:
     bound to it); *withheld* names each thing left out (a MIME type, or a
     malformed output), for the one line that says so.
     """
-    shown: list[dict] = []
+    shown: list[Output] = []
     withheld: list[str] = []
-    if not isinstance(outputs, list):
+    if not isinstance(recorded, list):
         return shown, ["outputs (not a list)"]
-    for out in outputs:
-        kind = out.get("output_type") if isinstance(out, dict) else None
-        if kind == "stream":
+    for out in recorded:
+        kind = outputs.kind(out)
+        if kind == outputs.STREAM:
             text = _text(out.get("text"))
             name = out.get("name")
             if text is None or name not in ("stdout", "stderr"):
                 withheld.append("a malformed stream")
                 continue
-            shown.append({"output_type": "stream", "name": name, "text": text})
-        elif kind in ("display_data", "execute_result"):
+            shown.append(outputs.stream(name, text))
+        elif kind in (outputs.DISPLAY, outputs.RESULT):
             data = out.get("data")
             if not isinstance(data, dict):
                 withheld.append("a malformed display")
@@ -201,7 +203,7 @@ def inert_outputs(outputs: Any) -> tuple[list[dict], list[str]]:
                 else:
                     withheld.append(str(mime)[:60])
             if safe:
-                shown.append({"output_type": "display_data", "data": safe, "metadata": untrusted_metadata()})
-        elif kind != "error":  # a failed run's traceback is never replayed
+                shown.append(outputs.display(safe, untrusted_metadata()))
+        elif kind != outputs.ERROR:  # a failed run's traceback is never replayed
             withheld.append("a malformed output")
     return shown, withheld

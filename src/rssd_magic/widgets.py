@@ -29,6 +29,8 @@ import sys
 from html.parser import HTMLParser
 from typing import Any, Mapping
 
+from . import outputs
+
 VIEW = "application/vnd.jupyter.widget-view+json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _SAFE_COLOR = re.compile(r"^[#A-Za-z0-9(),.% ]{1,40}$")
@@ -56,13 +58,13 @@ def _model_id(view: Any) -> str | None:
     return view.get("model_id") if isinstance(view, dict) else None
 
 
-def snapshot_outputs(outputs: list[dict]) -> list[dict]:
-    """*outputs* with every widget view replaced by a static snapshot."""
-    if not any(isinstance(o.get("data"), dict) and VIEW in o["data"] for o in outputs):
-        return outputs
+def snapshot_outputs(recorded: list[outputs.Output]) -> list[outputs.Output]:
+    """The *recorded* outputs with every widget view replaced by a static snapshot."""
+    if not any(isinstance(o.get("data"), dict) and VIEW in o["data"] for o in recorded):
+        return recorded
     live = registry()
     kept = []
-    for out in outputs:
+    for out in recorded:
         data = out.get("data")
         if not isinstance(data, dict) or VIEW not in data:
             kept.append(out)
@@ -214,19 +216,18 @@ def _text(widget: Any, depth: int) -> str:
 
 
 def _output_text(out: Any) -> str:
-    if not isinstance(out, dict):
+    kind = outputs.kind(out)
+    if kind is None:
         return ""
-    if out.get("output_type") == "stream":
-        text = out.get("text", "")
-        return "".join(text) if isinstance(text, list) else str(text)
-    if out.get("output_type") == "error":
+    if kind == outputs.STREAM:
+        return outputs.text_of(out)
+    if kind == outputs.ERROR:
         return _ANSI.sub("", "\n".join(out.get("traceback") or ())) + "\n"
     data = out.get("data") or {}
     widget = (registry() or {}).get(_model_id(data.get(VIEW)))
     if widget is not None:
         return _text(widget, 1) + "\n"
-    text = data.get("text/plain", "")
-    return ("".join(text) if isinstance(text, list) else str(text)) + "\n"
+    return (outputs.plain_of(out) or "") + "\n"
 
 
 def _html(widget: Any, depth: int) -> str:

@@ -372,7 +372,7 @@ def load_frame(spec: dict, get_blob: Callable[[str], Any], trusted: bool = False
         table = pq.read_table(source) if fmt == "parquet" else pa.ipc.open_file(source).read_all()
         return _arrow_to_frame(table, spec)
     if fmt == "pickle":
-        values, missing = load_names({"frame": spec["value"]}, get_blob, {}, trusted=lambda _name: trusted)
+        values, missing = load_names({"frame": spec["value"]}, get_blob, {}, trusted=trusted)
         if "frame" in missing:
             raise ValueError(f"the result table {missing['frame']}")
         return values["frame"]
