@@ -248,7 +248,9 @@ def test_background_child_keeps_writing_after_the_recording(monkeypatch, tmp_pat
     with fds_into(tmp_path / "terminal"):
         with capture(StubShell([])) as rec:
             child = subprocess.Popen(["sh", "-c", "echo early; sleep 0.5; echo late"])
-            time.sleep(0.2)
+            deadline = time.time() + 5
+            while not any("early" in "".join(o.get("text", "")) for o in rec.outputs) and time.time() < deadline:
+                time.sleep(0.01)  # recorded while the cell runs
         outputs = rec.finish()
         assert child.wait(timeout=10) == 0, "the child must not get SIGPIPE"
         deadline = time.time() + 5

@@ -188,7 +188,6 @@ def test_a_waiter_is_woken_by_the_holders_commit(opened):
     done_at = []
 
     def finish():
-        time.sleep(0.3)
         holder.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
         done_at.append(time.monotonic())
 
