@@ -21,7 +21,8 @@ import pytest
 import pg_util
 from rssd_magic import tables
 from rssd_magic.backends import open_backend
-from rssd_magic.backends.base import ClaimRequest, Fenced, StateBackend, StoreError
+from rssd_magic.backends.base import ClaimRequest, Fenced, StoreError
+from rssd_magic.backends.journal import StateBackend
 from rssd_magic.claims import Heartbeat, current_holder
 from rssd_magic.keys import cell_key
 from rssd_magic.lifecycle import ABANDONED, EXECUTED, FAILED, FORGOTTEN, INITIAL, RUNNING

@@ -15,7 +15,8 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from .backends.base import Claim, ClaimOutcome, ClaimRequest, StateBackend
+from .backends.base import Claim, ClaimOutcome, ClaimRequest
+from .backends.journal import StateBackend
 from .claims import Watch
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
 

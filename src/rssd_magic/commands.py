@@ -23,7 +23,8 @@ import click
 
 from . import __version__, render, report
 from .backends import DEFAULT_RSSD, ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import StateBackend, StoreError
+from .backends.base import StoreError
+from .backends.journal import StateBackend
 from .canonical import fmt_bytes, plural
 from .keyfiles import KeyProblem
 from .keyring import data_dir, signers_path

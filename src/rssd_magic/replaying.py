@@ -31,7 +31,8 @@ import shlex
 from typing import Any, Callable
 
 from .backends import redact, resolve_location
-from .backends.base import StateBackend, Transition
+from .backends.base import Transition
+from .backends.journal import StateBackend
 from .bindable import why_not
 from .canonical import fmt_duration
 from .capture import ReplayedResult, replay

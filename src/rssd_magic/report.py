@@ -24,7 +24,7 @@ from urllib.parse import unquote
 from typing import Iterator
 
 from . import tables
-from .backends.base import StateBackend
+from .backends.journal import StateBackend
 from .canonical import dumps
 from .keys import URI_PREFIX
 from .lifecycle import EXECUTED, FORGOTTEN

@@ -32,7 +32,8 @@ from typing import Any, Callable, Generator
 from . import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
 from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import ClaimRequest, StateBackend, StoreError, Transition
+from .backends.base import ClaimRequest, StoreError, Transition
+from .backends.journal import StateBackend
 from .bindable import bindable
 from .claims import Heartbeat, current_holder
 from .deps import collect_inputs, explain, inputs_digest, read_names

@@ -29,7 +29,8 @@ from typing import Any, Callable, Generator
 
 from . import outputs, sql
 from .backends import redact, redact_text
-from .backends.base import ExecRow, Fenced, StateBackend, Transition
+from .backends.base import ExecRow, Fenced, Transition
+from .backends.journal import StateBackend
 from .capture import OutputRecorder, capture
 from .keys import CellKey
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED

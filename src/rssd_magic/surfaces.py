@@ -29,7 +29,8 @@ import click
 
 from . import render, report
 from .backends import open_backend
-from .backends.base import StateBackend, StoreError
+from .backends.base import StoreError
+from .backends.journal import StateBackend
 from .canonical import plural
 from .keyfiles import KeyProblem, check_private
 from .keyring import Keyring

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from .backends.base import StateBackend, Transition
+from .backends.base import Transition
+from .backends.journal import StateBackend
 from .backends.dialect import Dialect, Tx
 from .backends.rows import ENTRIES, src_range
 from .keys import URI_PREFIX

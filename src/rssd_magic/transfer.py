@@ -32,7 +32,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-from .backends.base import StateBackend, StoreError
+from .backends.base import StoreError
+from .backends.journal import StateBackend
 from .backends.dialect import Tx
 from .backends.sqlite_schema import EXPECTED_COLUMNS
 from .keys import URI_PREFIX, cell_key

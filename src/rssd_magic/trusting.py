@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from . import tables
-from .backends.base import StateBackend
+from .backends.journal import StateBackend
 from .digests import IntegrityError
 from .keys import URI_PREFIX
 from .record import RESULT_VALUE, RecordError, RunRecord

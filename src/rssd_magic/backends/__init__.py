@@ -14,7 +14,12 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .base import StateBackend, StoreError
+from typing import TYPE_CHECKING
+
+from .base import StoreError
+
+if TYPE_CHECKING:  # the type only: importing the journal here would close an import loop
+    from .journal import StateBackend
 
 #: surveilr's default RSSD file name, and the variable surveilr reads for it
 #: (a file path only: surveilr opens it).
@@ -123,7 +128,6 @@ __all__ = [
     "ENV_DB",
     "ENV_RSSD",
     "REGISTRY",
-    "StateBackend",
     "StoreError",
     "backend_class",
     "open_backend",

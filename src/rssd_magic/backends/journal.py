@@ -1,14 +1,17 @@
-"""The journal every store keeps the same way: claims decided and runs
-ended as compare-and-append, forgetting only while a run is the latest,
-signatures, sessions ended — written once over a few hooks a store
-implements (its transactions, its claim row, how it appends and orders a
-transition).
+"""A store, as the engine and the reports see it: the journal of every
+cell's transitions, with claims decided and runs ended as
+compare-and-append, forgetting only while a run is the latest, signatures
+and sessions — its shared half written once here, over what each store
+implements (the abstract methods below: its transactions, its hot path,
+its claim row, how it appends and orders a transition, its heartbeat and
+its wake-ups, with its ``blobs`` and its ``dialect``).
 
-What a store adds is what only it can do: SQLite waits for another
-process's write lock and keeps the session's rows and replay counts until
-a write is possible (sqlite.py); PostgreSQL takes a row lock per cell,
-rides out a restart and tells waiters with NOTIFY (postgres.py).  The hot
-path — ``latest``, one indexed read — stays the store's own.
+What only a store can do stays in its modules: SQLite waits for another
+process's write lock, checks the file under it, and keeps the session's
+rows and replay counts until a write is possible (sqlite*.py); PostgreSQL
+takes a row lock per cell, rides out a restart and a pooler, and tells
+waiters with NOTIFY (postgres*.py).  The promises every store keeps are
+base.py's; ``tests/test_backend_contract.py`` holds each store to them.
 """
 
 from __future__ import annotations
@@ -19,24 +22,92 @@ from ..ids import new_ulid
 from ..keys import CellKey
 from ..lifecycle import ABANDONED, INITIAL, RUNNING
 from . import rows
-from .base import Blob, Claim, ClaimOutcome, ClaimRequest, ExecRow, Fenced, Holder, Transition, judge_claim
+from .base import (
+    Blob, BlobStore, Claim, ClaimOutcome, ClaimRequest, ExecRow, Fenced, Holder, Renewer, Transition, judge_claim,
+)  # fmt: skip
 from .dialect import Dialect, Tx
 
 
 class Journal:
-    """The shared half of a store (see the module); a store subclasses it."""
+    """An opened state store: one instance per kernel and location.
 
+    ``open(location, *, session_args=None, create=True, readonly=False,
+    busy_timeout_s=30.0, allow_network_fs=False, notify=None)`` is a
+    classmethod of each store (options it has no use for are accepted and
+    ignored).  Opening a prepared store writes nothing.  *notify(line,
+    tag=None)* is told what the user should know, once each: a store that
+    is read-only here, a file replaced under a running kernel, a wait for
+    another process's lock; and, tagged ``created``, a store that opening
+    created (a run from the wrong folder shows).
+    """
+
+    #: ``file`` or the URL scheme the store serves (``postgresql``).
     scheme = "?"
+    #: What messages name: the file path, or the URL without its password.
     location = ""
+    #: This host's name (for records and messages only).
+    host = ""
+    #: This process's ``orchestration_session`` id, once started.
     session_id: str | None = None
+    #: None while this process may write the store; else why not, in a few
+    #: words (a read-only file or mount, a schema made by a newer version).
+    #: A read-only store replays; every write raises StoreError at once.
+    read_only: str | None = None
+    blobs: BlobStore
     #: The store's SQL (dialect.py).
     dialect: Dialect
 
     def __init__(self) -> None:
         self._srcs: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
 
-    # -- what each store implements: its transactions (also what the code
-    # above the stores reads and writes through), then its hooks ---------------
+    # -- what each store implements for the engine ---------------------------------
+
+    def latest(self, key: CellKey) -> Transition | None:
+        """The cell's latest transition by store order (None: never ran).
+        One indexed read: this is all a replay costs the store."""
+        raise NotImplementedError
+
+    def note_hit(self, state_id: str) -> None:
+        """Count a replay; buffered (a replay writes nothing)."""
+        raise NotImplementedError
+
+    def flush_hits(self, patience_s: float | None = None) -> None:
+        """Write buffered hit counts, and whatever else waits for a write
+        (the session's rows), now, waiting up to *patience_s* (default: the
+        busy timeout) for another process's lock."""
+        raise NotImplementedError
+
+    def start_session(self, args: dict) -> str:
+        """Start this process's ``orchestration_session`` (once) and return
+        its id; *args* go to ``args_json``, the process's Holder to
+        ``elaboration``, with surveilr's first session-level state
+        (``INITIAL → surveilr_orchestration_init``, rows.py).  Its rows may
+        be written later, when a write is possible, but before any row that
+        names the session."""
+        raise NotImplementedError
+
+    def close(self, *, failed: bool = False) -> None:
+        """Write pending hits and finish the session (``surveilr_orch_completed``,
+        or ``surveilr_orch_failed`` when a cell run in it *failed*, and
+        ``orch_finished_at``).  Closes connections.  Never raises."""
+        raise NotImplementedError
+
+    def renewer(self) -> Renewer:
+        """A new heartbeat connection (used from another thread)."""
+        raise NotImplementedError
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Sleep until another process may have ended a run (a store that can
+        be told, PostgreSQL's LISTEN/NOTIFY, wakes at once), or *timeout*."""
+        raise NotImplementedError
+
+    def sql_connection(self) -> Any:
+        """A DB-API connection of its own for the user's SQL cells, so nothing
+        a cell does (PRAGMAs, transactions) touches the state's connection."""
+        raise NotImplementedError
+
+    # -- its transactions: also what the code above the stores reads and
+    # writes through (rows.py, tables.py, transfer.py) ------------------------
 
     def read(self, fn: Callable[[Tx], Any]) -> Any:
         """``fn(tx)`` in one consistent read (driver errors: StoreError)."""
@@ -108,18 +179,24 @@ class Journal:
         """After a claim committed (a store that can be told of changes
         listens for the held cell)."""
 
-    # -- reading -------------------------------------------------------------------------
+    # -- written once: reading ---------------------------------------------------------
 
     def latest_variant(self, key: CellKey) -> Transition | None:
+        """The latest EXECUTED run of the same code on other inputs (to say
+        why this one runs), or None."""
         lo, hi = rows.src_range(key.base_src)
         found = self.query(rows.VARIANT, (lo, hi, key.ingest_src))
         return Transition(*found[0]) if found else None
 
     def claim_of(self, running: Transition) -> Claim | None:
+        """The claim on a RUNNING transition (None when nobody holds it)."""
         found = self.query(rows.CLAIM_OF, (running.entry_id, running.state_id))
         return rows.claim_from(found[0]) if found else None
 
     def signatures(self, payload_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+        """Every key's signature row of *payload_ids*, in one query:
+        ``{payload_id: {key_id: signature}}`` (payloads without a row absent;
+        rows whose key id or signature is not text left out)."""
         ids = list(dict.fromkeys(payload_ids))
         if not ids:
             return {}
@@ -128,19 +205,25 @@ class Journal:
         return rows.signatures_of(self.query(rows.SIGNATURES + self.dialect.in_list("payload_id"), (self.dialect.listed(ids),)))
 
     def open_sessions(self) -> list[tuple[str, dict]]:
+        """``(session_id, holder)`` of our sessions not finished yet (*holder*
+        as its process recorded it): the engine judges which a killed kernel
+        left open (claims.close_orphaned_sessions)."""
         if self.read_only is not None:
             return []  # what this process may not end, it need not judge
         return self.read(rows.open_sessions)
 
-    # -- writing -------------------------------------------------------------------------
+    # -- written once: writing ---------------------------------------------------------
 
     def add_signatures(self, signed: Iterable[tuple[str, str, str]]) -> None:
+        """Record ``(payload_id, key_id, signature)`` rows (idempotent)."""
         signed = list(signed)
         self._writable()
         if signed:
             self.write(lambda t, _retrying: rows.add_signatures(t, signed))
 
     def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
+        """Finish another process's session (a killed kernel's) as :meth:`close`
+        would, with *reason*; False if it was finished meanwhile."""
         self._writable()
         return self.write(lambda t, _retrying: rows.end_session(t, session_id, failed, reason))
 
@@ -157,6 +240,10 @@ class Journal:
         return src
 
     def claim(self, request: ClaimRequest) -> ClaimOutcome:
+        """Decide and record, in one transaction, who runs the cell now
+        (:func:`base.judge_claim`): replay (``done``), wait for a live holder
+        (``held``), or append RUNNING with a claim and a larger fencing token
+        (``run``), recording ``RUNNING → ABANDONED`` first when taking over."""
         self._writable()
         self._session()
         key, holder = request.key, request.holder
@@ -218,6 +305,12 @@ class Journal:
         signatures: Iterable[tuple[str, str, str]] = (),
         exec_row: ExecRow | None = None,
     ) -> Transition:
+        """End a run: append ``RUNNING → to_state`` with its record, blobs,
+        signatures and *exec_row*, and release the claim, in one transaction
+        — only while *running* is still the cell's latest transition and
+        *token* still holds it (:class:`Fenced` otherwise, nothing written).
+        Every blob exists when the record commits (large ones may be written
+        beforehand, in transactions of their own: ``_stage``)."""
         self._writable()
         blobs, signatures = list(blobs), list(signatures)
         staged = self._stage(running, token, blobs)
@@ -244,6 +337,9 @@ class Journal:
     def append_if_latest(
         self, entry_id: str, from_state: str, to_state: str, result_json: str | None, reason: str, if_latest: str
     ) -> Transition | None:
+        """Append one transition only if *if_latest* is still the latest
+        transition of the entry's cell (None otherwise): ``forget`` can't
+        land after a newer run."""
         self._writable()
         self._session()
 
@@ -258,3 +354,7 @@ class Journal:
             return self._append(t, entry_id, from_state, to_state, result_json, reason, None)
 
         return self.write(tx)
+
+
+#: The name the engine types an opened store by.
+StateBackend = Journal

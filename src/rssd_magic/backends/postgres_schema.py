@@ -49,94 +49,39 @@ import psycopg
 from psycopg import sql
 
 from .dialect import Dialect
+from .sqlite_schema import SURVEILR_DDL as RSSD_DDL
 from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 
 #: Version of our own objects on PostgreSQL.  1: the first layout.
 SCHEMA_VERSION = 1
 
-# Templates (postgres_conn.Sql): {name} is one of our objects, qualified;
-# {now} the server's clock as SQLite's CURRENT_TIMESTAMP text.
-# surveilr's tables (shared/rssd/orchestration.sql), one column per line.
-SURVEILR_DDL = """
-CREATE TABLE IF NOT EXISTS {device} (
-    "device_id" VARCHAR PRIMARY KEY NOT NULL,
-    "name" TEXT NOT NULL,
-    "state" TEXT NOT NULL CHECK ("state"::json IS NOT NULL),
-    "boundary" TEXT NOT NULL,
-    "segmentation" TEXT CHECK ("segmentation" IS NULL OR "segmentation"::json IS NOT NULL),
-    "state_sysinfo" TEXT CHECK ("state_sysinfo" IS NULL OR "state_sysinfo"::json IS NOT NULL),
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    "created_at" TEXT DEFAULT {now},
-    "created_by" TEXT DEFAULT 'UNKNOWN',
-    "updated_at" TEXT,
-    "updated_by" TEXT,
-    "deleted_at" TEXT,
-    "deleted_by" TEXT,
-    "activity_log" TEXT,
-    UNIQUE ("name", "state", "boundary")
-);
-CREATE TABLE IF NOT EXISTS {orchestration_nature} (
-    "orchestration_nature_id" TEXT PRIMARY KEY NOT NULL,
-    "nature" TEXT NOT NULL,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    "created_at" TEXT DEFAULT {now},
-    "created_by" TEXT DEFAULT 'UNKNOWN',
-    "updated_at" TEXT,
-    "updated_by" TEXT,
-    "deleted_at" TEXT,
-    "deleted_by" TEXT,
-    "activity_log" TEXT,
-    UNIQUE ("orchestration_nature_id", "nature")
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session} (
-    "orchestration_session_id" VARCHAR PRIMARY KEY NOT NULL,
-    "device_id" VARCHAR NOT NULL REFERENCES {device} ("device_id"),
-    "orchestration_nature_id" TEXT NOT NULL REFERENCES {orchestration_nature} ("orchestration_nature_id"),
-    "version" TEXT NOT NULL,
-    "orch_started_at" TEXT DEFAULT {now},
-    "orch_finished_at" TEXT,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    "args_json" TEXT CHECK ("args_json" IS NULL OR "args_json"::json IS NOT NULL),
-    "diagnostics_json" TEXT CHECK ("diagnostics_json" IS NULL OR "diagnostics_json"::json IS NOT NULL),
-    "diagnostics_md" TEXT
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session_entry} (
-    "orchestration_session_entry_id" VARCHAR PRIMARY KEY NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
-    "ingest_src" TEXT NOT NULL,
-    "ingest_table_name" TEXT,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL)
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session_state} (
-    "orchestration_session_state_id" VARCHAR PRIMARY KEY NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
-    "session_entry_id" VARCHAR REFERENCES {orchestration_session_entry} ("orchestration_session_entry_id"),
-    "from_state" TEXT NOT NULL,
-    "to_state" TEXT NOT NULL,
-    "transition_result" TEXT CHECK ("transition_result" IS NULL OR "transition_result"::json IS NOT NULL),
-    "transition_reason" TEXT,
-    "transitioned_at" TEXT DEFAULT {now},
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    UNIQUE ("orchestration_session_state_id", "from_state", "to_state")
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session_exec} (
-    "orchestration_session_exec_id" VARCHAR PRIMARY KEY NOT NULL,
-    "exec_nature" TEXT NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
-    "session_entry_id" VARCHAR REFERENCES {orchestration_session_entry} ("orchestration_session_entry_id"),
-    "parent_exec_id" VARCHAR REFERENCES {orchestration_session_exec} ("orchestration_session_exec_id"),
-    "namespace" TEXT,
-    "exec_identity" TEXT,
-    "exec_code" TEXT NOT NULL,
-    "exec_status" BIGINT NOT NULL,
-    "input_text" TEXT,
-    "exec_error_text" TEXT,
-    "output_text" TEXT,
-    "output_nature" TEXT CHECK ("output_nature" IS NULL OR "output_nature"::json IS NOT NULL),
-    "narrative_md" TEXT,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL)
-);
-"""
+#: SQLite's declared types that PostgreSQL spells otherwise (timestamps stay
+#: surveilr's text; SQLite integers are 64-bit).
+_PG_TYPES = {"INTEGER": "BIGINT", "TIMESTAMPTZ": "TEXT"}
+
+
+def _from_rssd(ddl: str) -> str:
+    """surveilr's SQLite DDL (orchestration.sql) as a template
+    (postgres_conn.Sql) of the same tables here: ``{name}`` for our
+    objects, ``{now}`` the server's clock as SQLite's CURRENT_TIMESTAMP
+    text, ``json_valid`` checks as a ``::json`` cast, types as above; one
+    column per line, comments dropped."""
+    out = []
+    for line in ddl.splitlines():
+        line = line.split("--", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        line = re.sub(r'^CREATE TABLE IF NOT EXISTS "(\w+)"', r"CREATE TABLE IF NOT EXISTS {\1}", line)
+        line = re.sub(r'REFERENCES "(\w+)"\(', r"REFERENCES {\1} (", line)
+        line = re.sub(r"CHECK\(json_valid\((\w+)\) OR \1 IS NULL\)", r'CHECK ("\1" IS NULL OR "\1"::json IS NOT NULL)', line)
+        line = re.sub(r"CHECK\(json_valid\((\w+)\)\)", r'CHECK ("\1"::json IS NOT NULL)', line)
+        line = re.sub(r'^(\s+"\w+" )([A-Z]+)', lambda m: m.group(1) + _PG_TYPES.get(m.group(2), m.group(2)), line)
+        out.append(line.replace("DEFAULT CURRENT_TIMESTAMP", "DEFAULT {now}").replace("KEY(", "KEY (").replace("UNIQUE(", "UNIQUE ("))
+    return "\n".join(out) + "\n"
+
+
+#: surveilr's tables, as an RSSD has them.
+SURVEILR_DDL = _from_rssd(RSSD_DDL)
 
 # Our own tables:
 #   meta        our schema version;
