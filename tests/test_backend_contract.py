@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 
 import pg_util
-from rssd_magic import tables
+from rssd_magic.store import tables
 from rssd_magic.backends import open_backend
-from rssd_magic.backends.base import ClaimRequest, Fenced, StoreError
-from rssd_magic.backends.journal import StateBackend
-from rssd_magic.claims import Heartbeat, current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import ABANDONED, EXECUTED, FAILED, FORGOTTEN, INITIAL, RUNNING
-from rssd_magic.trust import IntegrityError, buffer_digest, stream_digest
+from rssd_magic.store.base import ClaimRequest, Fenced, StoreError
+from rssd_magic.store.journal import StateBackend
+from rssd_magic.engine.claims import Heartbeat, current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import ABANDONED, EXECUTED, FAILED, FORGOTTEN, INITIAL, RUNNING
+from rssd_magic.records.trust import IntegrityError, buffer_digest, stream_digest
 
 KEY = cell_key("contract()", "contract")
 RESULT = '{"format":"rssd_magic.result.v1","names":{},"outputs":[]}'
@@ -228,11 +228,11 @@ def test_heartbeat_moves_the_beat_and_releases_cleanly(env):
 RACER = textwrap.dedent(
     """
     import sys, time
-    from rssd_magic.acquire import acquire
+    from rssd_magic.engine.acquire import acquire
     from rssd_magic.backends import open_backend
-    from rssd_magic.backends.base import ClaimRequest
-    from rssd_magic.claims import current_holder
-    from rssd_magic.keys import cell_key
+    from rssd_magic.store.base import ClaimRequest
+    from rssd_magic.engine.claims import current_holder
+    from rssd_magic.engine.keys import cell_key
     where, hold = sys.argv[1], float(sys.argv[2])
     b = open_backend(where, session_args={"racer": True})
     key = cell_key("contract()", "contract")
@@ -446,7 +446,7 @@ def test_a_killed_kernels_session_can_be_ended_once_by_another(env):
 
 
 def test_every_recorded_end_writes_one_exec_row_and_a_fenced_one_none(env):
-    from rssd_magic.backends.base import ExecRow
+    from rssd_magic.store.base import ExecRow
 
     b = env.open()
     mine = b.claim(ask(b))
@@ -469,7 +469,7 @@ def test_every_recorded_end_writes_one_exec_row_and_a_fenced_one_none(env):
 
 
 def test_orphaned_sessions_of_dead_processes_on_this_machine_are_closed(env):
-    from rssd_magic.claims import close_orphaned_sessions
+    from rssd_magic.engine.claims import close_orphaned_sessions
 
     env.open().close()
     code = (

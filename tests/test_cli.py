@@ -525,7 +525,7 @@ def test_rssd_without_cells(tmp_path):
 
 
 def test_cli_does_not_import_ipython():
-    code = "import sys, rssd_magic.cli, rssd_magic.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython'))"
+    code = "import sys, rssd_magic.cli, rssd_magic.manage.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

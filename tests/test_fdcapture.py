@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rssd_magic import fdcapture
+from rssd_magic.output import fdcapture
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not fdcapture.supported(), reason="fd capture ne
 PRELUDE = """
 import json, os, sys
 sys.path.insert(0, {src!r})
-from rssd_magic.fdcapture import FdTee
+from rssd_magic.output.fdcapture import FdTee
 
 def tee(*fds):
     got = []

@@ -19,15 +19,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from rssd_magic import tables
-from rssd_magic.backends.base import ClaimRequest
+from rssd_magic.store import tables
+from rssd_magic.store.base import ClaimRequest
 from rssd_magic.backends.sqlite import SqliteBackend
 from rssd_magic.backends.sqlite_blobs import chunk_size
 from rssd_magic.backends.sqlite_schema import SCHEMA_VERSION
-from rssd_magic.claims import current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import EXECUTED
-from rssd_magic.trust import IntegrityError, buffer_digest
+from rssd_magic.engine.claims import current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import EXECUTED
+from rssd_magic.records.trust import IntegrityError, buffer_digest
 
 #: SQLite's row limit in these tests: small enough that the values below
 #: need several rows, large enough for an ordinary record.
@@ -175,7 +175,7 @@ def test_gc_frees_a_chunked_blob_and_the_chunks_a_crash_left(tmp_path):
         import os, sqlite3, sys
         from rssd_magic.backends import sqlite_blobs
         from rssd_magic.backends.sqlite import SqliteBackend
-        from rssd_magic.trust import buffer_digest
+        from rssd_magic.records.trust import buffer_digest
         b = SqliteBackend.open(sys.argv[1], session_args={{"test": "crash"}})
         b.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, {LIMIT})
         data = os.urandom({6 * LIMIT})

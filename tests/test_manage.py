@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import counter
-from rssd_magic.ttl import parse_duration
+from rssd_magic.engine.ttl import parse_duration
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 

@@ -21,8 +21,8 @@ import pytest
 import traitlets
 from IPython.core.displaypub import CapturingDisplayPublisher
 
-from rssd_magic import widgets
-from rssd_magic.capture import ReplayedResult, capture, replay
+from rssd_magic.output import widgets
+from rssd_magic.output.capture import ReplayedResult, capture, replay
 
 ipywidgets = pytest.importorskip("ipywidgets", reason="ipywidgets is not installed; install the test extra: pip install -e '.[test]'")
 
@@ -37,7 +37,7 @@ def open_fds() -> set[str]:
     """The process's open fds, once the process-wide fd reader (made on
     first use, kept for the process's life) exists: whichever test runs
     first, it is not counted as a leak of the one that made it."""
-    from rssd_magic import fdcapture
+    from rssd_magic.output import fdcapture
 
     if fdcapture.supported():
         fdcapture._the_pump()

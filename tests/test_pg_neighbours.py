@@ -21,14 +21,14 @@ import pgbouncer_util
 from conftest import counter
 from kernel_util import banners, errors_of, execute, plain_traceback, text_of
 from pg_util import own_pg, own_server, raw, with_options  # noqa: F401 - own_pg, own_server: fixtures
-from rssd_magic.acquire import acquire
-from rssd_magic import tables
+from rssd_magic.engine.acquire import acquire
+from rssd_magic.store import tables
 from rssd_magic.backends import open_backend
-from rssd_magic.transfer import transfer
-from rssd_magic.backends.base import ClaimRequest, StoreError
-from rssd_magic.claims import current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import EXECUTED
+from rssd_magic.store.transfer import transfer
+from rssd_magic.store.base import ClaimRequest, StoreError
+from rssd_magic.engine.claims import current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import EXECUTED
 from test_kernel_concurrency import LOAD, RACE_CELL, USE_NAME, HeldKernel, lines, wait_for_lines
 
 KEY = cell_key("neighbours()", "team")

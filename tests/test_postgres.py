@@ -25,17 +25,17 @@ import pytest
 import pg_util
 from pg_util import raw, schema_of
 from rssd_magic.backends import open_backend
-from rssd_magic.backends.base import ClaimRequest, ExecRow, StoreError
+from rssd_magic.store.base import ClaimRequest, ExecRow, StoreError
 from rssd_magic.backends.postgres_schema import EXPECTED_COLUMNS, SCHEMA_VERSION
 from rssd_magic.backends.sqlite import SqliteBackend
 from rssd_magic.backends.sqlite_schema import EXPECTED_COLUMNS as SQLITE_COLUMNS
-from rssd_magic.claims import current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import EXECUTED, FAILED, RUNNING
-from rssd_magic.report import digests_of
-from rssd_magic.tables import cells as _cells, gc as gc_blobs
-from rssd_magic.transfer import transfer
-from rssd_magic.trust import IntegrityError, stream_digest
+from rssd_magic.engine.claims import current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import EXECUTED, FAILED, RUNNING
+from rssd_magic.manage.report import digests_of
+from rssd_magic.store.tables import cells as _cells, gc as gc_blobs
+from rssd_magic.store.transfer import transfer
+from rssd_magic.records.trust import IntegrityError, stream_digest
 
 
 def listed(store) -> list:

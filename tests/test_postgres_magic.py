@@ -250,7 +250,7 @@ ARRAY_CELL = "%%stateful --name arr\nimport numpy as np\n" + APPEND + "arr = np.
 def _array_blob() -> tuple[str, bytes]:
     import numpy as np
 
-    from rssd_magic.serialize import dump_value
+    from rssd_magic.records.serialize import dump_value
 
     _, blobs = dump_value(np.arange(100_000))
     (digest, data), *_ = sorted(blobs, key=lambda b: -memoryview(b[1]).nbytes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from .commands import main
+from .adapters.commands import main
 
 __all__ = ["main"]
 

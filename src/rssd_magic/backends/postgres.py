@@ -2,7 +2,7 @@
 RSSD (surveilr's ``orchestration_*`` tables, postgres_schema.py), shared by
 every kernel that can reach the server.
 
-Design rules, on top of those every backend keeps (base.py):
+Design rules, on top of those every backend keeps (store/base.py):
 
 * **Short transactions only.**  Connections are in autocommit mode; each
   claim, heartbeat and end of run is one ``BEGIN … COMMIT`` of a few
@@ -54,14 +54,15 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import psycopg
 
-from ..canonical import dumps
-from ..claims import close_orphaned_sessions
-from ..ids import new_ulid
-from ..keys import CellKey
-from . import redact, rows
-from .base import Blob, ClaimOutcome, Holder, StoreError, Transition
-from .dialect import Tx
-from .journal import Journal
+from ..records.canonical import dumps
+from ..engine.claims import close_orphaned_sessions
+from ..records.ids import new_ulid
+from ..engine.keys import CellKey
+from ..store.locations import redact
+from ..store import rows
+from ..store.base import Blob, ClaimOutcome, Holder, StoreError, Transition
+from ..store.dialect import Tx
+from ..store.journal import Journal
 from .postgres_blobs import PgBlobs
 from .postgres_conn import Sql, Unreachable, cause, connect, lost, target, transient
 from .postgres_live import Listener, PgRenewer, channel

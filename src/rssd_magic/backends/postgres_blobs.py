@@ -51,9 +51,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
 
-from ..digests import KNOWN
-from ..trust import IntegrityError, Verifier
-from .base import Blob, StoreError
+from ..records.digests import KNOWN
+from ..records.trust import IntegrityError, Verifier
+from ..store.base import Blob, StoreError
 from .postgres_conn import Sql, cause
 from .sqlite_blobs import _buffer
 

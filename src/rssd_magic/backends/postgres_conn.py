@@ -39,8 +39,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from . import redact
-from .base import StoreError
+from ..store.locations import redact
+from ..store.base import StoreError
 
 #: Seconds to wait for a server that does not answer (libpq waits forever).
 CONNECT_TIMEOUT_S = 10

@@ -24,7 +24,7 @@ version is opened read-only (:attr:`Layout.read_only`): replays of what this
 version can read go on, nothing is written.
 
 How surveilr's SQLite columns map, so rows round-trip byte-identical between
-an RSSD file and the server (``postgres_transfer.py``):
+an RSSD file and the server (store/transfer.py):
 
 * names, NOT NULL, UNIQUE, primary and foreign keys as surveilr declares;
 * JSON stays **TEXT** (not jsonb, which would reorder keys and respace it),
@@ -48,7 +48,7 @@ import re
 import psycopg
 from psycopg import sql
 
-from .dialect import Dialect
+from ..store.dialect import Dialect
 from .sqlite_schema import SURVEILR_DDL as RSSD_DDL
 from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 

@@ -39,13 +39,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..canonical import dumps, utc_now
-from ..ids import new_ulid
-from ..keys import CellKey
-from . import rows
-from .base import Blob, Holder, StoreError, Transition
-from .dialect import Tx
-from .journal import Journal
+from ..records.canonical import dumps, utc_now
+from ..records.ids import new_ulid
+from ..engine.keys import CellKey
+from ..store import rows
+from ..store.base import Blob, Holder, StoreError, Transition
+from ..store.dialect import Tx
+from ..store.journal import Journal
 from .sqlite_blobs import SqliteBlobs, checkpoint
 from .sqlite_conn import RssdConnection, operation, what
 from .sqlite_file import network_filesystem

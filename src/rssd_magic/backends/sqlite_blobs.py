@@ -36,8 +36,8 @@ import sqlite3
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
-from ..trust import IntegrityError, Verifier
-from .base import Blob
+from ..records.trust import IntegrityError, Verifier
+from ..store.base import Blob
 
 #: Blobs are read back in slices of this size, into one preallocated buffer:
 #: large enough to amortise the call, small enough to stay in L2.

@@ -24,10 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .base import StoreError
+from ..store.base import StoreError
 from .sqlite_file import Identity, check_path, connect, identity, lock_holder
 from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
-from .rows import stamped_session
+from ..store.rows import stamped_session
 from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper, Pending, pending_written
 
 #: SQLite reads pages through a file mapping this large (no pread per page,

@@ -22,7 +22,7 @@ import sqlite3
 from importlib import resources
 from typing import Callable
 
-from .dialect import SqliteDialect
+from ..store.dialect import SqliteDialect
 
 #: surveilr's DDL, loaded from the packaged copy so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
@@ -155,7 +155,7 @@ def _expected_columns() -> dict[str, list[tuple[str, str]]]:
 #: The columns we read or write, per table, in declared order.  An existing
 #: table must have exactly these (name and declared type) or we refuse it.
 EXPECTED_COLUMNS = _expected_columns()
-#: The shared statements (rows.py, journal.py, the reports) as an RSSD runs them.
+#: The shared statements (store/rows.py, store/journal.py, the reports) as an RSSD runs them.
 SQL = SqliteDialect(EXPECTED_COLUMNS)
 
 

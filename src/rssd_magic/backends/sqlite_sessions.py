@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import rows
-from .dialect import Tx
+from ..store import rows
+from ..store.dialect import Tx
 from .sqlite_file import Identity, identity, uri
 from .sqlite_schema import SQL
 

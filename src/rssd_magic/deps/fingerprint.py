@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import xxhash
 
-from ..canonical import fmt_bytes
+from ..records.canonical import fmt_bytes
 from .analysis import is_shell_name
 from .versions import module_version
 

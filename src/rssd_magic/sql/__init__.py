@@ -31,15 +31,7 @@ imported when a frame is first built.
 
 from __future__ import annotations
 
-from .frames import (
-    COMPRESSION,
-    DISPLAY_MAX_ROWS,
-    JSON_MAX_BYTES,
-    JSON_MAX_CELLS,
-    dump_frame,
-    frame_bundle,
-    load_frame,
-)
+from .frames import COMPRESSION, DISPLAY_MAX_ROWS, JSON_MAX_BYTES, JSON_MAX_CELLS, dump_frame, frame_bundle, load_frame
 from .key import SQL_KEY_VERSION, bind, key_extra, params_inputs
 from .lexer import SQLUsageError, normalize_sql, placeholders, split_statements
 from .locks import describe_lock_error

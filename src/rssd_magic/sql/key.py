@@ -27,9 +27,9 @@ import types
 from itertools import chain
 from typing import Any, Iterable, Mapping
 
-from ..canonical import canonical
+from ..records.canonical import canonical
 from ..deps import fingerprint_names
-from ..serialize import type_name
+from ..records.serialize import type_name
 from .lexer import SQLUsageError, Token, normalize_sql, parse_statements
 from .target import target_identity
 
@@ -144,7 +144,7 @@ def key_extra(
     *,
     inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """The ``extra`` to pass to :func:`rssd_magic.keys.cell_key` for a SQL cell.
+    """The ``extra`` to pass to :func:`rssd_magic.engine.keys.cell_key` for a SQL cell.
 
     It holds the normalized SQL's hash too, so the key follows
     :func:`normalize_sql` even though ``cell_key`` normalizes its *code*

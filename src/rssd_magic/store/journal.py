@@ -18,12 +18,22 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-from ..ids import new_ulid
-from ..keys import CellKey
-from ..lifecycle import ABANDONED, INITIAL, RUNNING
+from ..records.ids import new_ulid
+from ..engine.keys import CellKey
+from ..engine.lifecycle import ABANDONED, INITIAL, RUNNING
 from . import rows
 from .base import (
-    Blob, BlobStore, Claim, ClaimOutcome, ClaimRequest, ExecRow, Fenced, Holder, Renewer, Transition, judge_claim,
+    Blob,
+    BlobStore,
+    Claim,
+    ClaimOutcome,
+    ClaimRequest,
+    ExecRow,
+    Fenced,
+    Holder,
+    Renewer,
+    Transition,
+    judge_claim,
 )  # fmt: skip
 from .dialect import Dialect, Tx
 

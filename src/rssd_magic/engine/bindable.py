@@ -30,7 +30,7 @@ import builtins
 import re
 from functools import lru_cache
 
-from .deps import analyse_cell
+from ..deps import analyse_cell
 
 #: Names IPython keeps in the user namespace: history, output cache, itself.
 SHELL_NAMES = frozenset(

@@ -13,7 +13,7 @@ show`` as one line of OpenSSH's allowed-signers format.
                 blob, no padding>  — what ``ssh-keygen -l`` prints
     signature   ssh-ed25519 <public key blob, base64> <signature, base64>
 
-The signature is Ed25519 over ``rssd_magic.record-signature.ed25519.v1``,
+The signature is Ed25519 over ``rssd_magic.records.record-signature.ed25519.v1``,
 a NUL byte and the payload id in ASCII: a domain of its own, so nothing
 else this key might sign reads as a record signature.  The row carries the
 public key, so anyone holding it can check it and see who signed — a
@@ -41,7 +41,7 @@ from .keyfiles import KeyProblem, read_private, write_new
 
 KEY_TYPE = "ssh-ed25519"
 #: What the signature is over: this, then the payload id.
-DOMAIN = b"rssd_magic.record-signature.ed25519.v1\0"
+DOMAIN = b"rssd_magic.records.record-signature.ed25519.v1\0"
 #: The private key's file name, in ``<jupyter data dir>/rssd_magic/``.
 KEY_FILE = "ed25519_key"
 #: An OpenSSH Ed25519 private key is ~400 bytes; less is a truncated file.

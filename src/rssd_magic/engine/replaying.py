@@ -30,19 +30,19 @@ import os
 import shlex
 from typing import Any, Callable
 
-from .backends import redact, resolve_location
-from .backends.base import Transition
-from .backends.journal import StateBackend
+from ..store.locations import redact, resolve_location
+from ..store.base import Transition
+from ..store.journal import StateBackend
 from .bindable import why_not
-from .canonical import fmt_duration
-from .capture import ReplayedResult, replay
-from .deps import is_shell_name
+from ..records.canonical import fmt_duration
+from ..output.capture import ReplayedResult, replay
+from ..deps import is_shell_name
 from .keys import CellKey
 from .ports import Config, ShellPort
-from .record import RecordError, RunRecord
+from ..records.record import RecordError, RunRecord
 from .runs import StatefulRunError
-from .serialize import load_names, load_value
-from .trust import Verdict, inert_outputs, payload_id
+from ..records.serialize import load_names, load_value
+from ..records.trust import Verdict, inert_outputs, payload_id
 
 #: Records parsed and kept per kernel, and the largest stored text kept.
 MEMO_RECORDS = 128

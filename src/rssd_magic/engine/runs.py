@@ -27,18 +27,19 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
-from . import outputs, sql
-from .backends import redact, redact_text
-from .backends.base import ExecRow, Fenced, Transition
-from .backends.journal import StateBackend
-from .capture import OutputRecorder, capture
+from ..records import outputs
+from .. import sql
+from ..store.locations import redact, redact_text
+from ..store.base import ExecRow, Fenced, Transition
+from ..store.journal import StateBackend
+from ..output.capture import OutputRecorder, capture
 from .keys import CellKey
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
-from .deps import analyse_cell, changes, is_shell_name, names_bound, snapshot
-from .outputs import Output
+from ..deps import analyse_cell, changes, is_shell_name, names_bound, snapshot
+from ..records.outputs import Output
 from .ports import Config, Executed, ShellPort
-from .record import RunRecord
-from .serialize import dump_names, dump_value
+from ..records.record import RunRecord
+from ..records.serialize import dump_names, dump_value
 
 @dataclass
 class SQLCell:

@@ -1,5 +1,5 @@
 """What the reports read from a store, written once for every store: each
-statement one template (backends/dialect.py renders it), run through the
+statement one template (store/dialect.py renders it), run through the
 store's contract — one consistent read (``_read``), one streamed statement
 (``_each``), one write (``_write``).
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from .backends.base import Transition
-from .backends.journal import StateBackend
-from .backends.dialect import Dialect, Tx
-from .backends.rows import ENTRIES, src_range
-from .keys import URI_PREFIX
-from .lifecycle import EXECUTED
-from .record import FIELD_PATHS, blob_markers, digests_in
+from .base import Transition
+from .journal import StateBackend
+from .dialect import Dialect, Tx
+from .rows import ENTRIES, src_range
+from ..engine.keys import URI_PREFIX
+from ..engine.lifecycle import EXECUTED
+from ..records.record import FIELD_PATHS, blob_markers, digests_in
 
 OURS = src_range(URI_PREFIX)
 

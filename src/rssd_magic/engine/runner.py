@@ -29,17 +29,18 @@ import os
 from functools import lru_cache
 from typing import Any, Callable, Generator
 
-from . import sql
+from .. import sql
 from .acquire import HolderFailed, WaitTimeout, acquire
-from .backends import ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import ClaimRequest, StoreError, Transition
-from .backends.journal import StateBackend
+from ..store.locations import ENV_DB, ENV_RSSD, redact, resolve_location
+from ..backends import open_backend
+from ..store.base import ClaimRequest, StoreError, Transition
+from ..store.journal import StateBackend
 from .bindable import bindable
 from .claims import Heartbeat, current_holder
-from .deps import collect_inputs, explain, inputs_digest, read_names
+from ..deps import collect_inputs, explain, inputs_digest, read_names
 from .keys import cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
-from .record import RecordError
+from ..records.record import RecordError
 from .replaying import Replayer
 from .ports import CellOptions, Config, Executed, ShellPort
 from .runs import Run, SQLCell, SQLCellError, StatefulRunError, for_display

@@ -20,7 +20,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-CANONICAL_VERSION = "rssd_magic.canonical.v1"
+CANONICAL_VERSION = "rssd_magic.records.canonical.v1"
 
 #: The text form of SQLite's CURRENT_TIMESTAMP (UTC, whole seconds), which
 #: surveilr's own rows use; ours match so the columns sort and compare alike.

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-from .backends.base import StoreError
-from .backends.journal import StateBackend
-from .backends.dialect import Tx
-from .backends.sqlite_schema import EXPECTED_COLUMNS
-from .keys import URI_PREFIX, cell_key
-from .record import digests_in
-from .backends.rows import src_range
-from .trust import IntegrityError
+from .base import StoreError
+from .journal import StateBackend
+from .dialect import Tx
+from ..backends.sqlite_schema import EXPECTED_COLUMNS
+from ..engine.keys import URI_PREFIX, cell_key
+from ..records.record import digests_in
+from .rows import src_range
+from ..records.trust import IntegrityError
 
 #: Tables in the order rows must arrive (foreign keys), with their keys.
 TABLES = [

@@ -23,25 +23,18 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode
 
-from . import __version__
-from .backends import DEFAULT_RSSD, ENV_RSSD, redact_text
+from .. import __version__
+from ..store.locations import DEFAULT_RSSD, ENV_RSSD, redact_text
 from .body import BodyRunner, route_awaiting_cells, unroute
-from .claims import DEFAULT_LEASE_S
+from ..engine.claims import DEFAULT_LEASE_S
 from .commands import CommandError, parse, run_line, split
 from .hooks import close_on_sigterm, watch_for_duckdb
-from .runner import (
-    CellOptions,
-    CellRunner,
-    Executed,
-    SQLCellError,
-    StatefulRunError,
-    UsageProblem,
-)
-from .keyfiles import KeyProblem
-from .keyring import Keyring
-from .signers import ENV_SIGNERS
-from .trust import ENV_SECRET
-from .ttl import parse_duration
+from ..engine.runner import CellOptions, CellRunner, Executed, SQLCellError, StatefulRunError, UsageProblem
+from ..records.keyfiles import KeyProblem
+from ..records.keyring import Keyring
+from ..records.signers import ENV_SIGNERS
+from ..records.trust import ENV_SECRET
+from ..engine.ttl import parse_duration
 
 __all__ = ["StatefulMagics", "StatefulRunError", "SQLCellError", "ENV_RSSD", "load", "unload"]
 

@@ -36,8 +36,8 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 from . import fdcapture, widgets
-from . import outputs as nb
-from .outputs import Output
+from ..records import outputs as nb
+from ..records.outputs import Output
 
 
 def _jsonable(value: Any) -> Any:

@@ -27,13 +27,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import click
 
-from . import render, report
-from .backends import open_backend
-from .backends.base import StoreError
-from .backends.journal import StateBackend
-from .canonical import plural
-from .keyfiles import KeyProblem, check_private
-from .keyring import Keyring
+from ..manage import render, report
+from ..backends import open_backend
+from ..store.base import StoreError
+from ..store.journal import StateBackend
+from ..records.canonical import plural
+from ..records.keyfiles import KeyProblem, check_private
+from ..records.keyring import Keyring
 
 
 class CommandError(click.ClickException):

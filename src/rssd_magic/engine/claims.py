@@ -8,7 +8,7 @@ it.  The rules, each from a way the previous version broke:
 
 * **Pids compare only inside one PID namespace of one running kernel.**  A
   holder is described by its boot id, PID namespace, pid and start time in
-  clock ticks since boot (:class:`~rssd_magic.backends.base.Holder`).  Only
+  clock ticks since boot (:class:`~rssd_magic.store.base.Holder`).  Only
   when boot id and namespace match ours is the process asked directly: gone,
   a zombie, or a pid now used by a newer process means dead at once.
   Hostnames decide nothing (containers share them; VMs get renamed).
@@ -31,7 +31,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable
 
-from .backends.base import Claim, Holder, Renewer
+from ..store.base import Claim, Holder, Renewer
 
 #: Seconds a claim may go without a visible heartbeat before it is taken over.
 DEFAULT_LEASE_S = 60.0
@@ -199,7 +199,7 @@ class Heartbeat:
     """Renews this process's claims while their cells run.
 
     A daemon thread beats every third of the shortest lease through the
-    backend's :class:`~rssd_magic.backends.base.Renewer` (a connection of
+    backend's :class:`~rssd_magic.store.base.Renewer` (a connection of
     its own).  :meth:`release` must be called on every path out of a run —
     after its end is recorded, and also when recording it failed: then the
     claim stays in the store but stops beating, and other kernels take it

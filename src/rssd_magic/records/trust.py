@@ -58,7 +58,7 @@ from .digests import IntegrityError, Verifier, buffer_digest, stream_digest, ver
 ENV_SECRET = "RSSD_MAGIC_SECRET"
 
 #: The form of the signed message; bumped whenever what is signed changes.
-SIGNED_FORM = "rssd_magic.record-signature.v2"
+SIGNED_FORM = "rssd_magic.records.record-signature.v2"
 
 Row = tuple[str, str, str]
 

@@ -3,7 +3,7 @@
 :meth:`StateBackend.claim` decides in one transaction; this module adds
 time.  While another kernel holds the cell: wait (one indexed read per
 poll), replay its result as soon as it is committed, report its failure, or
-— once :class:`~rssd_magic.claims.Watch` judges it dead — ask the backend
+— once :class:`~rssd_magic.engine.claims.Watch` judges it dead — ask the backend
 to take over that very claim (a claim that moved on meanwhile is not taken).
 A waiter never runs the cell itself after the holder *failed*: the user
 asked for at-most-once, so re-running is their call.
@@ -15,8 +15,8 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-from .backends.base import Claim, ClaimOutcome, ClaimRequest
-from .backends.journal import StateBackend
+from ..store.base import Claim, ClaimOutcome, ClaimRequest
+from ..store.journal import StateBackend
 from .claims import Watch
 from .lifecycle import EXECUTED, FAILED, INTERRUPTED
 

@@ -23,15 +23,15 @@ from urllib.parse import unquote
 
 from typing import Iterator
 
-from . import tables
-from .backends.journal import StateBackend
-from .canonical import dumps
-from .keys import URI_PREFIX
-from .lifecycle import EXECUTED, FORGOTTEN
-from .record import RESULT_VALUE, RecordError, RunRecord, digests_in
-from .serialize import spec_blobs
-from .tables import CellRow
-from .trust import Signer
+from ..store import tables
+from ..store.journal import StateBackend
+from ..records.canonical import dumps
+from ..engine.keys import URI_PREFIX
+from ..engine.lifecycle import EXECUTED, FORGOTTEN
+from ..records.record import RESULT_VALUE, RecordError, RunRecord, digests_in
+from ..records.serialize import spec_blobs
+from ..store.tables import CellRow
+from ..records.trust import Signer
 from .trusting import review, sign
 
 #: How many candidates an ambiguity error lists.

@@ -17,7 +17,7 @@ def watch_for_duckdb(shell) -> None:
     file; its raw error is an IO Error dump).  Installed on first sight of
     the module, so loading the extension does not import duckdb, and only
     when the user has no custom exception handler of their own."""
-    from . import sql
+    from .. import sql
 
     def check(*_args) -> None:
         duckdb = sys.modules.get("duckdb")

@@ -29,7 +29,7 @@ import sys
 from html.parser import HTMLParser
 from typing import Any, Mapping
 
-from . import outputs
+from ..records import outputs
 
 VIEW = "application/vnd.jupyter.widget-view+json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

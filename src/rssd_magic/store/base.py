@@ -42,9 +42,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-from ..keys import CellKey
-from ..lifecycle import REPLAY, WAIT, decide
-from ..record import RunRecord
+from ..engine.keys import CellKey
+from ..engine.lifecycle import REPLAY, WAIT, decide
+from ..records.record import RunRecord
 
 Blob = tuple[str, Any]  # (digest, bytes-like)
 

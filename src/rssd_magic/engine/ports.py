@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from .trust import Signer
+from ..records.trust import Signer
 
 
 @dataclass

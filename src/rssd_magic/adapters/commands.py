@@ -21,18 +21,20 @@ from typing import Any, Iterator
 
 import click
 
-from . import __version__, render, report
-from .backends import DEFAULT_RSSD, ENV_DB, ENV_RSSD, open_backend, redact, resolve_location
-from .backends.base import StoreError
-from .backends.journal import StateBackend
-from .canonical import fmt_bytes, plural
-from .keyfiles import KeyProblem
-from .keyring import data_dir, signers_path
-from .signers import ENV_SIGNERS, add, lines_of, quote, revoke
-from .signing import KEY_FILE, PersonalKey
-from .transfer import transfer
+from .. import __version__
+from ..manage import render, report
+from ..store.locations import DEFAULT_RSSD, ENV_DB, ENV_RSSD, redact, resolve_location
+from ..backends import open_backend
+from ..store.base import StoreError
+from ..store.journal import StateBackend
+from ..records.canonical import fmt_bytes, plural
+from ..records.keyfiles import KeyProblem
+from ..records.keyring import data_dir, signers_path
+from ..records.signers import ENV_SIGNERS, add, lines_of, quote, revoke
+from ..records.signing import KEY_FILE, PersonalKey
+from ..store.transfer import transfer
 from .surfaces import CommandError, Group, Notebook, Reply, Surface, json_text, parse, split
-from .trust import ENV_SECRET
+from ..records.trust import ENV_SECRET
 
 __all__ = ["CommandError", "main", "parse", "run_line", "split"]
 

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .capture import patched
-from .runner import Executed, StatefulRunError
+from ..output.capture import patched
+from ..engine.runner import Executed, StatefulRunError
 
 
 class BodyRunner:

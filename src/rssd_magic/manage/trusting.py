@@ -27,14 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from . import tables
-from .backends.journal import StateBackend
-from .digests import IntegrityError
-from .keys import URI_PREFIX
-from .record import RESULT_VALUE, RecordError, RunRecord
-from .serialize import spec_blobs
-from .tables import CellRow
-from .trust import Row, Signer, payload_id
+from ..store import tables
+from ..store.journal import StateBackend
+from ..records.digests import IntegrityError
+from ..engine.keys import URI_PREFIX
+from ..records.record import RESULT_VALUE, RecordError, RunRecord
+from ..records.serialize import spec_blobs
+from ..store.tables import CellRow
+from ..records.trust import Row, Signer, payload_id
 
 
 @dataclass

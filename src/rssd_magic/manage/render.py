@@ -10,9 +10,9 @@ from __future__ import annotations
 import html
 import re
 
-from . import outputs
-from .canonical import fmt_bytes, fmt_duration, plural
-from .outputs import Output
+from ..records import outputs
+from ..records.canonical import fmt_bytes, fmt_duration, plural
+from ..records.outputs import Output
 from .report import label_of
 
 def table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:

@@ -12,12 +12,22 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from .. import __version__
-from ..canonical import dumps, loads_object, utc_now
-from ..claims import current_holder, session_verdict
-from ..ids import new_ulid
-from ..keys import CellKey
-from ..lifecycle import INITIAL
-from .base import NATURE_ID, NATURE_LABEL, SESSION_COMPLETED, SESSION_FAILED, SESSION_INIT, Claim, ExecRow, Holder, Transition
+from ..records.canonical import dumps, loads_object, utc_now
+from ..engine.claims import current_holder, session_verdict
+from ..records.ids import new_ulid
+from ..engine.keys import CellKey
+from ..engine.lifecycle import INITIAL
+from .base import (
+    NATURE_ID,
+    NATURE_LABEL,
+    SESSION_COMPLETED,
+    SESSION_FAILED,
+    SESSION_INIT,
+    Claim,
+    ExecRow,
+    Holder,
+    Transition,
+)
 from .dialect import Tx
 
 #: The columns of a Transition, in its field order.
