@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import sys
-import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -87,11 +86,12 @@ class Surface:
         self.say(json_text(reply.value), store_text=False) if as_json else self.say(repr(reply))
 
     def stream(self, rows: Iterable[Any], to_json: Callable[[Any], Any], to_text: Callable[[list], str], as_json: bool) -> int:
-        """Rows as they come: a JSON array, or text a page at a time."""
+        """Rows as they come: a JSON array of one object a line, or text a
+        page at a time."""
         n = 0
         if as_json:
             for row in rows:
-                click.echo(("[\n" if n == 0 else ",\n") + textwrap.indent(json_text(to_json(row)), "  "), nl=False)
+                click.echo(("[\n  " if n == 0 else ",\n  ") + json.dumps(to_json(row), ensure_ascii=False), nl=False)
                 n += 1
             click.echo("\n]" if n else "[]")
             return n

@@ -136,9 +136,13 @@ def quote(name: str) -> str:
 
 
 def settings(timeout_s: float, *, lock: bool = True) -> str:
-    """The ``SET LOCAL`` statements a transaction (or a read) starts with."""
+    """The ``SET LOCAL`` statements a transaction (or a read) starts with,
+    sent as one query.  No parallel workers: reading another tool's JSON
+    (``rssd_magic_json``) catches a failed cast, which a parallel worker
+    can't (a report over every cell would otherwise fail on a large store)."""
     ms = max(1, int(timeout_s * 1000))
-    out = f"SET LOCAL statement_timeout = {ms}; SET LOCAL search_path = {SEARCH_PATH}"
+    out = (f"SET LOCAL statement_timeout = {ms}; SET LOCAL search_path = {SEARCH_PATH}; "
+           "SET LOCAL max_parallel_workers_per_gather = 0")  # fmt: skip
     return (f"SET LOCAL lock_timeout = {ms}; " if lock else "") + out
 
 
@@ -161,7 +165,7 @@ class Sql:
         self.setup = settings(timeout_s)
         self._prefix = settings(timeout_s, lock=False) + "; "
         self._rendered: dict[str, str] = {}
-        self._reads: dict[tuple[str, bool], str] = {}
+        self._reads: dict[tuple[str, bool], tuple[str, int]] = {}
 
     def __call__(self, template: str) -> str:
         try:
@@ -177,15 +181,16 @@ class Sql:
         statement only calls a function of ours that pins its own
         search_path, so only the deadline is set (a statement less to run).
         *rendered*: *template* is final SQL already (a dialect's)."""
-        text = self._reads.get((template, pinned))
-        if text is None:
+        found = self._reads.get((template, pinned))
+        if found is None:
             prefix = f"SET LOCAL statement_timeout = {max(1, int(self.timeout_s * 1000))}; " if pinned else self._prefix
-            text = self._reads[(template, pinned)] = prefix + (template if rendered else self(template))
+            found = self._reads[(template, pinned)] = (prefix + (template if rendered else self(template)),
+                                                       prefix.count("SET LOCAL"))  # fmt: skip
+        text, sets = found
         cur = psycopg.ClientCursor(conn)
         cur.execute(text, params)
-        cur.nextset()  # past the SET(s), to the statement's rows
-        if not pinned:
-            cur.nextset()
+        for _ in range(sets):
+            cur.nextset()  # past the SETs, to the statement's rows
         return cur.fetchall()
 
     @contextmanager

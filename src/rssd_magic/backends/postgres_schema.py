@@ -180,7 +180,7 @@ END""",
     # A row another tool wrote may hold anything: JSON that is not JSON reads
     # as NULL in the listings instead of failing them.
     "rssd_magic_json": (
-        "(t TEXT) RETURNS json LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE",
+        "(t TEXT) RETURNS json LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL RESTRICTED",
         """
 BEGIN
     RETURN t::json;

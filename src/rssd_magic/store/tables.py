@@ -33,7 +33,9 @@ OURS = src_range(URI_PREFIX)
 class CellRow:
     """One cell: its entry (the first, when RSSDs were merged), what its
     entry says (``key``, ``name``, ``scope``, ``kind``, ``source``), counts
-    over all its transitions, and its latest transition."""
+    over all its transitions, its latest transition, and ``source``: the
+    code of its latest run (the latest transition with an elaboration, a
+    RUNNING: a ``--name`` cell may have been edited since), else its entry's."""
 
     ingest_src: str
     elaboration: dict
@@ -95,13 +97,12 @@ def _cells_sql(d: Dialect, where: str, with_results: bool, executed: bool) -> st
     """One statement: every cell *where* allows, newest (latest transition)
     first, with what a listing shows."""
     field_ = lambda column, name: d.json_text(column, *FIELD_PATHS[name])  # noqa: E731
-    source = d.json_text("s.elaboration", "source")
     result = "l.transition_result" if with_results else "NULL"
     return f"""
         WITH c AS (
             SELECT e.ingest_src AS src, min(e.orchestration_session_entry_id) AS entry,
                    count(s.orchestration_session_state_id) AS n, max({{seq}}) AS last,
-                   max(CASE WHEN s.elaboration IS NOT NULL AND {source} IS NOT NULL THEN {{seq}} END) AS ran,
+                   max(CASE WHEN s.elaboration IS NOT NULL THEN {{seq}} END) AS ran,
                    coalesce(sum(h.hits), 0) AS hits
             FROM {{orchestration_session_entry}} AS e
             LEFT JOIN {{states}} ON {{entry}} = e.orchestration_session_entry_id
