@@ -66,9 +66,13 @@ class Env:
 class SqliteEnv(Env):
     name = "sqlite"
 
+    def __init__(self, tmp_path: Path, file: str = "contract.sqlite.db"):
+        super().__init__(tmp_path)
+        self.file = file
+
     @property
     def location(self) -> str:
-        return str(self.tmp_path / "contract.sqlite.db")
+        return str(self.tmp_path / self.file)
 
     def raw(self, sql: str, params: tuple = ()) -> list[tuple]:
         conn = sqlite3.connect(self.location, timeout=30)
@@ -486,3 +490,50 @@ def test_orphaned_sessions_of_dead_processes_on_this_machine_are_closed(env):
         time.sleep(0.02)
     assert "kernel gone: process" in session_states(env, doomed)[-1][2]
     assert close_orphaned_sessions(b) == [], "closed once; live sessions (ours) are left open"
+
+
+# -- moving cells between any two stores (store/transfer.py) ----------------------------------
+
+
+@pytest.fixture(params=[("sqlite", "sqlite"), ("sqlite", "postgresql"), ("postgresql", "sqlite"),
+                        ("postgresql", "postgresql")], ids=lambda p: "->".join(p))  # fmt: skip
+def pair(request, tmp_path):
+    envs = [SqliteEnv(tmp_path, f"{i}.sqlite.db") if kind == "sqlite" else PgEnv(tmp_path)
+            for i, kind in enumerate(request.param)]  # fmt: skip
+    yield envs
+    for e in envs:
+        e.close_all()
+
+
+def test_cells_move_between_any_two_stores_once_with_their_blobs_and_conflicts_reported(pair):
+    from rssd_magic.store.transfer import transfer
+
+    source_env, target_env = pair
+    source, target = source_env.open(), target_env.open()
+    data = b"a value"
+    digest = stream_digest(data)
+    record = '{"format":"rssd_magic.result.v1","names":{"v":{"kind":"pickle","blob":"%s","size":7}},"outputs":[]}' % digest
+    mine = source.claim(ask(source))
+    done = source.finish(mine.running, mine.claim.token, EXECUTED, record, "completed", [(digest, data)],
+                         [("payload-1", "key-1", "sig-1")])  # fmt: skip
+    source.note_hit(done.state_id)
+    source.flush_hits()
+    first = transfer(source, target)
+    assert first["conflicts"] == [] and first["cells"] == 1 and first["blobs"]["copied"] == 1
+    assert target.latest(KEY).state_id == done.state_id and target.latest(KEY).result_json == record
+    assert bytes(target.blobs.get(digest)) == data
+    assert target.signatures(["payload-1"]) == {"payload-1": {"key-1": "sig-1"}}
+    (cell,) = tables.cells(target)
+    assert (cell.latest_hits, cell.transitions) == (1, 2)
+    again = transfer(source, target)
+    assert again["rows_inserted"] == 0 and again["conflicts"] == [] and again["blobs"]["present"] == 1, "idempotent"
+    source_env.raw("UPDATE orchestration_session_state SET transition_reason = 'edited' WHERE orchestration_session_state_id = ?",
+                   (done.state_id,))  # fmt: skip
+    third = transfer(source, target)
+    assert [(c["table"], c["id"], c["columns"]) for c in third["conflicts"]] == [
+        ("orchestration_session_state", done.state_id, ["transition_reason"])
+    ]
+    assert target_env.raw(
+        "SELECT transition_reason FROM orchestration_session_state WHERE orchestration_session_state_id = ?", (done.state_id,)
+    ) == [("completed",)], "never overwritten"
+

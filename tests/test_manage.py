@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -91,3 +92,24 @@ def test_line_magic_errors_are_usage_errors(kernel):
     for line, words in [("%stateful show ffffffffff", "no %%stateful cell"), ("%stateful bogus", "invalid choice"), ("%stateful forget", "KEY or --all")]:
         err = kernel.run(line).result.error_in_exec
         assert type(err).__name__ == "UsageError" and words in str(err), (line, err)
+
+
+def test_an_rssd_imported_into_another_replays_its_cells_there(kernel, tmp_path):
+    from click.testing import CliRunner
+
+    from rssd_magic.cli import main
+
+    server, laptop = tmp_path / "server.sqlite.db", tmp_path / "laptop.sqlite.db"
+    body = APPEND + "v = 41 + 1\nprint('answered')\n"
+    kernel.ok(f"%%stateful --db {server}\n" + body)
+    kernel.ok(f"%%stateful --db {laptop}\nother = 1\n")  # the laptop's own RSSD, with a cell of its own
+    kernel.restart()
+    imported = CliRunner().invoke(main, ["--db", str(laptop), "import", str(server)])
+    assert imported.exit_code == 0 and f"1 cell from {server}" in imported.output, imported.output
+    again = CliRunner().invoke(main, ["--db", str(laptop), "import", str(server), "--json"])
+    assert again.exit_code == 0 and '"rows_inserted": 0' in again.output, "a second import changes nothing"
+    ran = kernel.ok(f"%%stateful --db {laptop}\n" + body)
+    assert ran.banner and "answered" in ran.stdout and kernel.shell.user_ns["v"] == 42
+    assert counter(kernel.workdir / "side.log") == 1, "replayed from the laptop's RSSD, not run again"
+    listed = CliRunner().invoke(main, ["--db", str(laptop), "list", "--json"])
+    assert len(json.loads(listed.output)) == 2

@@ -33,9 +33,18 @@ from ..engine.runner import Executed, StatefulRunError
 class BodyRunner:
     """Executes bodies for one shell (the port's ``execute`` methods)."""
 
-    def __init__(self, shell: Any, transform_cell: Callable[[str], str]):
+    def __init__(self, shell: Any):
         self.shell = shell
-        self.transform_cell = transform_cell
+        self._transformed: dict[str, str] = {}
+
+    def transform_cell(self, cell: str) -> str:
+        """The cell as Python (IPython syntax transformed), memoized."""
+        python = self._transformed.get(cell)
+        if python is None:
+            if len(self._transformed) > 512:
+                self._transformed.clear()
+            python = self._transformed[cell] = self.shell.transform_cell(cell)
+        return python
 
     def execute(self, cell: str) -> Executed:
         """Run the body as a cell of its own (``!cmd``, magics and the display

@@ -96,9 +96,8 @@ class StatefulMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.runner = CellRunner(port=self, config=self)
-        self._bodies = BodyRunner(self.shell, self.transform_cell)
+        self._bodies = BodyRunner(self.shell)
         self._options: dict[str, CellOptions] = {}
-        self._transformed: dict[str, str] = {}
         self._signer: Keyring | None = None
         self._signer_source: tuple | None = None
         self.clock = time.time  # what --ttl compares against; tests set their own
@@ -136,13 +135,8 @@ class StatefulMagics(Magics):
         return hasattr(self.shell, "kernel")  # a Jupyter kernel can update a display
 
     def transform_cell(self, cell: str) -> str:
-        """The cell as Python (IPython syntax transformed), memoized."""
-        python = self._transformed.get(cell)
-        if python is None:
-            if len(self._transformed) > 512:
-                self._transformed.clear()
-            python = self._transformed[cell] = self.shell.transform_cell(cell)
-        return python
+        """The cell as Python (IPython syntax transformed), memoized (body.py)."""
+        return self._bodies.transform_cell(cell)
 
     def execute(self, cell: str) -> Executed:
         """Run the body as a cell of its own, numbered as the notebook cell

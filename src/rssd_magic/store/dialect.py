@@ -154,11 +154,21 @@ class Tx:
                 cur.executemany(self.d(template), rows)
 
     def stream(self, template: str, params: Any = ()) -> Iterator[tuple]:
-        """Rows one at a time (psycopg: single-row mode, so a large result
-        is never held whole)."""
+        """Rows as they come, never the whole result in memory (psycopg:
+        rows in chunks where libpq has chunked mode, else one at a time)."""
         if hasattr(self.conn, "executemany"):
             yield from self.conn.execute(self.d(template), params)
         else:
             with self.conn.cursor() as cur:
-                yield from cur.stream(self.d(template), params)
+                yield from cur.stream(self.d(template), params, size=STREAM_CHUNK if _chunked() else 1)
+
+
+#: Rows a server sends at a time while streaming (libpq 17's chunked mode).
+STREAM_CHUNK = 1000
+
+
+def _chunked() -> bool:
+    from psycopg import pq  # only a PostgreSQL store streams through psycopg
+
+    return pq.version() >= 170000
 

@@ -24,6 +24,7 @@ from .dialect import Dialect, Tx
 from .rows import ENTRIES, src_range
 from ..engine.keys import URI_PREFIX
 from ..engine.lifecycle import EXECUTED
+from ..records.canonical import loads_object
 from ..records.record import FIELD_PATHS, blob_markers, digests_in
 
 OURS = src_range(URI_PREFIX)
@@ -109,10 +110,7 @@ def _cells_sql(d: Dialect, where: str, with_results: bool, executed: bool) -> st
             LEFT JOIN {{rssd_magic_hit}} AS h ON h.state_id = s.orchestration_session_state_id
             WHERE {where}
             GROUP BY e.ingest_src)
-        SELECT c.src, c.entry, c.n, c.hits,
-               {d.json_text('e.elaboration', 'key')}, {d.json_text('e.elaboration', 'name')},
-               {d.json_text('e.elaboration', 'scope')}, {d.json_text('e.elaboration', 'kind')},
-               {d.json_text('e.elaboration', 'source')},
+        SELECT c.src, c.entry, c.n, c.hits, e.elaboration,
                l.orchestration_session_state_id, l.session_entry_id, l.session_id, l.from_state, l.to_state,
                {result}, l.transition_reason, l.transitioned_at, c.last,
                {field_('l.transition_result', 'host')}, {d.json_number('l.transition_result', *FIELD_PATHS['duration_s'])},
@@ -127,14 +125,14 @@ def _cells_sql(d: Dialect, where: str, with_results: bool, executed: bool) -> st
 
 
 def _cell(row: tuple) -> CellRow:
-    src, entry, n, hits, key, name, scope, kind, entry_source = row[:9]
-    latest = Transition(*row[9:18]) if row[9] is not None else None
-    host, duration, latest_hits, ran_source = row[18:22]
-    elaboration = {"key": _text(key), "name": _text(name), "scope": _text(scope), "kind": _text(kind),
-                   "source": _text(entry_source)}  # fmt: skip
+    src, entry, n, hits, entry_json = row[:5]
+    latest = Transition(*row[5:14]) if row[5] is not None else None
+    host, duration, latest_hits, ran_source = row[14:18]
+    said = loads_object(entry_json)  # parsed once here: cheaper than one JSON read per field in SQL
+    elaboration = {k: _text(said.get(k)) for k in ("key", "name", "scope", "kind", "source")}
     return CellRow(
         src, elaboration, entry, int(n), int(hits or 0), latest, _text(host), _number(duration), int(latest_hits or 0),
-        _text(ran_source) if ran_source is not None else _text(entry_source),
+        _text(ran_source) if ran_source is not None else elaboration["source"],
     )
 
 
@@ -165,14 +163,15 @@ def cells(
 
 def newest(store: StateBackend, limit: int) -> list[str]:
     """The ``ingest_src`` of the *limit* cells with the newest transitions,
-    newest first: a walk back along the store order that stops once it has
-    them (then cells that never ran, if there is room)."""
+    newest first: a walk back along the store order (the transitions kept
+    outside the join, so the walk stops early) until it has them, then
+    cells that never ran, if there is room."""
     out: dict[str, None] = {}
     window = max(4 * limit, 64)
     while True:
         found = store.query(
             """SELECT e.ingest_src FROM {states}
-               JOIN {orchestration_session_entry} AS e ON e.orchestration_session_entry_id = {entry}
+               {cross} {orchestration_session_entry} AS e ON e.orchestration_session_entry_id = {entry}
                WHERE e.ingest_src{C} >= ? AND e.ingest_src{C} < ?
                ORDER BY {seq} DESC LIMIT ?""",
             (*OURS, window),
