@@ -160,6 +160,12 @@ def test_every_module_is_either_engine_or_adapter():
     assert modules == set(ENGINE) | set(ADAPTERS), "a new module must be classified here"
 
 
+def test_no_module_is_over_600_lines_and_the_magic_adapter_is_small():
+    sizes = {m: len(p.read_text(encoding="utf-8").splitlines()) for m, p in _modules(PACKAGE).items()}
+    assert {m: n for m, n in sizes.items() if n > 600} == {}, "one idea per module"
+    assert sizes["adapters.magic"] <= 400, "the magic adapter stays thin"
+
+
 def test_no_import_cycles():
     graph = import_graph(PACKAGE)
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
