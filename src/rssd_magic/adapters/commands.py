@@ -121,9 +121,9 @@ def list_cmd(ctx: click.Context, limit: int | None, all_: bool, as_json: bool) -
         shown = surface.stream(upto(cells), lambda c: c, render.cells_text, as_json)
         location = store.location
     if not shown:
-        surface.warn(f"no %%stateful cells in {redact(location)}")
+        surface.note(f"no %%stateful cells in {redact(location)}")
     elif more[0]:
-        surface.warn(f"the {shown} newest cells shown; --limit N or --all for more")
+        surface.note(f"the {shown} newest cells shown; --limit N or --all for more")
 
 
 @main.command("show")
@@ -161,7 +161,7 @@ def forget_cmd(ctx: click.Context, key: str | None, all_: bool, as_json: bool) -
             cell = report.resolve_key(store, key, prog=surface.prog)
             done = report.forget(store, cell["key"])
             if not done:
-                surface.warn(f"nothing to forget: cell {cell['key'][:12]} is {cell['state'] or 'not run'}, not EXECUTED")
+                surface.note(f"nothing to forget: cell {cell['key'][:12]} is {cell['state'] or 'not run'}, not EXECUTED")
     if as_json:
         return surface.show(Reply(done, json_text), True)
 
@@ -331,7 +331,7 @@ def keys_trust(ctx: click.Context, line_or_file: str) -> None:
     for s in added:
         surface.say(f"trusted {s.name} ({s.fingerprint}) in {path}")
     if len(added) < len(new):
-        surface.warn(f"{plural(len(new) - len(added), 'key')} already trusted in {path}")
+        surface.note(f"{plural(len(new) - len(added), 'key')} already trusted in {path}")
 
 
 @keys_cmd.command("revoke")

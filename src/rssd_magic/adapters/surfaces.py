@@ -82,6 +82,10 @@ class Surface:
         """A line the person may have to act on (stderr)."""
         click.echo(render.strip_escapes(text), err=True)
 
+    def note(self, text: str) -> None:
+        """A line that informs, beside the answer (a shell keeps stdout for the answer)."""
+        self.warn(text)
+
     def show(self, reply: Reply, as_json: bool = False) -> None:
         self.say(json_text(reply.value), store_text=False) if as_json else self.say(repr(reply))
 
@@ -183,6 +187,9 @@ class Notebook(Surface):
 
     def warn(self, text: str) -> None:
         print(f"[stateful] {text}", file=sys.stderr, flush=True)  # as every note of the magic
+
+    def note(self, text: str) -> None:
+        print(f"[stateful] {text}", flush=True)  # informs: stdout, as the magic's own notes
 
     def show(self, reply: Reply, as_json: bool = False) -> None:
         self.reply = Reply(reply.value, json_text) if as_json else reply
