@@ -224,10 +224,10 @@ class NullWriter:
 def record_run(backend, key, source: str, result: dict | str, blobs=()):
     """Record one EXECUTED run of a cell through the backend's public API,
     as ``%%stateful`` does: claim it, then finish it with its blobs."""
-    from rssd_magic.backends.base import ClaimRequest
-    from rssd_magic.canonical import dumps
-    from rssd_magic.claims import current_holder
-    from rssd_magic.lifecycle import EXECUTED
+    from rssd_magic.store.base import ClaimRequest
+    from rssd_magic.records.canonical import dumps
+    from rssd_magic.engine.claims import current_holder
+    from rssd_magic.engine.lifecycle import EXECUTED
 
     request = ClaimRequest(
         key, source, {"source": source, "code_hash": key.code_hash}, current_holder(backend.session_id or ""), 60.0

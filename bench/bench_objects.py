@@ -123,7 +123,7 @@ def main() -> None:
 
     from rssd_magic.backends.objects import S3Blobs
     from rssd_magic.backends.postgres_blobs import LocalCache
-    from rssd_magic.digests import buffer_digest
+    from rssd_magic.records.digests import buffer_digest
 
     info = machine()
     print(machine_line(info), file=sys.__stdout__, flush=True)

@@ -168,7 +168,7 @@ def big(sh: Shell, mb: int, rounds: int) -> list[Row]:
     o, f, j, srv = s["pg"]["median"], s["sqlite"]["median"], s["joblib"]["median"], s["server"]["median"]
     # p4: a blob already stored is proven to hold the bytes before a record
     # names it (read back and compared: postgres_blobs.py).
-    from rssd_magic.serialize import dump_value
+    from rssd_magic.records.serialize import dump_value
 
     digest, data = max(dump_value(ns["big"])[1], key=lambda b: memoryview(b[1]).nbytes)
     proofs = []

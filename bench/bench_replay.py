@@ -444,7 +444,7 @@ class Bench:
     def populate(self, db: Path, n: int) -> float:
         """Record *n* distinct cells through the backend API, as %%stateful would."""
         from rssd_magic.backends.sqlite import SqliteBackend
-        from rssd_magic.keys import cell_key
+        from rssd_magic.engine.keys import cell_key
 
         t0 = time.perf_counter()
         store = SqliteBackend.open(db, session_args={"bench": "populate"})

@@ -55,7 +55,7 @@ MB8 = 8 << 20
 
 def record(db: Path, data: bytes, page_size: int | None, checkpoint: bool) -> str:
     from rssd_magic.backends.sqlite import SqliteBackend
-    from rssd_magic.keys import cell_key
+    from rssd_magic.engine.keys import cell_key
 
     if page_size:
         # Only possible before the file has any table.
@@ -85,14 +85,14 @@ def record(db: Path, data: bytes, page_size: int | None, checkpoint: bool) -> st
 
 def raw_digest(data) -> str:
     """The digest the engine files a raw (out-of-band) buffer under (XXH3-128)."""
-    from rssd_magic.trust import buffer_digest
+    from rssd_magic.records.trust import buffer_digest
 
     return buffer_digest(data)
 
 
 def verifier():
     """The engine's one-pass check of a buffer against its digest."""
-    from rssd_magic.trust import verify
+    from rssd_magic.records.trust import verify
 
     return verify
 
@@ -132,7 +132,7 @@ def reader(
     import queue
     import threading
 
-    from rssd_magic.trust import Verifier
+    from rssd_magic.records.trust import Verifier
 
     def connect():
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)

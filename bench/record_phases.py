@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import numpy as np
 
-    from rssd_magic.serialize import dump_value
+    from rssd_magic.records.serialize import dump_value
 
     print(machine_line(machine()), file=OUT, flush=True)
     work = Path(tempfile.mkdtemp(prefix="rssd-phases-", dir=args.dir))

@@ -15,7 +15,7 @@ from traitlets.config import Config
 from IPython.utils.capture import capture_output
 
 from pg_util import pg_server, pg_url  # noqa: F401 - the PostgreSQL fixtures, for every test module
-from rssd_magic.magic import ENV_RSSD
+from rssd_magic.adapters.magic import ENV_RSSD
 
 
 @dataclass

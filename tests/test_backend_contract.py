@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 
 import pg_util
+from rssd_magic.store import tables
 from rssd_magic.backends import open_backend
-from rssd_magic.backends.base import ClaimRequest, Fenced, StateBackend, StoreError
-from rssd_magic.claims import Heartbeat, current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import ABANDONED, EXECUTED, FAILED, FORGOTTEN, INITIAL, RUNNING
-from rssd_magic.trust import IntegrityError, buffer_digest, stream_digest
+from rssd_magic.store.base import ClaimRequest, Fenced, StoreError
+from rssd_magic.store.journal import StateBackend
+from rssd_magic.engine.claims import Heartbeat, current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import ABANDONED, EXECUTED, FAILED, FORGOTTEN, INITIAL, RUNNING
+from rssd_magic.records.trust import IntegrityError, buffer_digest, stream_digest
 
 KEY = cell_key("contract()", "contract")
 RESULT = '{"format":"rssd_magic.result.v1","names":{},"outputs":[]}'
@@ -64,9 +66,13 @@ class Env:
 class SqliteEnv(Env):
     name = "sqlite"
 
+    def __init__(self, tmp_path: Path, file: str = "contract.sqlite.db"):
+        super().__init__(tmp_path)
+        self.file = file
+
     @property
     def location(self) -> str:
-        return str(self.tmp_path / "contract.sqlite.db")
+        return str(self.tmp_path / self.file)
 
     def raw(self, sql: str, params: tuple = ()) -> list[tuple]:
         conn = sqlite3.connect(self.location, timeout=30)
@@ -226,11 +232,11 @@ def test_heartbeat_moves_the_beat_and_releases_cleanly(env):
 RACER = textwrap.dedent(
     """
     import sys, time
-    from rssd_magic.acquire import acquire
+    from rssd_magic.engine.acquire import acquire
     from rssd_magic.backends import open_backend
-    from rssd_magic.backends.base import ClaimRequest
-    from rssd_magic.claims import current_holder
-    from rssd_magic.keys import cell_key
+    from rssd_magic.store.base import ClaimRequest
+    from rssd_magic.engine.claims import current_holder
+    from rssd_magic.engine.keys import cell_key
     where, hold = sys.argv[1], float(sys.argv[2])
     b = open_backend(where, session_args={"racer": True})
     key = cell_key("contract()", "contract")
@@ -335,9 +341,9 @@ def test_hits_are_counted_and_flushed(env):
     for _ in range(3):
         b.note_hit(done.state_id)
     b.flush_hits()
-    (cell,) = b.cells()
+    (cell,) = tables.cells(b)
     assert cell.latest_hits == 3 and cell.hits_total == 3
-    assert b.storage().hits == 3
+    assert tables.counts(b).hits == 3
 
 
 # -- listings ---------------------------------------------------------------------------------
@@ -349,21 +355,21 @@ def test_listings_for_reports(env):
     run_once(b, named, '{"host":"h1","duration_s":2.5,"names":{},"outputs":[]}')
     failing = b.claim(ask(b))
     b.finish(failing.running, failing.claim.token, FAILED, '{"error":{"ename":"ValueError","evalue":"bad"}}', "ValueError: bad")
-    cells = b.cells()
-    assert [c.ingest_src for c in cells] == [named.ingest_src, KEY.ingest_src], "in the order first seen"
-    first, second = cells
+    cells = list(tables.cells(b))
+    assert [c.ingest_src for c in cells] == [KEY.ingest_src, named.ingest_src], "newest first"
+    second, first = cells
     assert first.elaboration["name"] == "migration" and first.latest.to_state == EXECUTED
     assert (first.latest_host, first.latest_duration_s, first.transitions) == ("h1", 2.5, 2)
     assert first.source == "contract()"
     assert second.latest.to_state == FAILED
-    history = b.history(second)
+    history = tables.history(b, second)
     assert [(h.from_state, h.to_state) for h in history] == [(INITIAL, RUNNING), (RUNNING, FAILED)]
     assert history[-1].error == {"ename": "ValueError", "evalue": "bad"} and history[-1].reason == "ValueError: bad"
-    assert b.result_of(history[-1].id) == '{"error":{"ename":"ValueError","evalue":"bad"}}'
-    assert [(c.ingest_src, text) for c, text in b.current_results()] == [
+    assert tables.result_of(b, history[-1].id) == '{"error":{"ename":"ValueError","evalue":"bad"}}'
+    assert [(c.ingest_src, c.latest.result_json) for c in tables.cells(b, executed=True, with_results=True)] == [
         (named.ingest_src, '{"host":"h1","duration_s":2.5,"names":{},"outputs":[]}')
     ]
-    s = b.storage()
+    s = tables.counts(b)
     assert s.transitions == 4 and s.result_json_bytes > 0
 
 
@@ -373,10 +379,10 @@ def test_gc_keeps_what_current_records_name_and_deletes_the_rest(env):
     mine = b.claim(ask(b))
     b.finish(mine.running, mine.claim.token, EXECUTED, RESULT, "completed", [(keep, b"kept"), (drop, b"dropped")])
     names = lambda text: {keep}  # noqa: E731 - the record names one of its two blobs
-    doomed, kept, kept_bytes = b.gc(names, dry_run=True)
+    doomed, kept, kept_bytes = tables.gc(b, names, dry_run=True)
     assert doomed == [(drop, 7)] and (kept, kept_bytes) == (1, 4)
     assert set(b.blobs.sizes()) == {keep, drop}, "a dry run deletes nothing"
-    doomed, kept, _ = b.gc(names)
+    doomed, kept, _ = tables.gc(b, names)
     assert doomed == [(drop, 7)] and kept == 1 and set(b.blobs.sizes()) == {keep}
 
 
@@ -444,7 +450,7 @@ def test_a_killed_kernels_session_can_be_ended_once_by_another(env):
 
 
 def test_every_recorded_end_writes_one_exec_row_and_a_fenced_one_none(env):
-    from rssd_magic.backends.base import ExecRow
+    from rssd_magic.store.base import ExecRow
 
     b = env.open()
     mine = b.claim(ask(b))
@@ -467,7 +473,7 @@ def test_every_recorded_end_writes_one_exec_row_and_a_fenced_one_none(env):
 
 
 def test_orphaned_sessions_of_dead_processes_on_this_machine_are_closed(env):
-    from rssd_magic.claims import close_orphaned_sessions
+    from rssd_magic.engine.claims import close_orphaned_sessions
 
     env.open().close()
     code = (
@@ -484,3 +490,50 @@ def test_orphaned_sessions_of_dead_processes_on_this_machine_are_closed(env):
         time.sleep(0.02)
     assert "kernel gone: process" in session_states(env, doomed)[-1][2]
     assert close_orphaned_sessions(b) == [], "closed once; live sessions (ours) are left open"
+
+
+# -- moving cells between any two stores (store/transfer.py) ----------------------------------
+
+
+@pytest.fixture(params=[("sqlite", "sqlite"), ("sqlite", "postgresql"), ("postgresql", "sqlite"),
+                        ("postgresql", "postgresql")], ids=lambda p: "->".join(p))  # fmt: skip
+def pair(request, tmp_path):
+    envs = [SqliteEnv(tmp_path, f"{i}.sqlite.db") if kind == "sqlite" else PgEnv(tmp_path)
+            for i, kind in enumerate(request.param)]  # fmt: skip
+    yield envs
+    for e in envs:
+        e.close_all()
+
+
+def test_cells_move_between_any_two_stores_once_with_their_blobs_and_conflicts_reported(pair):
+    from rssd_magic.store.transfer import transfer
+
+    source_env, target_env = pair
+    source, target = source_env.open(), target_env.open()
+    data = b"a value"
+    digest = stream_digest(data)
+    record = '{"format":"rssd_magic.result.v1","names":{"v":{"kind":"pickle","blob":"%s","size":7}},"outputs":[]}' % digest
+    mine = source.claim(ask(source))
+    done = source.finish(mine.running, mine.claim.token, EXECUTED, record, "completed", [(digest, data)],
+                         [("payload-1", "key-1", "sig-1")])  # fmt: skip
+    source.note_hit(done.state_id)
+    source.flush_hits()
+    first = transfer(source, target)
+    assert first["conflicts"] == [] and first["cells"] == 1 and first["blobs"]["copied"] == 1
+    assert target.latest(KEY).state_id == done.state_id and target.latest(KEY).result_json == record
+    assert bytes(target.blobs.get(digest)) == data
+    assert target.signatures(["payload-1"]) == {"payload-1": {"key-1": "sig-1"}}
+    (cell,) = tables.cells(target)
+    assert (cell.latest_hits, cell.transitions) == (1, 2)
+    again = transfer(source, target)
+    assert again["rows_inserted"] == 0 and again["conflicts"] == [] and again["blobs"]["present"] == 1, "idempotent"
+    source_env.raw("UPDATE orchestration_session_state SET transition_reason = 'edited' WHERE orchestration_session_state_id = ?",
+                   (done.state_id,))  # fmt: skip
+    third = transfer(source, target)
+    assert [(c["table"], c["id"], c["columns"]) for c in third["conflicts"]] == [
+        ("orchestration_session_state", done.state_id, ["transition_reason"])
+    ]
+    assert target_env.raw(
+        "SELECT transition_reason FROM orchestration_session_state WHERE orchestration_session_state_id = ?", (done.state_id,)
+    ) == [("completed",)], "never overwritten"
+

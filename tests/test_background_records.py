@@ -81,7 +81,7 @@ def test_commands_and_shutdown_wait_for_records_being_written(kernel, gated):
 
 
 def test_a_failed_background_write_ends_the_run_and_is_said_at_the_next_cell(kernel, monkeypatch):
-    from rssd_magic.backends.base import StoreError
+    from rssd_magic.store.base import StoreError
 
     backend = kernel.magics.runner.backend()
     real = type(backend).writer

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from rssd_magic.acquire import HolderFailed, WaitTimeout, acquire
-from rssd_magic.backends.base import ClaimRequest, Fenced
+from rssd_magic.engine.acquire import HolderFailed, WaitTimeout, acquire
+from rssd_magic.store.base import ClaimRequest, Fenced
 from rssd_magic.backends.sqlite import SqliteBackend
-from rssd_magic.claims import current_holder, process_start
-from rssd_magic.keys import cell_key
+from rssd_magic.engine.claims import current_holder, process_start
+from rssd_magic.engine.keys import cell_key
 
 KEY = cell_key("slow()", "claims-test")
 
@@ -38,11 +38,11 @@ TAKEOVER = [("INITIAL", "RUNNING"), ("RUNNING", "ABANDONED"), ("ABANDONED", "RUN
 RACER = textwrap.dedent(
     """
     import sys, time
-    from rssd_magic.acquire import acquire
+    from rssd_magic.engine.acquire import acquire
     from rssd_magic.backends import open_backend
-    from rssd_magic.backends.base import ClaimRequest
-    from rssd_magic.claims import current_holder
-    from rssd_magic.keys import cell_key
+    from rssd_magic.store.base import ClaimRequest
+    from rssd_magic.engine.claims import current_holder
+    from rssd_magic.engine.keys import cell_key
     db, log, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
     store = open_backend(db, session_args={"racer": True})
     ask = ClaimRequest(cell_key("slow()", "claims-test"), "slow()", {}, current_holder(store.session_id), 60.0)
@@ -260,7 +260,7 @@ def test_waiter_reports_the_holders_failure_and_does_not_run(tmp_path, sleeper):
 
 
 def test_heartbeat_beats_while_held_and_stops_when_released(tmp_path):
-    from rssd_magic.claims import Heartbeat
+    from rssd_magic.engine.claims import Heartbeat
 
     db = tmp_path / "b.db"
     store = SqliteBackend.open(db, session_args={"test": True})

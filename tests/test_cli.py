@@ -1,5 +1,7 @@
-"""The ``rssd-magic`` command line, run as a subprocess against RSSDs written
-by real notebook runs (nbclient, fresh kernels).
+"""The ``rssd-magic`` command line, run in this process through click's
+CliRunner (and, once each, as the console script and ``python -m
+rssd_magic``) against RSSDs written by real notebook runs (nbclient, fresh
+kernels).
 
 One module-scoped notebook directory is built by running a small notebook
 twice (first run executes, second replays, so hit counts are recorded when
@@ -23,7 +25,10 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
+from click.testing import CliRunner
 from nbclient import NotebookClient
+
+from rssd_magic.cli import main
 
 
 ENV = "SURVEILR_STATEDB_FS_PATH"
@@ -60,14 +65,19 @@ def run_notebook(folder: Path) -> nbformat.NotebookNode:
 
 
 def cli(*args: str, cwd: Path | None = None, env_db: str | None = None, script: bool = False):
-    """Run the CLI (``python -m rssd_magic`` or the console script)."""
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    if env_db is not None:
-        env[ENV] = env_db
-    cmd = [rssd_magic_script()] if script else [sys.executable, "-m", "rssd_magic"]
-    return subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60
-    )
+    """Run the CLI: in this process through click's CliRunner (what
+    ``rssd-magic`` runs), or, with *script*, the installed console script."""
+    if script:
+        env = {k: v for k, v in os.environ.items() if k != ENV}
+        return subprocess.run([rssd_magic_script(), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=60)
+    before = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        r = CliRunner().invoke(main, list(args), env={ENV: env_db}, catch_exceptions=False)
+    finally:
+        os.chdir(before)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 
 def rssd_magic_script() -> str:
@@ -150,8 +160,8 @@ def test_list_json_describes_every_cell_in_notebook_order(base):
         assert re.fullmatch(r"[0-9a-f]{64}", c["key"])
     by = base.cells
     assert set(by) == {"side", "cfg", "fail", "named", "array"}
-    # First seen = notebook order.
-    assert [c["key"] for c in cells] == [by[k]["key"] for k in ("side", "cfg", "fail", "named", "array")]
+    # Newest first: the failing cell ran (and failed) again in the second run; the others replayed.
+    assert [c["key"] for c in cells] == [by[k]["key"] for k in ("fail", "array", "named", "cfg", "side")]
     for label in ("side", "cfg", "named", "array"):
         c = by[label]
         assert c["state"] == "EXECUTED"
@@ -389,7 +399,7 @@ def test_forget_all(base, tmp_path):
     states = {c["key"]: c["state"] for c in as_json(work.db, "list", "--json")}
     assert states == {**{k: "FORGOTTEN" for k in executed}, base.cells["fail"]["key"]: "FAILED"}
     # Nothing left to forget; text output says so.
-    assert "0 cells forgotten" in ok(cli("--db", str(work.db), "forget", "--all"))
+    assert "nothing to forget" in ok(cli("--db", str(work.db), "forget", "--all"))
     assert state_rows(work.db) == rows + 4
     # Exactly one of KEY / --all.
     assert cli("--db", str(work.db), "forget").returncode == 2
@@ -515,7 +525,7 @@ def test_rssd_without_cells(tmp_path):
 
 
 def test_cli_does_not_import_ipython():
-    code = "import sys, rssd_magic.cli, rssd_magic.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython'))"
+    code = "import sys, rssd_magic.cli, rssd_magic.manage.report; print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

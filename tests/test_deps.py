@@ -33,7 +33,7 @@ from rssd_magic.deps import (
     read_names,
     try_fingerprint,
 )
-from rssd_magic.keys import cell_key
+from rssd_magic.engine.keys import cell_key
 
 
 def fp(value):

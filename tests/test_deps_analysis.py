@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rssd_magic.canonical import canonical_bytes
+from rssd_magic.records.canonical import canonical_bytes
 from rssd_magic.deps import (
     FINGERPRINT_VERSION,
     UNANALYSABLE,

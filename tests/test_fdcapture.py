@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rssd_magic import fdcapture
+from rssd_magic.output import fdcapture
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not fdcapture.supported(), reason="fd capture ne
 PRELUDE = """
 import json, os, sys
 sys.path.insert(0, {src!r})
-from rssd_magic.fdcapture import FdTee
+from rssd_magic.output.fdcapture import FdTee
 
 def tee(*fds):
     got = []
@@ -118,7 +118,9 @@ def test_a_background_child_is_forwarded_after_the_cell_not_recorded():
         import subprocess, time
         t, got = tee(1)
         child = subprocess.Popen(["sh", "-c", "echo early; sleep 0.3; echo late"])
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while "early" not in text(got) and time.monotonic() < deadline:  # recorded before the cell ends
+            time.sleep(0.01)
         t.stop()
         child.wait()
         time.sleep(0.2)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from conftest import counter
-from rssd_magic.record import RecordError, RunRecord
+from rssd_magic.records.record import RecordError, RunRecord
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 

@@ -209,10 +209,21 @@ print(df.shape, int(df["a"].sum()), df["b"].iloc[-1])
 """
 
 
-def test_names_are_restored_for_later_cells_in_a_fresh_kernel(tmp_path):
-    cells = [LOAD, NAMES_CELL, USE_NAMES]
-    first = execute(cells, tmp_path)
-    second = execute(cells, tmp_path)
+@pytest.fixture(scope="module")
+def two_kernels(tmp_path_factory):
+    """One notebook run in two fresh kernels (the second replays): names,
+    results, classes and instances restored across kernels, each checked by
+    a test of its own on the same two runs (a kernel start is the costly
+    part)."""
+    folder = tmp_path_factory.mktemp("two-kernels")
+    cells = [LOAD, NAMES_CELL, USE_NAMES, RESULT_CELL, "print(_ + 1, type(_).__name__)",
+             METHOD_CELL, "factor = 10\nprint(Scaler().apply(2))",
+             PLAIN_CLASS, INSTANCE_CELL, "print(isinstance(obj, Plain), type(obj) is Plain)"]  # fmt: skip
+    return folder, execute(cells, folder), execute(cells, folder)
+
+
+def test_names_are_restored_for_later_cells_in_a_fresh_kernel(two_kernels):
+    folder, first, second = two_kernels
     expected = (
         "8 20.0 100004.0 True True\n7 3 True Point\n{\"a\": [1]} numpy json\n"
         f"(20000, 2) {sum(range(20_000)) + 7} x\n"
@@ -221,9 +232,9 @@ def test_names_are_restored_for_later_cells_in_a_fresh_kernel(tmp_path):
     assert len(banners(second.cells[1])) == 1, "run 2 must replay"
     assert text_of(second.cells[1], "stderr") == "", "every name restored, no notes"
     assert text_of(second.cells[2]) == expected
-    check_rssd(tmp_path / DEFAULT_DB)
+    check_rssd(folder / DEFAULT_DB)
     # The large array went to the blob table, not into the JSON.
-    assert query(tmp_path / DEFAULT_DB, "SELECT count(*) FROM rssd_magic_blob WHERE size >= 800000") == [(1,)]
+    assert query(folder / DEFAULT_DB, "SELECT count(*) FROM rssd_magic_blob WHERE size >= 800000") == [(1,)]
 
 
 # -- 3. a failing cell is not cached ------------------------------------------
@@ -428,14 +439,6 @@ def test_demo_notebook_executes_then_replays(tmp_path):
 RESULT_CELL = "%%stateful\n20 + 22\n"
 
 
-def test_result_history_holds_the_value_after_replay(tmp_path):
-    cells = [LOAD, RESULT_CELL, "print(_ + 1, type(_).__name__)"]
-    first = execute(cells, tmp_path, allow_errors=True)
-    second = execute(cells, tmp_path, allow_errors=True)
-    assert text_of(first.cells[2]) == "43 int\n"
-    assert text_of(second.cells[2]) == "43 int\n"
-
-
 METHOD_CELL = """%%stateful
 factor = 3
 class Scaler:
@@ -444,25 +447,27 @@ class Scaler:
 """
 
 
-def test_restored_class_methods_see_live_globals(tmp_path):
-    cells = [LOAD, METHOD_CELL, "factor = 10\nprint(Scaler().apply(2))"]
-    first = execute(cells, tmp_path)
-    second = execute(cells, tmp_path)
-    assert text_of(first.cells[2]) == "20\n"
-    assert text_of(second.cells[2]) == "20\n"
-
-
 PLAIN_CLASS = "class Plain:\n    kind = 'plain'\n"
 INSTANCE_CELL = "%%stateful\nobj = Plain()\n"
 
 
-def test_instance_of_plain_cell_class_is_still_an_instance_after_replay(tmp_path):
-    cells = [LOAD, PLAIN_CLASS, INSTANCE_CELL, "print(isinstance(obj, Plain), type(obj) is Plain)"]
-    first = execute(cells, tmp_path)
-    second = execute(cells, tmp_path)
-    assert text_of(first.cells[3]) == "True True\n"
-    assert len(banners(second.cells[2])) == 1
-    assert text_of(second.cells[3]) == "True True\n"
+def test_result_history_holds_the_value_after_replay(two_kernels):
+    _, first, second = two_kernels
+    assert text_of(first.cells[4]) == "43 int\n"
+    assert text_of(second.cells[4]) == "43 int\n"
+
+
+def test_restored_class_methods_see_live_globals(two_kernels):
+    _, first, second = two_kernels
+    assert text_of(first.cells[6]) == "20\n"
+    assert text_of(second.cells[6]) == "20\n"
+
+
+def test_instance_of_plain_cell_class_is_still_an_instance_after_replay(two_kernels):
+    _, first, second = two_kernels
+    assert text_of(first.cells[9]) == "True True\n"
+    assert len(banners(second.cells[8])) == 1
+    assert text_of(second.cells[9]) == "True True\n"
 
 
 # -- dependency-aware keys, the line magic, loading by config -----------------

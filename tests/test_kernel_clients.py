@@ -9,20 +9,14 @@ nbclient, each notebook run in fresh ipykernel kernels through nbclient.
 * one key whichever client runs the notebook: JupyterLab tells the kernel
   the notebook's path (``JPY_SESSION_NAME``, set here in the kernel's
   environment exactly as Lab sets it); nbclient and papermill tell nothing;
-  a renamed or moved notebook replays; records the previous version filed
-  under a notebook's path replay from any client (that version runs here,
-  from git).
+  a renamed or moved notebook replays.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import subprocess
-import tarfile
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from kernel_util import (
@@ -31,7 +25,6 @@ from kernel_util import (
     check_rssd,
     errors_of,
     execute,
-    make_notebook,
     plain_traceback,
     query,
     strip_volatile,
@@ -41,11 +34,8 @@ from kernel_util import (
 
 pytestmark = pytest.mark.kernel
 
-REPO = Path(__file__).resolve().parents[1]
 DB = "resource-surveillance.sqlite.db"
 LOAD = "%load_ext rssd_magic"
-#: The last commit whose default scope was the notebook's path.
-PREVIOUS = "cc6b3782522e3383caa7225a9b6e813006964cf2"
 
 
 def side(name: str) -> str:
@@ -168,44 +158,3 @@ def test_the_same_notebook_in_lab_then_headless_then_renamed_replays(tmp_path):
         assert text_of(nb.cells[4]) == "0.93 True\n"
     assert lines(tmp_path / "train.log") == 1 and lines(tmp_path / "load.log") == 1
     assert scopes(tmp_path / DB) == ["default", "default"]
-
-
-@pytest.fixture(scope="module")
-def previous_src(tmp_path_factory) -> Path:
-    """The previous version's src/ (notebook-path scopes), from git."""
-    done = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS, "src"], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"commit {PREVIOUS[:12]} (notebook-scoped keys) is not in this checkout's history; use a full clone")
-    root = tmp_path_factory.mktemp("previous")
-    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
-        tar.extractall(root, filter="data")
-    return root / "src"
-
-
-def test_records_the_previous_version_filed_under_a_notebook_path_still_replay(tmp_path, previous_src):
-    notebook = tmp_path / "analysis.ipynb"  # the notebook beside its RSSD, as Lab and jupyter execute run it
-    nbformat.write(make_notebook(CLIENT_CELLS), notebook)
-    old = execute(CLIENT_CELLS, tmp_path, env={**_lab(notebook), "PYTHONPATH": str(previous_src)})
-    assert text_of(old.cells[4]) == "0.93 True\n"
-    db = tmp_path / DB
-    assert scopes(db) == ["analysis.ipynb", "analysis.ipynb"], "the previous version's notebook scope"
-    # Found at once, but signed the old way (value by value): until the user
-    # trusts the file again its records show only text and bind nothing, and
-    # say how to trust them (the README's upgrading note).
-    before = execute(CLIENT_CELLS, tmp_path, allow_errors=True)
-    assert "%stateful trust" in text_of(before.cells[2], "stderr") and not banners(before.cells[2])
-    execute(["%load_ext rssd_magic", "%stateful trust --yes"], tmp_path)
-    for env in ({}, _lab(notebook)):  # headless (nbclient, papermill), then Lab again
-        nb = execute(CLIENT_CELLS, tmp_path, env=env)
-        assert len(banners(nb.cells[2])) == 1 and len(banners(nb.cells[3])) == 1, env
-        assert text_of(nb.cells[4]) == "0.93 True\n"
-    assert lines(tmp_path / "train.log") == 1 and lines(tmp_path / "load.log") == 1
-    assert scopes(db) == ["analysis.ipynb", "analysis.ipynb"], "found where they are, not copied"
-    # Renamed since the previous version recorded it: its old name is nowhere
-    # to be seen, so it runs once more, then replays under any name.
-    notebook.rename(tmp_path / "renamed.ipynb")
-    for _ in range(2):
-        execute(CLIENT_CELLS, tmp_path, env=_lab(tmp_path / "renamed.ipynb"))
-    assert lines(tmp_path / "train.log") == 2 and lines(tmp_path / "load.log") == 2
-    assert scopes(db)[2:] == ["default", "default"]
-    check_rssd(db)

@@ -388,7 +388,7 @@ def killed_while_waiting(tmp_path_factory):
                 while query(db, "SELECT count(*) FROM orchestration_session") != [(3,)]:
                     assert time.monotonic() < deadline, "the waiters never opened the RSSD"
                     time.sleep(0.02)
-                time.sleep(1.5)
+                time.sleep(1.5)  # the scenario, not a synchronization: the holder dies while they wait
                 killed = time.monotonic()
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.close(now=True)

@@ -19,14 +19,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from rssd_magic.backends.base import ClaimRequest
+from rssd_magic.store import tables
+from rssd_magic.store.base import ClaimRequest
 from rssd_magic.backends.sqlite import SqliteBackend
 from rssd_magic.backends.sqlite_blobs import chunk_size
 from rssd_magic.backends.sqlite_schema import SCHEMA_VERSION
-from rssd_magic.claims import current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import EXECUTED
-from rssd_magic.trust import IntegrityError, buffer_digest
+from rssd_magic.engine.claims import current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import EXECUTED
+from rssd_magic.records.trust import IntegrityError, buffer_digest
 
 #: SQLite's row limit in these tests: small enough that the values below
 #: need several rows, large enough for an ordinary record.
@@ -153,7 +154,7 @@ def test_a_blob_gc_frees_between_staging_and_the_record_is_written_again(tmp_pat
     def stage_then_collect(big):
         staged(big)
         assert writer.blobs.sizes() == {digest: len(data)}, "staged before the record"
-        doomed, _, _ = collector.gc(lambda text: set())  # the other connection's gc, in the window
+        doomed, _, _ = tables.gc(collector, lambda text: set())  # the other connection's gc, in the window
         assert doomed == [(digest, len(data))]
         assert rows(db, "SELECT count(*) FROM rssd_magic_blob_chunk") == [(0,)]
 
@@ -161,7 +162,7 @@ def test_a_blob_gc_frees_between_staging_and_the_record_is_written_again(tmp_pat
     record(writer, [(digest, data)])
     assert bytes(writer.blobs.get(digest)) == data, "the record's transaction wrote it again"
     assert bytes(collector.blobs.get(digest)) == data
-    assert collector.gc(lambda text: {digest})[0] == [], "nothing left over"
+    assert tables.gc(collector, lambda text: {digest})[0] == [], "nothing left over"
     writer.close()
     collector.close()
 
@@ -174,7 +175,7 @@ def test_gc_frees_a_chunked_blob_and_the_chunks_a_crash_left(tmp_path):
         import os, sqlite3, sys
         from rssd_magic.backends import sqlite_blobs
         from rssd_magic.backends.sqlite import SqliteBackend
-        from rssd_magic.trust import buffer_digest
+        from rssd_magic.records.trust import buffer_digest
         b = SqliteBackend.open(sys.argv[1], session_args={{"test": "crash"}})
         b.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, {LIMIT})
         data = os.urandom({6 * LIMIT})
@@ -197,10 +198,10 @@ def test_gc_frees_a_chunked_blob_and_the_chunks_a_crash_left(tmp_path):
     kept = payload(2 * LIMIT, seed=2)
     dropped = payload(2 * LIMIT, seed=3)
     record(b, [(buffer_digest(kept), kept), (buffer_digest(dropped), dropped)])
-    doomed, kept_n, kept_bytes = b.gc(lambda text: {buffer_digest(kept)}, dry_run=True)
+    doomed, kept_n, kept_bytes = tables.gc(b, lambda text: {buffer_digest(kept)}, dry_run=True)
     assert sorted(size for _, size in doomed) == sorted([len(dropped), partial])
     assert (kept_n, kept_bytes) == (1, len(kept))
-    b.gc(lambda text: {buffer_digest(kept)})
+    tables.gc(b, lambda text: {buffer_digest(kept)})
     assert rows(db, "SELECT DISTINCT digest FROM rssd_magic_blob_chunk") == [(buffer_digest(kept),)]
     assert bytes(b.blobs.get(buffer_digest(kept))) == kept
     b.close()

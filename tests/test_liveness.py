@@ -197,10 +197,11 @@ def test_a_live_holder_that_is_pid_1_of_another_namespace_is_waited_for(tmp_path
 
 def test_a_heartbeating_holder_whose_clock_is_five_minutes_behind_is_not_taken_over(tmp_path, store):
     # Its claim and heartbeats carry times 300 s in the past, and its lease
-    # is 3 s: judged by timestamps it would look dead at once.
-    holder = start(tmp_path, LEASE=3, HOLD=6, MARK="behind", **store.env, **faketime_env("-300"))
+    # is 2 s: judged by timestamps it would look dead at once; the waiter
+    # waits past the lease while the holder beats (every third of it).
+    holder = start(tmp_path, LEASE=2, HOLD=4, MARK="behind", **store.env, **faketime_env("-300"))
     until(store.claimed)
-    waiter = finish(start(tmp_path, LEASE=3, MARK="on-time", **store.env))
+    waiter = finish(start(tmp_path, LEASE=2, MARK="on-time", **store.env))
     finish(holder)
     assert waiter["ok"] and waiter["mark"] == "behind" and "took over" not in waiter["stdout"]
     assert len(ran(tmp_path)) == 1

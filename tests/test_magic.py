@@ -491,3 +491,44 @@ def test_surveilr_counts_runs_not_replays_and_a_failed_cell_fails_the_session(ke
     assert kernel.rows("PRAGMA foreign_key_check") == []
     assert kernel.rows("SELECT count(*) FROM orchestration_session_exec WHERE NOT json_valid(elaboration)") == [(0,)]
     assert kernel.rows("SELECT count(*) FROM code_notebook_cell") == [(0,)], "never surveilr's notebook tables"
+
+
+# -- the layout: the path of one cell -------------------------------------------------------
+
+
+def _module_path_counts(kernel, cell: str) -> dict[str, int]:
+    """Along every call stack while *cell* runs, how many times each of our
+    modules appears (a stretch of calls inside one module counts once)."""
+    import collections
+    import sys
+
+    worst: collections.Counter = collections.Counter()
+    stack: list = []
+
+    def prof(frame, event, arg):
+        if event == "call":
+            name = frame.f_globals.get("__name__", "")
+            stack.append(name if name.startswith("rssd_magic") else None)
+            path: list[str] = []
+            for m in stack:
+                if m is not None and (not path or path[-1] != m):
+                    path.append(m)
+            for m, n in collections.Counter(path).items():
+                worst[m] = max(worst[m], n)
+        elif event == "return" and stack:
+            stack.pop()
+
+    sys.setprofile(prof)
+    try:
+        kernel.ok(cell)
+    finally:
+        sys.setprofile(None)
+    return dict(worst)
+
+
+def test_the_path_of_one_cell_enters_each_module_at_most_twice(kernel):
+    kernel.ok("factor = 2")
+    cell = "%%stateful\nvalues = [factor * i for i in range(10)]\nprint('hi')\nsum(values)\n"
+    for run in ("first run", "replay"):
+        counts = _module_path_counts(kernel, cell)
+        assert counts and max(counts.values()) <= 2, (run, {m: n for m, n in counts.items() if n > 2})

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from conftest import counter
-from rssd_magic.ttl import parse_duration
+from rssd_magic.engine.ttl import parse_duration
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 
@@ -75,13 +76,13 @@ def test_line_magic_list_show_stats_forget(kernel):
     assert stats["cells"] == 1 and stats["hits"] == 1
 
     forgot = kernel.ok("%stateful forget load")
-    assert "forgot 1 cell:" in forgot.stdout
+    assert "1 cell forgotten" in forgot.stdout and "EXECUTED → FORGOTTEN" in forgot.stdout
     kernel.ok("%%stateful --name load\n" + APPEND + "print('loaded')\nv = 1\n")
     assert counter(kernel.workdir / "side.log") == 2
     assert kernel.states()[-3:] == [("EXECUTED", "FORGOTTEN"), ("FORGOTTEN", "RUNNING"), ("RUNNING", "EXECUTED")]
 
     kernel.ok("%%stateful\nother = 2\n")
-    assert "forgot 2 cells:" in kernel.ok("%stateful forget --all").stdout
+    assert "2 cells forgotten" in kernel.ok("%stateful forget --all").stdout
     assert "nothing to forget" in kernel.ok("%stateful forget --all").stdout
     assert kernel.rows("SELECT count(*) FROM orchestration_session_state WHERE to_state = 'FORGOTTEN'") == [(3,)]
 
@@ -91,3 +92,24 @@ def test_line_magic_errors_are_usage_errors(kernel):
     for line, words in [("%stateful show ffffffffff", "no %%stateful cell"), ("%stateful bogus", "invalid choice"), ("%stateful forget", "KEY or --all")]:
         err = kernel.run(line).result.error_in_exec
         assert type(err).__name__ == "UsageError" and words in str(err), (line, err)
+
+
+def test_an_rssd_imported_into_another_replays_its_cells_there(kernel, tmp_path):
+    from click.testing import CliRunner
+
+    from rssd_magic.cli import main
+
+    server, laptop = tmp_path / "server.sqlite.db", tmp_path / "laptop.sqlite.db"
+    body = APPEND + "v = 41 + 1\nprint('answered')\n"
+    kernel.ok(f"%%stateful --db {server}\n" + body)
+    kernel.ok(f"%%stateful --db {laptop}\nother = 1\n")  # the laptop's own RSSD, with a cell of its own
+    kernel.restart()
+    imported = CliRunner().invoke(main, ["--db", str(laptop), "import", str(server)])
+    assert imported.exit_code == 0 and f"1 cell from {server}" in imported.output, imported.output
+    again = CliRunner().invoke(main, ["--db", str(laptop), "import", str(server), "--json"])
+    assert again.exit_code == 0 and '"rows_inserted": 0' in again.output, "a second import changes nothing"
+    ran = kernel.ok(f"%%stateful --db {laptop}\n" + body)
+    assert ran.banner and "answered" in ran.stdout and kernel.shell.user_ns["v"] == 42
+    assert counter(kernel.workdir / "side.log") == 1, "replayed from the laptop's RSSD, not run again"
+    listed = CliRunner().invoke(main, ["--db", str(laptop), "list", "--json"])
+    assert len(json.loads(listed.output)) == 2

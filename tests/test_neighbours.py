@@ -176,7 +176,7 @@ def _digests_of_arr() -> list[tuple[str, int]]:
     """The blobs the cell will record for ``arr``, computed as it will."""
     import numpy as np
 
-    from rssd_magic.serialize import dump_value
+    from rssd_magic.records.serialize import dump_value
 
     _, blobs = dump_value(np.arange(100_000, dtype="float64"))
     return [(digest, memoryview(data).nbytes) for digest, data in blobs]

@@ -21,8 +21,8 @@ import pytest
 import traitlets
 from IPython.core.displaypub import CapturingDisplayPublisher
 
-from rssd_magic import widgets
-from rssd_magic.capture import ReplayedResult, capture, replay
+from rssd_magic.output import widgets
+from rssd_magic.output.capture import ReplayedResult, capture, replay
 
 ipywidgets = pytest.importorskip("ipywidgets", reason="ipywidgets is not installed; install the test extra: pip install -e '.[test]'")
 
@@ -37,7 +37,7 @@ def open_fds() -> set[str]:
     """The process's open fds, once the process-wide fd reader (made on
     first use, kept for the process's life) exists: whichever test runs
     first, it is not counted as a leak of the one that made it."""
-    from rssd_magic import fdcapture
+    from rssd_magic.output import fdcapture
 
     if fdcapture.supported():
         fdcapture._the_pump()
@@ -248,7 +248,9 @@ def test_background_child_keeps_writing_after_the_recording(monkeypatch, tmp_pat
     with fds_into(tmp_path / "terminal"):
         with capture(StubShell([])) as rec:
             child = subprocess.Popen(["sh", "-c", "echo early; sleep 0.5; echo late"])
-            time.sleep(0.2)
+            deadline = time.time() + 5
+            while not any("early" in "".join(o.get("text", "")) for o in rec.outputs) and time.time() < deadline:
+                time.sleep(0.01)  # recorded while the cell runs
         outputs = rec.finish()
         assert child.wait(timeout=10) == 0, "the child must not get SIGPIPE"
         deadline = time.time() + 5

@@ -21,12 +21,14 @@ import pgbouncer_util
 from conftest import counter
 from kernel_util import banners, errors_of, execute, plain_traceback, text_of
 from pg_util import own_pg, own_server, raw, with_options  # noqa: F401 - own_pg, own_server: fixtures
-from rssd_magic.acquire import acquire
+from rssd_magic.engine.acquire import acquire
+from rssd_magic.store import tables
 from rssd_magic.backends import open_backend
-from rssd_magic.backends.base import ClaimRequest, StoreError
-from rssd_magic.claims import current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import EXECUTED
+from rssd_magic.store.transfer import transfer
+from rssd_magic.store.base import ClaimRequest, StoreError
+from rssd_magic.engine.claims import current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import EXECUTED
 from test_kernel_concurrency import LOAD, RACE_CELL, USE_NAME, HeldKernel, lines, wait_for_lines
 
 KEY = cell_key("neighbours()", "team")
@@ -297,6 +299,7 @@ def test_an_outage_past_the_busy_timeout_leaves_a_holder_could_not_record(kernel
 def test_with_the_server_gone_every_path_says_store_error_naming_the_server(own_pg, tmp_path):
     url = _with_password(own_pg.fresh_url("gone"))
     b = open_backend(url, session_args={}, busy_timeout_s=0.3)
+    file = open_backend(str(tmp_path / "x.db"))
     try:
         mine = b.claim(ask(b))
         renewer = b.renewer()
@@ -307,12 +310,12 @@ def test_with_the_server_gone_every_path_says_store_error_naming_the_server(own_
             "claim_of": lambda: b.claim_of(mine.running),
             "claim": lambda: b.claim(ask(b, cell_key("other()", "team"))),
             "finish": lambda: b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed"),
-            "cells": b.cells,
-            "storage": b.storage,
+            "cells": lambda: list(tables.cells(b)),
+            "storage": lambda: tables.counts(b),
             "signatures": lambda: b.signatures(["p"]),
             "blob": lambda: b.blobs.get("sha256:" + "0" * 64),
             "blob sizes": b.blobs.sizes,
-            "export": lambda: b.export_rssd(str(tmp_path / "x.db"), digests_of=lambda _: set()),
+            "export": lambda: transfer(b, file),
             "heartbeat": lambda: renewer.renew({mine.running.state_id: mine.claim.token}),
         }
         for what, call in calls.items():
@@ -322,3 +325,4 @@ def test_with_the_server_gone_every_path_says_store_error_naming_the_server(own_
             assert "\n" not in text and "s3cret" not in text and text.startswith("PostgreSQL postgresql://"), (what, text)
     finally:
         b.close()
+        file.close()

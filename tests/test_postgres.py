@@ -25,15 +25,41 @@ import pytest
 import pg_util
 from pg_util import raw, schema_of
 from rssd_magic.backends import open_backend
-from rssd_magic.backends.base import ClaimRequest, ExecRow, StoreError
+from rssd_magic.store.base import ClaimRequest, ExecRow, StoreError
 from rssd_magic.backends.postgres_schema import EXPECTED_COLUMNS, SCHEMA_VERSION
 from rssd_magic.backends.sqlite import SqliteBackend
 from rssd_magic.backends.sqlite_schema import EXPECTED_COLUMNS as SQLITE_COLUMNS
-from rssd_magic.claims import current_holder
-from rssd_magic.keys import cell_key
-from rssd_magic.lifecycle import EXECUTED, FAILED, RUNNING
-from rssd_magic.report import digests_of
-from rssd_magic.trust import IntegrityError, stream_digest
+from rssd_magic.engine.claims import current_holder
+from rssd_magic.engine.keys import cell_key
+from rssd_magic.engine.lifecycle import EXECUTED, FAILED, RUNNING
+from rssd_magic.manage.report import digests_of
+from rssd_magic.store.tables import cells as _cells, gc as gc_blobs
+from rssd_magic.store.transfer import transfer
+from rssd_magic.records.trust import IntegrityError, stream_digest
+
+
+def listed(store) -> list:
+    """Every cell of *store*, as the reports list them."""
+    return list(_cells(store))
+
+
+def export_rssd(store, path, scope=None) -> dict:
+    """``rssd-magic --db STORE export --to PATH``: the cells into an RSSD file."""
+    target = open_backend(str(path))
+    try:
+        return transfer(store, target, scope)
+    finally:
+        target.close()
+
+
+def import_rssd(store, path) -> dict:
+    """``rssd-magic --db STORE import PATH``: an RSSD file's cells into the store."""
+    source = open_backend(str(path), create=False, readonly=True)
+    try:
+        return transfer(source, store)
+    finally:
+        source.close()
+
 
 KEY = cell_key("pg()", "nb/one.ipynb")
 SURVEILR = ["device", "orchestration_nature", "orchestration_session", "orchestration_session_entry",
@@ -162,7 +188,6 @@ def test_a_waiter_is_woken_by_the_holders_commit(opened):
     done_at = []
 
     def finish():
-        time.sleep(0.3)
         holder.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
         done_at.append(time.monotonic())
 
@@ -256,7 +281,7 @@ def test_export_writes_an_rssd_that_replays_byte_identical(opened, pg_url, tmp_p
     b = opened()
     done, digest = _populate(b)
     path = tmp_path / "team.sqlite.db"
-    r = b.export_rssd(str(path), digests_of=digests_of)
+    r = export_rssd(b, path)
     assert r["conflicts"] == [] and r["cells"] == 3 and r["blobs"]["copied"] == 1
     states = """SELECT s.orchestration_session_state_id, s.session_id, s.session_entry_id, s.from_state, s.to_state,
                        s.transition_result, s.transition_reason, s.transitioned_at, s.elaboration
@@ -277,11 +302,11 @@ def test_export_writes_an_rssd_that_replays_byte_identical(opened, pg_url, tmp_p
         assert latest == replace(done, seq=latest.seq), "the same transition; seq is the file's own rowid"
         assert bytes(file.blobs.get(digest)) == bytes(b.blobs.get(digest))
         assert file.signatures(["payload-1"]) == {"payload-1": {"key-1": "sig-1"}}
-        assert [c.latest_hits for c in file.cells() if c.latest.state_id == done.state_id] == [1]
+        assert [c.latest_hits for c in listed(file) if c.latest.state_id == done.state_id] == [1]
     finally:
         file.close()
     # Again: nothing new, nothing in conflict.
-    again = b.export_rssd(str(path), digests_of=digests_of)
+    again = export_rssd(b, path)
     assert again["rows_inserted"] == 0 and again["conflicts"] == [] and again["blobs"]["present"] == 1
 
 
@@ -289,7 +314,7 @@ def test_export_of_one_scope_takes_only_its_cells(opened, tmp_path):
     b = opened()
     _populate(b)
     path = tmp_path / "two.sqlite.db"
-    r = b.export_rssd(str(path), scope="nb/two.ipynb", digests_of=digests_of)
+    r = export_rssd(b, path, scope="nb/two.ipynb")
     assert r["cells"] == 1 and r["blobs"]["copied"] == 0
     srcs = sqlite3.connect(path).execute("SELECT ingest_src FROM orchestration_session_entry").fetchall()
     assert srcs == [(cell_key("other()", "nb/two.ipynb").ingest_src,)]
@@ -299,15 +324,15 @@ def test_import_is_idempotent_and_reports_conflicts_without_overwriting(opened, 
     source = opened()
     done, digest = _populate(source)
     path = tmp_path / "in.sqlite.db"
-    source.export_rssd(str(path), digests_of=digests_of)
+    export_rssd(source, path)
     target_url = pg_util.fresh_url("import")
     target = opened(target_url)
-    first = target.import_rssd(str(path))
+    first = import_rssd(target, path)
     assert first["conflicts"] == [] and first["inserted"]["orchestration_session_state"] == 7
     assert first["blobs"]["copied"] == 1 and first["devices_merged"] == 1, "this host's device is the target's own"
     assert target.latest(KEY).state_id == done.state_id and target.latest(KEY).result_json == done.result_json
     assert bytes(target.blobs.get(digest)) == bytes(source.blobs.get(digest))
-    again = target.import_rssd(str(path))
+    again = import_rssd(target, path)
     assert again["rows_inserted"] == 0 and again["conflicts"] == [] and again["blobs"]["present"] == 1
 
     # The file is changed behind our back: the differing rows are reported and left.
@@ -316,7 +341,7 @@ def test_import_is_idempotent_and_reports_conflicts_without_overwriting(opened, 
         lite.execute("UPDATE orchestration_session_state SET transition_reason = 'edited' WHERE orchestration_session_state_id = ?", (done.state_id,))
         lite.execute("UPDATE rssd_magic_blob SET data = zeroblob(size), digest = ? ", (stream_digest(b"other"),))
     lite.close()
-    third = target.import_rssd(str(path))
+    third = import_rssd(target, path)
     assert [(c["table"], c["id"], c["columns"]) for c in third["conflicts"]] == [
         ("orchestration_session_state", done.state_id, ["transition_reason"])
     ]
@@ -342,7 +367,7 @@ def test_import_keeps_the_files_store_order_whatever_the_ids(opened, tmp_path):
     finally:
         lite.close()
     target = opened()
-    target.import_rssd(str(path))
+    import_rssd(target, path)
     assert target.latest(KEY).state_id == last.state_id
 
 
@@ -353,11 +378,11 @@ def test_import_refuses_what_is_not_an_rssd(opened, tmp_path):
     plain = tmp_path / "plain.db"
     sqlite3.connect(plain).execute("CREATE TABLE t (x)").connection.close()
     with pytest.raises(StoreError, match="not a (usable )?SQLite database"):
-        b.import_rssd(str(text))
+        import_rssd(b, text)
     with pytest.raises(StoreError, match="not an RSSD"):
-        b.import_rssd(str(plain))
+        import_rssd(b, plain)
     with pytest.raises(StoreError, match="no such file"):
-        b.import_rssd(str(tmp_path / "missing.db"))
+        import_rssd(b, tmp_path / "missing.db")
     assert not (tmp_path / "missing.db").exists()
 
 
@@ -370,7 +395,7 @@ def test_rows_the_server_cant_hold_are_reported_not_imported(opened, tmp_path):
     finally:
         lite.close()
     b = opened()
-    r = b.import_rssd(str(path))
+    r = import_rssd(b, path)
     assert [c["why"] for c in r["conflicts"]] == ["transition_reason holds a NUL character, which PostgreSQL text can't"]
     assert b.latest(KEY).to_state == RUNNING, "everything else came in"
 
@@ -517,7 +542,7 @@ def test_a_schema_name_with_quotes_dollar_quotes_and_percent_is_used_safely(pg_s
         assert b.schema == name
         mine = b.claim(ask(b))
         done = b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
-        assert b.latest(KEY) == done and [c.latest.state_id for c in b.cells()] == [done.state_id]
+        assert b.latest(KEY) == done and [c.latest.state_id for c in listed(b)] == [done.state_id]
     finally:
         b.close()
     tables = raw(pg_server, "SELECT count(*) FROM information_schema.tables WHERE table_schema = ?", (name,))
@@ -550,7 +575,7 @@ def test_a_schema_earlier_on_the_search_path_cannot_shadow_our_tables_functions_
         other = b.claim(ask(b, cell_key("other()", "nb")))  # reconnected: the new session's path has the shadow first
         done = b.finish(mine.running, mine.claim.token, EXECUTED, RECORD % ("sha256:" + "0" * 64, 1), "completed")
         assert b.latest(KEY) == done and b.claim_of(other.running).state_id == other.running.state_id
-        assert sorted((c.latest.to_state, c.latest_host) for c in b.cells()) == [(EXECUTED, "h"), (RUNNING, None)], (
+        assert sorted((c.latest.to_state, c.latest_host) for c in listed(b)) == [(EXECUTED, "h"), (RUNNING, None)], (
             "rssd_magic_json is ours"
         )
     finally:
@@ -605,7 +630,7 @@ def test_reads_have_a_deadline_a_lock_or_a_hostile_function_cannot_hang_them(ope
     raw(pg_url, """CREATE OR REPLACE FUNCTION rssd_magic_json(t TEXT) RETURNS json LANGUAGE plpgsql
                    AS 'BEGIN PERFORM pg_sleep(600); RETURN NULL; END'""")
     with pytest.raises(StoreError, match="statement timeout"):
-        b.cells()
+        listed(b)
 
 
 def test_no_setting_or_prepared_statement_outlives_a_transaction(opened, pg_url):
@@ -618,7 +643,7 @@ def test_no_setting_or_prepared_statement_outlives_a_transaction(opened, pg_url)
     mine = b.claim(ask(b))
     b.renewer().renew({mine.running.state_id: mine.claim.token})
     b.finish(mine.running, mine.claim.token, EXECUTED, "{}", "completed")
-    b.cells()
+    listed(b)
     after = b.conn.execute("SELECT current_setting('lock_timeout'), current_setting('statement_timeout'), "
                            "current_setting('search_path')").fetchone()  # fmt: skip
     assert after == defaults and defaults[:2] == ("0", "0")
@@ -631,11 +656,11 @@ def test_opened_read_only_nothing_is_written(opened, pg_url):
     b = opened(readonly=True)
     assert b.read_only == "opened read-only" and b.session_id is None
     for write in (lambda: b.claim(ask(b)), lambda: b.add_signatures([("p", "k", "s")]),
-                  lambda: b.blobs.put_many([(stream_digest(b"x"), b"x")]), lambda: b.gc(digests_of),
+                  lambda: b.blobs.put_many([(stream_digest(b"x"), b"x")]), lambda: gc_blobs(b, digests_of),
                   lambda: b.start_session({})):  # fmt: skip
         with pytest.raises(StoreError, match="opened read-only"):
             write()
-    assert b.gc(digests_of, dry_run=True) == ([], 0, 0)
+    assert gc_blobs(b, digests_of, dry_run=True) == ([], 0, 0)
     b.close()
     assert raw(pg_url, "SELECT count(*) FROM orchestration_session_state") == before
 
@@ -648,7 +673,7 @@ def test_read_only_a_schema_without_our_tables_reads_them_as_empty(opened, pg_ur
     raw(pg_url, "DROP TABLE rssd_magic_hit, rssd_magic_claim, rssd_magic_signature")
     r = opened(readonly=True)
     assert r.latest(KEY) == done and r.claim_of(done) is None and r.signatures(["p"]) == {}
-    assert [(c.latest.state_id, c.hits_total) for c in r.cells()] == [(done.state_id, 0)]
+    assert [(c.latest.state_id, c.hits_total) for c in listed(r)] == [(done.state_id, 0)]
     made = raw(pg_url, "SELECT tablename FROM pg_tables WHERE schemaname = ? OR schemaname LIKE 'pg_temp%'",
                (schema_of(pg_url),))  # fmt: skip
     assert not {"rssd_magic_hit", "rssd_magic_claim"} & {t for (t,) in made}, "nothing made, not even a temporary table"
@@ -658,17 +683,17 @@ def test_export_and_import_replace_a_damaged_copy_on_the_other_side(opened, pg_u
     b = opened()
     done, digest = _populate(b)
     path = tmp_path / "team.sqlite.db"
-    assert b.export_rssd(str(path), digests_of=digests_of)["blobs"]["copied"] == 1
+    assert export_rssd(b, path)["blobs"]["copied"] == 1
     lite = sqlite3.connect(path)
     with lite:
         lite.execute("UPDATE rssd_magic_blob SET data = zeroblob(size) WHERE digest = ?", (digest,))
     lite.close()
-    again = b.export_rssd(str(path), digests_of=digests_of)["blobs"]
+    again = export_rssd(b, path)["blobs"]
     assert (again["copied"], again["present"]) == (1, 0), "the file's damaged copy was replaced"
     raw(pg_url, "UPDATE rssd_magic_blob_chunk SET data = overlay(data placing '\\xff'::bytea from 3) WHERE digest = ?", (digest,))
-    back = b.import_rssd(str(path))["blobs"]
+    back = import_rssd(b, path)["blobs"]
     assert (back["copied"], back["present"], back["bad"]) == (1, 0, []), "the server's damaged copy was rewritten"
-    assert bytes(b.blobs.get(digest))[:2] == b"\x80\x05" and b.import_rssd(str(path))["blobs"]["present"] == 1
+    assert bytes(b.blobs.get(digest))[:2] == b"\x80\x05" and import_rssd(b, path)["blobs"]["present"] == 1
 
 
 def test_a_store_made_before_the_latest_function_is_read_without_it_and_given_it_when_writable(opened, pg_url):

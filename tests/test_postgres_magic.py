@@ -121,7 +121,7 @@ def test_line_magics_list_show_forget_stats_gc_trust(pg_kernel):
     assert stats["cells"] == 1 and stats["hits"] == 1 and stats["storage"]["blobs"] >= 1
     assert repr(shown).splitlines()[0].startswith("server") and "schema" in repr(shown) and "WAL" not in repr(shown)
     assert "signed" in k.ok("%stateful trust --yes").stdout
-    assert "forgot 1 cell:" in k.ok("%stateful forget load").stdout
+    assert "1 cell forgotten" in k.ok("%stateful forget load").stdout
     assert "freed 1 blob," in k.ok("%stateful gc").stdout, "the forgotten run's array is no longer referenced"
     k.ok(body)
     assert counter(k.workdir / "side.log") == 2
@@ -190,7 +190,8 @@ def test_every_cli_command_takes_a_url(pg_kernel, tmp_path):
 
     forgot = cli("--db", url, "forget", "--all")
     assert "2 cells forgotten" in forgot.output
-    assert cli("--db", str(rssd), "export", "--to", str(tmp_path / "x.db")).exit_code == 1
+    merged = cli("--db", str(rssd), "export", "--to", str(tmp_path / "x.db"), "--json")  # RSSD to RSSD: a merge
+    assert merged.exit_code == 0 and json.loads(merged.output)["cells"] == 1
 
 
 def test_cli_errors_are_one_line(pg_server, tmp_path):
@@ -249,7 +250,7 @@ ARRAY_CELL = "%%stateful --name arr\nimport numpy as np\n" + APPEND + "arr = np.
 def _array_blob() -> tuple[str, bytes]:
     import numpy as np
 
-    from rssd_magic.serialize import dump_value
+    from rssd_magic.records.serialize import dump_value
 
     _, blobs = dump_value(np.arange(100_000))
     (digest, data), *_ = sorted(blobs, key=lambda b: -memoryview(b[1]).nbytes)

@@ -1,12 +1,7 @@
 """Fast tier: one key under every client (issue 15).  The default scope is
 the RSSD itself: a cell is keyed by its code and inputs, whatever notebook
 path the client told the kernel (JupyterLab's ``__session__``, VS Code's
-``__vsc_ipynb_file__``) or none (nbclient, papermill, a terminal).  Records
-that earlier versions filed under a notebook's path still replay.
-
-Records "of an earlier version" are made here by naming the scope that
-version derived (``--scope nb/analysis.ipynb`` writes the very key and entry
-it wrote); the kernel tier runs the earlier version itself.
+``__vsc_ipynb_file__``) or none (nbclient, papermill, a terminal).
 """
 
 from __future__ import annotations
@@ -79,72 +74,6 @@ def notebook_file(path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
     return str(path)
-
-
-def test_records_under_an_earlier_notebook_scope_replay_from_any_client(kernel):
-    notebook = notebook_file(kernel.workdir / "analysis.ipynb")
-    kernel.ok("%%stateful --scope analysis.ipynb\n" + BODY)  # what 0.1 wrote from Lab
-    ((scope, src),) = entries(kernel)
-    assert scope == "analysis.ipynb" and src.startswith("rssd-magic:analysis.ipynb#")
-    try:
-        for path in [notebook, None]:  # Lab, then headless in the notebook's folder
-            kernel.restart()
-            as_notebook(kernel, path)
-            ran = kernel.ok("%%stateful\n" + BODY)
-            assert ran.banner, f"replayed as {path}"
-            assert kernel.shell.user_ns["score"] == 0.93
-    finally:
-        as_notebook(kernel, None)
-    assert counter(kernel.workdir / "side.log") == 1
-    assert len(entries(kernel)) == 1, "found where it is, not copied"
-
-
-def test_an_earlier_record_of_a_notebook_in_a_subfolder_replays_headless_from_its_folder(kernel, monkeypatch):
-    # The RSSD at the project's root, the notebook in nb/: 0.1 scoped it nb/analysis.ipynb.
-    notebook_file(kernel.workdir / "nb" / "analysis.ipynb")
-    kernel.ok(f"%config StatefulMagics.rssd_path = {str(kernel.db)!r}")
-    kernel.ok("%%stateful --scope nb/analysis.ipynb\n" + BODY)
-    kernel.restart()
-    monkeypatch.chdir(kernel.workdir / "nb")  # where jupyter execute starts its kernel
-    assert kernel.ok("%%stateful\n" + BODY).banner
-    assert counter(kernel.workdir / "side.log") == 1
-
-
-def test_an_earlier_record_of_a_notebook_renamed_since_runs_once_more_then_replays(kernel):
-    kernel.ok("%%stateful --scope Untitled.ipynb\n" + BODY)
-    renamed = notebook_file(kernel.workdir / "analysis.ipynb")  # Untitled.ipynb is gone
-    try:
-        for _ in range(2):
-            kernel.restart()
-            as_notebook(kernel, renamed)
-            kernel.ok("%%stateful\n" + BODY)
-    finally:
-        as_notebook(kernel, None)
-    assert counter(kernel.workdir / "side.log") == 2
-    assert [scope for scope, _ in entries(kernel)] == ["Untitled.ipynb", "default"]
-
-
-def test_an_earlier_notebook_record_only_replays_the_same_code_on_the_same_inputs(kernel):
-    notebook_file(kernel.workdir / "analysis.ipynb")
-    kernel.ok("factor = 2\n")
-    kernel.ok("%%stateful --scope analysis.ipynb\n" + APPEND + "y = factor * 10\n")
-    kernel.restart()
-    kernel.ok("factor = 3\n")
-    kernel.ok("%%stateful\n" + APPEND + "y = factor * 10\n")
-    assert kernel.shell.user_ns["y"] == 30
-    kernel.ok("%%stateful\n" + APPEND + "y = factor * 100\n")
-    assert counter(kernel.workdir / "side.log") == 3
-
-
-def test_a_failed_or_forgotten_earlier_notebook_record_runs_again_in_the_shared_scope(kernel):
-    notebook_file(kernel.workdir / "analysis.ipynb")
-    kernel.ok("%%stateful --scope analysis.ipynb\n" + BODY)
-    kernel.ok("%stateful forget --all")
-    kernel.restart()
-    kernel.ok("%%stateful\n" + BODY)
-    kernel.ok("%%stateful\n" + BODY)
-    assert counter(kernel.workdir / "side.log") == 2
-    assert [scope for scope, _ in entries(kernel)] == ["analysis.ipynb", "default"]
 
 
 def test_an_explicit_scope_never_replays_another_scope(kernel):

@@ -20,7 +20,7 @@ import pytest
 from pandas.testing import assert_frame_equal
 
 from rssd_magic import sql as S
-from rssd_magic.keys import cell_key
+from rssd_magic.engine.keys import cell_key
 from rssd_magic.sql import (
     SQLExecutionError,
     SQLUsageError,
@@ -36,7 +36,7 @@ from rssd_magic.sql import (
     split_statements,
     target_identity,
 )
-from rssd_magic.trust import verify
+from rssd_magic.records.trust import verify
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rssd_magic.cli import main
-from rssd_magic.keyring import Keyring
-from rssd_magic.record import RunRecord
-from rssd_magic.signers import OTHER_KEY_TYPES, SignersError, parse
-from rssd_magic.signing import PersonalKey, PublicKey
-from rssd_magic.trust import payload_id
+from rssd_magic.records.keyring import Keyring
+from rssd_magic.records.record import RunRecord
+from rssd_magic.records.signers import OTHER_KEY_TYPES, SignersError, parse
+from rssd_magic.records.signing import PersonalKey, PublicKey
+from rssd_magic.records.trust import payload_id
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 BODY = APPEND + "import collections\nprint('shown')\nsecret_sauce = collections.Counter('aab')\nplain = 5\n"
@@ -147,7 +147,7 @@ def test_a_record_signed_by_an_untrusted_key_does_not_act(kernel, become, tmp_pa
 def _forge(kernel, cell: str, record: dict) -> str:
     """Write *record* as the EXECUTED record of the --name *cell*, as
     another tool could; returns the cell's ingest_src."""
-    from rssd_magic.keys import cell_key
+    from rssd_magic.engine.keys import cell_key
 
     line, _, body = cell.partition("\n")
     key = cell_key(body, "default", line.split("--name ", 1)[1].split()[0])
@@ -350,7 +350,7 @@ def test_cli_trust_asks_on_a_terminal(kernel, become, monkeypatch):
     kernel.ok(PLAIN)
     kernel.restart()
     become("bob")
-    monkeypatch.setattr("rssd_magic.cli._interactive", lambda: True)
+    monkeypatch.setattr("rssd_magic.adapters.surfaces._interactive", lambda: True)
     no = cli("--db", str(kernel.db), "trust", input="n\n")
     assert no.exit_code == 1 and "collections.Counter" in no.output and "nothing signed" in no.output
     yes = cli("--db", str(kernel.db), "trust", input="y\n")

@@ -17,12 +17,12 @@ from conftest import counter
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from rssd_magic.bindable import bindable, why_not
-from rssd_magic.record import RecordError, RunRecord
-from rssd_magic.keyring import HmacKey, Keyring
-from rssd_magic.signers import SignersFile
-from rssd_magic.signing import PersonalKey, parse_row
-from rssd_magic.trust import inert_outputs, stream_digest
+from rssd_magic.engine.bindable import bindable, why_not
+from rssd_magic.records.record import RecordError, RunRecord
+from rssd_magic.records.keyring import HmacKey, Keyring
+from rssd_magic.records.signers import SignersFile
+from rssd_magic.records.signing import PersonalKey, parse_row
+from rssd_magic.records.trust import inert_outputs, stream_digest
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 CELL = "%%stateful\n" + APPEND + "import collections\nprint('shown')\nsecret_sauce = collections.Counter('aab')\nplain = 5\n"
@@ -461,7 +461,7 @@ def test_signed_module_spec_is_imported_by_name_only(kernel):
 def forge_record(kernel, cell: str, record: dict, signature: str | None = None) -> None:
     """Write a record as another tool could, before the cell ever ran here:
     the cell's key computed in advance, ids from the future."""
-    from rssd_magic.keys import cell_key
+    from rssd_magic.engine.keys import cell_key
 
     line, _, body = cell.partition("\n")
     name = line.split("--name ", 1)[1].split()[0]
@@ -716,7 +716,7 @@ def test_reports_survive_numbers_out_of_range(kernel):
     conn.close()
     listed = kernel.ok("%stateful list")
     assert "Traceback" not in listed.stdout and "EXECUTED" in listed.stdout
-    from rssd_magic import report
+    from rssd_magic.manage import report
 
     store = kernel.magics.runner.backend()
     info = report.show_cell(store, report.list_cells(store)[0]["key"])

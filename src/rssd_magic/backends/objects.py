@@ -84,8 +84,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
-from ..digests import KNOWN, IntegrityError, Verifier
-from .base import Blob, StoreError
+from ..records.digests import KNOWN, IntegrityError, Verifier
+from ..store.base import Blob, StoreError
 from .sqlite_blobs import _buffer
 
 #: Bytes per multipart part and per ranged GET.

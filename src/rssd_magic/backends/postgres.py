@@ -2,7 +2,7 @@
 RSSD (surveilr's ``orchestration_*`` tables, postgres_schema.py), shared by
 every kernel that can reach the server.
 
-Design rules, on top of those every backend keeps (base.py):
+Design rules, on top of those every backend keeps (store/base.py):
 
 * **Short transactions only.**  Connections are in autocommit mode; each
   claim, heartbeat and end of run is one ``BEGIN … COMMIT`` of a few
@@ -50,38 +50,23 @@ import os
 import socket
 import sys
 import time
-from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import psycopg
 
-from ..canonical import loads_object
-from ..claims import close_orphaned_sessions, current_holder
-from ..ids import new_ulid
-from ..keys import CellKey
-from ..lifecycle import ABANDONED, INITIAL, RUNNING
-from . import postgres_reports, postgres_rows as rows, redact
-from .base import (
-    Blob,
-    CellRow,
-    Claim,
-    ClaimOutcome,
-    ClaimRequest,
-    ExecRow,
-    Fenced,
-    HistoryRow,
-    Holder,
-    StorageStats,
-    StoreError,
-    Transition,
-    executed_results,
-    judge_claim,
-)
+from ..records.canonical import dumps
+from ..engine.claims import close_orphaned_sessions
+from ..records.ids import new_ulid
+from ..engine.keys import CellKey
+from ..store.locations import redact
+from ..store import rows
+from ..store.base import Blob, ClaimOutcome, Holder, StoreError, Transition
+from ..store.dialect import Tx
+from ..store.journal import Journal
 from .postgres_blobs import PgBlobs
 from .postgres_conn import Sql, Unreachable, cause, connect, lost, target, transient
 from .postgres_live import Listener, PgRenewer, channel
-from .postgres_reports import STATE_COLUMNS
-from .postgres_schema import ensure_schema
+from .postgres_schema import PgDialect, ensure_schema
 
 BUSY_TIMEOUT_S = 30.0
 HIT_FLUSH_S = 5.0
@@ -93,16 +78,31 @@ MAX_PAUSE_S = 2.0
 NEW_OUTAGE_S = 2 * MAX_PAUSE_S
 T = TypeVar("T")
 
-class PostgresBackend:
+#: A cell's latest transition through our function, whose plan the server
+#: keeps (the replay's one read; postgres_schema.FUNCTIONS).
+LATEST_CALL = "SELECT * FROM {rssd_magic_latest}(%s)"
+#: Append one transition and its store order in one statement (the trigger
+#: finds the seq row there and leaves it).
+APPEND = """WITH q AS (INSERT INTO {rssd_magic_state_seq} (state_id, entry_id) VALUES (?, ?) RETURNING seq),
+                 s AS (INSERT INTO {orchestration_session_state}
+                       (orchestration_session_state_id, session_id, session_entry_id, from_state, to_state,
+                        transition_result, transition_reason, transitioned_at, elaboration)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, {now}, ?) RETURNING transitioned_at)
+            SELECT s.transitioned_at, q.seq FROM s, q"""
+
+
+class PostgresBackend(Journal):
     """A schema on a PostgreSQL server.  Use :meth:`open`; one per kernel and URL."""
 
     scheme = "postgresql"
 
     def __init__(self, url: str, conn: psycopg.Connection, q: Sql, busy_timeout_s: float,
-                 read_only: str | None, pooled: bool, latest: str = rows.LATEST):  # fmt: skip
+                 read_only: str | None, pooled: bool, latest_call: bool = False):  # fmt: skip
+        super().__init__()
         self.url = url
         self.location = redact(url)
         self.q = q
+        self.dialect = PgDialect(q)
         self.schema = q.schema
         self.conn = conn
         self.busy_timeout_s = busy_timeout_s
@@ -111,13 +111,14 @@ class PostgresBackend:
         self.read_only = read_only
         #: Behind a pooler (detected at open): nobody LISTENs, waiters poll.
         self.pooled = pooled
-        self._latest = latest  # the replay's read: through our function when the store has it
+        # The replay's read: through our function when the store has it.
+        self._latest = q(LATEST_CALL) if latest_call else self.dialect(rows.LATEST)
+        self._latest_pinned = latest_call
         self.host = socket.gethostname()
         self.session_id: str | None = None
         self.blobs = PgBlobs(self)
         self._pending_hits: dict[str, int] = {}
         self._hits_flushed = time.monotonic()
-        self._src_of: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
         self._user_sql: psycopg.Connection | None = None
         self._listener = None if pooled else Listener(url)
         self._awaited: str | None = None
@@ -154,8 +155,8 @@ class PostgresBackend:
             read_only = layout.read_only or ("opened read-only" if readonly else None)
             # Our function when this version made it (a newer one may have changed it).
             ours = "rssd_magic_latest" in layout.functions and "rssd_magic_state_seq" in layout.columns
-            latest = rows.LATEST_CALL if ours and not layout.newer else rows.LATEST
-            backend = cls(url, conn, q, busy_timeout_s, read_only, server_pid != conn.info.backend_pid, latest)
+            backend = cls(url, conn, q, busy_timeout_s, read_only, server_pid != conn.info.backend_pid,
+                          ours and not layout.newer)  # fmt: skip
             if layout.read_only and notify is not None:
                 notify(f"[stateful] PostgreSQL {redact(url)}: {layout.read_only}")
             if session_args is not None and read_only is None:
@@ -173,7 +174,6 @@ class PostgresBackend:
             raise
 
     def _writable(self) -> None:
-        """StoreError at once when this store must not be written."""
         if self.read_only is not None:
             raise StoreError(f"PostgreSQL {self.location}: {self.read_only}")
 
@@ -231,10 +231,43 @@ class PostgresBackend:
 
         return self._attempts(attempt, patient=patient)
 
-    def _read(self, template: str, params: tuple | list = (), *, pinned: bool = False) -> list[tuple]:
+    def _fetch(self, template: str, params: tuple | list = (), *, pinned: bool = False, rendered: bool = False) -> list[tuple]:
         """Rows of one statement (a template of :class:`Sql`), in one round
         trip with its deadline; riding out an outage like :meth:`_tx`."""
-        return self._attempts(lambda conn: self.q.read(conn, template, params, pinned=pinned))
+        return self._attempts(lambda conn: self.q.read(conn, template, params, pinned=pinned, rendered=rendered))
+
+    # journal.py's hooks
+
+    def read(self, fn: Callable[[Tx], Any]) -> Any:
+        return self._tx(lambda c, _retrying: fn(Tx(c, self.dialect)))
+
+    def write(self, fn: Callable[[Tx, bool], Any]) -> Any:
+        self._writable()
+        return self._tx(lambda c, retrying: fn(Tx(c, self.dialect), retrying))
+
+    def query(self, template: str, params: Any = ()) -> list[tuple]:
+        return self._fetch(self.dialect(template), params, rendered=True)
+
+    def each(self, template: str, params: Any = ()) -> Iterator[tuple]:
+        # Streamed in one transaction; not tried again (what was read is gone).
+        try:
+            conn = self._live()
+            with self.q.tx(conn):
+                yield from Tx(conn, self.dialect).stream(template, params)
+        except psycopg.Error as exc:
+            raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
+
+    def footprint(self) -> tuple[int, int, dict]:
+        # What the tables of this schema take on the server's disk (with
+        # their indexes and TOAST): the nearest thing to an RSSD's file size.
+        (on_disk,) = self._fetch(
+            """SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class AS c
+               JOIN pg_namespace AS n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s AND c.relkind IN ('r', 'p')
+                 AND (c.relname LIKE 'rssd\\_magic\\_%%' OR c.relname LIKE 'orchestration\\_%%' OR c.relname = 'device')""",
+            (self.schema,), rendered=True,
+        )[0]
+        return int(on_disk), 0, {"schema": self.schema}
 
     # -- sessions ------------------------------------------------------------------
 
@@ -242,37 +275,18 @@ class PostgresBackend:
         if self.session_id is not None:
             return self.session_id
         self._writable()
-        session_id = new_ulid()
-        holder = asdict(current_holder(session_id))
-        self._tx(lambda c, retrying: rows.open_session(c, self.q, session_id, self.host, args, holder, retrying))
-        self.session_id = session_id
-        return session_id
+        session = rows.new_session(new_ulid(), self.host, args)  # stamped by the server's clock
+        self._tx(lambda c, retrying: rows.start_session(Tx(c, self.dialect), session, retrying))
+        self.session_id = session["id"]
+        return self.session_id
 
     def _session(self) -> str:
         return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
 
-    def open_sessions(self) -> list[tuple[str, dict]]:
-        if self.read_only is not None:
-            return []  # what this version may not end, it need not judge
-        out = []
-        for sid, elaboration in self._read(
-            """SELECT orchestration_session_id, elaboration FROM {orchestration_session}
-               WHERE orchestration_nature_id = %s AND orch_finished_at IS NULL""",
-            (rows.NATURE_ID,),
-        ):
-            holder = loads_object(elaboration).get("holder")
-            if isinstance(holder, dict):
-                out.append((sid, holder))
-        return out
-
-    def end_session(self, session_id: str, *, failed: bool, reason: str) -> bool:
-        self._writable()
-        return self._tx(lambda c, _r: rows.end_session(c, self.q, session_id, failed, reason))
-
     def writer(self) -> "PostgresBackend":
         other = PostgresBackend.open(self.url, busy_timeout_s=self.busy_timeout_s)
         other.session_id = self.session_id
-        other._owns_session = False
+        other._owns_session = False  # its session is this instance's: closing it ends none
         return other
 
     def close(self, *, failed: bool = False) -> None:
@@ -283,9 +297,9 @@ class PostgresBackend:
             if self.session_id is not None and self._owns_session and self.read_only is None and not lost(self.conn):
 
                 def tx(c: psycopg.Connection, _retrying: bool) -> None:
-                    self._flush_hits(c)
+                    self._flush_hits(Tx(c, self.dialect))
                     why = "a cell failed in this kernel" if failed else "kernel shut down"
-                    rows.end_session(c, self.q, self.session_id, failed, why)
+                    rows.end_session(Tx(c, self.dialect), self.session_id, failed, why)
 
                 self._tx(tx, patient=False)  # at exit: no waiting for a server that is gone
         except (StoreError, psycopg.Error):
@@ -315,28 +329,11 @@ class PostgresBackend:
     # -- the hot path --------------------------------------------------------------------
 
     def latest(self, key: CellKey) -> Transition | None:
-        found = self._read(self._latest, (key.ingest_src,), pinned=self._latest is rows.LATEST_CALL)
-        return Transition(*found[0]) if found else None
-
-    def latest_variant(self, key: CellKey) -> Transition | None:
-        lo = key.base_src
-        hi = lo[:-1] + chr(ord(lo[-1]) + 1)
-        found = self._read(
-            "SELECT " + STATE_COLUMNS + """
-                FROM {rssd_magic_state_seq} AS q
-                JOIN {orchestration_session_state} AS s ON s.orchestration_session_state_id = q.state_id
-                WHERE q.entry_id IN (
-                    SELECT orchestration_session_entry_id FROM {orchestration_session_entry}
-                    WHERE ingest_src COLLATE "C" >= %s AND ingest_src COLLATE "C" < %s
-                      AND ingest_src COLLATE "C" <> %s)
-                  AND s.to_state = 'EXECUTED'
-                ORDER BY q.seq DESC LIMIT 1""",
-            (lo, hi, key.ingest_src),
-        )
+        found = self._fetch(self._latest, (key.ingest_src,), pinned=self._latest_pinned, rendered=True)
         return Transition(*found[0]) if found else None
 
     def note_hit(self, state_id: str) -> None:
-        # Counted in memory, written with the next transaction, at close, or
+        # Counted in memory, written with the next claim, at close, or
         # when HIT_FLUSH_S have passed: a replay pays for no write.  A
         # read-only store counts nothing.
         if self.read_only is not None:
@@ -346,161 +343,70 @@ class PostgresBackend:
         if now - self._hits_flushed > HIT_FLUSH_S:
             self._hits_flushed = now
             try:
-                self._tx(lambda c, _r: self._flush_hits(c), patient=False)  # a replay never waits for this
+                self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)), patient=False)  # a replay never waits for this
             except StoreError:
                 pass  # unreachable now: keep counting, try again later
 
     def flush_hits(self, patience_s: float | None = None) -> None:
         if self._pending_hits and self.read_only is None:
-            self._tx(lambda c, _r: self._flush_hits(c))
+            self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)))
 
-    def _flush_hits(self, c: psycopg.Connection) -> None:
+    def _flush_hits(self, t: Tx) -> None:
         if self._pending_hits:
-            rows.add_hits(c, self.q, self._pending_hits)
+            rows.add_hits(t, self._pending_hits)
             self._pending_hits.clear()
 
-    # -- claims ------------------------------------------------------------------------
+    # -- claims (journal.py's hooks) ------------------------------------------------------
 
-    def claim(self, request: ClaimRequest) -> ClaimOutcome:
-        self._writable()
-        self._session()
-        key, h, q = request.key, request.holder, self.q
+    def _before_claim(self, t: Tx) -> None:
+        self._flush_hits(t)
 
-        def tx(c: psycopg.Connection, _retrying: bool) -> ClaimOutcome:
-            self._flush_hits(c)
-            row = rows.lock_cell(c, q, key.ingest_src)
-            previous = rows.latest_in(c, q, key.ingest_src)
-            verdict = judge_claim(
-                request, previous, lambda: rows.claim_from(row) if row is not None and row[1] == previous.state_id else None
-            )
-            if verdict.kind != "run":
-                return ClaimOutcome(verdict.kind, previous, claim=verdict.held)
-            abandoned = None
-            if verdict.abandon is not None:
-                abandoned = previous = rows.append(
-                    c, q, self.session_id, previous.entry_id, RUNNING, ABANDONED, None, verdict.abandon, None
-                )
-            entry_id = previous.entry_id if previous else rows.entry(c, q, self.session_id, key, request.source)
-            self._src_of[entry_id] = key.ingest_src
-            running = rows.append(
-                c, q, self.session_id, entry_id, previous.to_state if previous else INITIAL, RUNNING, None,
-                verdict.reason, request.elaboration,
-            )  # fmt: skip
-            token, at = rows.take(c, q, key.ingest_src, entry_id, running.state_id, self.session_id, h, request.lease_s)
-            mine = Claim(entry_id, running.state_id, token, h, 0, request.lease_s, at, 0.0)
-            return ClaimOutcome("run", previous, running=running, claim=mine, abandoned=abandoned)
+    def _lock(self, t: Tx, ingest_src: str, create: bool = True) -> None:
+        # The cell's claim row (made when missing), held until the transaction ends.
+        if create:
+            t.run("INSERT INTO {rssd_magic_claim} (ingest_src) VALUES (?) ON CONFLICT DO NOTHING", (ingest_src,))
+        t.one(rows.CLAIM + " WHERE ingest_src = ? FOR UPDATE", (ingest_src,))
 
-        outcome = self._tx(tx)
+    def _take(self, t: Tx, ingest_src: str, entry_id: str, state_id: str, h: Holder, lease_s: float):
+        text = t.d.text
+        token, claimed_at = t.one(
+            """UPDATE {rssd_magic_claim} SET token = token + 1, entry_id = ?, state_id = ?, session_id = ?,
+                   host = ?, machine = ?, boot = ?, pidns = ?, pid = ?, started = ?, beat = 0,
+                   lease_s = ?, claimed_at = {now}, heartbeat_at = clock_timestamp()
+               WHERE ingest_src = ? RETURNING token, claimed_at""",
+            (entry_id, state_id, self.session_id, text(h.host), text(h.machine), text(h.boot), text(h.pidns), h.pid,
+             h.started, lease_s, ingest_src),
+        )  # fmt: skip
+        return int(token), claimed_at, 0.0
+
+    def _release(self, t: Tx, ingest_src: str, entry_id: str, token: int, done: Transition) -> None:
+        # Released, and the cell's waiters told (delivered at COMMIT).
+        t.run("UPDATE {rssd_magic_claim} SET state_id = NULL WHERE ingest_src = ? AND token = ? RETURNING pg_notify(?, ?)",
+              (ingest_src, token, channel(self.schema, ingest_src), done.state_id))  # fmt: skip
+
+    def _last_claim(self, t: Tx, ingest_src: str, entry_id: str) -> tuple | None:
+        return t.one(rows.CLAIM + " WHERE ingest_src = ?", (ingest_src,))
+
+    def _append(self, t, entry_id, from_state, to_state, result_json, reason, elaboration, state_id=None) -> Transition:
+        state_id = state_id or new_ulid()
+        reason = t.d.text(reason)
+        at, seq = t.one(
+            APPEND,
+            (state_id, entry_id, state_id, self.session_id, entry_id, from_state, to_state, result_json, reason,
+             dumps(elaboration) if elaboration is not None else None),
+        )  # fmt: skip
+        return Transition(state_id, entry_id, self.session_id, from_state, to_state, result_json, reason, at, int(seq))
+
+    def _put_blobs(self, t: Tx, blobs: list[Blob], staged: Any) -> None:
+        for digest, data in blobs:  # each proven right (or rewritten) before the record names it
+            self.blobs.put(t.conn, digest, data)
+
+    def _claimed(self, outcome: ClaimOutcome, key: CellKey) -> None:
         if outcome.kind == "held":
             self._awaited = channel(self.schema, key.ingest_src)
-        return outcome
-
-    def claim_of(self, running: Transition) -> Claim | None:
-        found = self._read(rows.CLAIM_OF, (running.state_id, running.entry_id))
-        return rows.claim_from(found[0]) if found else None
 
     def renewer(self) -> PgRenewer:
         return PgRenewer(self.url, self.location, self.q)
-
-    def _src(self, c: psycopg.Connection, entry_id: str) -> str | None:
-        src = self._src_of.get(entry_id)
-        if src is None:
-            row = c.execute(
-                self.q("SELECT ingest_src FROM {orchestration_session_entry} WHERE orchestration_session_entry_id = %s"),
-                (entry_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            src = self._src_of[entry_id] = row[0]
-        return src
-
-    def finish(
-        self,
-        running: Transition,
-        token: int,
-        to_state: str,
-        result_json: str | None,
-        reason: str,
-        blobs: Iterable[Blob] = (),
-        signatures: Iterable[tuple[str, str, str]] = (),
-        exec_row: ExecRow | None = None,
-    ) -> Transition:
-        self._writable()
-        blobs, signatures = list(blobs), list(signatures)
-        done_id, q = new_ulid(), self.q
-
-        def tx(c: psycopg.Connection, retrying: bool) -> Transition:
-            if retrying:  # the COMMIT of a try whose link broke may have landed
-                row = c.execute(q(rows.STATE_BY_ID), (done_id,)).fetchone()
-                if row is not None:
-                    return Transition(*row)
-            src = self._src(c, running.entry_id)
-            held = rows.lock_cell(c, q, src, create=False) if src is not None else None
-            latest = rows.latest_in(c, q, src) if src is not None else None
-            mine = held is not None and held[1] == running.state_id and held[0] == running.entry_id
-            if latest is None or latest.state_id != running.state_id or not mine or int(held[2]) != token:
-                raise Fenced(self._who_took_over(held, latest, token))
-            rows.add_signatures(c, q, signatures)
-            for digest, data in blobs:  # each proven right (or rewritten) before the record names it
-                self.blobs.put(c, digest, data)
-            done = rows.append(c, q, self.session_id, running.entry_id, RUNNING, to_state, result_json, reason, None, done_id)
-            # Released, and the cell's waiters told (delivered at COMMIT).
-            c.execute(q(rows.RELEASE), (src, token, channel(self.schema, src), done.state_id))
-            if exec_row is not None:
-                rows.exec_row(c, q, self.session_id, running.entry_id, exec_row)
-            return done
-
-        return self._tx(tx)
-
-    @staticmethod
-    def _who_took_over(held: tuple | None, latest: Transition | None, token: int) -> str:
-        """Who holds, or last held, the cell since this run lost it: the
-        claim row keeps its last holder after release."""
-        if held is not None and int(held[2]) != token:
-            _, _, _, session_id, host, machine, boot, pidns, pid, started = held[:10]
-            return Holder(host, machine, boot, pidns, int(pid), int(started), session_id).describe()
-        state = latest.to_state if latest is not None else "nothing"
-        return f"another kernel (the cell's latest state is {state})"
-
-    def append_if_latest(
-        self, entry_id: str, from_state: str, to_state: str, result_json: str | None, reason: str, if_latest: str
-    ) -> Transition | None:
-        self._writable()
-        self._session()
-        q = self.q
-
-        def tx(c: psycopg.Connection, _retrying: bool) -> Transition | None:
-            src = self._src(c, entry_id)
-            if src is None:
-                return None
-            rows.lock_cell(c, q, src)
-            latest = rows.latest_in(c, q, src)
-            if latest is None or latest.state_id != if_latest:
-                return None
-            return rows.append(c, q, self.session_id, entry_id, from_state, to_state, result_json, reason, None)
-
-        return self._tx(tx)
-
-    # -- signatures ----------------------------------------------------------------------
-
-    def signatures(self, payload_ids: Iterable[str]) -> dict[str, dict[str, str]]:
-        ids = list(dict.fromkeys(payload_ids))
-        if not ids:
-            return {}
-        found = self._read(
-            "SELECT payload_id, key_id, signature FROM {rssd_magic_signature} WHERE payload_id = ANY(%s)", (ids,)
-        )
-        out: dict[str, dict[str, str]] = {}
-        for pid, key_id, sig in found:
-            if isinstance(key_id, str) and isinstance(sig, str):
-                out.setdefault(pid, {})[key_id] = sig
-        return out
-
-    def add_signatures(self, signed: Iterable[tuple[str, str, str]]) -> None:
-        self._writable()
-        signed = list(signed)
-        if signed:
-            self._tx(lambda c, _r: rows.add_signatures(c, self.q, signed))
 
     # -- the user's SQL on the server itself ---------------------------------------------
 
@@ -511,53 +417,3 @@ class PostgresBackend:
         if lost(self._user_sql):
             self._user_sql = connect(self.url, purpose="sql")
         return self._user_sql
-
-    # -- reports ---------------------------------------------------------------------------
-
-    def _report(self, fn: Callable, *args) -> Any:
-        """``fn(conn, q, *args)`` in one transaction, riding out an outage."""
-        return self._tx(lambda c, _r: fn(c, self.q, *args))
-
-    def cells(self) -> list[CellRow]:
-        return self._report(postgres_reports.cells)
-
-    def history(self, cell: CellRow) -> list[HistoryRow]:
-        return self._report(postgres_reports.history, cell)
-
-    def result_of(self, state_id: str) -> str | None:
-        found = self._read(
-            "SELECT transition_result FROM {orchestration_session_state} WHERE orchestration_session_state_id = %s",
-            (state_id,),
-        )
-        return found[0][0] if found else None
-
-    def current_results(self) -> Iterator[tuple[CellRow, str]]:
-        return executed_results(self.cells())
-
-    def storage(self) -> StorageStats:
-        return self._report(postgres_reports.storage, self.location)
-
-    def gc(self, digests_of: Callable[[str], set[str]], dry_run: bool = False) -> tuple[list[tuple[str, int]], int, int]:
-        if not dry_run:
-            self._writable()
-        return self._report(postgres_reports.gc, self.blobs.lock, digests_of, dry_run)
-
-    # -- moving records to and from RSSD files ------------------------------------------------
-
-    def export_rssd(self, path: str, *, scope: str | None = None, digests_of: Callable[[str], set[str]]) -> dict:
-        """Write this store's cells (of *scope*, or all) into the RSSD file at
-        *path*, with the blobs *digests_of(record)* names: see
-        :func:`postgres_transfer.export_rssd`."""
-        from .postgres_transfer import export_rssd
-
-        summary = self._report(export_rssd, path, scope, digests_of, self.blobs)
-        return {**summary, "from": self.location}
-
-    def import_rssd(self, path: str) -> dict:
-        """Bring the cells of the RSSD file at *path* into this store: see
-        :func:`postgres_transfer.import_rssd` (its own transactions)."""
-        from .postgres_transfer import import_rssd
-
-        self._writable()
-        summary = self._attempts(lambda conn: import_rssd(conn, self.q, path, self.blobs), patient=False)
-        return {**summary, "to": self.location}

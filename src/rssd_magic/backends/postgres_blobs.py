@@ -51,9 +51,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
 
-from ..digests import KNOWN
-from ..trust import IntegrityError, Verifier
-from .base import Blob, StoreError
+from ..records.digests import KNOWN
+from ..records.trust import IntegrityError, Verifier
+from ..store.base import Blob, StoreError
 from .postgres_conn import Sql, cause
 from .sqlite_blobs import _buffer
 
@@ -237,7 +237,7 @@ class PgBlobs:
             raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
 
     def _get(self, digest: str) -> Any:
-        found = self.store._read(HEAD, (digest,))
+        found = self.store._fetch(HEAD, (digest,))
         if not found:
             raise KeyError(digest)
         size, chunks, stored, stored_bytes, inline = int(found[0][0]), int(found[0][1]), *found[0][2:]
@@ -287,7 +287,7 @@ class PgBlobs:
         """What the server holds under *digest*, hashed as it streams (the
         local cache is not asked: the server's bytes are what teammates read)."""
         try:
-            found = self.store._read(HEAD, (digest,))
+            found = self.store._fetch(HEAD, (digest,))
             if not found:
                 return "missing"
             size, chunks = int(found[0][0]), int(found[0][1])
@@ -395,8 +395,22 @@ class PgBlobs:
         if written != size:
             raise ValueError(f"blob {digest[:24]}…: {written} bytes given for a size of {size}")
 
+    # -- for gc, in its transaction (tables.gc) ----------------------------------
+
+    def exclusive(self, t: Any) -> None:
+        """Take the blob lock exclusively: a run that skipped uploading a blob
+        because it was stored holds it shared until its record commits, so
+        gc sees that record or runs before it."""
+        t.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self.lock,))
+
+    def listing(self, t: Any) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        return t.all("SELECT digest, size FROM {rssd_magic_blob}"), []  # chunks go with their row
+
+    def drop(self, t: Any, digests: list[str]) -> None:
+        t.run("DELETE FROM {rssd_magic_blob} WHERE digest = ANY(?)", (list(digests),))
+
     def sizes(self) -> dict[str, int]:
-        return {d: int(s) for d, s in self.store._read("SELECT digest, size FROM {rssd_magic_blob}")}
+        return {d: int(s) for d, s in self.store._fetch("SELECT digest, size FROM {rssd_magic_blob}")}
 
     def delete(self, digests: Iterable[str]) -> int:
         wanted = list(digests)

@@ -39,8 +39,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from . import redact
-from .base import StoreError
+from ..store.locations import redact
+from ..store.base import StoreError
 
 #: Seconds to wait for a server that does not answer (libpq waits forever).
 CONNECT_TIMEOUT_S = 10
@@ -136,9 +136,13 @@ def quote(name: str) -> str:
 
 
 def settings(timeout_s: float, *, lock: bool = True) -> str:
-    """The ``SET LOCAL`` statements a transaction (or a read) starts with."""
+    """The ``SET LOCAL`` statements a transaction (or a read) starts with,
+    sent as one query.  No parallel workers: reading another tool's JSON
+    (``rssd_magic_json``) catches a failed cast, which a parallel worker
+    can't (a report over every cell would otherwise fail on a large store)."""
     ms = max(1, int(timeout_s * 1000))
-    out = f"SET LOCAL statement_timeout = {ms}; SET LOCAL search_path = {SEARCH_PATH}"
+    out = (f"SET LOCAL statement_timeout = {ms}; SET LOCAL search_path = {SEARCH_PATH}; "
+           "SET LOCAL max_parallel_workers_per_gather = 0")  # fmt: skip
     return (f"SET LOCAL lock_timeout = {ms}; " if lock else "") + out
 
 
@@ -161,7 +165,7 @@ class Sql:
         self.setup = settings(timeout_s)
         self._prefix = settings(timeout_s, lock=False) + "; "
         self._rendered: dict[str, str] = {}
-        self._reads: dict[tuple[str, bool], str] = {}
+        self._reads: dict[tuple[str, bool], tuple[str, int]] = {}
 
     def __call__(self, template: str) -> str:
         try:
@@ -171,20 +175,22 @@ class Sql:
             return text
 
     def read(self, conn: psycopg.Connection, template: str, params: tuple | list | dict = (), *,
-             pinned: bool = False) -> list[tuple]:  # fmt: skip
+             pinned: bool = False, rendered: bool = False) -> list[tuple]:  # fmt: skip
         """The rows of one statement, run with the read settings in the same
         query (one round trip, its own implicit transaction).  *pinned*: the
         statement only calls a function of ours that pins its own
-        search_path, so only the deadline is set (a statement less to run)."""
-        text = self._reads.get((template, pinned))
-        if text is None:
+        search_path, so only the deadline is set (a statement less to run).
+        *rendered*: *template* is final SQL already (a dialect's)."""
+        found = self._reads.get((template, pinned))
+        if found is None:
             prefix = f"SET LOCAL statement_timeout = {max(1, int(self.timeout_s * 1000))}; " if pinned else self._prefix
-            text = self._reads[(template, pinned)] = prefix + self(template)
+            found = self._reads[(template, pinned)] = (prefix + (template if rendered else self(template)),
+                                                       prefix.count("SET LOCAL"))  # fmt: skip
+        text, sets = found
         cur = psycopg.ClientCursor(conn)
         cur.execute(text, params)
-        cur.nextset()  # past the SET(s), to the statement's rows
-        if not pinned:
-            cur.nextset()
+        for _ in range(sets):
+            cur.nextset()  # past the SETs, to the statement's rows
         return cur.fetchall()
 
     @contextmanager

@@ -23,7 +23,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from .base import StoreError
+from ..store.base import StoreError
 from .postgres_conn import Sql, cause, connect, lost, transient
 
 #: Seconds between two attempts of a listener to reconnect.

@@ -24,7 +24,7 @@ version is opened read-only (:attr:`Layout.read_only`): replays of what this
 version can read go on, nothing is written.
 
 How surveilr's SQLite columns map, so rows round-trip byte-identical between
-an RSSD file and the server (``postgres_transfer.py``):
+an RSSD file and the server (store/transfer.py):
 
 * names, NOT NULL, UNIQUE, primary and foreign keys as surveilr declares;
 * JSON stays **TEXT** (not jsonb, which would reorder keys and respace it),
@@ -42,99 +42,46 @@ what the server wrote last, whoever wrote it.
 
 from __future__ import annotations
 
+import json
 import re
 
 import psycopg
 from psycopg import sql
 
-from .postgres_conn import NOW, SEARCH_PATH, Sql, quote  # noqa: F401 - NOW for the other modules
+from ..store.dialect import Dialect
+from .sqlite_schema import SURVEILR_DDL as RSSD_DDL
+from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 
 #: Version of our own objects on PostgreSQL.  1: the first layout.
 SCHEMA_VERSION = 1
 
-# Templates (postgres_conn.Sql): {name} is one of our objects, qualified;
-# {now} the server's clock as SQLite's CURRENT_TIMESTAMP text.
-# surveilr's tables (shared/rssd/orchestration.sql), one column per line.
-SURVEILR_DDL = """
-CREATE TABLE IF NOT EXISTS {device} (
-    "device_id" VARCHAR PRIMARY KEY NOT NULL,
-    "name" TEXT NOT NULL,
-    "state" TEXT NOT NULL CHECK ("state"::json IS NOT NULL),
-    "boundary" TEXT NOT NULL,
-    "segmentation" TEXT CHECK ("segmentation" IS NULL OR "segmentation"::json IS NOT NULL),
-    "state_sysinfo" TEXT CHECK ("state_sysinfo" IS NULL OR "state_sysinfo"::json IS NOT NULL),
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    "created_at" TEXT DEFAULT {now},
-    "created_by" TEXT DEFAULT 'UNKNOWN',
-    "updated_at" TEXT,
-    "updated_by" TEXT,
-    "deleted_at" TEXT,
-    "deleted_by" TEXT,
-    "activity_log" TEXT,
-    UNIQUE ("name", "state", "boundary")
-);
-CREATE TABLE IF NOT EXISTS {orchestration_nature} (
-    "orchestration_nature_id" TEXT PRIMARY KEY NOT NULL,
-    "nature" TEXT NOT NULL,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    "created_at" TEXT DEFAULT {now},
-    "created_by" TEXT DEFAULT 'UNKNOWN',
-    "updated_at" TEXT,
-    "updated_by" TEXT,
-    "deleted_at" TEXT,
-    "deleted_by" TEXT,
-    "activity_log" TEXT,
-    UNIQUE ("orchestration_nature_id", "nature")
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session} (
-    "orchestration_session_id" VARCHAR PRIMARY KEY NOT NULL,
-    "device_id" VARCHAR NOT NULL REFERENCES {device} ("device_id"),
-    "orchestration_nature_id" TEXT NOT NULL REFERENCES {orchestration_nature} ("orchestration_nature_id"),
-    "version" TEXT NOT NULL,
-    "orch_started_at" TEXT DEFAULT {now},
-    "orch_finished_at" TEXT,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    "args_json" TEXT CHECK ("args_json" IS NULL OR "args_json"::json IS NOT NULL),
-    "diagnostics_json" TEXT CHECK ("diagnostics_json" IS NULL OR "diagnostics_json"::json IS NOT NULL),
-    "diagnostics_md" TEXT
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session_entry} (
-    "orchestration_session_entry_id" VARCHAR PRIMARY KEY NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
-    "ingest_src" TEXT NOT NULL,
-    "ingest_table_name" TEXT,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL)
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session_state} (
-    "orchestration_session_state_id" VARCHAR PRIMARY KEY NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
-    "session_entry_id" VARCHAR REFERENCES {orchestration_session_entry} ("orchestration_session_entry_id"),
-    "from_state" TEXT NOT NULL,
-    "to_state" TEXT NOT NULL,
-    "transition_result" TEXT CHECK ("transition_result" IS NULL OR "transition_result"::json IS NOT NULL),
-    "transition_reason" TEXT,
-    "transitioned_at" TEXT DEFAULT {now},
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL),
-    UNIQUE ("orchestration_session_state_id", "from_state", "to_state")
-);
-CREATE TABLE IF NOT EXISTS {orchestration_session_exec} (
-    "orchestration_session_exec_id" VARCHAR PRIMARY KEY NOT NULL,
-    "exec_nature" TEXT NOT NULL,
-    "session_id" VARCHAR NOT NULL REFERENCES {orchestration_session} ("orchestration_session_id"),
-    "session_entry_id" VARCHAR REFERENCES {orchestration_session_entry} ("orchestration_session_entry_id"),
-    "parent_exec_id" VARCHAR REFERENCES {orchestration_session_exec} ("orchestration_session_exec_id"),
-    "namespace" TEXT,
-    "exec_identity" TEXT,
-    "exec_code" TEXT NOT NULL,
-    "exec_status" BIGINT NOT NULL,
-    "input_text" TEXT,
-    "exec_error_text" TEXT,
-    "output_text" TEXT,
-    "output_nature" TEXT CHECK ("output_nature" IS NULL OR "output_nature"::json IS NOT NULL),
-    "narrative_md" TEXT,
-    "elaboration" TEXT CHECK ("elaboration" IS NULL OR "elaboration"::json IS NOT NULL)
-);
-"""
+#: SQLite's declared types that PostgreSQL spells otherwise (timestamps stay
+#: surveilr's text; SQLite integers are 64-bit).
+_PG_TYPES = {"INTEGER": "BIGINT", "TIMESTAMPTZ": "TEXT"}
+
+
+def _from_rssd(ddl: str) -> str:
+    """surveilr's SQLite DDL (orchestration.sql) as a template
+    (postgres_conn.Sql) of the same tables here: ``{name}`` for our
+    objects, ``{now}`` the server's clock as SQLite's CURRENT_TIMESTAMP
+    text, ``json_valid`` checks as a ``::json`` cast, types as above; one
+    column per line, comments dropped."""
+    out = []
+    for line in ddl.splitlines():
+        line = line.split("--", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        line = re.sub(r'^CREATE TABLE IF NOT EXISTS "(\w+)"', r"CREATE TABLE IF NOT EXISTS {\1}", line)
+        line = re.sub(r'REFERENCES "(\w+)"\(', r"REFERENCES {\1} (", line)
+        line = re.sub(r"CHECK\(json_valid\((\w+)\) OR \1 IS NULL\)", r'CHECK ("\1" IS NULL OR "\1"::json IS NOT NULL)', line)
+        line = re.sub(r"CHECK\(json_valid\((\w+)\)\)", r'CHECK ("\1"::json IS NOT NULL)', line)
+        line = re.sub(r'^(\s+"\w+" )([A-Z]+)', lambda m: m.group(1) + _PG_TYPES.get(m.group(2), m.group(2)), line)
+        out.append(line.replace("DEFAULT CURRENT_TIMESTAMP", "DEFAULT {now}").replace("KEY(", "KEY (").replace("UNIQUE(", "UNIQUE ("))
+    return "\n".join(out) + "\n"
+
+
+#: surveilr's tables, as an RSSD has them.
+SURVEILR_DDL = _from_rssd(RSSD_DDL)
 
 # Our own tables:
 #   meta        our schema version;
@@ -233,7 +180,7 @@ END""",
     # A row another tool wrote may hold anything: JSON that is not JSON reads
     # as NULL in the listings instead of failing them.
     "rssd_magic_json": (
-        "(t TEXT) RETURNS json LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE",
+        "(t TEXT) RETURNS json LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL RESTRICTED",
         """
 BEGIN
     RETURN t::json;
@@ -241,7 +188,7 @@ EXCEPTION WHEN others THEN
     RETURN NULL;
 END""",
     ),
-    # A cell's latest transition (postgres_rows.LATEST), for the replay's one
+    # A cell's latest transition (rows.LATEST), for the replay's one
     # read.  Without prepared statements (poolers) the query was planned on
     # every replay, three times its run time; PL/pgSQL keeps its plan in the
     # server session, where no pooler can lose it (a missing plan is made
@@ -310,6 +257,103 @@ OWN_TABLES = [t for t in _columns(OWN_TABLES_DDL)]
 INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx"]
 #: Every name a template may use (postgres_conn.Sql).
 OBJECTS = [*EXPECTED_COLUMNS, *FUNCTIONS]
+
+
+#: Columns that hold integers, and surveilr's JSON columns (a ``::json`` check).
+INTEGER = {(t, c) for t, cols in EXPECTED_COLUMNS.items() for c, ty in cols if ty == "bigint"}
+
+
+def _json_columns(ddl: str) -> set[tuple[str, str]]:
+    out, table = set(), None
+    for line in ddl.splitlines():
+        if m := _TABLE.match(line):
+            table = m.group(1)
+        elif "::json" in line:
+            out.add((table, line.split('"')[1]))
+    return out
+
+
+JSON = _json_columns(SURVEILR_DDL)
+
+
+class PgDialect(Dialect):
+    """The shared statements (dialect.py) in this store's SQL: our objects
+    schema-qualified, ``%s`` parameters, the order from ``rssd_magic_state_seq``."""
+
+    name = "postgresql"
+
+    def __init__(self, q: Sql):
+        states = q("({rssd_magic_state_seq} AS q JOIN {orchestration_session_state} AS s "
+                   "ON s.orchestration_session_state_id = q.state_id)")  # fmt: skip
+        super().__init__(q.names, {"states": states, "seq": "q.seq", "entry": "q.entry_id", "C": ' COLLATE "C"',
+                                   "now": NOW, "silent": "extract(epoch FROM clock_timestamp() - heartbeat_at)::float8",
+                                   "cross": "JOIN"})  # fmt: skip
+
+    def _render(self, template: str) -> str:
+        # Placeholders first: our names may hold "?" or "%" (doubled by quote()).
+        return template.replace("%", "%%").replace("?", "%s").format_map(self.names)
+
+    def _path(self, column: str, path: tuple[str, ...], last: str) -> str:
+        steps = "".join(f" -> '{p}'" for p in path[:-1])
+        return f"{{rssd_magic_json}}({column}){steps} {last} '{path[-1]}'"
+
+    def json_text(self, column: str, *path: str) -> str:
+        return self._path(column, path, "->>")
+
+    def json_number(self, column: str, *path: str) -> str:
+        return (f"CASE WHEN json_typeof({self._path(column, path, '->')}) = 'number' "
+                f"THEN ({self._path(column, path, '->>')})::float8 END")  # fmt: skip
+
+    def in_list(self, column: str) -> str:
+        return f"{column} = ANY(?)"
+
+    def listed(self, values):
+        return list(values)
+
+    def state_at(self, alias: str, seq: str) -> str:
+        return (f"({{rssd_magic_state_seq}} AS {alias}_q JOIN {{orchestration_session_state}} AS {alias} "
+                f"ON {alias}.orchestration_session_state_id = {alias}_q.state_id) ON {alias}_q.seq = {seq}")  # fmt: skip
+
+    def octets(self, expr: str) -> str:
+        return f"octet_length({expr})"
+
+    def contains(self, expr: str) -> str:
+        return f"strpos({expr}, ?) > 0"
+
+    def text(self, value):
+        """PostgreSQL text can't hold NUL: it is stored as U+FFFD (JSON
+        columns never have one, ``dumps`` escapes it)."""
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+    def fit(self, table: str, row: dict) -> str | None:
+        for column, value in row.items():
+            if value is None:
+                continue
+            if (table, column) in INTEGER:
+                if isinstance(value, str) and value.lstrip("-").isdigit():
+                    row[column] = int(value)
+                elif not isinstance(value, int):
+                    return f"{column} is not an integer"
+                continue
+            if isinstance(value, (int, float)):
+                row[column] = value = str(value)  # SQLite's NUMERIC affinity turned text into a number
+            elif isinstance(value, bytes):
+                try:
+                    row[column] = value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"{column} holds bytes that are not UTF-8 text"
+            if "\x00" in value:
+                return f"{column} holds a NUL character, which PostgreSQL text can't"
+            if (table, column) in JSON:
+                try:
+                    json.loads(value, parse_constant=_no_constant)
+                except (ValueError, RecursionError):
+                    return f"{column} is not valid JSON"
+        return None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def statements(script: str) -> list[str]:

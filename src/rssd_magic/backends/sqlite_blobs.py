@@ -36,8 +36,8 @@ import sqlite3
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
-from ..trust import IntegrityError, Verifier
-from .base import Blob
+from ..records.trust import IntegrityError, Verifier
+from ..store.base import Blob
 
 #: Blobs are read back in slices of this size, into one preallocated buffer:
 #: large enough to amortise the call, small enough to stay in L2.
@@ -232,6 +232,24 @@ class SqliteBlobs:
     def delete(self, digests: Iterable[str]) -> int:
         with self._write() as c:
             return delete(c, digests)
+
+    # -- for gc, in its transaction (tables.gc) ----------------------------------
+
+    def exclusive(self, t: Any) -> None:
+        """Nothing to take: gc's write transaction holds the file's write lock."""
+
+    def listing(self, t: Any) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """``(digest, size)`` of every blob, and of what writes cut short left:
+        chunks without a blob row (a crash, Ctrl-C, a run taken over), one
+        per digest with the bytes they hold."""
+        partial = t.all(
+            f"""SELECT k.digest, total(length(k.data)) FROM {CHUNKS} AS k
+                WHERE NOT EXISTS (SELECT 1 FROM {BLOB} AS b WHERE b.digest = k.digest) GROUP BY k.digest"""
+        )
+        return t.all(f"SELECT digest, size FROM {BLOB}"), partial
+
+    def drop(self, t: Any, digests: list[str]) -> None:
+        delete(t.conn, digests)
 
 
 def delete(c: sqlite3.Connection, digests: Iterable[str]) -> int:

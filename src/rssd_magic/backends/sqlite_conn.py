@@ -24,10 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .base import StoreError
+from ..store.base import StoreError
 from .sqlite_file import Identity, check_path, connect, identity, lock_holder
 from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
-from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper, Pending, new_session, pending_written
+from ..store.rows import stamped_session
+from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper, Pending, pending_written
 
 #: SQLite reads pages through a file mapping this large (no pread per page,
 #: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
@@ -171,7 +172,7 @@ class RssdConnection:
                      "kernel's session are not recorded, and a cell that must run is refused")  # fmt: skip
         self.keeper = Housekeeper(self)
         if self.session_id is not None and read_only is None:
-            self.pending.session = new_session(self.session_id, self.host, self.session_args)
+            self.pending.session = stamped_session(self.session_id, self.host, self.session_args)
             self.keeper.poke()
 
     def _connect(self, access) -> tuple[sqlite3.Connection, Identity | None]:
@@ -226,7 +227,7 @@ class RssdConnection:
         housekeeper is asked at once)."""
         self.session_id, self.host, self.session_args = session_id, host, args
         if self.read_only is None:
-            self.pending.session = new_session(session_id, host, args)
+            self.pending.session = stamped_session(session_id, host, args)
             self.keeper.poke()
 
     def close(self, end: Callable[[sqlite3.Connection], None]) -> None:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from ..claims import command_line
+from ..engine.claims import command_line
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 

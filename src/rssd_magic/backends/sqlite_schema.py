@@ -22,13 +22,14 @@ import sqlite3
 from importlib import resources
 from typing import Callable
 
+from ..store.dialect import SqliteDialect
+
 #: surveilr's DDL, loaded from the packaged copy so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
 
-#: Version of our own objects (``rssd_magic_*``).  1: the first release
-#: (claims judged by wall-clock leases).  2: claims carry a fencing token and
-#: a heartbeat counter and describe their holder by boot id and PID namespace.
-#: 3: values larger than a chunk are kept as several rows of ``blob_chunk``
+#: Version of our own objects (``rssd_magic_*``).  1 and 2: the unpublished
+#: development versions (version 1's claims are not read: a file with them is
+#: refused, its claim table having other columns).  3: values larger than a chunk are kept as several rows of ``blob_chunk``
 #: (SQLite refuses a row over 1 GB); single-row blobs read as before.
 #: 4: claims are found by their RUNNING state through an index (a heartbeat
 #: touches one row however many cells the file holds).
@@ -101,9 +102,6 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_hit" (
 );
 """
 
-_V1_CLAIM = ["entry_id", "state_id", "session_id", "host", "pid", "pid_started", "claimed_at", "heartbeat_at", "lease_s"]
-#: What version 1 had that version 2 replaces.
-_V1_OBJECTS = ('DROP INDEX IF EXISTS "rssd_magic_state_entry_idx"', 'DROP TABLE IF EXISTS "rssd_magic_claim"')
 #: Every object we create, to tell at open whether the DDL must run at all.
 OWN_OBJECTS = {
     "rssd_magic_entry_src_idx",
@@ -157,6 +155,8 @@ def _expected_columns() -> dict[str, list[tuple[str, str]]]:
 #: The columns we read or write, per table, in declared order.  An existing
 #: table must have exactly these (name and declared type) or we refuse it.
 EXPECTED_COLUMNS = _expected_columns()
+#: The shared statements (store/rows.py, store/journal.py, the reports) as an RSSD runs them.
+SQL = SqliteDialect(EXPECTED_COLUMNS)
 
 
 #: The tables surveilr's own models define (shared/rssd's
@@ -181,8 +181,8 @@ OWN_PREFIX = "rssd_magic_"
 
 def schema_problems(conn: sqlite3.Connection) -> list[str]:
     """Why this file can't be used as an RSSD, each in a few words (nothing
-    is read but the schema; missing tables get created later, older shapes
-    of our own migrated).  Empty when it can."""
+    is read but the schema; missing tables get created later, our indexes
+    and version brought up to date).  Empty when it can."""
     objects = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
     tables = {name for kind, name, _, _ in objects if kind == "table" and not name.startswith("sqlite_")}
     if tables and not tables & SURVEILR_TABLES and not any(t.startswith(OWN_PREFIX) for t in tables):
@@ -201,8 +201,8 @@ def schema_problems(conn: sqlite3.Connection) -> list[str]:
         actual = [(row[1], row[2]) for row in columns]
         if any(row[6] for row in columns):  # hidden or generated columns compute on read
             problems.append(f"table {table} has generated or hidden columns")
-        elif actual == expected or (table == "rssd_magic_claim" and [n for n, _ in actual] == _V1_CLAIM):
-            continue  # ours as expected, or version 1 of ours (migrated on open)
+        elif actual == expected:
+            continue
         else:
             want = ", ".join(f"{n} {t}" for n, t in expected)
             got = ", ".join(f"{n} {t}" for n, t in actual)
@@ -254,10 +254,6 @@ def ensure_schema(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection]
     begin(conn)
     try:
         if needs_ddl(conn):
-            claim = [row[1] for row in conn.execute('PRAGMA table_info("rssd_magic_claim")')]
-            if claim == _V1_CLAIM:
-                for statement in _V1_OBJECTS:
-                    conn.execute(statement)
             for statement in _DDL:
                 conn.execute(statement)
             conn.execute(

@@ -25,17 +25,14 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import __version__
-from ..canonical import dumps, loads_object, utc_now
-from ..claims import current_holder, session_verdict
-from ..ids import new_ulid
-from ..lifecycle import INITIAL
-from .base import NATURE_ID, NATURE_LABEL, SESSION_COMPLETED, SESSION_FAILED, SESSION_INIT, Holder
+from ..store import rows
+from ..store.dialect import Tx
 from .sqlite_file import Identity, identity, uri
+from .sqlite_schema import SQL
 
 #: Seconds between two tries of the housekeeper while the write lock is
 #: held by another process, and how long a kernel must leave the store
@@ -91,17 +88,6 @@ class Pending:
         return self.session is not None or bool(self.hits)
 
 
-def new_session(session_id: str, host: str, args: dict) -> dict:
-    """The rows of a session to write later, stamped now."""
-    return {
-        "id": session_id,
-        "host": host,
-        "args": dumps(args),
-        "holder": dumps({"holder": asdict(current_holder(session_id))}),
-        "at": utc_now(),
-    }
-
-
 @contextmanager
 def pending_written(c: sqlite3.Connection, pending: Pending) -> Iterator[None]:
     """Write what *pending* holds in transaction *c* (which holds the write
@@ -109,110 +95,17 @@ def pending_written(c: sqlite3.Connection, pending: Pending) -> Iterator[None]:
     to *pending* if the transaction fails."""
     session, hits = pending.take()
     try:
-        _write_rows(c, session, hits)
+        t = Tx(c, SQL)
+        if session is not None:
+            rows.start_session(t, session)
+        if hits:
+            rows.add_hits(t, hits)
         yield
     except BaseException:
         pending.give_back(session, hits)
         raise
     finally:
         pending.settled()
-
-
-def _write_rows(c: sqlite3.Connection, session: dict | None, hits: dict[str, int]) -> None:
-    if session is not None:
-        _start_session(c, session)
-    if hits:
-        c.executemany(
-            """INSERT INTO rssd_magic_hit (state_id, hits, last_hit_at) VALUES (?, ?, ?)
-               ON CONFLICT (state_id) DO UPDATE
-               SET hits = hits + excluded.hits, last_hit_at = excluded.last_hit_at""",
-            [(sid, n, utc_now()) for sid, n in hits.items()],
-        )
-
-
-def _start_session(c: sqlite3.Connection, s: dict) -> None:
-    # surveilr's device upsert, without rewriting a row it wrote.
-    c.execute(
-        """INSERT INTO device (device_id, name, state, boundary) VALUES (?, ?, '"SINGLETON"', 'UNKNOWN')
-           ON CONFLICT (name, state, boundary) DO NOTHING""",
-        (new_ulid(), s["host"]),
-    )
-    (device_id,) = c.execute(
-        """SELECT device_id FROM device WHERE name = ? AND state = '"SINGLETON"' AND boundary = 'UNKNOWN'""",
-        (s["host"],),
-    ).fetchone()
-    c.execute(
-        "INSERT INTO orchestration_nature (orchestration_nature_id, nature) VALUES (?, ?) ON CONFLICT DO NOTHING",
-        (NATURE_ID, NATURE_LABEL),
-    )
-    c.execute(
-        """INSERT INTO orchestration_session (orchestration_session_id, device_id, orchestration_nature_id,
-                                              version, orch_started_at, args_json, elaboration)
-           VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-        (s["id"], device_id, NATURE_ID, __version__, s["at"], s["args"], s["holder"]),
-    )
-    c.execute(
-        """INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id,
-                                                    from_state, to_state, transition_reason, transitioned_at)
-           VALUES (?, ?, NULL, ?, ?, 'kernel started', ?)""",
-        (new_ulid(), s["id"], INITIAL, SESSION_INIT, s["at"]),
-    )
-
-
-def end_session(c: sqlite3.Connection, session_id: str, failed: bool, reason: str) -> bool:
-    """Finish a session in transaction *c*: ``orch_finished_at`` and its
-    last session-level state; False if it was finished already (or never
-    written)."""
-    cur = c.execute(
-        """UPDATE orchestration_session SET orch_finished_at = CURRENT_TIMESTAMP
-           WHERE orchestration_session_id = ? AND orch_finished_at IS NULL""",
-        (session_id,),
-    )
-    if cur.rowcount == 0:
-        return False
-    c.execute(
-        """INSERT INTO orchestration_session_state
-           (orchestration_session_state_id, session_id, session_entry_id, from_state, to_state,
-            transition_reason, transitioned_at) VALUES (?, ?, NULL, ?, ?, ?, ?)""",
-        (new_ulid(), session_id, SESSION_INIT, SESSION_FAILED if failed else SESSION_COMPLETED, reason, utc_now()),
-    )
-    return True
-
-
-def open_sessions(c: sqlite3.Connection, boot: str | None = None) -> list[tuple[str, dict]]:
-    """``(session_id, holder)`` of our sessions not finished yet (of one
-    boot of one machine's kernel, when *boot* is given: only there can a
-    process be asked whether it still runs)."""
-    query = """SELECT orchestration_session_id, elaboration FROM orchestration_session
-               WHERE orchestration_nature_id = ? AND orch_finished_at IS NULL"""
-    params: tuple = (NATURE_ID,)
-    if boot is not None:
-        query += " AND json_valid(elaboration) AND json_extract(elaboration, '$.holder.boot') = ?"
-        params += (boot,)
-    out = []
-    for sid, elaboration in c.execute(query, params).fetchall():
-        holder = loads_object(elaboration).get("holder")
-        if isinstance(holder, dict):
-            out.append((sid, holder))
-    return out
-
-
-def close_orphans(c: sqlite3.Connection, own_session: str | None) -> list[str]:
-    """Finish, as failed, the sessions kernels killed on this machine left
-    open (their process is certainly gone); their ids.  Sessions of other
-    machines are left: only their own machine can tell."""
-    me = current_holder(own_session or "")
-    closed = []
-    for session_id, holder in open_sessions(c, me.boot):
-        if session_id == own_session:
-            continue
-        try:
-            dead = session_verdict(Holder(**holder))
-        except TypeError:
-            continue  # written by another version: not ours to judge
-        if dead and end_session(c, session_id, True, f"kernel gone: {dead}"):
-            closed.append(session_id)
-    return closed
 
 
 def checkpoint_idle(conn: sqlite3.Connection) -> None:
@@ -313,7 +206,7 @@ class Housekeeper:
             try:
                 with pending_written(conn, db.pending):
                     if not self._orphans_done:
-                        close_orphans(conn, db.session_id)
+                        rows.close_orphans(Tx(conn, SQL), db.session_id)
                     conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:

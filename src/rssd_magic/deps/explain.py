@@ -3,7 +3,7 @@ of a run (see :mod:`.declared`) into one string for ``cell_key(inputs=...)``;
 :func:`explain` turns two of them into the one line shown when a cell runs
 again although an earlier result exists (``input factor changed (2 → 3)``).
 
-The digest hashes :func:`rssd_magic.canonical.canonical_bytes`, the form
+The digest hashes :func:`rssd_magic.records.canonical.canonical_bytes`, the form
 every digest of the project uses.  While deps was one module (up to commit
 8f30161) it had its own ``json.dumps`` with ``ensure_ascii=True``.  The text,
 and so the key, is byte-identical for inputs whose names, paths, values and
@@ -23,7 +23,7 @@ import glob
 import hashlib
 from typing import Any, Mapping
 
-from ..canonical import canonical_bytes
+from ..records.canonical import canonical_bytes
 from .fingerprint import FINGERPRINT_VERSION
 
 

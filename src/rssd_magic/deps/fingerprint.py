@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import xxhash
 
-from ..canonical import fmt_bytes
+from ..records.canonical import fmt_bytes
 from .analysis import is_shell_name
 from .versions import module_version
 
@@ -84,7 +84,7 @@ def _n(value: int) -> bytes:
     return value.to_bytes(8, "little")
 
 
-def _int_bytes(value: int) -> bytes:
+def _int_bytes(value: int) -> bytes:  # signed, as few bytes as it takes
     return value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
 
 
@@ -96,11 +96,9 @@ def _type_name(value_or_type: Any) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _global_loads(code: types.CodeType) -> tuple[str, ...]:
-    """Names *code* (and the code nested in it) loads as globals.
-
-    ``co_names`` would also list attribute names (``self.data`` → ``data``),
-    which would tie a function to an unrelated global of that name.
-    """
+    """Names *code* (and the code nested in it) loads as globals: not
+    ``co_names``, which would also list attribute names (``self.data`` →
+    ``data``) and tie a function to an unrelated global of that name."""
     found: set[str] = set()
     stack = [code]
     while stack:
@@ -113,11 +111,9 @@ def _global_loads(code: types.CodeType) -> tuple[str, ...]:
 
 
 def _importable(obj: Any) -> bool:
-    """True for functions and classes a module defines at import time.
-
-    Those are identified by module and name; ones from the notebook, or
-    made inside a function (``<locals>``, ``<lambda>``), only by content.
-    """
+    """True for functions and classes a module defines at import time: those
+    are identified by module and name; ones from the notebook, or made
+    inside a function (``<locals>``, ``<lambda>``), only by content."""
     module = getattr(obj, "__module__", None)
     return module not in (None, "__main__") and "<" not in getattr(obj, "__qualname__", "<")
 

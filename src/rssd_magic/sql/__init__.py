@@ -13,8 +13,7 @@ connection, or the RSSD itself.  One module per idea:
 ``key``
     :func:`bind` (``$name``/``:name`` parameters from the notebook),
     :func:`key_extra` (SQL, target and the parameters' fingerprints),
-    :func:`params_inputs`, and :func:`legacy_key_extra` for records keyed
-    before parameters were fingerprinted;
+    and :func:`params_inputs`;
 ``run``
     :func:`run_sql`: statements, transactions and rollback, giving a
     :class:`SQLResult` or raising :class:`SQLExecutionError`;
@@ -32,24 +31,8 @@ imported when a frame is first built.
 
 from __future__ import annotations
 
-from .frames import (
-    COMPRESSION,
-    DISPLAY_MAX_ROWS,
-    JSON_MAX_BYTES,
-    JSON_MAX_CELLS,
-    dump_frame,
-    frame_bundle,
-    load_frame,
-)
-from .key import (
-    LEGACY_SQL_KEY_VERSION,
-    SQL_KEY_VERSION,
-    bind,
-    canonical_params,
-    key_extra,
-    legacy_key_extra,
-    params_inputs,
-)
+from .frames import COMPRESSION, DISPLAY_MAX_ROWS, JSON_MAX_BYTES, JSON_MAX_CELLS, dump_frame, frame_bundle, load_frame
+from .key import SQL_KEY_VERSION, bind, key_extra, params_inputs
 from .lexer import SQLUsageError, normalize_sql, placeholders, split_statements
 from .locks import describe_lock_error
 from .run import SQLExecutionError, SQLResult, StatementOutcome, run_sql
@@ -60,19 +43,16 @@ __all__ = [
     "DISPLAY_MAX_ROWS",
     "JSON_MAX_BYTES",
     "JSON_MAX_CELLS",
-    "LEGACY_SQL_KEY_VERSION",
     "SQL_KEY_VERSION",
     "SQLExecutionError",
     "SQLResult",
     "SQLUsageError",
     "StatementOutcome",
     "bind",
-    "canonical_params",
     "describe_lock_error",
     "dump_frame",
     "frame_bundle",
     "key_extra",
-    "legacy_key_extra",
     "load_frame",
     "normalize_sql",
     "params_inputs",

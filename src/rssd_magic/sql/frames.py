@@ -9,7 +9,7 @@ trusted payload).  Dtypes survive every route.
 
 A result table is one more kind of stored value: this module registers the
 ``frame`` codec beside serialize's ``json``/``pickle``/``module`` ones, so
-:func:`rssd_magic.serialize.load_names` restores an ``--out`` name and gc
+:func:`rssd_magic.records.serialize.load_names` restores an ``--out`` name and gc
 and trust find a table's blobs like any other.  It imports serialize, never
 the other way round (serialize imports it by name, on first use).
 
@@ -24,9 +24,9 @@ import json
 import math
 from typing import Any, Callable
 
-from ..canonical import canonical
-from ..serialize import Blob, Codec, NotRestored, check_digests, dump_value, load_names, register, spec_blobs
-from ..trust import stream_digest
+from ..records.canonical import canonical
+from ..records.serialize import Blob, Codec, NotRestored, check_digests, dump_value, load_names, register, spec_blobs
+from ..records.trust import stream_digest
 
 #: Frames with at most this many cells (rows × columns) may be kept as JSON…
 JSON_MAX_CELLS = 10_000
@@ -372,7 +372,7 @@ def load_frame(spec: dict, get_blob: Callable[[str], Any], trusted: bool = False
         table = pq.read_table(source) if fmt == "parquet" else pa.ipc.open_file(source).read_all()
         return _arrow_to_frame(table, spec)
     if fmt == "pickle":
-        values, missing = load_names({"frame": spec["value"]}, get_blob, {}, trusted=lambda _name: trusted)
+        values, missing = load_names({"frame": spec["value"]}, get_blob, {}, trusted=trusted)
         if "frame" in missing:
             raise ValueError(f"the result table {missing['frame']}")
         return values["frame"]

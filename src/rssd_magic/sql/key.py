@@ -14,12 +14,6 @@ do something different.
   :func:`params_inputs` gives them in the ``{"names": …}`` shape a run
   records, so "why it re-ran" is said the same way for both kinds of cell.
 
-Keys of version 1 (:data:`LEGACY_SQL_KEY_VERSION`) encoded the parameters
-with a JSON form of their own.  :func:`legacy_key_extra` still computes
-that extra byte for byte: a SQL cell recorded under a v1 key must replay,
-not run again (a re-run ``CREATE TABLE`` fails with "already exists"), so
-the runner looks it up when the v2 key has no record.
-
 Parameters are written ``$name`` or ``:name`` on both engines: SQLite reads
 both natively and :func:`bind` rewrites ``:name`` to DuckDB's ``$name``.
 Positional ``?`` and ``$1`` are refused: a value without a name can't be
@@ -28,20 +22,14 @@ shown in the key.
 
 from __future__ import annotations
 
-import base64
-import datetime as _dt
-import decimal
 import hashlib
-import math
-import pickle
 import types
-import uuid
 from itertools import chain
 from typing import Any, Iterable, Mapping
 
-from ..canonical import canonical
+from ..records.canonical import canonical
 from ..deps import fingerprint_names
-from ..serialize import type_name
+from ..records.serialize import type_name
 from .lexer import SQLUsageError, Token, normalize_sql, parse_statements
 from .target import target_identity
 
@@ -50,8 +38,6 @@ from .target import target_identity
 #: the fingerprints themselves changes their digests, hence the keys, without
 #: a bump here.
 SQL_KEY_VERSION = "rssd_magic.sql.v2"
-#: The version :func:`legacy_key_extra` writes (parameters as v1 JSON).
-LEGACY_SQL_KEY_VERSION = "rssd_magic.sql.v1"
 
 
 # -- binding ----------------------------------------------------------------
@@ -158,7 +144,7 @@ def key_extra(
     *,
     inputs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """The ``extra`` to pass to :func:`rssd_magic.keys.cell_key` for a SQL cell.
+    """The ``extra`` to pass to :func:`rssd_magic.engine.keys.cell_key` for a SQL cell.
 
     It holds the normalized SQL's hash too, so the key follows
     :func:`normalize_sql` even though ``cell_key`` normalizes its *code*
@@ -179,107 +165,3 @@ def key_extra(
             "params": digests,
         }
     )
-
-
-# -- v1 keys (legacy lookup) ---------------------------------------------------
-
-
-def legacy_key_extra(sql: str, conn: Any, params: Mapping[str, Any] | None = None) -> str:
-    """The v1 :func:`key_extra`, byte for byte: the key a SQL cell was
-    recorded under before parameters were fingerprinted.  Only for looking
-    up such a record; new records are keyed by :func:`key_extra`.
-
-    Raises :class:`SQLUsageError` where v1 did: for a value v1 could not
-    encode, no v1 record can exist.
-    """
-    return canonical(
-        {
-            "v": LEGACY_SQL_KEY_VERSION,
-            "sql": _sha(normalize_sql(sql).encode("utf-8")),
-            "target": target_identity(conn),
-            "params": _canonical_params(params or {}),
-        }
-    )
-
-
-def _canonical(value: Any, path: str = "") -> Any:
-    """v1's JSON form of a parameter value: equal for equal values, and
-    stable across kernels (no ids, no set or hash order).  Frozen: any
-    change here changes the keys of cells recorded by v1."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if type(value) is int:
-        return value
-    if type(value) is float:
-        return value if math.isfinite(value) else {"$float": repr(value)}
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-        if len(data) <= 64:
-            return {"$bytes": base64.b64encode(data).decode("ascii")}
-        return {"$bytes_sha256": _sha(data), "len": len(data)}
-    if isinstance(value, _dt.datetime):
-        return {"$datetime": value.isoformat(), "type": type(value).__name__}
-    if isinstance(value, _dt.date):
-        return {"$date": value.isoformat()}
-    if isinstance(value, _dt.time):
-        return {"$time": value.isoformat()}
-    if isinstance(value, _dt.timedelta):
-        return {"$timedelta": [value.days, value.seconds, value.microseconds]}
-    if isinstance(value, decimal.Decimal):
-        return {"$decimal": str(value)}
-    if isinstance(value, uuid.UUID):
-        return {"$uuid": str(value)}
-    if isinstance(value, int):  # int subclasses (IntEnum …)
-        return {"$int": int(value), "type": type_name(value)}
-    if isinstance(value, float):
-        return {"$float": repr(float(value)), "type": type_name(value)}
-    if type(value) is list:
-        return [_canonical(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if type(value) is tuple:
-        return {"$tuple": [_canonical(v, f"{path}[{i}]") for i, v in enumerate(value)]}
-    if type(value) is dict:
-        items = [[_canonical(k, path), _canonical(v, f"{path}[{k!r}]")] for k, v in value.items()]
-        return {"$dict": sorted(items, key=canonical)}
-    if isinstance(value, (set, frozenset)):
-        return {"$set": sorted((_canonical(v, path) for v in value), key=canonical)}
-    module = type(value).__module__.split(".")[0]
-    if module == "numpy":
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return {"$numpy": value.dtype.str, "value": _canonical(value.item(), path)}
-        if isinstance(value, np.ndarray):
-            if value.dtype.hasobject:
-                return {"$ndarray": "object", "shape": list(value.shape), "value": _canonical(value.tolist(), path)}
-            data = np.ascontiguousarray(value).tobytes()
-            return {"$ndarray": value.dtype.str, "shape": list(value.shape), "sha256": _sha(data)}
-    if module == "pandas":
-        import pandas as pd
-
-        if isinstance(value, (pd.DataFrame, pd.Series, pd.Index)):
-            frame = value.to_frame() if not isinstance(value, pd.DataFrame) else value
-            shape = {
-                "type": type_name(value),
-                "dtypes": [str(d) for d in frame.dtypes],
-                "columns": [str(c) for c in frame.columns],
-                "index": None if isinstance(value, pd.Index) else str(value.index.dtype),
-            }
-            hashed = pd.util.hash_pandas_object(value, index=not isinstance(value, pd.Index))
-            return {"$pandas": _sha(hashed.to_numpy().tobytes() + canonical(shape).encode()), **shape}
-    try:
-        data = pickle.dumps(value, protocol=5)
-    except Exception as exc:  # noqa: BLE001 - reported as a usage error
-        raise SQLUsageError(
-            f"SQL parameter {path or 'value'} of type {type_name(value)} can't be encoded "
-            f"for the cell key ({type(exc).__name__}: {exc})"
-        ) from None
-    return {"$pickle_sha256": _sha(data), "type": type_name(value)}
-
-
-def _canonical_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {str(k): _canonical(v, f"${k}") for k, v in params.items()}
-
-
-def canonical_params(params: Mapping[str, Any]) -> str:
-    """v1's canonical JSON of the parameter values (key order does not matter)."""
-    return canonical(_canonical_params(params))

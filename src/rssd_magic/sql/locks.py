@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..claims import command_line
+from ..engine.claims import command_line
 
 _LOCK_RE = re.compile(
     r'Could not set lock on file "(?P<path>[^"]*)":\s*Conflicting lock is held in\s+'

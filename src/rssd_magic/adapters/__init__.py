@@ -1,0 +1,1 @@
+"""IPython and the shell: the only modules that import IPython or click."""

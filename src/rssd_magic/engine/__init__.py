@@ -1,0 +1,1 @@
+"""One cell: its key, the decision, the claim, then a run or a replay.  No IPython."""

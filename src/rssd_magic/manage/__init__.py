@@ -1,0 +1,1 @@
+"""The answers of the commands: list, show, forget, stats, gc, verify, trust."""

@@ -1,0 +1,1 @@
+"""Recording what a cell shows while it shows, and showing it again."""
