@@ -33,6 +33,7 @@ from ..records.keyring import data_dir, signers_path
 from ..records.signers import ENV_SIGNERS, add, lines_of, quote, revoke
 from ..records.signing import KEY_FILE, PersonalKey
 from ..store.transfer import transfer
+from ..engine.ttl import parse_duration
 from .surfaces import CommandError, Group, Notebook, Reply, Surface, json_text, parse, split
 from ..records.trust import ENV_SECRET
 
@@ -46,7 +47,7 @@ USAGE = """\
 {p} show KEY                  source, every transition, what a replay shows
 {p} forget KEY|--all          run again next time (EXECUTED -> FORGOTTEN)
 {p} stats                     cells, hits, time saved, storage
-{p} gc [--dry-run]            delete blobs no current result refers to
+{p} gc [--dry-run] [--grace D] delete blobs no current result refers to
 {p} verify [--repair]         check the bytes of every blob current records name
 {p} trust [KEY] [--signer NAME|FINGERPRINT] [--yes]
                               what records would do once trusted; --yes signs them with your key
@@ -189,23 +190,28 @@ def stats_cmd(ctx: click.Context, as_json: bool) -> None:
 @main.command("gc")
 @db_option
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@click.option("--grace", "grace", default="1h", show_default=True, metavar="DURATION",
+              help="Objects in a bucket younger than this are kept (a recording may be about to name them).")
 @json_option
 @click.pass_context
-def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+def gc_cmd(ctx: click.Context, dry_run: bool, grace: str, as_json: bool) -> None:
     """Delete blobs no cell's current EXECUTED record refers to.
 
-    Only rows of rssd_magic_blob are deleted; SQLite reuses the freed pages
-    (run VACUUM yourself to shrink the file).
+    In the store, only rows of rssd_magic_blob are deleted; SQLite reuses
+    the freed pages (run VACUUM yourself to shrink the file).  In a bucket
+    the records name (StatefulMagics.blob_store), only objects this store
+    wrote and older than --grace are deleted.
     """
+    try:
+        grace_s = parse_duration(grace)
+    except ValueError as exc:
+        raise CommandError(f"--grace {grace!r}: {exc}") from None
     surface = _surface(ctx)
     with surface.store(ctx, write=not dry_run) as store:
-        r = report.gc(store, dry_run=dry_run)
-    verb = "would free" if dry_run else "freed"
-    line = (f"{verb} {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}; "
-            f"kept {plural(r['kept'], 'blob')}, {fmt_bytes(r['kept_bytes'])}")  # fmt: skip
+        r = report.gc(store, dry_run=dry_run, grace_s=grace_s)
     if as_json:
         return surface.show(Reply(r, json_text), True)
-    surface.say(line)
+    surface.say(render.gc_text(r))
 
 
 @main.command("verify")

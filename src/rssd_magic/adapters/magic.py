@@ -25,6 +25,7 @@ from traitlets import Bool, Float, Int, Unicode, observe
 
 from .. import __version__
 from ..store.locations import DEFAULT_RSSD, ENV_RSSD, redact_text
+from ..store.buckets import DEFAULT_MIN_BYTES
 from .body import BodyRunner, route_awaiting_cells, unroute
 from ..engine.claims import DEFAULT_LEASE_S
 from .commands import CommandError, parse, run_line, split
@@ -91,6 +92,17 @@ class StatefulMagics(Magics):
         False,
         help="Use an RSSD on a network filesystem (NFS, SMB, sshfs …) anyway, with a rollback journal instead "
         "of WAL. Refused by default: SQLite's WAL does not work there and its locks can't be trusted.",
+    ).tag(config=True)
+
+    blob_store = Unicode(
+        None,
+        allow_none=True,
+        help="Where large values go: s3://bucket/prefix (default: $RSSD_MAGIC_BLOBS). Blobs of at least "
+        "blob_min_bytes are written there under their content digest; the RSSD or PostgreSQL store keeps the "
+        "records, which name the bucket. Endpoint, region and credentials: the standard AWS settings.",
+    ).tag(config=True)
+    blob_min_bytes = Int(
+        DEFAULT_MIN_BYTES, help="Blobs at least this large go to blob_store (when it is set)."
     ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
@@ -296,7 +308,7 @@ class StatefulMagics(Magics):
         %stateful show KEY           source, every transition, what a replay shows
         %stateful forget KEY|--all   run again next time (EXECUTED -> FORGOTTEN)
         %stateful stats              cells, hits, time saved, storage
-        %stateful gc [--dry-run]     delete blobs no current result refers to
+        %stateful gc [--dry-run] [--grace D]  delete blobs no current result refers to
         %stateful verify [--repair]  check the bytes of every blob current records name
         %stateful trust [KEY] [--signer NAME|FINGERPRINT] [--yes]
                                      show what records would do, then sign them with your key

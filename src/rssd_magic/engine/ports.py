@@ -75,5 +75,7 @@ class Config(Protocol):
     max_output_size: int | None
     busy_timeout_seconds: float
     allow_network_fs: bool
+    blob_store: str | None
+    blob_min_bytes: int
     clock: Callable[[], float]
     signer: Signer

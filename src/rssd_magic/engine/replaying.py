@@ -31,6 +31,7 @@ import shlex
 from typing import Any, Callable
 
 from ..store.locations import redact, resolve_location
+from ..store import buckets
 from ..store.base import Transition
 from ..store.journal import StateBackend
 from .bindable import why_not
@@ -97,7 +98,7 @@ class Replayer:
             else:
                 refused[name] = why_not(name)
         # The record's signature checked: every spec in it is ours to load.
-        _, missing = load_names(specs, backend.blobs.get, ns, trusted=True)
+        _, missing = load_names(specs, buckets.reader(backend, record.blob_store), ns, trusted=True)
         # Names the run deleted (``del x``) are deleted again, where the
         # cell's code deletes them.  (Names it changed in place are in
         # record.names, restored above when its code read them.)
@@ -128,7 +129,7 @@ class Replayer:
             value: Any = ReplayedResult(data, metadata)
             if record.result_value is not None:
                 try:
-                    value = load_value(record.result_value, backend.blobs.get, ns, trusted=True)
+                    value = load_value(record.result_value, buckets.reader(backend, record.blob_store), ns, trusted=True)
                 except Exception:  # noqa: BLE001 - the stand-in still shows the recorded bundle
                     pass
             port.show_result(value, data, metadata)

@@ -34,6 +34,7 @@ from .acquire import HolderFailed, WaitTimeout, acquire
 from ..store.locations import ENV_DB, ENV_RSSD, redact, resolve_location
 from ..backends import open_backend
 from ..store.base import ClaimRequest, StoreError, Transition
+from ..store import buckets
 from ..store.journal import StateBackend
 from .bindable import bindable
 from .claims import Heartbeat, current_holder
@@ -235,6 +236,11 @@ class CellRunner:
             if earlier is not None:
                 why = explain(_inputs_of(earlier), inputs) or "inputs changed"
                 first_reason, note = why, f"running again: {why}"
+        try:
+            # Where its large values go, checked before the body runs.
+            objects = buckets.configured(self.config.blob_store)
+        except StoreError as exc:
+            raise UsageProblem(f"%%stateful: StatefulMagics.blob_store: {exc}. The cell was not run.") from None
         if note:
             self.port.say(f"[stateful] {note}")
         status = _Status(self.port)
@@ -275,6 +281,7 @@ class CellRunner:
         run = Run(
             self.port, self.config, backend, key, outcome.running, outcome.claim.token, inputs,
             source=cell, options=opts.line, nature="sql-cell" if sql_cell is not None else "python-cell",
+            objects=objects, objects_min=self.config.blob_min_bytes,
         )  # fmt: skip
         if background_ok(backend):
             # A large record is written while the notebook goes on; its claim

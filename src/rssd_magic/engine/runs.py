@@ -30,6 +30,7 @@ from typing import Any, Callable, Generator
 from ..records import outputs
 from .. import sql
 from ..store.locations import redact, redact_text
+from ..store import buckets
 from ..store.base import ExecRow, Fenced, Transition
 from ..store.journal import StateBackend
 from ..output.capture import OutputRecorder, capture
@@ -79,6 +80,9 @@ class Run:
     source: str = ""
     options: str = ""
     nature: str = "python-cell"
+    #: The bucket its large blobs go to (store/buckets.py), and from what size.
+    objects: str | None = None
+    objects_min: int = buckets.DEFAULT_MIN_BYTES
     started: float = field(default_factory=time.perf_counter)
     #: The state the run ended in (None while running or when unrecorded).
     ended: str | None = None
@@ -220,6 +224,8 @@ class Run:
         rows: one signature over the whole record, bound to this cell's key,
         what a replay checks before anything of it acts (trust.py)."""
         blobs = resolve_pending(list(record.specs().values()), blobs)
+        if self.objects is not None and buckets.split(blobs, self.objects_min)[0]:
+            record.blob_store = self.objects  # signed with the rest: where its bytes are
         signatures = [row for p in record.payloads_to_sign(self.key.ingest_src) for row in self.config.signer.sign(p)]
         return blobs, signatures
 
@@ -254,6 +260,11 @@ class Run:
         """Record how the run ended: a compare-and-append.  False when it was
         not recorded (taken over, or the store refused it)."""
         try:
+            if record.blob_store is not None and blobs:
+                # Its large blobs are durable in the bucket before the record
+                # that names them is written.
+                far, blobs = buckets.split(blobs, self.objects_min)
+                buckets.bucket(record.blob_store).put_many(far)
             self.backend.finish(
                 self.running, self.token, to_state, record.dumps(), reason, blobs, signatures, self.exec_row(to_state, record)
             )

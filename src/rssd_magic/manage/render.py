@@ -165,6 +165,20 @@ def stats_text(s: dict, prog: str = "rssd-magic") -> str:
     return "\n".join(f"{k:<13}{v}" for k, v in rows)
 
 
+def gc_text(r: dict) -> str:
+    """What ``gc`` freed (or would): the store's line, then one per bucket."""
+    verb = "would free" if r["dry_run"] else "freed"
+    lines = [f"{verb} {plural(r['deleted'], 'blob')}, {fmt_bytes(r['bytes_freed'])}; "
+             f"kept {plural(r['kept'], 'blob')}, {fmt_bytes(r['kept_bytes'])}"]  # fmt: skip
+    for b in r.get("buckets", ()):
+        if b["left"] is not None:
+            lines.append(f"{b['bucket']}: left alone: {b['left']}")
+        else:
+            lines.append(f"{b['bucket']}: {verb} {plural(b['deleted'], 'object')}, {fmt_bytes(b['bytes_freed'])}; "
+                         f"kept {plural(b['kept'], 'object')}, {fmt_bytes(b['kept_bytes'])}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def verify_text(r: dict, prog: str = "rssd-magic") -> str:
     """What ``verify`` found: one line when every blob is intact, else one
     line per bad blob and the cells that name it, and what to do."""

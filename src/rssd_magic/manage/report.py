@@ -32,6 +32,7 @@ from ..records.record import RESULT_VALUE, RecordError, RunRecord, digests_in
 from ..records.serialize import spec_blobs
 from ..store.tables import CellRow
 from ..records.trust import Signer
+from . import sweep
 from .trusting import review, sign
 
 #: How many candidates an ambiguity error lists.
@@ -309,11 +310,14 @@ def stats(backend: StateBackend) -> dict:
 digests_of = digests_in
 
 
-def gc(backend: StateBackend, dry_run: bool = False) -> dict:
-    """Delete the blobs no cell's current EXECUTED record refers to.
+def gc(backend: StateBackend, dry_run: bool = False, grace_s: float = sweep.DEFAULT_GRACE_S) -> dict:
+    """Delete the blobs no cell's current EXECUTED record refers to, in the
+    store and in the buckets its records name (sweep.py: objects older than
+    *grace_s* that this store wrote).
 
     Returns ``deleted`` (count), ``bytes_freed``, ``kept`` and
-    ``kept_bytes``; with *dry_run*, nothing is deleted (and the store may be
+    ``kept_bytes`` for the store, and ``buckets`` (one entry each, see
+    sweep.sweep); with *dry_run*, nothing is deleted (and the store may be
     read-only)."""
     doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run)
     return {
@@ -322,13 +326,14 @@ def gc(backend: StateBackend, dry_run: bool = False) -> dict:
         "kept": kept,
         "kept_bytes": kept_bytes,
         "dry_run": dry_run,
+        "buckets": sweep.sweep(backend, grace_s, dry_run),
     }
 
 
 def verify(backend: StateBackend, repair: bool = False) -> dict:
     """Check the bytes of every blob the current EXECUTED records name
-    (each read back from the store and hashed: a row is never trusted for
-    being there).
+    (each read back from the store, or the bucket its record names, and
+    hashed: a row or an object is never trusted for being there).
 
     Returns ``checked`` (blobs), ``bytes`` (their stored sizes), ``records``
     (current records seen), ``bad``: ``{digest, why, cells: [{key, name}]}``
@@ -338,18 +343,21 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
     replaying without their values.  ``forgotten`` lists those cells.
     """
     users: dict[str, list[tuple[CellRow, str]]] = {}
+    where: dict[str, str | None] = {}  # the bucket a record names for the blob, if any
     records = 0
     for cell in list(tables.cells(backend, executed=True, with_results=True)):
         if not cell.latest.result_json:
             continue
         records += 1
-        for name, spec in _record(cell.latest.result_json).specs().items():
+        record = _record(cell.latest.result_json)
+        for name, spec in record.specs().items():
             for digest in spec_blobs(spec):
                 users.setdefault(digest, []).append((cell, "(result)" if name == RESULT_VALUE else name))
+                where.setdefault(digest, record.blob_store)
     sizes = backend.blobs.sizes()
     bad = []
     for digest, named_by in users.items():
-        why = backend.blobs.check(digest)
+        why = sweep.check(backend, digest, where[digest])
         if why is not None:
             cells = [{"key": _key(c), "name": name} for c, name in named_by]
             bad.append({"digest": digest, "why": why, "cells": cells, "_rows": named_by})

@@ -27,12 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..store import tables
+from ..store import buckets, tables
 from ..store.journal import StateBackend
 from ..records.digests import IntegrityError
 from ..engine.keys import URI_PREFIX
 from ..records.record import RESULT_VALUE, RecordError, RunRecord
-from ..records.serialize import spec_blobs
+from ..records.serialize import NotRestored, spec_blobs
 from ..store.tables import CellRow
 from ..records.trust import Row, Signer, payload_id
 
@@ -120,12 +120,13 @@ def _refusal(backend: StateBackend, record: RunRecord) -> dict | None:
             "why": f"names {len(weak)} blob(s) by a digest that is not collision-resistant ({weak[0].partition(':')[0][:20]}, "
             "as raw buffers were named before BLAKE3): it can't be trusted; --force runs the cell again and records it anew",
         }
+    get = buckets.reader(backend, record.blob_store)
     for name, spec in record.specs().items():
         try:
             for digest in spec_blobs(spec):
-                backend.blobs.get(digest)
-        except (KeyError, IntegrityError) as exc:
-            why = "a blob is missing" if isinstance(exc, KeyError) else str(exc)
+                get(digest)
+        except (KeyError, IntegrityError, NotRestored) as exc:
+            why = "a blob is missing" if isinstance(exc, KeyError) else str(exc).strip("()")
             return {"name": "(result)" if name == RESULT_VALUE else name, "why": why}
     return None
 

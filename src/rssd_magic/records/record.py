@@ -48,7 +48,7 @@ MAX_SIZE = 2**63 - 1
 #: The fields a record has, in the order they are written.
 FIELDS = (
     "format", "host", "duration_s", "code_hash", "inputs", "sql", "outputs", "names", "changed", "deleted",
-    "result_value", "error",
+    "result_value", "error", "blob_store",
 )  # fmt: skip
 
 
@@ -89,7 +89,8 @@ class RunRecord:
     deletes as well;
     ``result_value`` is the spec of the cell's result when it showed one;
     ``error`` is ``{ename, evalue, traceback}`` for a failed run; ``inputs``
-    the fingerprints the key was made from; ``sql`` what a SQL cell did.
+    the fingerprints the key was made from; ``sql`` what a SQL cell did;
+    ``blob_store`` the bucket its large blobs were written to.
     Fields another version of this package wrote and this one doesn't know
     are kept in ``extra`` and written back unchanged.
     """
@@ -105,6 +106,9 @@ class RunRecord:
     deleted: list[str] = field(default_factory=list)
     result_value: dict | None = None
     error: dict | None = None
+    #: The bucket (``s3://bucket/prefix``) holding the run's large blobs
+    #: (store/buckets.py); None when every blob is in the state store.
+    blob_store: str | None = None
     format: str = RESULT_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -153,6 +157,7 @@ class RunRecord:
         rec.code_hash = _typed(data, "code_hash", str, None)
         rec.inputs = _typed(data, "inputs", dict, None)
         rec.sql = _typed(data, "sql", dict, None)
+        rec.blob_store = _typed(data, "blob_store", str, None)
         rec.outputs = _typed(data, "outputs", list, [])
         rec.names = _typed(data, "names", dict, {})
         for name, spec in rec.names.items():

@@ -318,6 +318,25 @@ def referenced(t: Tx, digests_of: Callable[[str], set[str]] | None = None) -> se
     return out
 
 
+def bucket_refs(store: StateBackend) -> dict[str, set[str]]:
+    """``{bucket URL: blobs}``: every blob any EXECUTED record that names a
+    bucket (``blob_store``) ever named there, current or not.  A bucket's
+    gc sweeps only what this store wrote there (buckets.py)."""
+
+    def read(t: Tx) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for (text,) in t.all(
+            f"SELECT s.transition_result FROM {{states}} WHERE s.to_state = 'EXECUTED' AND {t.d.contains('s.transition_result')}",
+            ('"blob_store"',),
+        ):
+            where = loads_object(text).get("blob_store") if text else None
+            if isinstance(where, str):
+                out.setdefault(where, set()).update(digests_in(text))
+        return out
+
+    return store.read(read)
+
+
 def gc(
     store: StateBackend, digests_of: Callable[[str], set[str]] | None = None, dry_run: bool = False
 ) -> tuple[list[tuple[str, int]], int, int]:

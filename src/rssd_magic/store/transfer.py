@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
+from . import buckets, tables
 from .base import StoreError
 from .journal import StateBackend
 from .dialect import Tx
@@ -229,20 +230,27 @@ class _Merge:
         }
 
 
-def _blobs(source: StateBackend, target: StateBackend, digests: Iterable[str]) -> dict:
+def _blobs(source: StateBackend, target: StateBackend, digests: Iterable[str], far: dict[str, str]) -> dict:
     """Each blob the target lacks (or holds wrong), read from the source —
-    checked against its digest on the way — and written, one at a time."""
+    or from the bucket *far* says a source record names for it — checked
+    against its digest on the way, and written, one at a time: the target
+    holds the bytes itself (an exported RSSD replays with no bucket)."""
     out = {"copied": 0, "present": 0, "missing": [], "bad": []}
     for digest in sorted(digests):
         if target.blobs.check(digest) is None:
             out["present"] += 1
             continue
         try:
-            data = source.blobs.get(digest)
+            try:
+                data = source.blobs.get(digest)
+            except KeyError:
+                if digest not in far:
+                    raise
+                data = buckets.bucket(far[digest]).get(digest)
         except KeyError:
             out["missing"].append(digest)
             continue
-        except IntegrityError as exc:
+        except (IntegrityError, StoreError) as exc:
             out["bad"].append({"digest": digest, "why": str(exc)})
             continue
         target.blobs.put_many([(digest, data)])
@@ -264,7 +272,8 @@ def transfer(source: StateBackend, target: StateBackend, scope: str | None = Non
     target._writable()  # a read-only or newer target: said before anything is read
     source_digests = set(source.blobs.sizes()) if scope is None else set()
     digests = source.read(lambda t: _Source(t, scope).digests())
-    blobs = _blobs(source, target, digests | {d for d in source_digests if isinstance(d, str)})
+    far = {d: url for url, named in tables.bucket_refs(source).items() for d in named}
+    blobs = _blobs(source, target, digests | {d for d in source_digests if isinstance(d, str)}, far)
 
     def rows(t: Tx) -> dict:
         src = _Source(t, scope)
