@@ -432,6 +432,9 @@ def test_a_session_has_surveilrs_session_states(env, failed, last):
     b.flush_hits()  # its rows may wait for a write; written now
     assert session_states(env, sid) == [(INITIAL, "surveilr_orchestration_init", "kernel started")]
     assert [s for s, _ in b.open_sessions()] == [sid]
+    boot = b.open_sessions()[0][1]["boot"]
+    assert [s for s, _ in b.open_sessions(boot)] == [sid], "this machine's boot"
+    assert b.open_sessions("another-machine's-boot") == [], "picked by the store, not read and judged here"
     b.close(failed=failed)
     (init, end) = session_states(env, sid)
     assert end[:2] == ("surveilr_orchestration_init", last)

@@ -310,7 +310,10 @@ def close_orphaned_sessions(backend: Any) -> list[str]:
     other machines are left: only their own machine can tell.  (An RSSD's
     housekeeper does the same on its own connection: sqlite_sessions.py.)"""
     closed = []
-    for session_id, holder in backend.open_sessions():
+    # Only this boot's sessions can be judged here (process_verdict): the
+    # store picks them, so the sessions other machines' killed kernels left
+    # open, which pile up where they are never closed, cost no start here.
+    for session_id, holder in backend.open_sessions(ME.boot):
         if session_id == backend.session_id:
             continue
         try:

@@ -221,13 +221,14 @@ class Journal:
             return rows.signatures_of(self.query(rows.SIGNATURES + "payload_id = ?", (ids[0],)))
         return rows.signatures_of(self.query(rows.SIGNATURES + self.dialect.in_list("payload_id"), (self.dialect.listed(ids),)))
 
-    def open_sessions(self) -> list[tuple[str, dict]]:
+    def open_sessions(self, boot: str | None = None) -> list[tuple[str, dict]]:
         """``(session_id, holder)`` of our sessions not finished yet (*holder*
-        as its process recorded it): the engine judges which a killed kernel
-        left open (claims.close_orphaned_sessions)."""
+        as its process recorded it; of one *boot* of one machine, chosen by
+        the store, when given): the engine judges which a killed kernel left
+        open (claims.close_orphaned_sessions)."""
         if self.read_only is not None:
             return []  # what this process may not end, it need not judge
-        return self.read(rows.open_sessions)
+        return self.read(lambda t: rows.open_sessions(t, boot))
 
     # -- written once: writing ---------------------------------------------------------
 

@@ -209,8 +209,10 @@ def open_sessions(t: Tx, boot: str | None = None) -> list[tuple[str, dict]]:
                WHERE orchestration_nature_id = ? AND orch_finished_at IS NULL"""
     params: tuple = (NATURE_ID,)
     if boot is not None:
-        query += f" AND {t.d.json_text('elaboration', 'holder', 'boot')} = ?"
-        params += (boot,)
+        # The substring test first: it spares parsing the JSON of every
+        # session other machines left open (thousands, never closed here).
+        query += f" AND {t.d.contains('elaboration')} AND {t.d.json_text('elaboration', 'holder', 'boot')} = ?"
+        params += (boot, boot)
     out = []
     for sid, elaboration in t.all(query, params):
         holder = loads_object(elaboration).get("holder")
