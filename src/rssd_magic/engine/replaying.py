@@ -61,10 +61,13 @@ class Replayer:
         #: Good verdicts by payload id, for the keyring and generation below.
         self._signed: dict[str, Verdict] = {}
         self._keys: tuple[Any, int] | None = None
+        #: Banner displays by what they say (banner()).
+        self._banners: dict[tuple, dict] = {}
 
     def clear(self) -> None:
         self._records.clear()
         self._signed.clear()
+        self._banners.clear()
 
     def replay(
         self,
@@ -215,6 +218,17 @@ class Replayer:
         same as ``application/vnd.rssd-magic.replay+json`` for frontends —
         nothing that changes from one replay to the next, so a saved
         notebook does not churn."""
+        # Nothing in it changes from one replay to the next: made once.
+        memo = (backend.location, done.state_id, key.digest, key.scope, key.name, verdict.label, verdict.mine)
+        data = self._banners.get(memo)
+        if data is None:
+            if len(self._banners) >= MEMO_RECORDS:
+                self._banners.clear()
+            data = self._banners[memo] = self._banner_data(backend, key, done, record, verdict)
+        self.port.publish(data, {"rssd_magic": {"banner": True}})
+
+    def _banner_data(self, backend: StateBackend, key: CellKey, done: Transition, record: RunRecord,
+                     verdict: Verdict) -> dict:  # fmt: skip
         store = redact(backend.location)
         short = os.path.basename(store) if backend.scheme == "file" else store
         host = record.host if isinstance(record.host, str) else None
@@ -238,15 +252,12 @@ class Replayer:
             "signer": verdict.label,
             "signed_by_you": verdict.mine,
         }
-        self.port.publish(
-            {
-                "text/plain": f"[stateful] {text}",
-                "text/html": f'<small style="opacity:.6" title="{html.escape(store, quote=True)}">'
-                f"&#8635; stateful: {html.escape(text)}</small>",
-                REPLAY_MIME: bundle,
-            },
-            {"rssd_magic": {"banner": True}},
-        )
+        return {
+            "text/plain": f"[stateful] {text}",
+            "text/html": f'<small style="opacity:.6" title="{html.escape(store, quote=True)}">'
+            f"&#8635; stateful: {html.escape(text)}</small>",
+            REPLAY_MIME: bundle,
+        }
 
 
 #: The banner's machine-readable part, for frontend extensions.
