@@ -136,6 +136,7 @@ def test_gc_deletes_objects_no_current_record_names_after_the_grace_period(bucke
     assert f"{s3_url}: freed 0 objects" in young.stdout and set(objects(s3_url)) == {digest}, "kept: in its grace period"
     dry = k.ok("%stateful gc --dry-run --grace 0s")
     assert f"{s3_url}: would free 1 object" in dry.stdout and set(objects(s3_url)) == {digest}
+    assert f"  {digest}  " in dry.stdout, "the dry run lists what it would delete"
     done = k.ok("%stateful gc --grace 0s")
     assert f"{s3_url}: freed 1 object" in done.stdout, done.stdout
     assert objects(s3_url) == {}

@@ -176,6 +176,10 @@ def gc_text(r: dict) -> str:
         else:
             lines.append(f"{b['bucket']}: {verb} {plural(b['deleted'], 'object')}, {fmt_bytes(b['bytes_freed'])}; "
                          f"kept {plural(b['kept'], 'object')}, {fmt_bytes(b['kept_bytes'])}")  # fmt: skip
+            shown = b.get("objects") or []
+            lines += [f"  {o['digest']}  {fmt_bytes(o['size'])}" for o in shown[:20]]
+            if len(shown) > 20:
+                lines.append(f"  … and {len(shown) - 20} more (--json lists them all)")
     return "\n".join(lines)
 
 

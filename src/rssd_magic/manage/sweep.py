@@ -32,8 +32,9 @@ DEFAULT_GRACE_S = 3600.0
 def sweep(store: StateBackend, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[dict]:
     """One entry per bucket this store's records name: ``bucket``,
     ``deleted``, ``bytes_freed``, ``kept``, ``kept_bytes``, ``uploads_aborted``,
-    and ``left``: why nothing was deleted there (a shared prefix, a fault),
-    else None."""
+    ``left``: why nothing was deleted there (a shared prefix, a fault), else
+    None; and with *dry_run* ``objects``: ``{digest, size}`` of each object
+    that would be deleted."""
     named = tables.bucket_refs(store)
     if not named:
         return []
@@ -64,6 +65,8 @@ def sweep(store: StateBackend, grace_s: float = DEFAULT_GRACE_S, dry_run: bool =
         except StoreError as exc:
             entry["left"], entry["deleted"], doomed, there = str(exc), 0, {}, {}
         entry["bytes_freed"] = sum(doomed.values())  # at most: see deleted
+        if dry_run:
+            entry["objects"] = [{"digest": d, "size": size} for d, size in sorted(doomed.items())]
         entry["kept"] = len(there) - len(doomed)
         entry["kept_bytes"] = sum(size for size, _ in there.values()) - entry["bytes_freed"]
         out.append(entry)
