@@ -12,9 +12,11 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from conftest import counter
 from rssd_magic.backends.objects import S3Blobs
+from rssd_magic.cli import main
 from rssd_magic.records.digests import buffer_digest
 from rssd_magic.store import buckets
 from s3_util import free_ports, s3_env, s3_url, weed_server  # noqa: F401 - fixtures
@@ -154,6 +156,21 @@ def test_gc_keeps_what_current_records_name_and_leaves_a_shared_prefix_alone(buc
     left = k.ok("%stateful gc --grace 0s")
     assert f"{s3_url}: left alone: 1 object(s)" in left.stdout and "prefix of its own" in left.stdout, left.stdout
     assert len(objects(s3_url)) == 2, "nothing deleted in a shared prefix"
+
+
+def test_gc_sweeps_only_the_bucket_set_here_never_one_because_a_record_names_it(bucket_kernel, s3_url, tmp_path):
+    k = bucket_kernel
+    k.ok(CELL)
+    k.ok("%stateful forget --all")
+    k.magics.blob_store = None
+    unset = k.ok("%stateful gc --grace 0s")
+    assert f"{s3_url}: left alone: not swept: not the bucket large values go to here" in unset.stdout, unset.stdout
+    assert len(objects(s3_url)) == 1
+    given = CliRunner().invoke(main, ["--db", str(k.db), "gc", "--grace", "0s", "--blob-store", s3_url])
+    assert given.exit_code == 0 and f"{s3_url}: freed 1 object" in given.output, given.output
+    assert objects(s3_url) == {}
+    bad = CliRunner().invoke(main, ["--db", str(k.db), "gc", "--blob-store", "s3://x"])
+    assert bad.exit_code != 0 and "--blob-store" in bad.output and "s3://x" in bad.output and "Traceback" not in bad.output
 
 
 def test_verify_reads_the_objects_back(bucket_kernel, s3_url, s3_env):

@@ -190,25 +190,28 @@ def stats_cmd(ctx: click.Context, as_json: bool) -> None:
 @main.command("gc")
 @db_option
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@click.option("--blob-store", "blob_store", metavar="s3://BUCKET/PREFIX",
+              help="The bucket to sweep too (default: StatefulMagics.blob_store, $RSSD_MAGIC_BLOBS).")
 @click.option("--grace", "grace", default="1h", show_default=True, metavar="DURATION",
-              help="Objects in a bucket younger than this are kept (a recording may be about to name them).")
+              help="Objects in the bucket younger than this are kept (a recording may be about to name them).")
 @json_option
 @click.pass_context
-def gc_cmd(ctx: click.Context, dry_run: bool, grace: str, as_json: bool) -> None:
+def gc_cmd(ctx: click.Context, dry_run: bool, blob_store: str | None, grace: str, as_json: bool) -> None:
     """Delete blobs no cell's current EXECUTED record refers to.
 
     In the store, only rows of rssd_magic_blob are deleted; SQLite reuses
-    the freed pages (run VACUUM yourself to shrink the file).  In a bucket
-    the records name (StatefulMagics.blob_store), only objects this store
-    wrote and older than --grace are deleted.
+    the freed pages (run VACUUM yourself to shrink the file).  In the bucket
+    large values go to (--blob-store), only objects this store wrote, that
+    no current record names and older than --grace are deleted.
     """
     try:
         grace_s = parse_duration(grace)
     except ValueError as exc:
         raise CommandError(f"--grace {grace!r}: {exc}") from None
     surface = _surface(ctx)
+    bucket = surface.blob_store(blob_store)
     with surface.store(ctx, write=not dry_run) as store:
-        r = report.gc(store, dry_run=dry_run, grace_s=grace_s)
+        r = report.gc(store, dry_run=dry_run, grace_s=grace_s, bucket=bucket)
     if as_json:
         return surface.show(Reply(r, json_text), True)
     surface.say(render.gc_text(r))

@@ -28,6 +28,7 @@ import click
 
 from ..manage import render, report
 from ..backends import open_backend
+from ..store import buckets
 from ..store.base import StoreError
 from ..store.journal import StateBackend
 from ..records.canonical import plural
@@ -130,6 +131,14 @@ class Surface:
         finally:
             backend.close()
 
+    def blob_store(self, given: str | None = None) -> str | None:
+        """The bucket large values go to here: *given* (``--blob-store``),
+        else ``$RSSD_MAGIC_BLOBS``; CommandError when it is malformed."""
+        try:
+            return buckets.configured(given)
+        except StoreError as exc:
+            raise CommandError(f"--blob-store: {exc}") from None
+
     def keyring(self, secret_file: str | None = None, signers: str | None = None) -> Keyring:
         """Your keys (and the team secret from --secret-file or $RSSD_MAGIC_SECRET)."""
         secret = None
@@ -215,6 +224,11 @@ class Notebook(Surface):
             yield backend
         except (StoreError, report.ReportError) as exc:
             raise CommandError(str(exc)) from None
+
+    def blob_store(self, given: str | None = None) -> str | None:
+        """The bucket large values go to here: *given* (``--blob-store``),
+        else ``StatefulMagics.blob_store``, else ``$RSSD_MAGIC_BLOBS``."""
+        return super().blob_store(given or self.magics.blob_store)
 
     def keyring(self, secret_file: str | None = None, signers: str | None = None) -> Keyring:
         if secret_file or signers:

@@ -310,15 +310,15 @@ def stats(backend: StateBackend) -> dict:
 digests_of = digests_in
 
 
-def gc(backend: StateBackend, dry_run: bool = False, grace_s: float = sweep.DEFAULT_GRACE_S) -> dict:
+def gc(backend: StateBackend, dry_run: bool = False, grace_s: float = sweep.DEFAULT_GRACE_S,
+       bucket: str | None = None) -> dict:  # fmt: skip
     """Delete the blobs no cell's current EXECUTED record refers to, in the
-    store and in the buckets its records name (sweep.py: objects older than
-    *grace_s* that this store wrote).
+    store and in *bucket*, the one large values go to (sweep.py: objects
+    older than *grace_s* that this store wrote).
 
     Returns ``deleted`` (count), ``bytes_freed``, ``kept`` and
-    ``kept_bytes`` for the store, and ``buckets`` (one entry each, see
-    sweep.sweep); with *dry_run*, nothing is deleted (and the store may be
-    read-only)."""
+    ``kept_bytes`` for the store, and ``buckets`` (see sweep.sweep); with
+    *dry_run*, nothing is deleted (and the store may be read-only)."""
     doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run)
     return {
         "deleted": len(doomed),
@@ -326,7 +326,7 @@ def gc(backend: StateBackend, dry_run: bool = False, grace_s: float = sweep.DEFA
         "kept": kept,
         "kept_bytes": kept_bytes,
         "dry_run": dry_run,
-        "buckets": sweep.sweep(backend, grace_s, dry_run),
+        "buckets": sweep.sweep(backend, bucket, grace_s, dry_run),
     }
 
 

@@ -1,5 +1,9 @@
-"""gc of the buckets a store's records name: mark and sweep, with a grace
+"""gc of the bucket large values go to: mark and sweep, with a grace
 period, touching only what this store wrote there.
+
+Only the bucket the user set (``StatefulMagics.blob_store``,
+``$RSSD_MAGIC_BLOBS``, ``gc --blob-store``) is swept, never one because a
+record names it: whoever can write the store could name anyone's bucket.
 
 *Mark*: the blobs the current EXECUTED records name (tables.referenced).
 *Sweep*: every object of the bucket's prefix older than the grace period
@@ -29,48 +33,58 @@ from ..store.journal import StateBackend
 DEFAULT_GRACE_S = 3600.0
 
 
-def sweep(store: StateBackend, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[dict]:
-    """One entry per bucket this store's records name: ``bucket``,
-    ``deleted``, ``bytes_freed``, ``kept``, ``kept_bytes``, ``uploads_aborted``,
-    ``left``: why nothing was deleted there (a shared prefix, a fault), else
-    None; and with *dry_run* ``objects``: ``{digest, size}`` of each object
-    that would be deleted."""
+def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[dict]:
+    """gc of *bucket* — the one large values go to, as the user set it: a
+    bucket a record names is never swept for being named (whoever can write
+    the store could name anyone's).  One entry per bucket this store's
+    records name: ``bucket``, ``deleted``, ``bytes_freed``, ``kept``,
+    ``kept_bytes``, ``uploads_aborted``, ``left``: why nothing was deleted
+    there (not the bucket set here, a shared prefix, a fault), else None;
+    and with *dry_run* ``objects``: ``{digest, size}`` of each object that
+    would be deleted."""
     named = tables.bucket_refs(store)
     if not named:
         return []
+    others = sorted(set(named) - {bucket})
+    out = [dict(_entry(url), left="not swept: not the bucket large values go to here (set StatefulMagics.blob_store "
+                "or $RSSD_MAGIC_BLOBS to it, or pass --blob-store)") for url in others]  # fmt: skip
+    if bucket not in named:
+        return out
     keep = store.read(lambda t: tables.referenced(t))
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=max(0.0, grace_s))
-    out = []
-    for url, ever in sorted(named.items()):
-        entry = {"bucket": url, "deleted": 0, "bytes_freed": 0, "kept": 0, "kept_bytes": 0, "uploads_aborted": 0,
-                 "left": None}  # fmt: skip
-        try:
-            there = buckets.bucket(url).objects()
-            old = {d: size for d, (size, when) in there.items() if when < cutoff}
-            foreign = [d for d in old if d not in ever]
-            doomed = {d: size for d, size in old.items() if d not in keep and d in ever}
-            if foreign:
-                entry["left"] = (
-                    f"{len(foreign)} object(s) there, older than the grace period, were never named by this store: "
-                    "the prefix is shared with another store (or holds other files), so nothing was deleted there "
-                    "(give each store a prefix of its own)"
-                )
-                doomed = {}
-            entry["deleted"] = len(doomed)
-            if doomed and not dry_run:
-                # Fewer when a writer renewed a use mark since the listing.
-                entry["deleted"] = buckets.bucket(url).delete(doomed, unused_since=cutoff)
-            if not dry_run and entry["left"] is None:
-                entry["uploads_aborted"] = buckets.bucket(url).abort_uploads(cutoff)
-        except StoreError as exc:
-            entry["left"], entry["deleted"], doomed, there = str(exc), 0, {}, {}
-        entry["bytes_freed"] = sum(doomed.values())  # at most: see deleted
-        if dry_run:
-            entry["objects"] = [{"digest": d, "size": size} for d, size in sorted(doomed.items())]
-        entry["kept"] = len(there) - len(doomed)
-        entry["kept_bytes"] = sum(size for size, _ in there.values()) - entry["bytes_freed"]
-        out.append(entry)
+    url, ever = bucket, named[bucket]
+    entry = _entry(url)
+    try:
+        there = buckets.bucket(url).objects()
+        old = {d: size for d, (size, when) in there.items() if when < cutoff}
+        foreign = [d for d in old if d not in ever]
+        doomed = {d: size for d, size in old.items() if d not in keep and d in ever}
+        if foreign:
+            entry["left"] = (
+                f"{len(foreign)} object(s) there, older than the grace period, were never named by this store: "
+                "the prefix is shared with another store (or holds other files), so nothing was deleted there "
+                "(give each store a prefix of its own)"
+            )
+            doomed = {}
+        entry["deleted"] = len(doomed)
+        if doomed and not dry_run:
+            # Fewer when a writer renewed a use mark since the listing.
+            entry["deleted"] = buckets.bucket(url).delete(doomed, unused_since=cutoff)
+        if not dry_run and entry["left"] is None:
+            entry["uploads_aborted"] = buckets.bucket(url).abort_uploads(cutoff)
+    except StoreError as exc:
+        entry["left"], entry["deleted"], doomed, there = str(exc), 0, {}, {}
+    entry["bytes_freed"] = sum(doomed.values())  # at most: see deleted
+    if dry_run:
+        entry["objects"] = [{"digest": d, "size": size} for d, size in sorted(doomed.items())]
+    entry["kept"] = len(there) - len(doomed)
+    entry["kept_bytes"] = sum(size for size, _ in there.values()) - entry["bytes_freed"]
+    out.append(entry)
     return out
+
+
+def _entry(url: str) -> dict:
+    return {"bucket": url, "deleted": 0, "bytes_freed": 0, "kept": 0, "kept_bytes": 0, "uploads_aborted": 0, "left": None}
 
 
 def check(store: StateBackend, digest: str, where: str | None) -> str | None:
