@@ -6,7 +6,8 @@ bench_objects.py measures ``S3Blobs`` alone; this one times the cells a user
 writes, in one in-process IPython shell (``%load_ext rssd_magic``, as
 bench_large.py does), with ``StatefulMagics.blob_store = "s3://bucket/prefix"``
 on a local SeaweedFS, so the 200 MB float64 array goes to the bucket and the
-RSSD keeps the record.  Each round has a fresh RSSD and a new value (``k``):
+RSSD keeps the record.  Each round has a fresh RSSD (made by a small
+``%%stateful`` cell, untimed) and a new value (``k``):
 
 * **recording**: a plain cell ``arr_p = np.arange(N, dtype='float64') + k``,
   then ``%%stateful --quiet`` of the same code (timed until the cell returns;
@@ -21,11 +22,16 @@ RSSD keeps the record.  Each round has a fresh RSSD and a new value (``k``):
   cell fetches the object and keeps a copy there.  Beside joblib's load
   (a hit) timed right after.                               target <= 2x
 * **warm replay**: the same "new kernel" once more, keeping the folder the
-  cold replay filled, beside joblib's load again.          target <= 1.1x
+  cold replay filled (a recording keeps no copy: ``S3Blobs.put`` doesn't),
+  beside joblib's load again.                               target <= 1.1x
+  Then once more with the stores restarted and the names dropped but the
+  process's ``S3Blobs`` kept (a kernel that read the bucket before): the
+  same target, without the boto3 client's making.
 
-Every timed cell starts after ``gc.collect()`` and ``os.sync()`` (untimed)
-with the names it binds unset, so no cell pays for flushing or freeing the
-one before's.  Checks (the bench stops otherwise): each recording executed
+Every timed cell starts after ``gc.collect()``, ``os.sync()`` and 3x the
+value's bytes written and freed (untimed; see :func:`settle_os`) with the
+names it binds unset, so no cell pays for flushing, freeing or refaulting
+after the one before.  Checks (the bench stops otherwise): each recording executed
 once and replays never ran the code (the RSSD's state rows), the record names
 the bucket, the RSSD does not hold the bytes, the bucket does, joblib's first
 call missed and its loads hit, a cold replay left a copy in its empty cache,
@@ -35,10 +41,11 @@ replay restored the value.
 "Where the time goes" rows (for information) time the pieces of a replay on
 their own, in interleaved rounds after the cells: making the ``S3Blobs``
 (boto3 client), a GET of the object without a cache (parallel ranges, hashed
-as they land), XXH3-128 of the bytes alone, writing and reading a cache copy
+as they land; with the CPU seconds SeaweedFS and this process spent on it),
+XXH3-128 of the bytes alone, writing and reading a cache copy
 (``LocalCache``), and ``joblib.load`` of joblib's own file.
 
-    python bench/bench_bucket.py                  # 200 MB, 3 rounds: about 2 min
+    python bench/bench_bucket.py                  # 200 MB, 3 rounds: about 1.5 min
     python bench/bench_bucket.py --mb 50 --rounds 2 --replays 1   # smoke run
     python bench/bench_bucket.py --url s3://bucket/prefix   # your bucket (AWS settings from the environment)
 
@@ -86,6 +93,21 @@ def arange_plus(k, n):
     return np.arange(n, dtype="float64") + k
 
 
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) of the processes of group *pgid* (the
+    SeaweedFS the bench started), from /proc."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def span(xs: list[float]) -> str:
     s = summary(xs)
     return f"{s['median'] * 1e3:.0f} ms [{s['min'] * 1e3:.0f}-{s['max'] * 1e3:.0f}]"
@@ -95,9 +117,26 @@ def med(xs: list[float]) -> float:
     return summary(xs)["median"]
 
 
+#: Bytes touched before each timed step (set from --mb): see settle_os.
+PREFAULT = [0]
+
+
 def settle_os() -> None:
+    """Untimed, before every timed step: nothing left to free or flush, and
+    memory the guest handed back to the host faulted in again.  This VM's
+    balloon reports freed pages to the host (virtio_balloon
+    FREE_PAGE_REPORTING), which drops them; whoever touches them next pays
+    a host fault per page: joblib's load right after a cold replay took
+    0.5-0.9 s, mostly system time, instead of ~55 ms.  Touching (and
+    freeing) 3x the value here gives every step pages that are backed
+    (reporting waits ~2 s before handing freed pages back)."""
     gc.collect()
     os.sync()
+    if PREFAULT[0]:
+        import numpy as np
+
+        np.ones(PREFAULT[0] // 8)  # allocated, written, freed
+    gc.collect()
 
 
 class Bench:
@@ -124,6 +163,7 @@ class Bench:
         self.samples: dict[str, list[float]] = {}
         self.notes: list[str] = []
         self.digest = ""
+        self.server_pgid: int | None = None  # the local SeaweedFS's process group, for its CPU time
 
     # -- driving the shell -----------------------------------------------------------
 
@@ -178,7 +218,8 @@ class Bench:
 
     def check_value(self, name: str, k: int, what: str) -> None:
         arr = self.shell.user_ns.get(name)
-        if arr is None or arr.shape != (self.n,) or arr[0] != k or arr[-1] != self.n - 1 + k or arr[self.n // 2] != self.n // 2 + k:
+        n = self.n
+        if arr is None or arr.shape != (n,) or (arr[0], arr[n // 2], arr[-1]) != (k, n // 2 + k, n - 1 + k):
             raise RuntimeError(f"{what}: {name} was not restored (see the [stateful] note)")
 
     def states(self, db: Path, k: int) -> list[str]:
@@ -196,7 +237,8 @@ class Bench:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             (text,) = conn.execute(
-                "SELECT transition_result FROM orchestration_session_state WHERE to_state = 'EXECUTED' ORDER BY rowid DESC LIMIT 1"
+                "SELECT transition_result FROM orchestration_session_state"
+                " WHERE to_state = 'EXECUTED' ORDER BY rowid DESC LIMIT 1"
             ).fetchone()
         finally:
             conn.close()
@@ -214,6 +256,9 @@ class Bench:
         rec_cache = self.workdir / f"cache-record-{r}"
         self.new_kernel(rec_cache)
         self.magics.rssd_path = str(db)
+        # The RSSD made (schema, fsyncs) and opened by a small cell, untimed:
+        # the figure is about the large value, not a store's first cell.
+        self.run(f"%%stateful --quiet\nstore_ready = {k}")
         before = set(self.looker.sizes())
 
         # Recording: plain, ours (returns, then until durable), joblib's miss.
@@ -326,9 +371,16 @@ class Bench:
         def client() -> None:
             S3Blobs(self.url).close()
 
+        def get() -> None:
+            server0, ours0 = group_cpu(self.server_pgid) if self.server_pgid else 0.0, sum(os.times()[:2])
+            bare.get(self.digest)
+            if self.server_pgid:
+                self.add("p.get cpu server", group_cpu(self.server_pgid) - server0)
+            self.add("p.get cpu ours", sum(os.times()[:2]) - ours0)
+
         got = interleaved({
             "p.client": client,
-            "p.get": lambda: bare.get(self.digest),
+            "p.get": get,
             "p.hash": lambda: buffer_digest(memoryview(arr).cast("B")),
             "p.cache write": write,
             "p.cache read": read,
@@ -381,12 +433,14 @@ def rows_of(s: dict[str, list[float]], mb: int) -> tuple[list[tuple[str, ...]], 
             ("where the time goes (each piece alone):", "", "", "", "", ""),
             ("  S3Blobs(url): boto3 client + pool", span(s["p.client"]), "", f"{m['p.client'] / load:.2f}x load", "(info)", ""),
             ("  GET from the bucket, no cache (ranges, hashed)", span(s["p.get"]), "", f"{m['p.get'] / load:.2f}x load; {gbs(m['p.get'])}", "(info)", ""),
+            *([("  GET: CPU seconds of SeaweedFS / of this process", f"{med(s['p.get cpu server']):.2f} s / "
+                f"{med(s['p.get cpu ours']):.2f} s", "", "", "(info)", "")] if "p.get cpu server" in s else []),
             ("  XXH3-128 of the bytes alone", span(s["p.hash"]), "", f"{m['p.hash'] / load:.2f}x load", "(info)", ""),
             ("  cache write (LocalCache.write, no fsync)", span(s["p.cache write"]), "", f"{m['p.cache write'] / load:.2f}x load", "(info)", ""),
             ("  cache read (LocalCache.read, hashed)", span(s["p.cache read"]), "", f"{m['p.cache read'] / load:.2f}x load", "(info)", ""),
             ("  joblib.load of its file", "", span(s["p.joblib.load"]), "", "(info)", ""),
         ]  # fmt: skip
-    missed = [r[0] for r in rows if r[5].startswith("NO")]
+    missed = [r[0].strip() for r in rows if r[5].startswith("NO")]
     return rows, missed
 
 
@@ -399,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default=None, help="s3://bucket/prefix of your own (default: a local SeaweedFS)")
     ap.add_argument("--json", metavar="PATH", help="also save the raw samples as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--no-prefault", action="store_true", help="don't fault memory in before each timed step (see settle_os)")
     args = ap.parse_args(argv)
+    PREFAULT[0] = 0 if args.no_prefault else 3 * args.mb * 1_000_000
 
     # SIGTERM ends the run through the finally below (the server is stopped).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -422,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             url = f"s3://{server.new_bucket()}/bench"
             print(f"SeaweedFS {server.endpoint} (weed mini, data in {server.folder}); blob_store = {url}", file=OUT, flush=True)
         bench = Bench(workdir, url, args.mb, args.rounds, args.replays)
+        bench.server_pgid = server.proc.pid if server is not None else None
         for r in range(args.rounds):
             t0 = time.perf_counter()
             log(f"round {r + 1}/{args.rounds}: record {args.mb} MB, {args.replays} cold + warm replays ({loadavg()})")
