@@ -67,6 +67,8 @@ def test_large_values_go_to_the_bucket_and_a_kernel_with_nothing_set_replays_the
     digest = buffer_digest(np.arange(500_000, dtype="float64").view(np.uint8))
     assert set(objects(s3_url)) == {digest}
     assert k.rows("SELECT count(*) FROM rssd_magic_blob WHERE size >= ?", (1 << 20,)) == [(0,)], "not in the RSSD"
+    cached = list((tmp_path / "blob-cache").rglob("*"))
+    assert [p for p in cached if p.is_file() and p.stat().st_size == 4_000_000], "the recording kept a copy here"
     forget_cache(k, tmp_path, monkeypatch, "cache-2")
     k.magics.blob_store = None  # a teammate who set nothing
     ran = k.ok(CELL)
@@ -215,3 +217,17 @@ def test_on_postgresql_the_server_keeps_the_records_and_the_bucket_the_bytes(buc
     k.ok(cell)
     assert counter(tmp_path / "side.log") == 1
     assert np.array_equal(k.shell.user_ns["big"], np.arange(500_000, dtype="float64"))
+
+
+def test_a_replay_the_local_cache_answers_makes_no_s3_client(bucket_kernel, tmp_path, monkeypatch):
+    k = bucket_kernel
+    k.ok(CELL)
+    k.magics.runner.settle()
+    k.restart()
+    buckets._open.clear()
+    (port,) = free_ports(1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # the bucket is out of reach
+    k.ok(CELL)
+    assert counter(tmp_path / "side.log") == 1
+    assert np.array_equal(k.shell.user_ns["big"], np.arange(500_000, dtype="float64"))
+    assert all(b._client is None for b in buckets._open.values()), "read from this machine's cache, no client made"

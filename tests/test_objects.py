@@ -381,5 +381,5 @@ def test_settings_come_from_the_environment_not_the_users_files(s3_env, monkeypa
     assert s.put(digest, data) and bytes(s.get(digest)) == data
     monkeypatch.setenv("AWS_PROFILE", "nobody")
     with pytest.raises(StoreError) as caught:
-        S3Blobs("s3://team-blobs/rssd", cache=None)
+        S3Blobs("s3://team-blobs/rssd", cache=None).ping()  # the client is made on first use
     one_line(caught.value, "s3://team-blobs/rssd")

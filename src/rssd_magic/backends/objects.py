@@ -63,12 +63,9 @@ that look and ``DeleteObjects``, which a lock in the state store closes
 (shared while recording, exclusive while gc deletes, as in postgres_blobs).
 :meth:`S3Blobs.abort_uploads` ends the uploads killed writers left.
 
-**Why boto3**: re-measured here (2-core VM, SeaweedFS 4.48 on the same
-machine, 200 MB, medians of 4 interleaved rounds): put 1.26 s with boto3,
-1.59 s with obstore; get 0.29 s and 0.32 s.  The server is the bound, so the
-standard, well-kept client.  Ranged gets (bench/bench_objects.py): as fast as
-one stream from a server on the same two cores (0.8-1.2x), 3.4-3.9x faster
-where each connection carries 100 MB/s (a proxy standing in for a network).
+**Why boto3**, and the figures: README "Large values", bench/bench_objects.py.
+The client is made on first use: a replay the local cache answers needs no
+boto3 at all (making one takes ~70 ms).
 """
 
 from __future__ import annotations
@@ -76,6 +73,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
@@ -232,15 +230,11 @@ _DEFAULT: Any = object()
 
 
 class S3Blobs:
-    """The :class:`~rssd_magic.backends.base.BlobStore` protocol on an
-    S3-compatible bucket, plus :meth:`objects`, :meth:`abort_uploads` and
-    :meth:`ping` for gc and for opening a store.
-
-    *cache*: a :class:`LocalCache` (default: the one ``$RSSD_MAGIC_BLOB_CACHE``
-    names) or None; *client*: a boto3 S3 client (default: :func:`make_client`);
-    *max_bytes*: the largest object read when no size is expected (default:
-    this machine's memory).
-    """
+    """The :class:`~rssd_magic.store.base.BlobStore` protocol on an S3-compatible
+    bucket, plus :meth:`objects`, :meth:`abort_uploads` and :meth:`ping`.
+    *cache*: a :class:`LocalCache` (default: ``$RSSD_MAGIC_BLOB_CACHE``'s) or
+    None; *client*: a boto3 S3 client (default: :func:`make_client`, made on
+    first use); *max_bytes*: the largest object of unknown size read (RAM)."""
 
     def __init__(self, location: ObjectLocation | str, *, client: Any = None, cache: Any = _DEFAULT,
                  part: int = PART, multipart_min: int = MULTIPART_MIN, workers: int = WORKERS,
@@ -248,11 +242,7 @@ class S3Blobs:
         import psutil
 
         self.where = location if isinstance(location, ObjectLocation) else ObjectLocation.parse(location)
-        self.url, self.client = self.where.url, None
-        try:
-            self.client = client if client is not None else make_client(pool=workers + 4)
-        except Exception as exc:  # noqa: BLE001 - a profile that isn't there, a bad setting: one line
-            raise self._fail(exc) from None
+        self.url, self._client, self._making = self.where.url, client, threading.Lock()
         self.cache = _default_cache() if cache is _DEFAULT else cache
         self.part, self.multipart_min, self.workers = part, multipart_min, workers
         self.max_bytes = psutil.virtual_memory().total if max_bytes is None else max_bytes
@@ -262,13 +252,23 @@ class S3Blobs:
 
     # -- plumbing ---------------------------------------------------------------
 
+    @property
+    def client(self) -> Any:
+        with self._making:
+            if self._client is None:
+                try:
+                    self._client = make_client(pool=self.workers + 4)
+                except Exception as exc:  # noqa: BLE001 - a profile that isn't there, a bad setting: one line
+                    raise self._fail(exc) from None
+            return self._client
+
     def _fail(self, exc: BaseException, what: str = "") -> StoreError:
         """One line for an error of botocore's: never its message, which may
         quote a URL (and servers word theirs as they like)."""
         import botocore.exceptions as be
 
         code, status = _code(exc)
-        at = _endpoint(self.client)
+        at = _endpoint(self._client)
         if isinstance(exc, (be.NoCredentialsError, be.PartialCredentialsError)):
             why = "no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
         elif isinstance(exc, (be.ConnectTimeoutError, be.ReadTimeoutError)):

@@ -264,7 +264,7 @@ class Run:
                 # Its large blobs are durable in the bucket before the record
                 # that names them is written.
                 far, blobs = buckets.split(blobs, self.objects_min)
-                buckets.bucket(record.blob_store).put_many(far)
+                buckets.put(record.blob_store, far)
             self.backend.finish(
                 self.running, self.token, to_state, record.dumps(), reason, blobs, signatures, self.exec_row(to_state, record)
             )

@@ -57,6 +57,17 @@ def bucket(url: str) -> Any:
         return found
 
 
+def put(url: str, blobs: list[Blob]) -> None:
+    """Make *blobs* durable in the bucket *url* (StoreError: one line naming
+    it), and keep a copy in this machine's cache: this kernel's and the next
+    one's replays of the record read them from disk, not from the bucket."""
+    store = bucket(url)
+    store.put_many(blobs)
+    if store.cache is not None:
+        for digest, data in blobs:
+            store.cache.write(digest, data)  # best effort: the bucket has them
+
+
 def nbytes(data: Any) -> int:
     try:
         return memoryview(data).nbytes
