@@ -69,7 +69,7 @@ class SqliteBackend(Journal):
         self.busy_timeout_s = db.busy_timeout_s
         self.host = socket.gethostname()
         self.session_id: str | None = None
-        self.blobs = SqliteBlobs(db.using, db.write)
+        self.blobs = SqliteBlobs(self)
         self._hits_poked = 0.0
 
     @property

@@ -33,20 +33,19 @@ from __future__ import annotations
 
 import mmap
 import sqlite3
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
 from ..records.trust import IntegrityError, Verifier
 from ..store.base import Blob
+from ..store.blobs import ALTERED, Blobs, Filling
+from ..store.blobs import buffer as _buffer, bytes_view as _bytes_view  # noqa: F401 - _buffer: recorder, objects
+from ..store.dialect import Tx
+from .sqlite_schema import SQL
 
 #: Blobs are read back in slices of this size, into one preallocated buffer:
 #: large enough to amortise the call, small enough to stay in L2.
 READ_CHUNK = 256 << 10
-#: Bytes read are handed to the digest check in slices of this size: few
-#: enough hand-offs to its thread, small enough to keep both cores busy.
-HASH_SPAN = 8 << 20
-#: Blobs from this size up are read into huge-page mappings (see get).
-HUGE_BUFFER = 4 << 20
 #: Bytes per chunk row of a large blob, and per staging transaction (so the
 #: page cache that holds one while it is written stays small).  Rows are
 #: kept well under SQLite's length limit (see chunk_size).
@@ -75,30 +74,20 @@ def chunk_size(conn: sqlite3.Connection) -> int:
     return max(1, min(CHUNK, limit - ROW_OVERHEAD if limit > 2 * ROW_OVERHEAD else limit // 2))
 
 
-class SqliteBlobs:
+class SqliteBlobs(Blobs):
     """``rssd_magic_blob`` (+ ``rssd_magic_blob_chunk``): content-addressed
     bytes in the RSSD."""
 
-    def __init__(
-        self,
-        using: Callable[[], AbstractContextManager[sqlite3.Connection]],
-        write: Callable[[], AbstractContextManager[sqlite3.Connection]],
-    ):
-        self._using = using  # the backend's connection, held for one operation
-        self._write = write  # its BEGIN IMMEDIATE … COMMIT
+    def __init__(self, store: Any):
+        super().__init__(store)
+        self._using = store.db.using  # the backend's connection, held for one operation
+        self._write = store.db.write  # its BEGIN IMMEDIATE … COMMIT
 
     # -- reading -----------------------------------------------------------------
 
     def get(self, digest: str) -> bytearray | mmap.mmap:
-        """Read a blob into one writable buffer, checking its digest on the way.
-
-        Measured on a 200 MB array (bench/profile_replay.py): zero-filling a
-        ``bytearray`` cost more than joblib's whole load, so large blobs go
-        into a private anonymous mapping with huge pages (zeroed by the
-        kernel, faulted in 2 MiB at a time, what numpy's allocator does), and
-        are read in slices small enough to stay in cache.  numpy arrays built
-        on either buffer are writable.
-        """
+        """Read a blob into one writable buffer (store/blobs.py), checking its
+        digest on the way, in slices small enough to stay in cache."""
         with self._using() as conn:
             return self._get(conn, digest)
 
@@ -176,7 +165,7 @@ class SqliteBlobs:
                     continue  # the same bytes are stored already: no write lock needed
                 if found is False:
                     with self._write() as c:
-                        delete(c, [digest])
+                        self.drop(Tx(c, SQL), [digest])
                 # The last chunk goes with the blob row (_store checks that
                 # all the others are there); a small blob is one row.
                 for offset in range(0, view.nbytes - size, size):
@@ -211,7 +200,7 @@ class SqliteBlobs:
                 if _store(c, digest, view, size) is False:
                     found = intact(c, digest)
                     if not found:
-                        delete(c, [digest])
+                        self.drop(Tx(c, SQL), [digest])
                         _store(c, digest, view, size)
 
         if conn is not None:
@@ -223,44 +212,24 @@ class SqliteBlobs:
     def check(self, digest: str) -> str | None:
         with self._using() as conn:
             found = intact(conn, digest)
-        return None if found else "missing" if found is None else "its stored bytes do not match its digest"
+        return None if found else "missing" if found is None else ALTERED
 
-    def sizes(self) -> dict[str, int]:
-        with self._using() as conn:
-            return dict(conn.execute(f"SELECT digest, size FROM {BLOB}").fetchall())
+    # -- for gc, in its transaction (tables.gc); gc's write transaction holds
+    # the file's write lock, so there is nothing for exclusive() to take --------
 
-    def delete(self, digests: Iterable[str]) -> int:
-        with self._write() as c:
-            return delete(c, digests)
-
-    # -- for gc, in its transaction (tables.gc) ----------------------------------
-
-    def exclusive(self, t: Any) -> None:
-        """Nothing to take: gc's write transaction holds the file's write lock."""
-
-    def listing(self, t: Any) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        """``(digest, size)`` of every blob, and of what writes cut short left:
-        chunks without a blob row (a crash, Ctrl-C, a run taken over), one
+    def partial(self, t: Tx) -> list[tuple[str, int]]:
+        """Chunks without a blob row (a crash, Ctrl-C, a run taken over), one
         per digest with the bytes they hold."""
-        partial = t.all(
+        return t.all(
             f"""SELECT k.digest, total(length(k.data)) FROM {CHUNKS} AS k
                 WHERE NOT EXISTS (SELECT 1 FROM {BLOB} AS b WHERE b.digest = k.digest) GROUP BY k.digest"""
         )
-        return t.all(f"SELECT digest, size FROM {BLOB}"), partial
 
-    def drop(self, t: Any, digests: list[str]) -> None:
-        delete(t.conn, digests)
-
-
-def delete(c: sqlite3.Connection, digests: Iterable[str]) -> int:
-    """Delete blobs and their chunks in transaction *c*; how many blob rows
-    existed."""
-    rows = [(d,) for d in digests]
-    before = c.total_changes
-    c.executemany(f"DELETE FROM {BLOB} WHERE digest = ?", rows)
-    deleted = c.total_changes - before
-    c.executemany(f"DELETE FROM {CHUNKS} WHERE digest = ?", rows)
-    return deleted
+    def drop(self, t: Tx, digests: list[str]) -> int:
+        """Blobs and their chunks; how many blob rows existed."""
+        deleted = super().drop(t, digests)
+        t.run("DELETE FROM {rssd_magic_blob_chunk} WHERE " + t.d.in_list("digest"), (t.d.listed(digests),))
+        return deleted
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:
@@ -271,11 +240,6 @@ def checkpoint(conn: sqlite3.Connection) -> None:
 
 
 # -- the pieces ------------------------------------------------------------------
-
-
-def _bytes_view(data) -> memoryview:
-    view = memoryview(data)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _exists(c: sqlite3.Connection, digest: str) -> bool:
@@ -412,30 +376,15 @@ def _settings(conn: sqlite3.Connection, **pragmas: int) -> Iterator[None]:
 def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[str, int, int]]):
     """The bytes of ``(table, rowid, length)`` pieces, in order, as one
     buffer; IntegrityError unless they have *digest*."""
-    out = _buffer(size)
-    view = memoryview(out)
-    verifier = Verifier(digest)
     unmap = _unmapper(conn) if size > UNMAP_ABOVE and len(pieces) > 1 else None
-    at = hashed = 0
-    try:
+    with Filling(digest, size) as out:
         for table, rowid, length in pieces:
             with conn.blobopen(table, "data", rowid, readonly=True) as blob:
                 for _ in range(0, length, READ_CHUNK):
-                    chunk = blob.read(READ_CHUNK)
-                    view[at : at + len(chunk)] = chunk
-                    at += len(chunk)
-                    if at - hashed >= HASH_SPAN:
-                        # What landed is checked in large slices, on a second
-                        # core while the next ones are read (trust.Verifier).
-                        verifier.update(view[hashed:at])
-                        hashed = at
+                    out.add(blob.read(READ_CHUNK))
             if unmap is not None:
                 unmap()
-        verifier.update(view[hashed:at])
-    finally:
-        view.release()
-    verifier.check()
-    return out
+        return out.done()
 
 
 def _unmapper(conn: sqlite3.Connection) -> Callable[[], None] | None:
@@ -453,13 +402,3 @@ def _unmapper(conn: sqlite3.Connection) -> Callable[[], None] | None:
         conn.execute(f"PRAGMA mmap_size = {limit}").fetchall()
 
     return unmap
-
-
-def _buffer(size: int) -> bytearray | mmap.mmap:
-    """A writable, zero-initialised buffer of *size* bytes."""
-    if size >= HUGE_BUFFER and hasattr(mmap, "MAP_PRIVATE"):
-        out = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            out.madvise(mmap.MADV_HUGEPAGE)
-        return out
-    return bytearray(size)
