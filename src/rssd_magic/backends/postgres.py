@@ -46,9 +46,7 @@ Design rules, on top of those every backend keeps (store/base.py):
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -63,13 +61,13 @@ from ..store import rows
 from ..store.base import Blob, ClaimOutcome, Holder, StoreError, Transition
 from ..store.dialect import Tx
 from ..store.journal import Journal
+from ..store.pending import Pending, pending_written
 from .postgres_blobs import PgBlobs
 from .postgres_conn import Sql, Unreachable, cause, connect, lost, target, transient
 from .postgres_live import Listener, PgRenewer, channel
 from .postgres_schema import PgDialect, ensure_schema
 
 BUSY_TIMEOUT_S = 30.0
-HIT_FLUSH_S = 5.0
 #: First pause before reconnecting a lost connection (doubled up to 2 s).
 RECONNECT_PAUSE_S = 0.1
 MAX_PAUSE_S = 2.0
@@ -117,8 +115,8 @@ class PostgresBackend(Journal):
         self.host = socket.gethostname()
         self.session_id: str | None = None
         self.blobs = PgBlobs(self)
-        self._pending_hits: dict[str, int] = {}
-        self._hits_flushed = time.monotonic()
+        self.pending = Pending()  # replay counts (a session is written when it starts)
+        self._hits_due_at = time.monotonic()
         self._user_sql: psycopg.Connection | None = None
         self._listener = None if pooled else Listener(url)
         self._awaited: str | None = None
@@ -280,9 +278,6 @@ class PostgresBackend(Journal):
         self.session_id = session["id"]
         return self.session_id
 
-    def _session(self) -> str:
-        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
-
     def writer(self) -> "PostgresBackend":
         other = PostgresBackend.open(self.url, busy_timeout_s=self.busy_timeout_s)
         other.session_id = self.session_id
@@ -332,29 +327,20 @@ class PostgresBackend(Journal):
         found = self._fetch(self._latest, (key.ingest_src,), pinned=self._latest_pinned, rendered=True)
         return Transition(*found[0]) if found else None
 
-    def note_hit(self, state_id: str) -> None:
-        # Counted in memory, written with the next claim, at close, or
-        # when HIT_FLUSH_S have passed: a replay pays for no write.  A
-        # read-only store counts nothing.
-        if self.read_only is not None:
-            return
-        self._pending_hits[state_id] = self._pending_hits.get(state_id, 0) + 1
-        now = time.monotonic()
-        if now - self._hits_flushed > HIT_FLUSH_S:
-            self._hits_flushed = now
-            try:
-                self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)), patient=False)  # a replay never waits for this
-            except StoreError:
-                pass  # unreachable now: keep counting, try again later
+    def _hits_due(self) -> None:
+        # Also written with the next claim, and at close.
+        try:
+            self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)), patient=False)  # a replay never waits for this
+        except StoreError:
+            pass  # unreachable now: keep counting, try again later
 
     def flush_hits(self, patience_s: float | None = None) -> None:
-        if self._pending_hits and self.read_only is None:
+        if self.pending and self.read_only is None:
             self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)))
 
     def _flush_hits(self, t: Tx) -> None:
-        if self._pending_hits:
-            rows.add_hits(t, self._pending_hits)
-            self._pending_hits.clear()
+        with pending_written(t, self.pending):
+            pass  # in the caller's transaction
 
     # -- claims (journal.py's hooks) ------------------------------------------------------
 

@@ -49,6 +49,7 @@ import psycopg
 from psycopg import sql
 
 from ..store.dialect import Dialect
+from ..store.schema import columns_differ, newer, statements
 from .sqlite_schema import SURVEILR_DDL as RSSD_DDL
 from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 
@@ -356,24 +357,6 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def statements(script: str) -> list[str]:
-    """A DDL script as single statements: split where a line ends with
-    ``;``; comment lines dropped.  Split before names are filled in, so a
-    name can't split a statement."""
-    out, pending = [], []
-    for line in script.splitlines():
-        if line.strip().startswith("--"):
-            continue
-        pending.append(line)
-        if line.rstrip().endswith(";"):
-            text = "\n".join(pending).strip().rstrip(";")
-            if text:
-                out.append(text)
-            pending = []
-    tail = "\n".join(pending).strip().rstrip(";")
-    return out + ([tail] if tail else [])
-
-
 def stand_in(table: str) -> str:
     """An empty subquery with *table*'s columns: what a read-only store
     reads where one of our tables is missing (a temporary table would be
@@ -453,12 +436,7 @@ class Layout:
     @property
     def read_only(self) -> str | None:
         """Why this version must not write here (None: it may)."""
-        if not self.newer:
-            return None
-        return (
-            f"its rssd_magic tables are of schema version {self.version}, made by a newer rssd_magic "
-            f"(this one knows version {SCHEMA_VERSION}): records replay, nothing is written; upgrade rssd_magic"
-        )
+        return newer(self.version, SCHEMA_VERSION)
 
     def problems(self) -> list[str]:
         """Every reason the schema can't be used: names taken by what is not
@@ -468,9 +446,7 @@ class Layout:
         for table, actual in self.columns.items():
             expected = EXPECTED_COLUMNS[table]
             if actual != expected and not (self.newer and set(expected) <= set(actual)):
-                want = ", ".join(f"{n} {t}" for n, t in expected)
-                got = ", ".join(f"{n} {t}" for n, t in actual)
-                out.append(f"table {self.schema}.{table} has columns ({got}); expected ({want})")
+                out.append(columns_differ(f"{self.schema}.{table}", actual, expected))
         return out
 
     def complete(self) -> bool:

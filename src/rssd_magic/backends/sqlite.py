@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -50,7 +49,7 @@ from .sqlite_blobs import SqliteBlobs, checkpoint
 from .sqlite_conn import RssdConnection, operation, what
 from .sqlite_file import network_filesystem
 from .sqlite_schema import SQL
-from .sqlite_sessions import HIT_FLUSH_S, SqliteRenewer
+from .sqlite_sessions import SqliteRenewer
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -70,7 +69,7 @@ class SqliteBackend(Journal):
         self.host = socket.gethostname()
         self.session_id: str | None = None
         self.blobs = SqliteBlobs(self)
-        self._hits_poked = 0.0
+        self.pending = db.pending
 
     @property
     def conn(self) -> sqlite3.Connection | None:
@@ -195,17 +194,9 @@ class SqliteBackend(Journal):
         row = self.db.conn.execute(self._LATEST, (key.ingest_src,)).fetchone()
         return Transition(*row) if row else None
 
-    def note_hit(self, state_id: str) -> None:
-        # Counted in memory; the housekeeper writes the counts when the
-        # lock is free, at most every HIT_FLUSH_S: a replay writes nothing.
-        db = self.db
-        if db.keeper is None:
-            return  # read-only: nothing is recorded (said once at open)
-        db.pending.hit(state_id)
-        now = time.monotonic()
-        if now - self._hits_poked > HIT_FLUSH_S:
-            self._hits_poked = now
-            db.keeper.poke()
+    def _hits_due(self) -> None:
+        if self.db.keeper is not None:
+            self.db.keeper.poke()  # it writes the counts when the lock is free
 
     def flush_hits(self, patience_s: float | None = None) -> None:
         """Write what waits (hit counts, the session's rows) now, waiting up
@@ -223,9 +214,6 @@ class SqliteBackend(Journal):
             self.session_id = new_ulid()
             self.db.start_session(self.session_id, self.host, args)
         return self.session_id
-
-    def _session(self) -> str:
-        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
 
     # -- claims (journal.py's hooks) ---------------------------------------------------
 

@@ -28,7 +28,10 @@ from ..store.base import StoreError
 from .sqlite_file import Identity, check_path, connect, identity, lock_holder
 from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
 from ..store.rows import stamped_session
-from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper, Pending, pending_written
+from ..store.dialect import Tx
+from ..store.pending import Pending, pending_written
+from .sqlite_schema import SQL
+from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper
 
 #: SQLite reads pages through a file mapping this large (no pread per page,
 #: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
@@ -90,7 +93,7 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
 
 class RssdConnection:
     """This kernel's connection to one RSSD file, and what waits to be
-    written to it (:class:`~rssd_magic.backends.sqlite_sessions.Pending`,
+    written to it (:class:`~rssd_magic.store.pending.Pending`,
     written by the :class:`Housekeeper` or with the next write)."""
 
     def __init__(self, path: Path, busy_timeout_s: float, notify: Callable[[str], None], *,
@@ -376,7 +379,7 @@ class RssdConnection:
             try:
                 self.begin(conn, patience_s)
                 try:
-                    with pending_written(conn, self.pending):
+                    with pending_written(Tx(conn, SQL), self.pending):
                         yield conn
                         conn.execute("COMMIT")
                 except BaseException:

@@ -16,6 +16,9 @@ base.py's; ``tests/test_backend_contract.py`` holds each store to them.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 from ..records.ids import new_ulid
@@ -36,6 +39,7 @@ from .base import (
     judge_claim,
 )  # fmt: skip
 from .dialect import Dialect, Tx
+from .pending import HIT_FLUSH_S, Pending
 
 
 class Journal:
@@ -64,11 +68,14 @@ class Journal:
     #: A read-only store replays; every write raises StoreError at once.
     read_only: str | None = None
     blobs: BlobStore
+    #: Rows waiting for a write (pending.py): replay counts at least.
+    pending: Pending
     #: The store's SQL (dialect.py).
     dialect: Dialect
 
     def __init__(self) -> None:
         self._srcs: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
+        self._hits_due_at = 0.0
 
     # -- what each store implements for the engine ---------------------------------
 
@@ -78,8 +85,16 @@ class Journal:
         raise NotImplementedError
 
     def note_hit(self, state_id: str) -> None:
-        """Count a replay; buffered (a replay writes nothing)."""
-        raise NotImplementedError
+        """Count a replay; buffered (a replay writes nothing) and handed to
+        the store to write (:meth:`_hits_due`) at most every HIT_FLUSH_S.
+        A read-only store counts nothing."""
+        if self.read_only is not None:
+            return
+        self.pending.hit(state_id)
+        now = time.monotonic()
+        if now - self._hits_due_at > HIT_FLUSH_S:
+            self._hits_due_at = now
+            self._hits_due()
 
     def flush_hits(self, patience_s: float | None = None) -> None:
         """Write buffered hit counts, and whatever else waits for a write
@@ -152,7 +167,12 @@ class Journal:
         """StoreError at once when this store must not be written."""
 
     def _session(self) -> str:
-        raise NotImplementedError
+        """This process's session, started now if it was not."""
+        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
+
+    def _hits_due(self) -> None:
+        """Replay counts have waited long enough: have them written, never
+        waiting for a lock or a server to do so."""
 
     def _append(self, t: Tx, entry_id: str | None, from_state: str, to_state: str, result_json: str | None,
                 reason: str, elaboration: dict | None, state_id: str | None = None) -> Transition:  # fmt: skip
