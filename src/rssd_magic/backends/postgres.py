@@ -58,7 +58,7 @@ from ..records.ids import new_ulid
 from ..engine.keys import CellKey
 from ..store.locations import redact
 from ..store import rows
-from ..store.base import Blob, ClaimOutcome, Holder, StoreError, Transition
+from ..store.base import ClaimOutcome, Holder, StoreError, Transition
 from ..store.dialect import Tx
 from ..store.journal import Journal
 from ..store.pending import Pending, pending_written
@@ -93,6 +93,7 @@ class PostgresBackend(Journal):
     """A schema on a PostgreSQL server.  Use :meth:`open`; one per kernel and URL."""
 
     scheme = "postgresql"
+    kind = "PostgreSQL"
 
     def __init__(self, url: str, conn: psycopg.Connection, q: Sql, busy_timeout_s: float,
                  read_only: str | None, pooled: bool, latest_call: bool = False):  # fmt: skip
@@ -170,10 +171,6 @@ class PostgresBackend(Journal):
         except BaseException:
             conn.close()
             raise
-
-    def _writable(self) -> None:
-        if self.read_only is not None:
-            raise StoreError(f"PostgreSQL {self.location}: {self.read_only}")
 
     # -- connections and transactions -----------------------------------------------
 
@@ -383,16 +380,12 @@ class PostgresBackend(Journal):
         )  # fmt: skip
         return Transition(state_id, entry_id, self.session_id, from_state, to_state, result_json, reason, at, int(seq))
 
-    def _put_blobs(self, t: Tx, blobs: list[Blob], staged: Any) -> None:
-        for digest, data in blobs:  # each proven right (or rewritten) before the record names it
-            self.blobs.put(t.conn, digest, data)
-
     def _claimed(self, outcome: ClaimOutcome, key: CellKey) -> None:
         if outcome.kind == "held":
             self._awaited = channel(self.schema, key.ingest_src)
 
     def renewer(self) -> PgRenewer:
-        return PgRenewer(self.url, self.location, self.q)
+        return PgRenewer(self.url, self.location, self.q, self.dialect)
 
     # -- the user's SQL on the server itself ---------------------------------------------
 

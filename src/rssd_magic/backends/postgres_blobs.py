@@ -45,7 +45,7 @@ from ..records.trust import IntegrityError, Verifier
 from ..store.base import Blob, StoreError
 from ..store.blobcache import LocalCache
 from ..store.blobs import ALTERED, Blobs, Filling, bytes_view
-from .postgres_conn import Sql, cause
+from .postgres_conn import Sql
 
 #: Bytes per chunk row: large enough that per-row costs vanish, small
 #: enough to keep the server's and the driver's buffers small.
@@ -101,13 +101,6 @@ class PgBlobs(Blobs):
     def q(self) -> Sql:
         return self.store.q
 
-    def get(self, digest: str) -> Any:
-        """Read a blob into one writable buffer, checking its digest on the way."""
-        try:
-            return self._get(digest)
-        except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
-
     def _head(self, digest: str) -> tuple[int, int, Any, str | None]:
         """``(size, chunks, a small blob's bytes, what does not add up)`` of
         a stored blob (KeyError when none is): the chunks must add up to
@@ -119,7 +112,9 @@ class PgBlobs(Blobs):
         wrong = int(stored) != chunks or int(stored_bytes) != size
         return size, chunks, inline, f"{int(stored_bytes)} bytes in {int(stored)} chunks stored" if wrong else None
 
-    def _get(self, digest: str) -> Any:
+    def get(self, digest: str) -> Any:
+        """Read a blob into one writable buffer, checking its digest on the way
+        (driver errors are StoreError already: the store's reads say so)."""
         size, chunks, inline, wrong = self._head(digest)
         cached = size >= CACHE_MIN and self.cache is not None
         if cached:
@@ -157,8 +152,6 @@ class PgBlobs(Blobs):
             self.store._attempts(lambda conn: self._stream_into(conn, digest, size, chunks))
         except KeyError:
             return "missing"
-        except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL {self.where}: {cause(exc)}") from None
         except IntegrityError:
             return ALTERED
         return None
@@ -176,10 +169,11 @@ class PgBlobs(Blobs):
             ):
                 yield chunk
 
-    def put_many(self, blobs: Iterable[Blob], conn: psycopg.Connection | None = None) -> None:
+    def put_many(self, blobs: Iterable[Blob], conn: psycopg.Connection | None = None, checked: Any = ()) -> None:
         """Store blobs (a digest already stored is checked, and rewritten
-        unless it holds these bytes).  Inside the caller's transaction when
-        *conn* is given, else one transaction each."""
+        unless it holds these bytes, *checked* or not: nothing is staged
+        here).  Inside the caller's transaction when *conn* is given, else
+        one transaction each."""
         if conn is not None:
             for digest, data in blobs:
                 self.put(conn, digest, data)

@@ -23,7 +23,9 @@ import time
 import psycopg
 from psycopg import sql
 
+from ..store import rows
 from ..store.base import StoreError
+from ..store.dialect import Dialect, Tx
 from .postgres_conn import Sql, cause, connect, lost, transient
 
 #: Seconds between two attempts of a listener to reconnect.
@@ -83,14 +85,11 @@ class Listener:
 
 class PgRenewer:
     """Heartbeats: each beat one transaction that bumps ``beat`` and stamps
-    ``heartbeat_at`` with the server's clock, for every claim still held
-    with its token."""
+    ``heartbeat_at`` with the server's clock (rows.beat), for every claim
+    still held with its token."""
 
-    BEAT = """UPDATE {rssd_magic_claim} SET beat = beat + 1, heartbeat_at = clock_timestamp()
-              WHERE state_id = %s AND token = %s"""
-
-    def __init__(self, url: str, location: str, q: Sql):
-        self.url, self.location, self.q = url, location, q
+    def __init__(self, url: str, location: str, q: Sql, dialect: Dialect):
+        self.url, self.location, self.q, self.dialect = url, location, q, dialect
         self.conn: psycopg.Connection | None = None
 
     def renew(self, held: dict[str, int]) -> set[str]:
@@ -101,12 +100,8 @@ class PgRenewer:
             try:
                 if lost(self.conn):
                     self.conn = connect(self.url, purpose="heartbeat")
-                gone = set()
                 with self.q.tx(self.conn):
-                    for state_id, token in held.items():
-                        if self.conn.execute(self.q(self.BEAT), (state_id, token)).rowcount == 0:
-                            gone.add(state_id)
-                return gone
+                    return rows.beat(Tx(self.conn, self.dialect), held)
             except psycopg.Error as exc:
                 if not (again and transient(exc, self.conn)):
                     raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None

@@ -288,7 +288,8 @@ class PgDialect(Dialect):
                    "ON s.orchestration_session_state_id = q.state_id)")  # fmt: skip
         super().__init__(q.names, {"states": states, "seq": "q.seq", "entry": "q.entry_id", "C": ' COLLATE "C"',
                                    "now": NOW, "silent": "extract(epoch FROM clock_timestamp() - heartbeat_at)::float8",
-                                   "cross": "JOIN"})  # fmt: skip
+                                   "cross": "JOIN",
+                                   "beat": "beat = beat + 1, heartbeat_at = clock_timestamp()"})  # fmt: skip
 
     def _render(self, template: str) -> str:
         # Placeholders first: our names may hold "?" or "%" (doubled by quote()).

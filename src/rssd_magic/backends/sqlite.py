@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -58,6 +57,7 @@ class SqliteBackend(Journal):
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 
     scheme = "file"
+    kind = "RSSD"  # SQLite can't tell another process's commit: waiters poll
     dialect = SQL
 
     def __init__(self, db: RssdConnection):
@@ -145,14 +145,7 @@ class SqliteBackend(Journal):
         other.session_id = self.session_id  # its rows name ours, written before it exists
         return other
 
-    def wait_for_change(self, timeout: float) -> None:
-        time.sleep(timeout)  # SQLite can't tell another process's commit: poll
-
     # -- transactions (journal.py's hooks) ---------------------------------------------
-
-    def _writable(self) -> None:
-        if self.read_only is not None:
-            raise StoreError(f"RSSD {self.path}: {self.read_only}; nothing can be recorded in it")
 
     def read(self, fn: Callable[[Tx], Any]) -> Any:
         try:
@@ -267,11 +260,6 @@ class SqliteBackend(Journal):
             return self.blobs.stage(large) or set()
         except sqlite3.Error as exc:
             raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
-
-    def _put_blobs(self, t: Tx, blobs: list[Blob], staged: set[str] | None) -> None:
-        # Every blob again: a gc may have freed a staged one, and one found
-        # stored must hold the right bytes.
-        self.blobs.put_many(blobs, t.conn, staged or set())
 
     def _finished(self, staged: set[str] | None) -> None:
         if staged is not None:

@@ -93,21 +93,13 @@ class SqliteBlobs(Blobs):
 
     @staticmethod
     def _get(conn: sqlite3.Connection, digest: str) -> bytearray | mmap.mmap:
-        row = conn.execute(f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?", (digest,)).fetchone()
-        if row is None:
-            raise KeyError(digest)
-        rowid, size, stored = row
-        if stored or not size:
-            _check_length(digest, size, stored)  # before allocating what the row claims
-            return _read(conn, digest, size, [(BLOB, rowid, size)])  # one row: one read
-        # A chunked blob: its rows are read in one snapshot, so a gc
-        # committing meanwhile can't pull a chunk from under the read.
+        # Its rows are read in one snapshot, so a gc committing meanwhile
+        # can't pull a chunk from under the read.
         own = not conn.in_transaction
         if own:
             conn.execute("BEGIN")
         try:
-            size, pieces = _pieces(conn, digest)
-            return _read(conn, digest, size, pieces)
+            return _read(conn, digest, *_pieces(conn, digest))  # sizes checked before allocating
         finally:
             if own and conn.in_transaction:
                 conn.execute("COMMIT")

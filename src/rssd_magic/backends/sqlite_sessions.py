@@ -166,15 +166,9 @@ class SqliteRenewer:
     def renew(self, held: dict[str, int]) -> set[str]:
         if self.expected is None or identity(self.path) != self.expected:
             return set(held)
-        lost = set()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            for state_id, token in held.items():
-                cur = self.conn.execute(
-                    "UPDATE rssd_magic_claim SET beat = beat + 1 WHERE state_id = ? AND token = ?", (state_id, token)
-                )
-                if cur.rowcount == 0:
-                    lost.add(state_id)
+            lost = rows.beat(Tx(self.conn, SQL), held)
             self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:

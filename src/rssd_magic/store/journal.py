@@ -35,6 +35,7 @@ from .base import (
     Fenced,
     Holder,
     Renewer,
+    StoreError,
     Transition,
     judge_claim,
 )  # fmt: skip
@@ -57,6 +58,8 @@ class Journal:
 
     #: ``file`` or the URL scheme the store serves (``postgresql``).
     scheme = "?"
+    #: What messages call it, before its location (``RSSD``, ``PostgreSQL``).
+    kind = "?"
     #: What messages name: the file path, or the URL without its password.
     location = ""
     #: This host's name (for records and messages only).
@@ -130,8 +133,9 @@ class Journal:
 
     def wait_for_change(self, timeout: float) -> None:
         """Sleep until another process may have ended a run (a store that can
-        be told, PostgreSQL's LISTEN/NOTIFY, wakes at once), or *timeout*."""
-        raise NotImplementedError
+        be told, PostgreSQL's LISTEN/NOTIFY, wakes at once), or *timeout*.
+        A store that can't be told only sleeps: the caller polls."""
+        time.sleep(timeout)
 
     def sql_connection(self) -> Any:
         """A DB-API connection of its own for the user's SQL cells, so nothing
@@ -165,6 +169,8 @@ class Journal:
 
     def _writable(self) -> None:
         """StoreError at once when this store must not be written."""
+        if self.read_only is not None:
+            raise StoreError(f"{self.kind} {self.location}: {self.read_only}; nothing can be recorded in it")
 
     def _session(self) -> str:
         """This process's session, started now if it was not."""
@@ -206,8 +212,9 @@ class Journal:
 
     def _put_blobs(self, t: Tx, blobs: list[Blob], staged: Any) -> None:
         """Every blob of a record, in the record's transaction: each proven
-        right (or rewritten) before the record names it."""
-        raise NotImplementedError
+        right (or rewritten) before the record names it — the staged ones
+        again too, since a gc may have freed one since."""
+        self.blobs.put_many(blobs, t.conn, staged or set())
 
     def _finished(self, staged: Any) -> None:
         """After a run's end committed."""

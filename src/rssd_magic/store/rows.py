@@ -55,6 +55,13 @@ def src_range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+def beat(t: Tx, held: dict[str, int]) -> set[str]:
+    """A heartbeat: bump each ``{state_id: token}`` claim still held with that
+    token; the state ids no longer held (taken over)."""
+    update = "UPDATE {rssd_magic_claim} SET {beat} WHERE state_id = ? AND token = ?"
+    return {state_id for state_id, token in held.items() if t.run(update, (state_id, token)).rowcount == 0}
+
+
 def claim_from(row: tuple | None) -> Claim | None:
     """A :data:`CLAIM` row as a Claim (None when nobody holds the cell)."""
     if row is None or row[1] is None:
