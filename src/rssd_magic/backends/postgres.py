@@ -46,7 +46,6 @@ Design rules, on top of those every backend keeps (store/base.py):
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -60,14 +59,13 @@ from ..store.locations import redact
 from ..store import rows
 from ..store.base import ClaimOutcome, Holder, StoreError, Transition
 from ..store.dialect import Tx
-from ..store.journal import Journal
+from ..store.journal import BUSY_TIMEOUT_S, Journal
 from ..store.pending import Pending, pending_written
 from .postgres_blobs import PgBlobs
-from .postgres_conn import Sql, Unreachable, cause, connect, lost, target, transient
+from .postgres_conn import Sql, Unreachable, cause, close_quietly, connect, lost, target, transient
 from .postgres_live import Listener, PgRenewer, channel
 from .postgres_schema import PgDialect, ensure_schema
 
-BUSY_TIMEOUT_S = 30.0
 #: First pause before reconnecting a lost connection (doubled up to 2 s).
 RECONNECT_PAUSE_S = 0.1
 MAX_PAUSE_S = 2.0
@@ -113,8 +111,6 @@ class PostgresBackend(Journal):
         # The replay's read: through our function when the store has it.
         self._latest = q(LATEST_CALL) if latest_call else self.dialect(rows.LATEST)
         self._latest_pinned = latest_call
-        self.host = socket.gethostname()
-        self.session_id: str | None = None
         self.blobs = PgBlobs(self)
         self.pending = Pending()  # replay counts (a session is written when it starts)
         self._hits_due_at = time.monotonic()
@@ -300,12 +296,8 @@ class PostgresBackend(Journal):
             self._closed = True
             if self._listener is not None:
                 self._listener.close()
-            for conn in (self.conn, self._user_sql):
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except Exception:  # noqa: BLE001 - a broken link
-                        pass
+            close_quietly(self.conn)
+            close_quietly(self._user_sql)
 
     # -- waiting for other kernels ------------------------------------------------------
 

@@ -26,7 +26,7 @@ from psycopg import sql
 from ..store import rows
 from ..store.base import StoreError
 from ..store.dialect import Dialect, Tx
-from .postgres_conn import Sql, cause, connect, lost, transient
+from .postgres_conn import Sql, cause, close_quietly, connect, lost, transient
 
 #: Seconds between two attempts of a listener to reconnect.
 RELISTEN_S = 1.0
@@ -75,11 +75,7 @@ class Listener:
             raise
 
     def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - a broken link
-                pass
+        close_quietly(self.conn)
         self.conn, self.channel = None, None
 
 
@@ -109,9 +105,5 @@ class PgRenewer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - a broken link
-                pass
-            self.conn = None
+        close_quietly(self.conn)
+        self.conn = None

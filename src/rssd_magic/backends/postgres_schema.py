@@ -237,44 +237,35 @@ _KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S"
           "I": "an index", "c": "a composite type", "t": "a TOAST table"}  # fmt: skip
 
 
-def _columns(ddl: str) -> dict[str, list[tuple[str, str]]]:
+def _columns(ddl: str) -> tuple[dict[str, list[tuple[str, str]]], set[tuple[str, str]]]:
     """``{table: [(column, type as format_type() writes it)]}`` of a DDL text
-    written one column per line (as above)."""
+    written one column per line (as above), and the ``(table, column)``
+    pairs it checks as JSON."""
     out: dict[str, list[tuple[str, str]]] = {}
-    table = None
+    checked, table = set(), None
     for line in ddl.splitlines():
         if m := _TABLE.match(line):
             table = m.group(1)
             out[table] = []
         elif table and (m := _COLUMN.match(line)):
             out[table].append((m.group(1), _TYPES[m.group(2)]))
-    return out
+            if "::json" in line:
+                checked.add((table, m.group(1)))
+    return out, checked
 
 
 #: The columns of every table we use, in order; an existing table must have
 #: exactly these or it is refused.
-EXPECTED_COLUMNS = _columns(SURVEILR_DDL) | _columns(OWN_TABLES_DDL)
-OWN_TABLES = [t for t in _columns(OWN_TABLES_DDL)]
+(SURVEILR_COLUMNS, JSON), (OWN_COLUMNS, _) = _columns(SURVEILR_DDL), _columns(OWN_TABLES_DDL)
+EXPECTED_COLUMNS = SURVEILR_COLUMNS | OWN_COLUMNS
+OWN_TABLES = list(OWN_COLUMNS)
 INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx"]
 #: Every name a template may use (postgres_conn.Sql).
 OBJECTS = [*EXPECTED_COLUMNS, *FUNCTIONS]
 
 
-#: Columns that hold integers, and surveilr's JSON columns (a ``::json`` check).
+#: Columns that hold integers (JSON: surveilr's columns with a ``::json`` check).
 INTEGER = {(t, c) for t, cols in EXPECTED_COLUMNS.items() for c, ty in cols if ty == "bigint"}
-
-
-def _json_columns(ddl: str) -> set[tuple[str, str]]:
-    out, table = set(), None
-    for line in ddl.splitlines():
-        if m := _TABLE.match(line):
-            table = m.group(1)
-        elif "::json" in line:
-            out.add((table, line.split('"')[1]))
-    return out
-
-
-JSON = _json_columns(SURVEILR_DDL)
 
 
 class PgDialect(Dialect):

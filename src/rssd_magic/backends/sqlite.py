@@ -32,7 +32,6 @@ against it.  Design rules, each from a bug somebody shipped:
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,14 +42,13 @@ from ..engine.keys import CellKey
 from ..store import rows
 from ..store.base import Blob, Holder, StoreError, Transition
 from ..store.dialect import Tx
-from ..store.journal import Journal
+from ..store.journal import BUSY_TIMEOUT_S, Journal
 from .sqlite_blobs import SqliteBlobs, checkpoint
 from .sqlite_conn import RssdConnection, operation, what
 from .sqlite_file import network_filesystem
 from .sqlite_schema import SQL
 from .sqlite_sessions import SqliteRenewer
 
-BUSY_TIMEOUT_S = 30.0
 
 
 class SqliteBackend(Journal):
@@ -66,8 +64,6 @@ class SqliteBackend(Journal):
         self.path = db.path
         self.location = str(db.path)
         self.busy_timeout_s = db.busy_timeout_s
-        self.host = socket.gethostname()
-        self.session_id: str | None = None
         self.blobs = SqliteBlobs(self)
         self.pending = db.pending
 

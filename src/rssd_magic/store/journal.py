@@ -17,6 +17,7 @@ base.py's; ``tests/test_backend_contract.py`` holds each store to them.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -41,6 +42,10 @@ from .base import (
 )  # fmt: skip
 from .dialect import Dialect, Tx
 from .pending import HIT_FLUSH_S, Pending
+
+
+#: Seconds a store waits for another process's lock, or a server that is away.
+BUSY_TIMEOUT_S = 30.0
 
 
 class Journal:
@@ -78,6 +83,7 @@ class Journal:
 
     def __init__(self) -> None:
         self._srcs: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
+        self.host = socket.gethostname()
         self._hits_due_at = 0.0
 
     # -- what each store implements for the engine ---------------------------------
