@@ -37,14 +37,14 @@ stored, and so did not upload it, can't have it deleted under its record.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator
 
 import psycopg
 
 from ..records.trust import IntegrityError, Verifier
-from ..store.base import Blob, StoreError
 from ..store.blobcache import LocalCache
-from ..store.blobs import ALTERED, Blobs, Filling, bytes_view
+from ..store.blobs import ALTERED, Blobs, Filling
+from ..store.dialect import Tx
 from .postgres_conn import Sql
 
 #: Bytes per chunk row: large enough that per-row costs vanish, small
@@ -57,8 +57,6 @@ INLINE = 64 << 10
 #: Slowest link a blob read is given time for, on top of the busy timeout
 #: (bytes per second): a read's deadline grows with the blob's size.
 MIN_RATE = 1 << 20
-#: Tries at writing one digest while other writers race to store it.
-PUT_TRIES = 3
 
 #: A blob's row, what its chunks add up to (sizes come from the TOAST
 #: pointers: nothing is read), and a small blob's bytes.
@@ -80,11 +78,6 @@ def lock_key(schema: str) -> int:
     return int.from_bytes(hashlib.sha256(f"rssd_magic.blobs:{schema}".encode()).digest()[:8], "big", signed=True)
 
 
-def chunks_of(view: memoryview, step: int) -> Callable[[], Iterator[memoryview]]:
-    """A blob in memory as chunks, as often as asked."""
-    return lambda: (view[i : i + step] for i in range(0, view.nbytes, step))
-
-
 class PgBlobs(Blobs):
     """``rssd_magic_blob``: content-addressed bytes on the server."""
 
@@ -93,7 +86,6 @@ class PgBlobs(Blobs):
         # which reconnect and ride out an outage.
         super().__init__(store)
         self.lock = lock_key(store.schema)
-        self.where = store.location
         self.chunk = chunk
         self.cache = LocalCache.from_env()
 
@@ -169,84 +161,55 @@ class PgBlobs(Blobs):
             ):
                 yield chunk
 
-    def put_many(self, blobs: Iterable[Blob], conn: psycopg.Connection | None = None, checked: Any = ()) -> None:
-        """Store blobs (a digest already stored is checked, and rewritten
-        unless it holds these bytes, *checked* or not: nothing is staged
-        here).  Inside the caller's transaction when *conn* is given, else
-        one transaction each."""
-        if conn is not None:
-            for digest, data in blobs:
-                self.put(conn, digest, data)
-            return
-        self.store._writable()
-        for digest, data in blobs:
-            self.store._tx(lambda c, _retry, d=digest, b=data: self.put(c, d, b))
+    # -- writing: proven or (re)written in the record's transaction (Blobs.put) --
 
-    def put(self, c: psycopg.Connection, digest: str, data: Any) -> bool:
-        """One blob, in the transaction open on *c*; False when the stored
-        copy was proven to be these bytes."""
-        view = bytes_view(data)
-        return self.put_stream(c, digest, view.nbytes, chunks_of(view, self.chunk))
+    def shared(self, t: Tx) -> None:
+        t.conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.lock,))
 
-    def put_stream(self, c: psycopg.Connection, digest: str, size: int, chunks: Callable[[], Iterable[Any]]) -> bool:
-        """One blob of *size* bytes, from *chunks()* (each :attr:`chunk` bytes,
-        the last one shorter; asked again when the bytes are needed twice),
-        in the transaction open on *c*.  Returns False when the stored copy
-        was proven to be these bytes, True when they were (re)written.
-        Whatever *chunks* raises (a digest check) rolls it back with the
-        caller's transaction."""
-        q = self.q
-        c.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self.lock,))
-        count = max(1, -(-size // self.chunk))
-        for _ in range(PUT_TRIES):
-            stored = c.execute(q(STORED), (digest,)).fetchall()
-            if stored:
-                if self._same(c, digest, stored, size, count, chunks):
-                    return False
-                # Wrong bytes under this digest: replaced by ours.  Waits for
-                # a concurrent writer; if one rewrote it meanwhile, its copy
-                # is checked on the next turn.
-                c.execute(q("DELETE FROM {rssd_magic_blob} WHERE digest = %s"), (digest,))
-            c.execute(q("DELETE FROM {rssd_magic_blob_chunk} WHERE digest = %s"), (digest,))
-            if c.execute(
-                q("""INSERT INTO {rssd_magic_blob} (digest, size, chunks) VALUES (%s, %s, %s)
-                     ON CONFLICT (digest) DO NOTHING RETURNING 1"""),
-                (digest, size, count),
-            ).fetchone():
-                self._write_chunks(c, digest, size, chunks)
-                return True
-        raise StoreError(f"PostgreSQL {self.where}: blob {digest[:24]}… is being rewritten by others; try again")
-
-    def _same(self, c: psycopg.Connection, digest: str, stored: list[tuple], size: int, count: int,
-              chunks: Callable[[], Iterable[Any]]) -> bool:  # fmt: skip
-        """True when the stored rows (STORED) hold exactly *chunks()*: the
-        same row, chunk numbers and lengths, then the same bytes — a small
-        blob's came with its row, a large one's are read back and compared
-        chunk by chunk (stopping at the first difference)."""
+    def _holds(self, t: Tx, digest: str, view: memoryview) -> bool | None:
+        """Whether the stored rows (STORED) hold exactly *view*: the same row,
+        chunk numbers and lengths, then the same bytes — a small blob's came
+        with its row, a large one's are read back and compared chunk by
+        chunk (stopping at the first difference)."""
+        stored = t.conn.execute(self.q(STORED), (digest,)).fetchall()
+        if not stored:
+            return None
+        size, count = view.nbytes, self._count(view.nbytes)
         if int(stored[0][0]) != size or int(stored[0][1]) != count or len(stored) != count:
             return False
         if [(n, length) for _, _, n, length, _ in stored] != [(n, len(m)) for n, m in enumerate(self._lengths(size))]:
             return False
-        theirs = (row[4] for row in stored) if size <= INLINE else self.chunks(c, digest)
-        for mine, stored_chunk in zip(chunks(), theirs):
+        theirs = (row[4] for row in stored) if size <= INLINE else self.chunks(t.conn, digest)
+        for mine, stored_chunk in zip(self._cut(view), theirs):
             if bytes(mine) != stored_chunk:  # bytes(): memcmp, where a memoryview compares item by item
                 return False
         return True
 
+    def _add(self, t: Tx, digest: str, view: memoryview) -> bool:
+        c, q = t.conn, self.q
+        c.execute(q("DELETE FROM {rssd_magic_blob_chunk} WHERE digest = %s"), (digest,))
+        if not c.execute(
+            q("""INSERT INTO {rssd_magic_blob} (digest, size, chunks) VALUES (%s, %s, %s)
+                 ON CONFLICT (digest) DO NOTHING RETURNING 1"""),
+            (digest, view.nbytes, self._count(view.nbytes)),
+        ).fetchone():
+            return False
+        with c.cursor() as cur:
+            insert = q("INSERT INTO {rssd_magic_blob_chunk} (digest, n, data) VALUES (%s, %s, %b)")
+            for n, chunk in enumerate(self._cut(view)):
+                cur.execute(insert, (digest, n, chunk))
+            if view.nbytes == 0:
+                cur.execute(insert, (digest, 0, b""))
+        return True
+
+    def _count(self, size: int) -> int:
+        return max(1, -(-size // self.chunk))
+
+    def _cut(self, view: memoryview) -> Iterator[memoryview]:
+        return (view[i : i + self.chunk] for i in range(0, view.nbytes, self.chunk))
+
     def _lengths(self, size: int) -> list[range]:
         return [range(min(self.chunk, size - i)) for i in range(0, size, self.chunk)] or [range(0)]
-
-    def _write_chunks(self, c: psycopg.Connection, digest: str, size: int, chunks: Callable[[], Iterable[Any]]) -> None:
-        written = n = 0
-        with c.cursor() as cur:
-            insert = self.q("INSERT INTO {rssd_magic_blob_chunk} (digest, n, data) VALUES (%s, %s, %b)")
-            for n, chunk in enumerate(chunks()):
-                cur.execute(insert, (digest, n, chunk))
-                written += memoryview(chunk).nbytes
-            if size == 0:
-                cur.execute(insert, (digest, 0, b""))
-        if written != size:
-            raise ValueError(f"blob {digest[:24]}…: {written} bytes given for a size of {size}")
 
     # -- for gc, in its transaction (tables.gc) ----------------------------------
 

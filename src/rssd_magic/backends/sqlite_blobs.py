@@ -16,13 +16,10 @@ tenth of the value (or a chunk), so the file plus its WAL stay close to the
 data's size while recording (one transaction would put the whole value in
 the WAL and then copy it, doubling the disk used until the WAL is reset).
 The record's own transaction then re-checks every blob and writes again
-whatever a concurrent gc deleted in between (:meth:`put_many`).
+whatever a concurrent gc deleted in between (store/blobs.py's ``put``).
 
-**Bytes already there are verified, never trusted** (:func:`intact`): a
-row under a digest may hold other bytes (planted, or rotten), and a record
-that names it would fail every replay.  Before a run's record names a blob
-that was stored already, its bytes are read back and checked; wrong ones
-are deleted and written anew (so ``--force`` repairs a cell).
+**Bytes already there are verified, never trusted** (store/blobs.py): here
+they are read back and hashed (:func:`intact`).
 
 **Reading** (:meth:`SqliteBlobs.get`): into one writable buffer, in slices
 small enough to stay in cache, through SQLite's file mapping, checking the
@@ -127,7 +124,7 @@ class SqliteBlobs(Blobs):
         Blobs already stored are read back and checked (:func:`intact`);
         bad ones are deleted and written again.  A crash part way leaves
         chunks no record names, which gc frees; the record's own transaction
-        checks every blob is still there (put_many), so a gc in between costs
+        checks every blob is still there (Blobs.put), so a gc in between costs
         a rewrite, never a record naming a missing blob.  Returns the
         digests whose bytes were checked or written here.
         """
@@ -174,32 +171,13 @@ class SqliteBlobs(Blobs):
                 checkpoint(conn)
         return checked
 
-    def put_many(
-        self, blobs: Iterable[Blob], conn: sqlite3.Connection | None = None, checked: set[str] = frozenset()
-    ) -> None:
-        """Store blobs (idempotent), in the caller's transaction *conn* or in
-        one of their own.  A blob whose bytes were *checked* (or written) by
-        :meth:`stage` costs one lookup here, and is written again if a gc
-        freed it since; any other blob found stored is read back and checked
-        (:func:`intact`), and replaced when its bytes are wrong."""
+    # -- proven or (re)written in the record's transaction (Blobs.put) --------
 
-        def put(c: sqlite3.Connection) -> None:
-            size = chunk_size(c)
-            for digest, data in blobs:
-                view = _bytes_view(data)
-                if digest in checked and _exists(c, digest):
-                    continue
-                if _store(c, digest, view, size) is False:
-                    found = intact(c, digest)
-                    if not found:
-                        self.drop(Tx(c, SQL), [digest])
-                        _store(c, digest, view, size)
+    def _holds(self, t: Tx, digest: str, view: memoryview) -> bool | None:
+        return intact(t.conn, digest)
 
-        if conn is not None:
-            put(conn)
-        else:
-            with self._write() as c:
-                put(c)
+    def _add(self, t: Tx, digest: str, view: memoryview) -> bool:
+        return _store(t.conn, digest, view, chunk_size(t.conn))
 
     def check(self, digest: str) -> str | None:
         with self._using() as conn:

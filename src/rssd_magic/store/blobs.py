@@ -1,12 +1,20 @@
 """What every blob store does alike, whatever holds the bytes: the buffer a
 blob is read into, its bytes checked against its digest as they arrive,
-and the rows gc and ``forget`` list and delete.
+a stored copy proven before a record names it, and the rows gc and
+``forget`` list and delete.
+
+**Bytes already there are verified, never trusted** (:meth:`Blobs.put`): a
+row under a digest may hold other bytes (planted, or rotten), and a record
+that names it would fail every replay.  So before a record names a blob
+that was stored already, the store proves its copy holds these bytes
+(``_holds``: it hashes them, or compares them with the writer's); a wrong
+copy is deleted and written anew in the same transaction, which is how
+``--force`` repairs a cell.
 
 A store's blob module (``backends/*_blobs.py``) keeps what only it can do:
-how a blob is cut into rows, written, read back and proven to be the bytes
-a record names before the record commits.  Both stores keep one
-``rssd_magic_blob`` row per digest with its ``size``, so listing, sizes and
-deleting are one statement each here, in the store's dialect.
+how a blob is cut into rows, written, read back and proven.  Both stores
+keep one ``rssd_magic_blob`` row per digest with its ``size``, so listing,
+sizes and deleting are one statement each here, in the store's dialect.
 """
 
 from __future__ import annotations
@@ -15,7 +23,11 @@ import mmap
 from typing import Any, Iterable
 
 from ..records.trust import IntegrityError, Verifier
+from .base import Blob, StoreError
+from .dialect import Tx
 
+#: Tries at writing one digest while other writers race to store it.
+PUT_TRIES = 3
 #: Blobs from this size up are read into huge-page mappings (see buffer).
 HUGE_BUFFER = 4 << 20
 #: Bytes read are handed to the digest check in slices of this size: few
@@ -102,6 +114,54 @@ class Blobs:
 
     def __init__(self, store: Any):
         self.store = store
+
+    def put_many(self, blobs: Iterable[Blob], conn: Any = None, checked: Iterable[str] = frozenset()) -> None:
+        """Store blobs (idempotent), in the caller's transaction open on
+        *conn*, or in one transaction each.  A digest *checked* ahead of the
+        record (a store's ``stage``) costs one lookup here, and is written
+        again if a gc freed it since."""
+        if conn is None:
+            for digest, data in blobs:
+                self.store.write(lambda t, _retrying, d=digest, b=data: self.put(t, d, b))
+            return
+        t = Tx(conn, self.store.dialect)
+        for digest, data in blobs:
+            self.put(t, digest, data, digest in checked)
+
+    def put(self, t: Tx, digest: str, data: Any, checked: bool = False) -> bool:
+        """One blob, in transaction *t*: False when the stored copy was proven
+        to be these bytes, True when they were (re)written."""
+        view = bytes_view(data)
+        self.shared(t)
+        for _ in range(PUT_TRIES):
+            found = (self._exists(t, digest) or None) if checked else self._holds(t, digest, view)
+            if found:
+                return False
+            if found is False:
+                # Wrong bytes under this digest: replaced by ours.  Waits for a
+                # concurrent writer; if one rewrote it meanwhile, its copy is
+                # checked on the next turn.
+                self.drop(t, [digest])
+            if self._add(t, digest, view):
+                return True
+        where = f"{self.store.kind} {self.store.location}"
+        raise StoreError(f"{where}: blob {digest[:24]}… is being rewritten by others; try again")
+
+    def shared(self, t: Tx) -> None:
+        """Keep gc away from blobs until *t* ends (:meth:`exclusive`)."""
+
+    def _exists(self, t: Tx, digest: str) -> bool:
+        return t.one("SELECT 1 FROM {rssd_magic_blob} WHERE digest = ?", (digest,)) is not None
+
+    def _holds(self, t: Tx, digest: str, view: memoryview) -> bool | None:
+        """Whether the copy stored under *digest* is *view*'s bytes; None
+        when none is stored."""
+        raise NotImplementedError
+
+    def _add(self, t: Tx, digest: str, view: memoryview) -> bool:
+        """Store *view* under *digest*; False when a row for it was there
+        already (written by another writer meanwhile: nothing written)."""
+        raise NotImplementedError
 
     def sizes(self) -> dict[str, int]:
         return dict(self.store.query("SELECT digest, size FROM {rssd_magic_blob}"))
