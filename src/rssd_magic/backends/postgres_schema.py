@@ -49,7 +49,7 @@ import psycopg
 from psycopg import sql
 
 from ..store.dialect import Dialect
-from ..store.schema import columns_differ, newer, statements
+from ..store.schema import SET_VERSION, VERSION, columns_differ, newer, statements, version_of
 from .sqlite_schema import SURVEILR_DDL as RSSD_DDL
 from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 
@@ -418,8 +418,7 @@ class Layout:
         )
         self.version: int | None = None
         if "rssd_magic_meta" in self.columns and not self.others:
-            row = conn.execute(q("SELECT value FROM {rssd_magic_meta} WHERE key = 'schema_version'"), ()).fetchone()
-            self.version = int(row[0]) if row and str(row[0]).isdigit() else None
+            self.version = version_of(conn.execute(q(VERSION), ()).fetchone())
 
     @property
     def newer(self) -> bool:
@@ -497,10 +496,6 @@ def ensure_schema(conn: psycopg.Connection, *, readonly: bool = False, timeout_s
             if not layout.trigger:
                 conn.execute(q(BACKFILL), ())
                 conn.execute(q(TRIGGER_DDL), ())
-            conn.execute(
-                q("""INSERT INTO {rssd_magic_meta} (key, value) VALUES ('schema_version', %s)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value"""),
-                (str(SCHEMA_VERSION),),
-            )
+            conn.execute(PgDialect(q)(SET_VERSION), (str(SCHEMA_VERSION),))
         layout = Layout(conn, schema, search_path, q)
     return layout, q

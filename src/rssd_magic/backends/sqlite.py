@@ -50,7 +50,6 @@ from .sqlite_schema import SQL
 from .sqlite_sessions import SqliteRenewer
 
 
-
 class SqliteBackend(Journal):
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import mmap
 import sqlite3
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from ..records.trust import IntegrityError, Verifier
 from ..store.base import Blob
 from ..store.blobs import ALTERED, Blobs, Filling
 from ..store.blobs import buffer as _buffer, bytes_view as _bytes_view  # noqa: F401 - _buffer: recorder, objects
 from ..store.dialect import Tx
+from .sqlite_file import pragmas
 from .sqlite_schema import SQL
 
 #: Blobs are read back in slices of this size, into one preallocated buffer:
@@ -146,7 +146,10 @@ class SqliteBlobs(Blobs):
                 pending = 0
 
         checked: set[str] = set()
-        with _settings(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
+        # A page cache that holds a whole chunk (a smaller one spills the
+        # zero-filled pages to the WAL and reads them back; in KiB: the chunk
+        # and 4 MiB more), and no automatic checkpoint inside each COMMIT.
+        with pragmas(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
             for digest, view in big:
                 checked.add(digest)
                 found = intact(conn, digest)
@@ -324,23 +327,6 @@ def _tiles(rows: list[tuple[int, int]], size: int) -> bool:
             return False
         at += length
     return at == size
-
-
-@contextmanager
-def _settings(conn: sqlite3.Connection, **pragmas: int) -> Iterator[None]:
-    """Per-connection PRAGMAs for the length of a ``with`` block, put back
-    after.  While staging: a page cache that holds a whole chunk (a smaller
-    one spills the zero-filled pages to the WAL and reads them back, in KiB:
-    the chunk and 4 MiB more), and no automatic checkpoint inside each
-    COMMIT (stage decides when)."""
-    before = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in pragmas}
-    for name, value in pragmas.items():
-        conn.execute(f"PRAGMA {name} = {int(value)}")
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            conn.execute(f"PRAGMA {name} = {int(value)}")
 
 
 def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[str, int, int]]):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..store.base import StoreError
-from .sqlite_file import Identity, check_path, connect, identity, lock_holder
+from .sqlite_file import Identity, check_path, connect, identity, lock_holder, pragmas
 from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
 from ..store.rows import stamped_session
 from ..store.dialect import Tx
@@ -341,8 +341,7 @@ class RssdConnection:
         patience = self.busy_timeout_s if patience_s is None else patience_s
         deadline = start + patience
         said = False
-        conn.execute(f"PRAGMA busy_timeout = {LOCK_STEP_MS}")
-        try:
+        with pragmas(conn, busy_timeout=LOCK_STEP_MS):
             while True:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
@@ -364,8 +363,6 @@ class RssdConnection:
                     self.notify(
                         f"[stateful] waiting up to {self.busy_timeout_s:g}s for the write lock on RSSD {self.path}{held}"
                     )
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     @contextmanager
     def write(self, patience_s: float | None = None) -> Iterator[sqlite3.Connection]:

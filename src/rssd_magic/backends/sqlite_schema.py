@@ -23,7 +23,7 @@ from importlib import resources
 from typing import Callable
 
 from ..store.dialect import SqliteDialect
-from ..store.schema import columns_differ, newer, statements
+from ..store.schema import SET_VERSION, VERSION, columns_differ, newer, statements, version_of
 
 #: surveilr's DDL, loaded from the packaged copy so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
@@ -199,11 +199,7 @@ def stored_version(conn: sqlite3.Connection) -> int | None:
     """Our schema version as the file records it (None: not recorded)."""
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rssd_magic_meta'").fetchone():
         return None
-    row = conn.execute("SELECT value FROM rssd_magic_meta WHERE key = 'schema_version'").fetchone()
-    try:
-        return int(row[0]) if row else None
-    except (TypeError, ValueError):
-        return None
+    return version_of(conn.execute(SQL(VERSION)).fetchone())
 
 
 def newer_schema(conn: sqlite3.Connection) -> str | None:
@@ -233,11 +229,7 @@ def ensure_schema(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection]
         if needs_ddl(conn):
             for statement in _DDL:
                 conn.execute(statement)
-            conn.execute(
-                """INSERT INTO rssd_magic_meta (key, value) VALUES ('schema_version', ?)
-                   ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
-                (str(SCHEMA_VERSION),),
-            )
+            conn.execute(SQL(SET_VERSION), (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

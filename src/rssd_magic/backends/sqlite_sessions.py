@@ -30,7 +30,7 @@ from typing import Any
 from ..store import rows
 from ..store.dialect import Tx
 from ..store.pending import HIT_FLUSH_S, pending_written
-from .sqlite_file import Identity, identity, uri
+from .sqlite_file import Identity, identity, pragmas, uri
 from .sqlite_schema import SQL
 
 #: Seconds between two tries of the housekeeper while the write lock is
@@ -46,12 +46,8 @@ def checkpoint_idle(conn: sqlite3.Connection) -> None:
     again later).  A fully copied WAL is never applied to another file."""
     (busy, frames, copied) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     if busy == 0 and frames > 0 and frames == copied:
-        (before,) = conn.execute("PRAGMA busy_timeout").fetchone()
-        conn.execute("PRAGMA busy_timeout = 0")  # TRUNCATE waits for readers otherwise
-        try:
+        with pragmas(conn, busy_timeout=0):  # TRUNCATE waits for readers otherwise
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(before)}")
 
 
 class Housekeeper:

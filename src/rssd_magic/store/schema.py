@@ -13,6 +13,13 @@ DDL must run in.
 from __future__ import annotations
 
 import sqlite3
+from typing import Any
+
+#: Our objects' schema version as a store records it in ``rssd_magic_meta``,
+#: and how it is recorded (a template, dialect.py).
+VERSION = "SELECT value FROM {rssd_magic_meta} WHERE key = 'schema_version'"
+SET_VERSION = """INSERT INTO {rssd_magic_meta} (key, value) VALUES ('schema_version', ?)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value"""
 
 
 def statements(script: str) -> list[str]:
@@ -32,6 +39,14 @@ def columns_differ(table: str, actual: list[tuple[str, str]], expected: list[tup
     want = ", ".join(f"{n} {t}" for n, t in expected)
     got = ", ".join(f"{n} {t}" for n, t in actual)
     return f"table {table} has columns ({got}); expected ({want})"
+
+
+def version_of(row: Any) -> int | None:
+    """The version a :data:`VERSION` row holds (None: no row, or not a number)."""
+    try:
+        return int(row[0]) if row else None
+    except (TypeError, ValueError):
+        return None
 
 
 def newer(version: int | None, known: int) -> str | None:
