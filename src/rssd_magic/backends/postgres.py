@@ -265,9 +265,8 @@ class PostgresBackend(Journal):
     def start_session(self, args: dict) -> str:
         if self.session_id is not None:
             return self.session_id
-        self._writable()
         session = rows.new_session(new_ulid(), self.host, args)  # stamped by the server's clock
-        self._tx(lambda c, retrying: rows.start_session(Tx(c, self.dialect), session, retrying))
+        self.write(lambda t, retrying: rows.start_session(t, session, retrying))
         self.session_id = session["id"]
         return self.session_id
 
@@ -286,8 +285,7 @@ class PostgresBackend(Journal):
 
                 def tx(c: psycopg.Connection, _retrying: bool) -> None:
                     self._flush_hits(Tx(c, self.dialect))
-                    why = "a cell failed in this kernel" if failed else "kernel shut down"
-                    rows.end_session(Tx(c, self.dialect), self.session_id, failed, why)
+                    rows.end_session(Tx(c, self.dialect), self.session_id, failed)
 
                 self._tx(tx, patient=False)  # at exit: no waiting for a server that is gone
         except (StoreError, psycopg.Error):

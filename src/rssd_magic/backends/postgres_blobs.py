@@ -12,18 +12,15 @@ Nothing stored is trusted for being there:
 * **On read**, the chunks must add up to the blob row's size and count
   before a buffer of that size is allocated (a row claiming 1 TB allocates
   nothing), and the bytes are checked against the digest as they arrive.
-* **On write**, a digest already stored is proven to hold the bytes being
-  recorded before the record that names it commits: its row, chunk numbers
-  and lengths (from the TOAST pointers, nothing read) must be what the
-  writer would store, then its bytes are compared with the writer's — a
-  small blob's come back with that first query (one round trip), a large
-  one's are streamed back and compared chunk by chunk.  Reading back beat
+* **On write** (store/blobs.py), a stored copy's row, chunk numbers and
+  lengths (from the TOAST pointers, nothing read) must be what the writer
+  would store, then its bytes are compared with the writer's — a small
+  blob's come back with that first query (one round trip), a large one's
+  are streamed back and compared chunk by chunk.  Reading back beat
   hashing on the server: PostgreSQL's own sha256 ran at ~180 MB/s, md5 at
   ~450 MB/s, a binary stream back at ~500 MB/s, and it costs the shared
   server no CPU (bench figure p4).  A missing, short, extra or changed
-  chunk, or a size that lies, gets the blob rewritten from the writer's
-  bytes in the same transaction — so ``--force`` repairs a cell whose blob
-  was damaged.
+  chunk, or a size that lies, gets the blob rewritten.
 
 Large blobs are also kept in a cache on this machine
 (store/blobcache.py): a server is several times slower to read from than
@@ -177,8 +174,8 @@ class PgBlobs(Blobs):
         size, count = view.nbytes, self._count(view.nbytes)
         if int(stored[0][0]) != size or int(stored[0][1]) != count or len(stored) != count:
             return False
-        if [(n, length) for _, _, n, length, _ in stored] != [(n, len(m)) for n, m in enumerate(self._lengths(size))]:
-            return False
+        if [(n, length) for _, _, n, length, _ in stored] != ([*enumerate(map(len, self._cut(view)))] or [(0, 0)]):
+            return False  # an empty blob is one empty chunk
         theirs = (row[4] for row in stored) if size <= INLINE else self.chunks(t.conn, digest)
         for mine, stored_chunk in zip(self._cut(view), theirs):
             if bytes(mine) != stored_chunk:  # bytes(): memcmp, where a memoryview compares item by item
@@ -207,9 +204,6 @@ class PgBlobs(Blobs):
 
     def _cut(self, view: memoryview) -> Iterator[memoryview]:
         return (view[i : i + self.chunk] for i in range(0, view.nbytes, self.chunk))
-
-    def _lengths(self, size: int) -> list[range]:
-        return [range(min(self.chunk, size - i)) for i in range(0, size, self.chunk)] or [range(0)]
 
     # -- for gc, in its transaction (tables.gc) ----------------------------------
 

@@ -258,7 +258,6 @@ def _columns(ddl: str) -> tuple[dict[str, list[tuple[str, str]]], set[tuple[str,
 #: exactly these or it is refused.
 (SURVEILR_COLUMNS, JSON), (OWN_COLUMNS, _) = _columns(SURVEILR_DDL), _columns(OWN_TABLES_DDL)
 EXPECTED_COLUMNS = SURVEILR_COLUMNS | OWN_COLUMNS
-OWN_TABLES = list(OWN_COLUMNS)
 INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx"]
 #: Every name a template may use (postgres_conn.Sql).
 OBJECTS = [*EXPECTED_COLUMNS, *FUNCTIONS]
@@ -379,7 +378,7 @@ class Layout:
                 self.columns.setdefault(table, []).append((column, type_))
             else:
                 self.others.append(f"{schema}.{table} is {_KINDS.get(kind, 'not a table')}, not a table")
-        own = [t for t in OWN_TABLES if t in self.columns]
+        own = [t for t in OWN_COLUMNS if t in self.columns]
         for table, what, name in conn.execute(
             """SELECT c.relname, 'trigger', t.tgname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
                JOIN pg_namespace AS n ON n.oid = c.relnamespace
@@ -476,7 +475,7 @@ def ensure_schema(conn: psycopg.Connection, *, readonly: bool = False, timeout_s
     if readonly or layout.newer:
         if "orchestration_session_state" not in layout.columns:
             raise ValueError(f"not an RSSD store: schema {schema} has no orchestration_session_state table")
-        missing = {t: stand_in(t) for t in OWN_TABLES if t not in layout.columns}
+        missing = {t: stand_in(t) for t in OWN_COLUMNS if t not in layout.columns}
         return layout, (Sql(schema, OBJECTS, timeout_s, missing) if missing else q)
     if layout.complete():
         return layout, q

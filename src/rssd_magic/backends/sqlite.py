@@ -129,9 +129,8 @@ class SqliteBackend(Journal):
         return backend
 
     def close(self, *, failed: bool = False) -> None:
-        why = "a cell failed in this kernel" if failed else "kernel shut down"
         ends = self.session_id if self.db.session_id is not None else None  # a writer's session is not its own
-        self.db.close(lambda c: ends is not None and rows.end_session(Tx(c, SQL), ends, failed, why))
+        self.db.close(lambda c: ends is not None and rows.end_session(Tx(c, SQL), ends, failed))
 
     def writer(self) -> "SqliteBackend":
         other = SqliteBackend.open(
@@ -187,8 +186,6 @@ class SqliteBackend(Journal):
             self.db.keeper.poke()  # it writes the counts when the lock is free
 
     def flush_hits(self, patience_s: float | None = None) -> None:
-        """Write what waits (hit counts, the session's rows) now, waiting up
-        to *patience_s* (the busy timeout) for the lock."""
         if self.read_only is None and self.db.pending.waiting():
             with self.db.write(patience_s):
                 pass  # a write writes what waits

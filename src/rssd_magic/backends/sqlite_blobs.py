@@ -86,20 +86,16 @@ class SqliteBlobs(Blobs):
         """Read a blob into one writable buffer (store/blobs.py), checking its
         digest on the way, in slices small enough to stay in cache."""
         with self._using() as conn:
-            return self._get(conn, digest)
-
-    @staticmethod
-    def _get(conn: sqlite3.Connection, digest: str) -> bytearray | mmap.mmap:
-        # Its rows are read in one snapshot, so a gc committing meanwhile
-        # can't pull a chunk from under the read.
-        own = not conn.in_transaction
-        if own:
-            conn.execute("BEGIN")
-        try:
-            return _read(conn, digest, *_pieces(conn, digest))  # sizes checked before allocating
-        finally:
-            if own and conn.in_transaction:
-                conn.execute("COMMIT")
+            # Its rows are read in one snapshot, so a gc committing meanwhile
+            # can't pull a chunk from under the read.
+            own = not conn.in_transaction
+            if own:
+                conn.execute("BEGIN")
+            try:
+                return _read(conn, digest, *_pieces(conn, digest))  # sizes checked before allocating
+            finally:
+                if own and conn.in_transaction:
+                    conn.execute("COMMIT")
 
     # -- writing -----------------------------------------------------------------
 
@@ -129,50 +125,44 @@ class SqliteBlobs(Blobs):
         digests whose bytes were checked or written here.
         """
         with self._using() as conn:
-            return self._stage(conn, big)
+            size = chunk_size(conn)
+            budget = max(size, sum(view.nbytes for _, view in big) // 10)
+            pending = 0
 
-    def _stage(self, conn: sqlite3.Connection, big: list[tuple[str, memoryview]]) -> set[str]:
-        size = chunk_size(conn)
-        budget = max(size, sum(view.nbytes for _, view in big) // 10)
-        pending = 0
+            def written(nbytes: int) -> None:
+                # Checkpoint before the next chunk would take the WAL past the
+                # budget (a 200 MB value: every chunk; 1.5 GB: every 9).
+                nonlocal pending
+                pending += nbytes
+                if pending + size > budget:
+                    checkpoint(conn)
+                    pending = 0
 
-        def written(nbytes: int) -> None:
-            # Checkpoint before the next chunk would take the WAL past the
-            # budget (a 200 MB value: every chunk; 1.5 GB: every 9).
-            nonlocal pending
-            pending += nbytes
-            if pending + size > budget:
-                checkpoint(conn)
-                pending = 0
-
-        checked: set[str] = set()
-        # A page cache that holds a whole chunk (a smaller one spills the
-        # zero-filled pages to the WAL and reads them back; in KiB: the chunk
-        # and 4 MiB more), and no automatic checkpoint inside each COMMIT.
-        with pragmas(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
-            for digest, view in big:
-                checked.add(digest)
-                found = intact(conn, digest)
-                if found:
-                    continue  # the same bytes are stored already: no write lock needed
-                if found is False:
+            # A page cache that holds a whole chunk (a smaller one spills the
+            # zero-filled pages to the WAL and reads them back; in KiB: the chunk
+            # and 4 MiB more), and no automatic checkpoint inside each COMMIT.
+            with pragmas(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
+                for digest, view in big:
+                    found = intact(conn, digest)
+                    if found:
+                        continue  # the same bytes are stored already: no write lock needed
+                    if found is False:
+                        with self._write() as c:
+                            self.drop(Tx(c, SQL), [digest])
+                    # The last chunk goes with the blob row (_store checks that
+                    # all the others are there); a small blob is one row.
+                    for offset in range(0, view.nbytes - size, size):
+                        with self._write() as c:
+                            if self._exists(Tx(c, SQL), digest):
+                                break  # stored meanwhile (by another kernel)
+                            _put_chunk(c, digest, offset, view[offset : offset + size])
+                        written(size)
                     with self._write() as c:
-                        self.drop(Tx(c, SQL), [digest])
-                # The last chunk goes with the blob row (_store checks that
-                # all the others are there); a small blob is one row.
-                for offset in range(0, view.nbytes - size, size):
-                    with self._write() as c:
-                        if _exists(c, digest):
-                            break  # stored meanwhile (by another kernel)
-                        _put_chunk(c, digest, offset, view[offset : offset + size])
-                    written(size)
-                with self._write() as c:
-                    if not _exists(c, digest):
-                        _store(c, digest, view, size)
-                written(view.nbytes % size or size)
-            if pending:
-                checkpoint(conn)
-        return checked
+                        _store(c, digest, view, size)  # nothing if stored meanwhile
+                    written(view.nbytes % size or size)
+                if pending:
+                    checkpoint(conn)
+        return {digest for digest, _ in big}
 
     # -- proven or (re)written in the record's transaction (Blobs.put) --------
 
@@ -215,10 +205,6 @@ def checkpoint(conn: sqlite3.Connection) -> None:
 # -- the pieces ------------------------------------------------------------------
 
 
-def _exists(c: sqlite3.Connection, digest: str) -> bool:
-    return c.execute(f"SELECT 1 FROM {BLOB} WHERE digest = ?", (digest,)).fetchone() is not None
-
-
 def _store(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> bool:
     """Store one blob in transaction *c*: one row when it fits in a chunk of
     *size* bytes, else its chunks (those not there yet) and then its row.
@@ -228,7 +214,7 @@ def _store(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> b
             f"INSERT INTO {BLOB} (digest, size, data) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
             (digest, view.nbytes, view),
         ).rowcount == 1
-    if _exists(c, digest):
+    if c.execute(f"SELECT 1 FROM {BLOB} WHERE digest = ?", (digest,)).fetchone():
         return False
     _complete(c, digest, view, size)
     return True
@@ -266,8 +252,9 @@ def _pieces(conn: sqlite3.Connection, digest: str) -> tuple[int, list[tuple[str,
     if row is None:
         raise KeyError(digest)
     rowid, size, stored = row
-    if stored or not size:
-        _check_length(digest, size, stored)
+    if stored or not size:  # one row, which must hold as many bytes as it says
+        if not isinstance(size, int) or size != stored:
+            raise IntegrityError(f"blob {digest[:24]}…: its row holds {stored} bytes but says {size}")
         return size, [(BLOB, rowid, size)]
     pieces = conn.execute(
         f"SELECT rowid, offset, length(data) FROM {CHUNKS} WHERE digest = ? ORDER BY offset", (digest,)
@@ -275,12 +262,6 @@ def _pieces(conn: sqlite3.Connection, digest: str) -> tuple[int, list[tuple[str,
     if not _tiles([(off, n) for _, off, n in pieces], size):
         raise IntegrityError(f"blob {digest[:24]}…: its chunks do not add up to its {size} bytes")
     return size, [(CHUNKS, rid, n) for rid, _, n in pieces]
-
-
-def _check_length(digest: str, size: Any, stored: Any) -> None:
-    """A one-row blob's row must hold as many bytes as it says it has."""
-    if not isinstance(size, int) or size != stored:
-        raise IntegrityError(f"blob {digest[:24]}…: its row holds {stored} bytes but says {size}")
 
 
 def _put_chunk(c: sqlite3.Connection, digest: str, offset: int, piece: memoryview) -> None:

@@ -194,9 +194,11 @@ def _session_state(t: Tx, session_id: str, from_state: str, to_state: str, reaso
     )
 
 
-def end_session(t: Tx, session_id: str, failed: bool, reason: str) -> bool:
+def end_session(t: Tx, session_id: str, failed: bool, reason: str | None = None) -> bool:
     """Finish a session: ``orch_finished_at`` and its last session-level
-    state; False if it was finished already (or never written)."""
+    state, with *reason* (by default: why a kernel's own session ends);
+    False if it was finished already (or never written)."""
+    reason = reason or ("a cell failed in this kernel" if failed else "kernel shut down")
     cur = t.run(
         """UPDATE {orchestration_session} SET orch_finished_at = {now}
            WHERE orchestration_session_id = ? AND orch_finished_at IS NULL""",
