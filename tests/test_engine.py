@@ -35,6 +35,7 @@ ENGINE = [
     "output", "output.capture", "output.fdcapture", "output.widgets",
     "manage", "manage.report", "manage.render", "manage.trusting", "manage.sweep",
     "store", "store.base", "store.journal", "store.rows", "store.dialect", "store.tables", "store.transfer",
+    "store.blobs", "store.blobcache", "store.pending", "store.schema",
     "store.locations", "store.buckets",
     "backends", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_sessions", "backends.sqlite_schema",
     "backends.sqlite_file", "backends.sqlite_conn", "backends.postgres", "backends.postgres_blobs",

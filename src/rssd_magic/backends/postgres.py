@@ -46,9 +46,6 @@ Design rules, on top of those every backend keeps (store/base.py):
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -60,16 +57,15 @@ from ..records.ids import new_ulid
 from ..engine.keys import CellKey
 from ..store.locations import redact
 from ..store import rows
-from ..store.base import Blob, ClaimOutcome, Holder, StoreError, Transition
+from ..store.base import ClaimOutcome, Holder, StoreError, Transition
 from ..store.dialect import Tx
-from ..store.journal import Journal
+from ..store.journal import BUSY_TIMEOUT_S, Journal
+from ..store.pending import Pending, pending_written
 from .postgres_blobs import PgBlobs
-from .postgres_conn import Sql, Unreachable, cause, connect, lost, target, transient
+from .postgres_conn import Sql, Unreachable, cause, close_quietly, connect, lost, target, transient
 from .postgres_live import Listener, PgRenewer, channel
 from .postgres_schema import PgDialect, ensure_schema
 
-BUSY_TIMEOUT_S = 30.0
-HIT_FLUSH_S = 5.0
 #: First pause before reconnecting a lost connection (doubled up to 2 s).
 RECONNECT_PAUSE_S = 0.1
 MAX_PAUSE_S = 2.0
@@ -95,6 +91,7 @@ class PostgresBackend(Journal):
     """A schema on a PostgreSQL server.  Use :meth:`open`; one per kernel and URL."""
 
     scheme = "postgresql"
+    kind = "PostgreSQL"
 
     def __init__(self, url: str, conn: psycopg.Connection, q: Sql, busy_timeout_s: float,
                  read_only: str | None, pooled: bool, latest_call: bool = False):  # fmt: skip
@@ -114,11 +111,9 @@ class PostgresBackend(Journal):
         # The replay's read: through our function when the store has it.
         self._latest = q(LATEST_CALL) if latest_call else self.dialect(rows.LATEST)
         self._latest_pinned = latest_call
-        self.host = socket.gethostname()
-        self.session_id: str | None = None
         self.blobs = PgBlobs(self)
-        self._pending_hits: dict[str, int] = {}
-        self._hits_flushed = time.monotonic()
+        self.pending = Pending()  # replay counts (a session is written when it starts)
+        self._hits_due_at = time.monotonic()
         self._user_sql: psycopg.Connection | None = None
         self._listener = None if pooled else Listener(url)
         self._awaited: str | None = None
@@ -172,10 +167,6 @@ class PostgresBackend(Journal):
         except BaseException:
             conn.close()
             raise
-
-    def _writable(self) -> None:
-        if self.read_only is not None:
-            raise StoreError(f"PostgreSQL {self.location}: {self.read_only}")
 
     # -- connections and transactions -----------------------------------------------
 
@@ -274,14 +265,10 @@ class PostgresBackend(Journal):
     def start_session(self, args: dict) -> str:
         if self.session_id is not None:
             return self.session_id
-        self._writable()
         session = rows.new_session(new_ulid(), self.host, args)  # stamped by the server's clock
-        self._tx(lambda c, retrying: rows.start_session(Tx(c, self.dialect), session, retrying))
+        self.write(lambda t, retrying: rows.start_session(t, session, retrying))
         self.session_id = session["id"]
         return self.session_id
-
-    def _session(self) -> str:
-        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
 
     def writer(self) -> "PostgresBackend":
         other = PostgresBackend.open(self.url, busy_timeout_s=self.busy_timeout_s)
@@ -298,8 +285,7 @@ class PostgresBackend(Journal):
 
                 def tx(c: psycopg.Connection, _retrying: bool) -> None:
                     self._flush_hits(Tx(c, self.dialect))
-                    why = "a cell failed in this kernel" if failed else "kernel shut down"
-                    rows.end_session(Tx(c, self.dialect), self.session_id, failed, why)
+                    rows.end_session(Tx(c, self.dialect), self.session_id, failed)
 
                 self._tx(tx, patient=False)  # at exit: no waiting for a server that is gone
         except (StoreError, psycopg.Error):
@@ -308,12 +294,8 @@ class PostgresBackend(Journal):
             self._closed = True
             if self._listener is not None:
                 self._listener.close()
-            for conn in (self.conn, self._user_sql):
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except Exception:  # noqa: BLE001 - a broken link
-                        pass
+            close_quietly(self.conn)
+            close_quietly(self._user_sql)
 
     # -- waiting for other kernels ------------------------------------------------------
 
@@ -332,29 +314,20 @@ class PostgresBackend(Journal):
         found = self._fetch(self._latest, (key.ingest_src,), pinned=self._latest_pinned, rendered=True)
         return Transition(*found[0]) if found else None
 
-    def note_hit(self, state_id: str) -> None:
-        # Counted in memory, written with the next claim, at close, or
-        # when HIT_FLUSH_S have passed: a replay pays for no write.  A
-        # read-only store counts nothing.
-        if self.read_only is not None:
-            return
-        self._pending_hits[state_id] = self._pending_hits.get(state_id, 0) + 1
-        now = time.monotonic()
-        if now - self._hits_flushed > HIT_FLUSH_S:
-            self._hits_flushed = now
-            try:
-                self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)), patient=False)  # a replay never waits for this
-            except StoreError:
-                pass  # unreachable now: keep counting, try again later
+    def _hits_due(self) -> None:
+        # Also written with the next claim, and at close.
+        try:
+            self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)), patient=False)  # a replay never waits for this
+        except StoreError:
+            pass  # unreachable now: keep counting, try again later
 
     def flush_hits(self, patience_s: float | None = None) -> None:
-        if self._pending_hits and self.read_only is None:
+        if self.pending and self.read_only is None:
             self._tx(lambda c, _r: self._flush_hits(Tx(c, self.dialect)))
 
     def _flush_hits(self, t: Tx) -> None:
-        if self._pending_hits:
-            rows.add_hits(t, self._pending_hits)
-            self._pending_hits.clear()
+        with pending_written(t, self.pending):
+            pass  # in the caller's transaction
 
     # -- claims (journal.py's hooks) ------------------------------------------------------
 
@@ -397,16 +370,12 @@ class PostgresBackend(Journal):
         )  # fmt: skip
         return Transition(state_id, entry_id, self.session_id, from_state, to_state, result_json, reason, at, int(seq))
 
-    def _put_blobs(self, t: Tx, blobs: list[Blob], staged: Any) -> None:
-        for digest, data in blobs:  # each proven right (or rewritten) before the record names it
-            self.blobs.put(t.conn, digest, data)
-
     def _claimed(self, outcome: ClaimOutcome, key: CellKey) -> None:
         if outcome.kind == "held":
             self._awaited = channel(self.schema, key.ingest_src)
 
     def renewer(self) -> PgRenewer:
-        return PgRenewer(self.url, self.location, self.q)
+        return PgRenewer(self.url, self.location, self.q, self.dialect)
 
     # -- the user's SQL on the server itself ---------------------------------------------
 

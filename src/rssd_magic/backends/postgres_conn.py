@@ -102,6 +102,15 @@ def lost(conn: psycopg.Connection | None) -> bool:
     return conn is None or conn.closed or conn.broken
 
 
+def close_quietly(conn: psycopg.Connection | None) -> None:
+    """Close *conn*, whatever became of its link."""
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - a broken link
+            pass
+
+
 def transient(exc: psycopg.Error, conn: psycopg.Connection | None) -> bool:
     """True when *exc* says the server went away or can't serve us yet (a
     restart, a failover), not that the statement is wrong: worth a new

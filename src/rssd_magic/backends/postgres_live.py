@@ -23,8 +23,10 @@ import time
 import psycopg
 from psycopg import sql
 
+from ..store import rows
 from ..store.base import StoreError
-from .postgres_conn import Sql, cause, connect, lost, transient
+from ..store.dialect import Dialect, Tx
+from .postgres_conn import Sql, cause, close_quietly, connect, lost, transient
 
 #: Seconds between two attempts of a listener to reconnect.
 RELISTEN_S = 1.0
@@ -73,24 +75,17 @@ class Listener:
             raise
 
     def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - a broken link
-                pass
+        close_quietly(self.conn)
         self.conn, self.channel = None, None
 
 
 class PgRenewer:
     """Heartbeats: each beat one transaction that bumps ``beat`` and stamps
-    ``heartbeat_at`` with the server's clock, for every claim still held
-    with its token."""
+    ``heartbeat_at`` with the server's clock (rows.beat), for every claim
+    still held with its token."""
 
-    BEAT = """UPDATE {rssd_magic_claim} SET beat = beat + 1, heartbeat_at = clock_timestamp()
-              WHERE state_id = %s AND token = %s"""
-
-    def __init__(self, url: str, location: str, q: Sql):
-        self.url, self.location, self.q = url, location, q
+    def __init__(self, url: str, location: str, q: Sql, dialect: Dialect):
+        self.url, self.location, self.q, self.dialect = url, location, q, dialect
         self.conn: psycopg.Connection | None = None
 
     def renew(self, held: dict[str, int]) -> set[str]:
@@ -101,12 +96,8 @@ class PgRenewer:
             try:
                 if lost(self.conn):
                     self.conn = connect(self.url, purpose="heartbeat")
-                gone = set()
                 with self.q.tx(self.conn):
-                    for state_id, token in held.items():
-                        if self.conn.execute(self.q(self.BEAT), (state_id, token)).rowcount == 0:
-                            gone.add(state_id)
-                return gone
+                    return rows.beat(Tx(self.conn, self.dialect), held)
             except psycopg.Error as exc:
                 if not (again and transient(exc, self.conn)):
                     raise StoreError(f"PostgreSQL {self.location}: {cause(exc)}") from None
@@ -114,9 +105,5 @@ class PgRenewer:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:  # noqa: BLE001 - a broken link
-                pass
-            self.conn = None
+        close_quietly(self.conn)
+        self.conn = None

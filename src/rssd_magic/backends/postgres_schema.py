@@ -49,6 +49,7 @@ import psycopg
 from psycopg import sql
 
 from ..store.dialect import Dialect
+from ..store.schema import SET_VERSION, VERSION, columns_differ, newer, statements, version_of
 from .sqlite_schema import SURVEILR_DDL as RSSD_DDL
 from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 
@@ -236,44 +237,34 @@ _KINDS = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S"
           "I": "an index", "c": "a composite type", "t": "a TOAST table"}  # fmt: skip
 
 
-def _columns(ddl: str) -> dict[str, list[tuple[str, str]]]:
+def _columns(ddl: str) -> tuple[dict[str, list[tuple[str, str]]], set[tuple[str, str]]]:
     """``{table: [(column, type as format_type() writes it)]}`` of a DDL text
-    written one column per line (as above)."""
+    written one column per line (as above), and the ``(table, column)``
+    pairs it checks as JSON."""
     out: dict[str, list[tuple[str, str]]] = {}
-    table = None
+    checked, table = set(), None
     for line in ddl.splitlines():
         if m := _TABLE.match(line):
             table = m.group(1)
             out[table] = []
         elif table and (m := _COLUMN.match(line)):
             out[table].append((m.group(1), _TYPES[m.group(2)]))
-    return out
+            if "::json" in line:
+                checked.add((table, m.group(1)))
+    return out, checked
 
 
 #: The columns of every table we use, in order; an existing table must have
 #: exactly these or it is refused.
-EXPECTED_COLUMNS = _columns(SURVEILR_DDL) | _columns(OWN_TABLES_DDL)
-OWN_TABLES = [t for t in _columns(OWN_TABLES_DDL)]
+(SURVEILR_COLUMNS, JSON), (OWN_COLUMNS, _) = _columns(SURVEILR_DDL), _columns(OWN_TABLES_DDL)
+EXPECTED_COLUMNS = SURVEILR_COLUMNS | OWN_COLUMNS
 INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx"]
 #: Every name a template may use (postgres_conn.Sql).
 OBJECTS = [*EXPECTED_COLUMNS, *FUNCTIONS]
 
 
-#: Columns that hold integers, and surveilr's JSON columns (a ``::json`` check).
+#: Columns that hold integers (JSON: surveilr's columns with a ``::json`` check).
 INTEGER = {(t, c) for t, cols in EXPECTED_COLUMNS.items() for c, ty in cols if ty == "bigint"}
-
-
-def _json_columns(ddl: str) -> set[tuple[str, str]]:
-    out, table = set(), None
-    for line in ddl.splitlines():
-        if m := _TABLE.match(line):
-            table = m.group(1)
-        elif "::json" in line:
-            out.add((table, line.split('"')[1]))
-    return out
-
-
-JSON = _json_columns(SURVEILR_DDL)
 
 
 class PgDialect(Dialect):
@@ -287,7 +278,8 @@ class PgDialect(Dialect):
                    "ON s.orchestration_session_state_id = q.state_id)")  # fmt: skip
         super().__init__(q.names, {"states": states, "seq": "q.seq", "entry": "q.entry_id", "C": ' COLLATE "C"',
                                    "now": NOW, "silent": "extract(epoch FROM clock_timestamp() - heartbeat_at)::float8",
-                                   "cross": "JOIN"})  # fmt: skip
+                                   "cross": "JOIN",
+                                   "beat": "beat = beat + 1, heartbeat_at = clock_timestamp()"})  # fmt: skip
 
     def _render(self, template: str) -> str:
         # Placeholders first: our names may hold "?" or "%" (doubled by quote()).
@@ -356,24 +348,6 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def statements(script: str) -> list[str]:
-    """A DDL script as single statements: split where a line ends with
-    ``;``; comment lines dropped.  Split before names are filled in, so a
-    name can't split a statement."""
-    out, pending = [], []
-    for line in script.splitlines():
-        if line.strip().startswith("--"):
-            continue
-        pending.append(line)
-        if line.rstrip().endswith(";"):
-            text = "\n".join(pending).strip().rstrip(";")
-            if text:
-                out.append(text)
-            pending = []
-    tail = "\n".join(pending).strip().rstrip(";")
-    return out + ([tail] if tail else [])
-
-
 def stand_in(table: str) -> str:
     """An empty subquery with *table*'s columns: what a read-only store
     reads where one of our tables is missing (a temporary table would be
@@ -404,7 +378,7 @@ class Layout:
                 self.columns.setdefault(table, []).append((column, type_))
             else:
                 self.others.append(f"{schema}.{table} is {_KINDS.get(kind, 'not a table')}, not a table")
-        own = [t for t in OWN_TABLES if t in self.columns]
+        own = [t for t in OWN_COLUMNS if t in self.columns]
         for table, what, name in conn.execute(
             """SELECT c.relname, 'trigger', t.tgname FROM pg_trigger AS t JOIN pg_class AS c ON c.oid = t.tgrelid
                JOIN pg_namespace AS n ON n.oid = c.relnamespace
@@ -443,8 +417,7 @@ class Layout:
         )
         self.version: int | None = None
         if "rssd_magic_meta" in self.columns and not self.others:
-            row = conn.execute(q("SELECT value FROM {rssd_magic_meta} WHERE key = 'schema_version'"), ()).fetchone()
-            self.version = int(row[0]) if row and str(row[0]).isdigit() else None
+            self.version = version_of(conn.execute(q(VERSION), ()).fetchone())
 
     @property
     def newer(self) -> bool:
@@ -453,12 +426,7 @@ class Layout:
     @property
     def read_only(self) -> str | None:
         """Why this version must not write here (None: it may)."""
-        if not self.newer:
-            return None
-        return (
-            f"its rssd_magic tables are of schema version {self.version}, made by a newer rssd_magic "
-            f"(this one knows version {SCHEMA_VERSION}): records replay, nothing is written; upgrade rssd_magic"
-        )
+        return newer(self.version, SCHEMA_VERSION)
 
     def problems(self) -> list[str]:
         """Every reason the schema can't be used: names taken by what is not
@@ -468,9 +436,7 @@ class Layout:
         for table, actual in self.columns.items():
             expected = EXPECTED_COLUMNS[table]
             if actual != expected and not (self.newer and set(expected) <= set(actual)):
-                want = ", ".join(f"{n} {t}" for n, t in expected)
-                got = ", ".join(f"{n} {t}" for n, t in actual)
-                out.append(f"table {self.schema}.{table} has columns ({got}); expected ({want})")
+                out.append(columns_differ(f"{self.schema}.{table}", actual, expected))
         return out
 
     def complete(self) -> bool:
@@ -509,7 +475,7 @@ def ensure_schema(conn: psycopg.Connection, *, readonly: bool = False, timeout_s
     if readonly or layout.newer:
         if "orchestration_session_state" not in layout.columns:
             raise ValueError(f"not an RSSD store: schema {schema} has no orchestration_session_state table")
-        missing = {t: stand_in(t) for t in OWN_TABLES if t not in layout.columns}
+        missing = {t: stand_in(t) for t in OWN_COLUMNS if t not in layout.columns}
         return layout, (Sql(schema, OBJECTS, timeout_s, missing) if missing else q)
     if layout.complete():
         return layout, q
@@ -529,10 +495,6 @@ def ensure_schema(conn: psycopg.Connection, *, readonly: bool = False, timeout_s
             if not layout.trigger:
                 conn.execute(q(BACKFILL), ())
                 conn.execute(q(TRIGGER_DDL), ())
-            conn.execute(
-                q("""INSERT INTO {rssd_magic_meta} (key, value) VALUES ('schema_version', %s)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value"""),
-                (str(SCHEMA_VERSION),),
-            )
+            conn.execute(PgDialect(q)(SET_VERSION), (str(SCHEMA_VERSION),))
         layout = Layout(conn, schema, search_path, q)
     return layout, q

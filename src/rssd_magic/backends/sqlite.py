@@ -32,10 +32,7 @@ against it.  Design rules, each from a bug somebody shipped:
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -45,20 +42,19 @@ from ..engine.keys import CellKey
 from ..store import rows
 from ..store.base import Blob, Holder, StoreError, Transition
 from ..store.dialect import Tx
-from ..store.journal import Journal
+from ..store.journal import BUSY_TIMEOUT_S, Journal
 from .sqlite_blobs import SqliteBlobs, checkpoint
 from .sqlite_conn import RssdConnection, operation, what
 from .sqlite_file import network_filesystem
 from .sqlite_schema import SQL
-from .sqlite_sessions import HIT_FLUSH_S, SqliteRenewer
-
-BUSY_TIMEOUT_S = 30.0
+from .sqlite_sessions import SqliteRenewer
 
 
 class SqliteBackend(Journal):
     """An opened RSSD.  Use :meth:`open`; one instance per kernel and file."""
 
     scheme = "file"
+    kind = "RSSD"  # SQLite can't tell another process's commit: waiters poll
     dialect = SQL
 
     def __init__(self, db: RssdConnection):
@@ -67,10 +63,8 @@ class SqliteBackend(Journal):
         self.path = db.path
         self.location = str(db.path)
         self.busy_timeout_s = db.busy_timeout_s
-        self.host = socket.gethostname()
-        self.session_id: str | None = None
-        self.blobs = SqliteBlobs(db.using, db.write)
-        self._hits_poked = 0.0
+        self.blobs = SqliteBlobs(self)
+        self.pending = db.pending
 
     @property
     def conn(self) -> sqlite3.Connection | None:
@@ -135,9 +129,8 @@ class SqliteBackend(Journal):
         return backend
 
     def close(self, *, failed: bool = False) -> None:
-        why = "a cell failed in this kernel" if failed else "kernel shut down"
         ends = self.session_id if self.db.session_id is not None else None  # a writer's session is not its own
-        self.db.close(lambda c: ends is not None and rows.end_session(Tx(c, SQL), ends, failed, why))
+        self.db.close(lambda c: ends is not None and rows.end_session(Tx(c, SQL), ends, failed))
 
     def writer(self) -> "SqliteBackend":
         other = SqliteBackend.open(
@@ -146,14 +139,7 @@ class SqliteBackend(Journal):
         other.session_id = self.session_id  # its rows name ours, written before it exists
         return other
 
-    def wait_for_change(self, timeout: float) -> None:
-        time.sleep(timeout)  # SQLite can't tell another process's commit: poll
-
     # -- transactions (journal.py's hooks) ---------------------------------------------
-
-    def _writable(self) -> None:
-        if self.read_only is not None:
-            raise StoreError(f"RSSD {self.path}: {self.read_only}; nothing can be recorded in it")
 
     def read(self, fn: Callable[[Tx], Any]) -> Any:
         try:
@@ -195,21 +181,11 @@ class SqliteBackend(Journal):
         row = self.db.conn.execute(self._LATEST, (key.ingest_src,)).fetchone()
         return Transition(*row) if row else None
 
-    def note_hit(self, state_id: str) -> None:
-        # Counted in memory; the housekeeper writes the counts when the
-        # lock is free, at most every HIT_FLUSH_S: a replay writes nothing.
-        db = self.db
-        if db.keeper is None:
-            return  # read-only: nothing is recorded (said once at open)
-        db.pending.hit(state_id)
-        now = time.monotonic()
-        if now - self._hits_poked > HIT_FLUSH_S:
-            self._hits_poked = now
-            db.keeper.poke()
+    def _hits_due(self) -> None:
+        if self.db.keeper is not None:
+            self.db.keeper.poke()  # it writes the counts when the lock is free
 
     def flush_hits(self, patience_s: float | None = None) -> None:
-        """Write what waits (hit counts, the session's rows) now, waiting up
-        to *patience_s* (the busy timeout) for the lock."""
         if self.read_only is None and self.db.pending.waiting():
             with self.db.write(patience_s):
                 pass  # a write writes what waits
@@ -223,9 +199,6 @@ class SqliteBackend(Journal):
             self.session_id = new_ulid()
             self.db.start_session(self.session_id, self.host, args)
         return self.session_id
-
-    def _session(self) -> str:
-        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
 
     # -- claims (journal.py's hooks) ---------------------------------------------------
 
@@ -279,11 +252,6 @@ class SqliteBackend(Journal):
             return self.blobs.stage(large) or set()
         except sqlite3.Error as exc:
             raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
-
-    def _put_blobs(self, t: Tx, blobs: list[Blob], staged: set[str] | None) -> None:
-        # Every blob again: a gc may have freed a staged one, and one found
-        # stored must hold the right bytes.
-        self.blobs.put_many(blobs, t.conn, staged or set())
 
     def _finished(self, staged: set[str] | None) -> None:
         if staged is not None:

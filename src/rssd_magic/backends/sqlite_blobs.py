@@ -16,13 +16,10 @@ tenth of the value (or a chunk), so the file plus its WAL stay close to the
 data's size while recording (one transaction would put the whole value in
 the WAL and then copy it, doubling the disk used until the WAL is reset).
 The record's own transaction then re-checks every blob and writes again
-whatever a concurrent gc deleted in between (:meth:`put_many`).
+whatever a concurrent gc deleted in between (store/blobs.py's ``put``).
 
-**Bytes already there are verified, never trusted** (:func:`intact`): a
-row under a digest may hold other bytes (planted, or rotten), and a record
-that names it would fail every replay.  Before a run's record names a blob
-that was stored already, its bytes are read back and checked; wrong ones
-are deleted and written anew (so ``--force`` repairs a cell).
+**Bytes already there are verified, never trusted** (store/blobs.py): here
+they are read back and hashed (:func:`intact`).
 
 **Reading** (:meth:`SqliteBlobs.get`): into one writable buffer, in slices
 small enough to stay in cache, through SQLite's file mapping, checking the
@@ -33,20 +30,19 @@ from __future__ import annotations
 
 import mmap
 import sqlite3
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from ..records.trust import IntegrityError, Verifier
 from ..store.base import Blob
+from ..store.blobs import ALTERED, Blobs, Filling
+from ..store.blobs import buffer as _buffer, bytes_view as _bytes_view  # noqa: F401 - _buffer: recorder, objects
+from ..store.dialect import Tx
+from .sqlite_file import pragmas
+from .sqlite_schema import SQL
 
 #: Blobs are read back in slices of this size, into one preallocated buffer:
 #: large enough to amortise the call, small enough to stay in L2.
 READ_CHUNK = 256 << 10
-#: Bytes read are handed to the digest check in slices of this size: few
-#: enough hand-offs to its thread, small enough to keep both cores busy.
-HASH_SPAN = 8 << 20
-#: Blobs from this size up are read into huge-page mappings (see get).
-HUGE_BUFFER = 4 << 20
 #: Bytes per chunk row of a large blob, and per staging transaction (so the
 #: page cache that holds one while it is written stays small).  Rows are
 #: kept well under SQLite's length limit (see chunk_size).
@@ -75,53 +71,31 @@ def chunk_size(conn: sqlite3.Connection) -> int:
     return max(1, min(CHUNK, limit - ROW_OVERHEAD if limit > 2 * ROW_OVERHEAD else limit // 2))
 
 
-class SqliteBlobs:
+class SqliteBlobs(Blobs):
     """``rssd_magic_blob`` (+ ``rssd_magic_blob_chunk``): content-addressed
     bytes in the RSSD."""
 
-    def __init__(
-        self,
-        using: Callable[[], AbstractContextManager[sqlite3.Connection]],
-        write: Callable[[], AbstractContextManager[sqlite3.Connection]],
-    ):
-        self._using = using  # the backend's connection, held for one operation
-        self._write = write  # its BEGIN IMMEDIATE … COMMIT
+    def __init__(self, store: Any):
+        super().__init__(store)
+        self._using = store.db.using  # the backend's connection, held for one operation
+        self._write = store.db.write  # its BEGIN IMMEDIATE … COMMIT
 
     # -- reading -----------------------------------------------------------------
 
     def get(self, digest: str) -> bytearray | mmap.mmap:
-        """Read a blob into one writable buffer, checking its digest on the way.
-
-        Measured on a 200 MB array (bench/profile_replay.py): zero-filling a
-        ``bytearray`` cost more than joblib's whole load, so large blobs go
-        into a private anonymous mapping with huge pages (zeroed by the
-        kernel, faulted in 2 MiB at a time, what numpy's allocator does), and
-        are read in slices small enough to stay in cache.  numpy arrays built
-        on either buffer are writable.
-        """
+        """Read a blob into one writable buffer (store/blobs.py), checking its
+        digest on the way, in slices small enough to stay in cache."""
         with self._using() as conn:
-            return self._get(conn, digest)
-
-    @staticmethod
-    def _get(conn: sqlite3.Connection, digest: str) -> bytearray | mmap.mmap:
-        row = conn.execute(f"SELECT rowid, size, length(data) FROM {BLOB} WHERE digest = ?", (digest,)).fetchone()
-        if row is None:
-            raise KeyError(digest)
-        rowid, size, stored = row
-        if stored or not size:
-            _check_length(digest, size, stored)  # before allocating what the row claims
-            return _read(conn, digest, size, [(BLOB, rowid, size)])  # one row: one read
-        # A chunked blob: its rows are read in one snapshot, so a gc
-        # committing meanwhile can't pull a chunk from under the read.
-        own = not conn.in_transaction
-        if own:
-            conn.execute("BEGIN")
-        try:
-            size, pieces = _pieces(conn, digest)
-            return _read(conn, digest, size, pieces)
-        finally:
-            if own and conn.in_transaction:
-                conn.execute("COMMIT")
+            # Its rows are read in one snapshot, so a gc committing meanwhile
+            # can't pull a chunk from under the read.
+            own = not conn.in_transaction
+            if own:
+                conn.execute("BEGIN")
+            try:
+                return _read(conn, digest, *_pieces(conn, digest))  # sizes checked before allocating
+            finally:
+                if own and conn.in_transaction:
+                    conn.execute("COMMIT")
 
     # -- writing -----------------------------------------------------------------
 
@@ -146,121 +120,79 @@ class SqliteBlobs:
         Blobs already stored are read back and checked (:func:`intact`);
         bad ones are deleted and written again.  A crash part way leaves
         chunks no record names, which gc frees; the record's own transaction
-        checks every blob is still there (put_many), so a gc in between costs
+        checks every blob is still there (Blobs.put), so a gc in between costs
         a rewrite, never a record naming a missing blob.  Returns the
         digests whose bytes were checked or written here.
         """
         with self._using() as conn:
-            return self._stage(conn, big)
+            size = chunk_size(conn)
+            budget = max(size, sum(view.nbytes for _, view in big) // 10)
+            pending = 0
 
-    def _stage(self, conn: sqlite3.Connection, big: list[tuple[str, memoryview]]) -> set[str]:
-        size = chunk_size(conn)
-        budget = max(size, sum(view.nbytes for _, view in big) // 10)
-        pending = 0
+            def written(nbytes: int) -> None:
+                # Checkpoint before the next chunk would take the WAL past the
+                # budget (a 200 MB value: every chunk; 1.5 GB: every 9).
+                nonlocal pending
+                pending += nbytes
+                if pending + size > budget:
+                    checkpoint(conn)
+                    pending = 0
 
-        def written(nbytes: int) -> None:
-            # Checkpoint before the next chunk would take the WAL past the
-            # budget (a 200 MB value: every chunk; 1.5 GB: every 9).
-            nonlocal pending
-            pending += nbytes
-            if pending + size > budget:
-                checkpoint(conn)
-                pending = 0
-
-        checked: set[str] = set()
-        with _settings(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
-            for digest, view in big:
-                checked.add(digest)
-                found = intact(conn, digest)
-                if found:
-                    continue  # the same bytes are stored already: no write lock needed
-                if found is False:
+            # A page cache that holds a whole chunk (a smaller one spills the
+            # zero-filled pages to the WAL and reads them back; in KiB: the chunk
+            # and 4 MiB more), and no automatic checkpoint inside each COMMIT.
+            with pragmas(conn, cache_size=-(size // 1024 + 4096), wal_autocheckpoint=0):
+                for digest, view in big:
+                    found = intact(conn, digest)
+                    if found:
+                        continue  # the same bytes are stored already: no write lock needed
+                    if found is False:
+                        with self._write() as c:
+                            self.drop(Tx(c, SQL), [digest])
+                    # The last chunk goes with the blob row (_store checks that
+                    # all the others are there); a small blob is one row.
+                    for offset in range(0, view.nbytes - size, size):
+                        with self._write() as c:
+                            if self._exists(Tx(c, SQL), digest):
+                                break  # stored meanwhile (by another kernel)
+                            _put_chunk(c, digest, offset, view[offset : offset + size])
+                        written(size)
                     with self._write() as c:
-                        delete(c, [digest])
-                # The last chunk goes with the blob row (_store checks that
-                # all the others are there); a small blob is one row.
-                for offset in range(0, view.nbytes - size, size):
-                    with self._write() as c:
-                        if _exists(c, digest):
-                            break  # stored meanwhile (by another kernel)
-                        _put_chunk(c, digest, offset, view[offset : offset + size])
-                    written(size)
-                with self._write() as c:
-                    if not _exists(c, digest):
-                        _store(c, digest, view, size)
-                written(view.nbytes % size or size)
-            if pending:
-                checkpoint(conn)
-        return checked
+                        _store(c, digest, view, size)  # nothing if stored meanwhile
+                    written(view.nbytes % size or size)
+                if pending:
+                    checkpoint(conn)
+        return {digest for digest, _ in big}
 
-    def put_many(
-        self, blobs: Iterable[Blob], conn: sqlite3.Connection | None = None, checked: set[str] = frozenset()
-    ) -> None:
-        """Store blobs (idempotent), in the caller's transaction *conn* or in
-        one of their own.  A blob whose bytes were *checked* (or written) by
-        :meth:`stage` costs one lookup here, and is written again if a gc
-        freed it since; any other blob found stored is read back and checked
-        (:func:`intact`), and replaced when its bytes are wrong."""
+    # -- proven or (re)written in the record's transaction (Blobs.put) --------
 
-        def put(c: sqlite3.Connection) -> None:
-            size = chunk_size(c)
-            for digest, data in blobs:
-                view = _bytes_view(data)
-                if digest in checked and _exists(c, digest):
-                    continue
-                if _store(c, digest, view, size) is False:
-                    found = intact(c, digest)
-                    if not found:
-                        delete(c, [digest])
-                        _store(c, digest, view, size)
+    def _holds(self, t: Tx, digest: str, view: memoryview) -> bool | None:
+        return intact(t.conn, digest)
 
-        if conn is not None:
-            put(conn)
-        else:
-            with self._write() as c:
-                put(c)
+    def _add(self, t: Tx, digest: str, view: memoryview) -> bool:
+        return _store(t.conn, digest, view, chunk_size(t.conn))
 
     def check(self, digest: str) -> str | None:
         with self._using() as conn:
             found = intact(conn, digest)
-        return None if found else "missing" if found is None else "its stored bytes do not match its digest"
+        return None if found else "missing" if found is None else ALTERED
 
-    def sizes(self) -> dict[str, int]:
-        with self._using() as conn:
-            return dict(conn.execute(f"SELECT digest, size FROM {BLOB}").fetchall())
+    # -- for gc, in its transaction (tables.gc); gc's write transaction holds
+    # the file's write lock, so there is nothing for exclusive() to take --------
 
-    def delete(self, digests: Iterable[str]) -> int:
-        with self._write() as c:
-            return delete(c, digests)
-
-    # -- for gc, in its transaction (tables.gc) ----------------------------------
-
-    def exclusive(self, t: Any) -> None:
-        """Nothing to take: gc's write transaction holds the file's write lock."""
-
-    def listing(self, t: Any) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        """``(digest, size)`` of every blob, and of what writes cut short left:
-        chunks without a blob row (a crash, Ctrl-C, a run taken over), one
+    def partial(self, t: Tx) -> list[tuple[str, int]]:
+        """Chunks without a blob row (a crash, Ctrl-C, a run taken over), one
         per digest with the bytes they hold."""
-        partial = t.all(
+        return t.all(
             f"""SELECT k.digest, total(length(k.data)) FROM {CHUNKS} AS k
                 WHERE NOT EXISTS (SELECT 1 FROM {BLOB} AS b WHERE b.digest = k.digest) GROUP BY k.digest"""
         )
-        return t.all(f"SELECT digest, size FROM {BLOB}"), partial
 
-    def drop(self, t: Any, digests: list[str]) -> None:
-        delete(t.conn, digests)
-
-
-def delete(c: sqlite3.Connection, digests: Iterable[str]) -> int:
-    """Delete blobs and their chunks in transaction *c*; how many blob rows
-    existed."""
-    rows = [(d,) for d in digests]
-    before = c.total_changes
-    c.executemany(f"DELETE FROM {BLOB} WHERE digest = ?", rows)
-    deleted = c.total_changes - before
-    c.executemany(f"DELETE FROM {CHUNKS} WHERE digest = ?", rows)
-    return deleted
+    def drop(self, t: Tx, digests: list[str]) -> int:
+        """Blobs and their chunks; how many blob rows existed."""
+        deleted = super().drop(t, digests)
+        t.run("DELETE FROM {rssd_magic_blob_chunk} WHERE " + t.d.in_list("digest"), (t.d.listed(digests),))
+        return deleted
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:
@@ -273,15 +205,6 @@ def checkpoint(conn: sqlite3.Connection) -> None:
 # -- the pieces ------------------------------------------------------------------
 
 
-def _bytes_view(data) -> memoryview:
-    view = memoryview(data)
-    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
-
-def _exists(c: sqlite3.Connection, digest: str) -> bool:
-    return c.execute(f"SELECT 1 FROM {BLOB} WHERE digest = ?", (digest,)).fetchone() is not None
-
-
 def _store(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> bool:
     """Store one blob in transaction *c*: one row when it fits in a chunk of
     *size* bytes, else its chunks (those not there yet) and then its row.
@@ -291,7 +214,7 @@ def _store(c: sqlite3.Connection, digest: str, view: memoryview, size: int) -> b
             f"INSERT INTO {BLOB} (digest, size, data) VALUES (?, ?, ?) ON CONFLICT (digest) DO NOTHING",
             (digest, view.nbytes, view),
         ).rowcount == 1
-    if _exists(c, digest):
+    if c.execute(f"SELECT 1 FROM {BLOB} WHERE digest = ?", (digest,)).fetchone():
         return False
     _complete(c, digest, view, size)
     return True
@@ -329,8 +252,9 @@ def _pieces(conn: sqlite3.Connection, digest: str) -> tuple[int, list[tuple[str,
     if row is None:
         raise KeyError(digest)
     rowid, size, stored = row
-    if stored or not size:
-        _check_length(digest, size, stored)
+    if stored or not size:  # one row, which must hold as many bytes as it says
+        if not isinstance(size, int) or size != stored:
+            raise IntegrityError(f"blob {digest[:24]}…: its row holds {stored} bytes but says {size}")
         return size, [(BLOB, rowid, size)]
     pieces = conn.execute(
         f"SELECT rowid, offset, length(data) FROM {CHUNKS} WHERE digest = ? ORDER BY offset", (digest,)
@@ -338,12 +262,6 @@ def _pieces(conn: sqlite3.Connection, digest: str) -> tuple[int, list[tuple[str,
     if not _tiles([(off, n) for _, off, n in pieces], size):
         raise IntegrityError(f"blob {digest[:24]}…: its chunks do not add up to its {size} bytes")
     return size, [(CHUNKS, rid, n) for rid, _, n in pieces]
-
-
-def _check_length(digest: str, size: Any, stored: Any) -> None:
-    """A one-row blob's row must hold as many bytes as it says it has."""
-    if not isinstance(size, int) or size != stored:
-        raise IntegrityError(f"blob {digest[:24]}…: its row holds {stored} bytes but says {size}")
 
 
 def _put_chunk(c: sqlite3.Connection, digest: str, offset: int, piece: memoryview) -> None:
@@ -392,50 +310,18 @@ def _tiles(rows: list[tuple[int, int]], size: int) -> bool:
     return at == size
 
 
-@contextmanager
-def _settings(conn: sqlite3.Connection, **pragmas: int) -> Iterator[None]:
-    """Per-connection PRAGMAs for the length of a ``with`` block, put back
-    after.  While staging: a page cache that holds a whole chunk (a smaller
-    one spills the zero-filled pages to the WAL and reads them back, in KiB:
-    the chunk and 4 MiB more), and no automatic checkpoint inside each
-    COMMIT (stage decides when)."""
-    before = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in pragmas}
-    for name, value in pragmas.items():
-        conn.execute(f"PRAGMA {name} = {int(value)}")
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            conn.execute(f"PRAGMA {name} = {int(value)}")
-
-
 def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[str, int, int]]):
     """The bytes of ``(table, rowid, length)`` pieces, in order, as one
     buffer; IntegrityError unless they have *digest*."""
-    out = _buffer(size)
-    view = memoryview(out)
-    verifier = Verifier(digest)
     unmap = _unmapper(conn) if size > UNMAP_ABOVE and len(pieces) > 1 else None
-    at = hashed = 0
-    try:
+    with Filling(digest, size) as out:
         for table, rowid, length in pieces:
             with conn.blobopen(table, "data", rowid, readonly=True) as blob:
                 for _ in range(0, length, READ_CHUNK):
-                    chunk = blob.read(READ_CHUNK)
-                    view[at : at + len(chunk)] = chunk
-                    at += len(chunk)
-                    if at - hashed >= HASH_SPAN:
-                        # What landed is checked in large slices, on a second
-                        # core while the next ones are read (trust.Verifier).
-                        verifier.update(view[hashed:at])
-                        hashed = at
+                    out.add(blob.read(READ_CHUNK))
             if unmap is not None:
                 unmap()
-        verifier.update(view[hashed:at])
-    finally:
-        view.release()
-    verifier.check()
-    return out
+        return out.done()
 
 
 def _unmapper(conn: sqlite3.Connection) -> Callable[[], None] | None:
@@ -453,13 +339,3 @@ def _unmapper(conn: sqlite3.Connection) -> Callable[[], None] | None:
         conn.execute(f"PRAGMA mmap_size = {limit}").fetchall()
 
     return unmap
-
-
-def _buffer(size: int) -> bytearray | mmap.mmap:
-    """A writable, zero-initialised buffer of *size* bytes."""
-    if size >= HUGE_BUFFER and hasattr(mmap, "MAP_PRIVATE"):
-        out = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            out.madvise(mmap.MADV_HUGEPAGE)
-        return out
-    return bytearray(size)

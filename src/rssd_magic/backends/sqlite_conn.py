@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..store.base import StoreError
-from .sqlite_file import Identity, check_path, connect, identity, lock_holder
+from .sqlite_file import Identity, check_path, connect, identity, lock_holder, pragmas
 from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
 from ..store.rows import stamped_session
-from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper, Pending, pending_written
+from ..store.dialect import Tx
+from ..store.pending import Pending, pending_written
+from .sqlite_schema import SQL
+from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper
 
 #: SQLite reads pages through a file mapping this large (no pread per page,
 #: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
@@ -90,7 +93,7 @@ def _has_table(conn: sqlite3.Connection, name: str) -> bool:
 
 class RssdConnection:
     """This kernel's connection to one RSSD file, and what waits to be
-    written to it (:class:`~rssd_magic.backends.sqlite_sessions.Pending`,
+    written to it (:class:`~rssd_magic.store.pending.Pending`,
     written by the :class:`Housekeeper` or with the next write)."""
 
     def __init__(self, path: Path, busy_timeout_s: float, notify: Callable[[str], None], *,
@@ -338,8 +341,7 @@ class RssdConnection:
         patience = self.busy_timeout_s if patience_s is None else patience_s
         deadline = start + patience
         said = False
-        conn.execute(f"PRAGMA busy_timeout = {LOCK_STEP_MS}")
-        try:
+        with pragmas(conn, busy_timeout=LOCK_STEP_MS):
             while True:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
@@ -361,8 +363,6 @@ class RssdConnection:
                     self.notify(
                         f"[stateful] waiting up to {self.busy_timeout_s:g}s for the write lock on RSSD {self.path}{held}"
                     )
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     @contextmanager
     def write(self, patience_s: float | None = None) -> Iterator[sqlite3.Connection]:
@@ -376,7 +376,7 @@ class RssdConnection:
             try:
                 self.begin(conn, patience_s)
                 try:
-                    with pending_written(conn, self.pending):
+                    with pending_written(Tx(conn, SQL), self.pending):
                         yield conn
                         conn.execute("COMMIT")
                 except BaseException:

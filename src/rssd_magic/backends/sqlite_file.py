@@ -24,8 +24,10 @@ import os
 import sqlite3
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 from ..engine.claims import command_line
@@ -129,6 +131,19 @@ def check_path(path: Path, readonly: bool = False) -> Access:
         # WAL needs its -wal and -shm files beside the database.
         return Access(existed=True, read_only=f"its folder {path.parent} is read-only", writable=False, empty=empty)
     return Access(existed=True, read_only="opened read-only" if readonly else None, empty=empty)
+
+
+@contextmanager
+def pragmas(conn: sqlite3.Connection, **settings: int) -> Iterator[None]:
+    """Per-connection PRAGMAs for the length of a ``with`` block, put back after."""
+    before = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in settings}
+    for name, value in settings.items():
+        conn.execute(f"PRAGMA {name} = {int(value)}")
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            conn.execute(f"PRAGMA {name} = {int(value)}")
 
 
 def uri(path: Path, mode: str, immutable: bool = False) -> str:

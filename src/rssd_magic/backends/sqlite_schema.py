@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Callable
 
 from ..store.dialect import SqliteDialect
+from ..store.schema import SET_VERSION, VERSION, columns_differ, newer, statements, version_of
 
 #: surveilr's DDL, loaded from the packaged copy so there is one text of it.
 SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("utf-8")
@@ -116,18 +117,6 @@ OWN_OBJECTS = {
 }
 
 
-def statements(script: str) -> list[str]:
-    """A DDL script as single statements (``Connection.execute`` runs one;
-    ``executescript`` would commit the transaction they must run in)."""
-    out, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            out.append(pending.strip())
-            pending = ""
-    return [s for s in out if s.strip(" ;\n")]
-
-
 _DDL = statements(SURVEILR_DDL + OWN_DDL)
 
 
@@ -201,12 +190,8 @@ def schema_problems(conn: sqlite3.Connection) -> list[str]:
         actual = [(row[1], row[2]) for row in columns]
         if any(row[6] for row in columns):  # hidden or generated columns compute on read
             problems.append(f"table {table} has generated or hidden columns")
-        elif actual == expected:
-            continue
-        else:
-            want = ", ".join(f"{n} {t}" for n, t in expected)
-            got = ", ".join(f"{n} {t}" for n, t in actual)
-            problems.append(f"table {table} has columns ({got}); expected ({want})")
+        elif actual != expected:
+            problems.append(columns_differ(table, actual, expected))
     return problems
 
 
@@ -214,25 +199,13 @@ def stored_version(conn: sqlite3.Connection) -> int | None:
     """Our schema version as the file records it (None: not recorded)."""
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rssd_magic_meta'").fetchone():
         return None
-    row = conn.execute("SELECT value FROM rssd_magic_meta WHERE key = 'schema_version'").fetchone()
-    try:
-        return int(row[0]) if row else None
-    except (TypeError, ValueError):
-        return None
+    return version_of(conn.execute(SQL(VERSION)).fetchone())
 
 
 def newer_schema(conn: sqlite3.Connection) -> str | None:
     """Why this version must not write the file — its tables were made by a
     newer rssd_magic — or None."""
-    version = stored_version(conn)
-    if version is None or version <= SCHEMA_VERSION:
-        return None
-    from .. import __version__
-
-    return (
-        f"its rssd_magic tables are schema version {version}, made by a newer rssd_magic than this one "
-        f"({__version__}, schema version {SCHEMA_VERSION}): upgrade rssd_magic to write to it (pip install -U rssd_magic)"
-    )
+    return newer(stored_version(conn), SCHEMA_VERSION)
 
 
 def needs_ddl(conn: sqlite3.Connection) -> bool:
@@ -256,11 +229,7 @@ def ensure_schema(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection]
         if needs_ddl(conn):
             for statement in _DDL:
                 conn.execute(statement)
-            conn.execute(
-                """INSERT INTO rssd_magic_meta (key, value) VALUES ('schema_version', ?)
-                   ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
-                (str(SCHEMA_VERSION),),
-            )
+            conn.execute(SQL(SET_VERSION), (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

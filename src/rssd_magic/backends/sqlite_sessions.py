@@ -5,7 +5,7 @@ WAL — none of it ever in the way of a replay.
 A store is shared: a surveilr ingest may hold the write lock for its whole
 run.  So opening a store and replaying write nothing.  This kernel's
 ``orchestration_session`` row (with surveilr's ``INITIAL →
-surveilr_orchestration_init``) and its hit counts wait in :class:`Pending`
+surveilr_orchestration_init``) and its hit counts wait (store/pending.py)
 until a write is possible: they go first into any write transaction the
 kernel makes (a claim, an end), or are written by the :class:`Housekeeper`,
 a thread with a connection of its own that never waits for a lock (a
@@ -24,14 +24,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..store import rows
 from ..store.dialect import Tx
-from .sqlite_file import Identity, identity, uri
+from ..store.pending import HIT_FLUSH_S, pending_written
+from .sqlite_file import Identity, identity, pragmas, uri
 from .sqlite_schema import SQL
 
 #: Seconds between two tries of the housekeeper while the write lock is
@@ -39,73 +38,6 @@ from .sqlite_schema import SQL
 #: alone before its connection is closed (a loop of replays keeps it).
 RETRY_S = 1.0
 IDLE_CLOSE_S = 1.0
-#: Replay counts are written at least this often while a kernel replays.
-HIT_FLUSH_S = 5.0
-
-
-@dataclass
-class Pending:
-    """Rows waiting for a write: this kernel's session (once) and replay
-    counts.  Taken only by a connection that holds the write lock, and
-    given back if its transaction fails, so no row is written twice or
-    lost, and none naming the session lands before it."""
-
-    session: dict | None = None
-    hits: dict[str, int] = field(default_factory=dict)
-    #: Transactions that took rows and have not ended yet.
-    inflight: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def take(self) -> tuple[dict | None, dict[str, int]]:
-        with self.lock:
-            taken = self.session, self.hits
-            self.session, self.hits = None, {}
-            self.inflight += 1
-            return taken
-
-    def give_back(self, session: dict | None, hits: dict[str, int]) -> None:
-        with self.lock:
-            if session is not None:
-                self.session = session
-            for sid, n in hits.items():
-                self.hits[sid] = self.hits.get(sid, 0) + n
-
-    def settled(self) -> None:
-        """The transaction that took rows has ended (committed or rolled back)."""
-        with self.lock:
-            self.inflight -= 1
-
-    def waiting(self) -> bool:
-        """True while rows wait or are being written."""
-        with self.lock:
-            return self.session is not None or bool(self.hits) or self.inflight > 0
-
-    def hit(self, state_id: str) -> None:
-        with self.lock:
-            self.hits[state_id] = self.hits.get(state_id, 0) + 1
-
-    def __bool__(self) -> bool:
-        return self.session is not None or bool(self.hits)
-
-
-@contextmanager
-def pending_written(c: sqlite3.Connection, pending: Pending) -> Iterator[None]:
-    """Write what *pending* holds in transaction *c* (which holds the write
-    lock), for the length of the ``with`` block that commits it: given back
-    to *pending* if the transaction fails."""
-    session, hits = pending.take()
-    try:
-        t = Tx(c, SQL)
-        if session is not None:
-            rows.start_session(t, session)
-        if hits:
-            rows.add_hits(t, hits)
-        yield
-    except BaseException:
-        pending.give_back(session, hits)
-        raise
-    finally:
-        pending.settled()
 
 
 def checkpoint_idle(conn: sqlite3.Connection) -> None:
@@ -114,12 +46,8 @@ def checkpoint_idle(conn: sqlite3.Connection) -> None:
     again later).  A fully copied WAL is never applied to another file."""
     (busy, frames, copied) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     if busy == 0 and frames > 0 and frames == copied:
-        (before,) = conn.execute("PRAGMA busy_timeout").fetchone()
-        conn.execute("PRAGMA busy_timeout = 0")  # TRUNCATE waits for readers otherwise
-        try:
+        with pragmas(conn, busy_timeout=0):  # TRUNCATE waits for readers otherwise
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(before)}")
 
 
 class Housekeeper:
@@ -204,7 +132,7 @@ class Housekeeper:
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                with pending_written(conn, db.pending):
+                with pending_written(Tx(conn, SQL), db.pending):
                     if not self._orphans_done:
                         rows.close_orphans(Tx(conn, SQL), db.session_id)
                     conn.execute("COMMIT")
@@ -234,15 +162,9 @@ class SqliteRenewer:
     def renew(self, held: dict[str, int]) -> set[str]:
         if self.expected is None or identity(self.path) != self.expected:
             return set(held)
-        lost = set()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            for state_id, token in held.items():
-                cur = self.conn.execute(
-                    "UPDATE rssd_magic_claim SET beat = beat + 1 WHERE state_id = ? AND token = ?", (state_id, token)
-                )
-                if cur.rowcount == 0:
-                    lost.add(state_id)
+            lost = rows.beat(Tx(self.conn, SQL), held)
             self.conn.execute("COMMIT")
         except BaseException:
             if self.conn.in_transaction:

@@ -15,7 +15,8 @@ and may say:
 * ``{now}`` — the store's clock as surveilr's timestamp text;
 * ``{silent}`` — seconds since a claim row's last heartbeat by the store's
   one clock (NULL where there is none: a file shared by hosts);
-* ``{cross}`` — a join whose left side the planner must keep outside.
+* ``{cross}`` — a join whose left side the planner must keep outside;
+* ``{beat}`` — what a heartbeat sets on a claim row (and the store's clock).
 
 What differs beyond text — how a list is passed, how a JSON field is read
 from text another tool may have written, which values a column can hold —
@@ -96,7 +97,8 @@ class SqliteDialect(Dialect):
         super().__init__(
             {t: f'"{t}"' for t in tables},
             {"states": '"orchestration_session_state" AS s', "seq": "s.rowid", "entry": "s.session_entry_id",
-             "C": "", "now": "CURRENT_TIMESTAMP", "silent": "NULL", "cross": "CROSS JOIN"},
+             "C": "", "now": "CURRENT_TIMESTAMP", "silent": "NULL", "cross": "CROSS JOIN",
+             "beat": "beat = beat + 1"},
         )  # fmt: skip
 
     def json_text(self, column: str, *path: str) -> str:

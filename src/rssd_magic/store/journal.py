@@ -16,6 +16,10 @@ base.py's; ``tests/test_backend_contract.py`` holds each store to them.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 from ..records.ids import new_ulid
@@ -32,10 +36,16 @@ from .base import (
     Fenced,
     Holder,
     Renewer,
+    StoreError,
     Transition,
     judge_claim,
 )  # fmt: skip
 from .dialect import Dialect, Tx
+from .pending import HIT_FLUSH_S, Pending
+
+
+#: Seconds a store waits for another process's lock, or a server that is away.
+BUSY_TIMEOUT_S = 30.0
 
 
 class Journal:
@@ -53,6 +63,8 @@ class Journal:
 
     #: ``file`` or the URL scheme the store serves (``postgresql``).
     scheme = "?"
+    #: What messages call it, before its location (``RSSD``, ``PostgreSQL``).
+    kind = "?"
     #: What messages name: the file path, or the URL without its password.
     location = ""
     #: This host's name (for records and messages only).
@@ -64,11 +76,15 @@ class Journal:
     #: A read-only store replays; every write raises StoreError at once.
     read_only: str | None = None
     blobs: BlobStore
+    #: Rows waiting for a write (pending.py): replay counts at least.
+    pending: Pending
     #: The store's SQL (dialect.py).
     dialect: Dialect
 
     def __init__(self) -> None:
         self._srcs: dict[str, str] = {}  # entry id -> ingest_src (entries never change)
+        self.host = socket.gethostname()
+        self._hits_due_at = 0.0
 
     # -- what each store implements for the engine ---------------------------------
 
@@ -78,8 +94,16 @@ class Journal:
         raise NotImplementedError
 
     def note_hit(self, state_id: str) -> None:
-        """Count a replay; buffered (a replay writes nothing)."""
-        raise NotImplementedError
+        """Count a replay; buffered (a replay writes nothing) and handed to
+        the store to write (:meth:`_hits_due`) at most every HIT_FLUSH_S.
+        A read-only store counts nothing."""
+        if self.read_only is not None:
+            return
+        self.pending.hit(state_id)
+        now = time.monotonic()
+        if now - self._hits_due_at > HIT_FLUSH_S:
+            self._hits_due_at = now
+            self._hits_due()
 
     def flush_hits(self, patience_s: float | None = None) -> None:
         """Write buffered hit counts, and whatever else waits for a write
@@ -115,8 +139,9 @@ class Journal:
 
     def wait_for_change(self, timeout: float) -> None:
         """Sleep until another process may have ended a run (a store that can
-        be told, PostgreSQL's LISTEN/NOTIFY, wakes at once), or *timeout*."""
-        raise NotImplementedError
+        be told, PostgreSQL's LISTEN/NOTIFY, wakes at once), or *timeout*.
+        A store that can't be told only sleeps: the caller polls."""
+        time.sleep(timeout)
 
     def sql_connection(self) -> Any:
         """A DB-API connection of its own for the user's SQL cells, so nothing
@@ -150,9 +175,16 @@ class Journal:
 
     def _writable(self) -> None:
         """StoreError at once when this store must not be written."""
+        if self.read_only is not None:
+            raise StoreError(f"{self.kind} {self.location}: {self.read_only}; nothing can be recorded in it")
 
     def _session(self) -> str:
-        raise NotImplementedError
+        """This process's session, started now if it was not."""
+        return self.session_id or self.start_session({"process": {"pid": os.getpid(), "argv": sys.argv}})
+
+    def _hits_due(self) -> None:
+        """Replay counts have waited long enough: have them written, never
+        waiting for a lock or a server to do so."""
 
     def _append(self, t: Tx, entry_id: str | None, from_state: str, to_state: str, result_json: str | None,
                 reason: str, elaboration: dict | None, state_id: str | None = None) -> Transition:  # fmt: skip
@@ -186,8 +218,9 @@ class Journal:
 
     def _put_blobs(self, t: Tx, blobs: list[Blob], staged: Any) -> None:
         """Every blob of a record, in the record's transaction: each proven
-        right (or rewritten) before the record names it."""
-        raise NotImplementedError
+        right (or rewritten) before the record names it — the staged ones
+        again too, since a gc may have freed one since."""
+        self.blobs.put_many(blobs, t.conn, staged or set())
 
     def _finished(self, staged: Any) -> None:
         """After a run's end committed."""

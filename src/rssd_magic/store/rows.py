@@ -55,6 +55,13 @@ def src_range(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+def beat(t: Tx, held: dict[str, int]) -> set[str]:
+    """A heartbeat: bump each ``{state_id: token}`` claim still held with that
+    token; the state ids no longer held (taken over)."""
+    update = "UPDATE {rssd_magic_claim} SET {beat} WHERE state_id = ? AND token = ?"
+    return {state_id for state_id, token in held.items() if t.run(update, (state_id, token)).rowcount == 0}
+
+
 def claim_from(row: tuple | None) -> Claim | None:
     """A :data:`CLAIM` row as a Claim (None when nobody holds the cell)."""
     if row is None or row[1] is None:
@@ -187,9 +194,11 @@ def _session_state(t: Tx, session_id: str, from_state: str, to_state: str, reaso
     )
 
 
-def end_session(t: Tx, session_id: str, failed: bool, reason: str) -> bool:
+def end_session(t: Tx, session_id: str, failed: bool, reason: str | None = None) -> bool:
     """Finish a session: ``orch_finished_at`` and its last session-level
-    state; False if it was finished already (or never written)."""
+    state, with *reason* (by default: why a kernel's own session ends);
+    False if it was finished already (or never written)."""
+    reason = reason or ("a cell failed in this kernel" if failed else "kernel shut down")
     cur = t.run(
         """UPDATE {orchestration_session} SET orch_finished_at = {now}
            WHERE orchestration_session_id = ? AND orch_finished_at IS NULL""",
