@@ -343,7 +343,7 @@ class Bench:
         import numpy as np
 
         from rssd_magic.backends.objects import S3Blobs
-        from rssd_magic.backends.postgres_blobs import LocalCache
+        from rssd_magic.store.blobcache import LocalCache
         from rssd_magic.records.digests import buffer_digest
 
         bare = S3Blobs(self.url, cache=None)

@@ -122,7 +122,7 @@ def main() -> None:
     import numpy as np
 
     from rssd_magic.backends.objects import S3Blobs
-    from rssd_magic.backends.postgres_blobs import LocalCache
+    from rssd_magic.store.blobcache import LocalCache
     from rssd_magic.records.digests import buffer_digest
 
     info = machine()

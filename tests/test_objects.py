@@ -17,7 +17,7 @@ import pytest
 from rssd_magic.backends import objects
 from rssd_magic.store.base import StoreError
 from rssd_magic.backends.objects import ObjectLocation, S3Blobs, make_client
-from rssd_magic.backends.postgres_blobs import LocalCache
+from rssd_magic.store.blobcache import LocalCache
 from rssd_magic.records.digests import IntegrityError, buffer_digest
 from s3_util import Weed, free_ports, s3_env, s3_url, weed_server  # noqa: F401 - fixtures
 

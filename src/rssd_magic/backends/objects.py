@@ -84,7 +84,8 @@ from urllib.parse import urlsplit
 
 from ..records.digests import KNOWN, IntegrityError, Verifier
 from ..store.base import Blob, StoreError
-from .sqlite_blobs import _buffer
+from ..store.blobcache import LocalCache
+from ..store.blobs import buffer as _buffer
 
 #: Bytes per multipart part and per ranged GET.
 PART = 16 << 20
@@ -105,7 +106,7 @@ PUT_TRIES = 3
 MAX_PARTS = 10_000
 #: The suffix of a blob's use mark.
 USED = ".used"
-#: Blobs from this size up are kept in the local cache (as postgres_blobs does).
+#: Blobs from this size up are kept in the local cache (store/blobcache.py).
 CACHE_MIN = 1 << 20
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -591,10 +592,4 @@ def _settle(futures: list[Future]) -> None:
 
 
 def _default_cache() -> Any:
-    # LocalCache lives in postgres_blobs for now, which imports psycopg: a
-    # machine without psycopg reads every blob from the bucket.
-    try:
-        from .postgres_blobs import LocalCache
-    except ImportError:
-        return None
     return LocalCache.from_env()

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable
 from ..records.trust import IntegrityError, Verifier
 from ..store.base import Blob
 from ..store.blobs import ALTERED, Blobs, Filling
-from ..store.blobs import buffer as _buffer, bytes_view as _bytes_view  # noqa: F401 - _buffer: recorder, objects
+from ..store.blobs import bytes_view as _bytes_view
 from ..store.dialect import Tx
 from .sqlite_file import pragmas
 from .sqlite_schema import SQL

@@ -56,7 +56,7 @@ def snapshot(data: Any) -> Any:
         return data
     view = memoryview(data)
     view = view if view.format == "B" and view.ndim == 1 else view.cast("B")
-    from ..backends.sqlite_blobs import _buffer  # a zeroed mapping, no memset to pay
+    from ..store.blobs import buffer as _buffer  # a zeroed mapping, no memset to pay
 
     out = _buffer(view.nbytes)
     memoryview(out)[:] = view
