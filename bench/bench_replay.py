@@ -340,7 +340,8 @@ class Bench:
         logical0 = self._logical_size(self.db)
         t0 = time.perf_counter()
         self.run(ours)
-        record_s = time.perf_counter() - t0
+        record_s = time.perf_counter() - t0  # what the user waited for: the record lands in the background
+        self.magics.runner.settle()  # landed: what it added to the file is measured below
         logical1 = self._logical_size(self.db)
         main1, wal1 = self._files_size(self.db)
         t0 = time.perf_counter()
@@ -390,7 +391,7 @@ class Bench:
             Row("c''. disk right after recording (db + -wal)", f"{(main1 + wal1 - logical0) / nbytes:.3f}x",
                 f"joblib {joblib_bytes / nbytes:.3f}x", f"-wal file {wal1 / 1e6:.0f} MB",
                 "(info; see bench_large.py g)", "info", {"main_bytes": main1, "wal_bytes": wal1}),
-            Row(f"c'''. first recording of {mb:.0f} MB (minus compute)", fmt_ms(record_s - compute_s),
+            Row(f"c'''. first recording of {mb:.0f} MB, what the user waits for (minus compute)", fmt_ms(record_s - compute_s),
                 f"joblib dump {fmt_ms(dump_s - compute_s)}",
                 f"{(record_s - compute_s) / (dump_s - compute_s):.2f}x; compute {fmt_ms(compute_s)}",
                 "(info, 1 sample; see bench_large.py f)", "info",
