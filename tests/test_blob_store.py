@@ -231,3 +231,29 @@ def test_a_replay_the_local_cache_answers_makes_no_s3_client(bucket_kernel, tmp_
     assert counter(tmp_path / "side.log") == 1
     assert np.array_equal(k.shell.user_ns["big"], np.arange(500_000, dtype="float64"))
     assert all(b._client is None for b in buckets._open.values()), "read from this machine's cache, no client made"
+
+
+def test_a_teammate_who_may_only_read_the_bucket_replays_and_cannot_record(bucket_kernel, s3_url, s3_env, tmp_path, monkeypatch):
+    """Read-only credentials (Read and List, no Write): records others made
+    replay; a cell whose large values can't be stored shows its output, ends
+    "could not record" in one line naming the bucket (no credential), and
+    runs again next time."""
+    k = bucket_kernel
+    k.ok(CELL)  # recorded by someone who may write
+    forget_cache(k, tmp_path, monkeypatch, "cache-reader")
+    for name, value in s3_env.reader_env().items():
+        monkeypatch.setenv(name, value)
+    k.ok(CELL)
+    assert counter(tmp_path / "side.log") == 1 and k.shell.user_ns["small"] == 7, "replayed with read access only"
+    other = CELL.replace("small = 7", "small = 8")
+    ran = k.ok(other)
+    assert counter(tmp_path / "side.log") == 2
+    k.magics.runner.settle()
+    said = k.run("pass")
+    text = ran.stdout + ran.stderr + said.stdout + said.stderr
+    (line,) = [ln for ln in text.splitlines() if "could not be recorded" in ln]
+    assert f"S3 {s3_url}: access denied" in line, line
+    assert s3_env.reader[1] not in text and s3_env.secret not in text
+    assert k.rows("SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)], "claim released"
+    k.ok(other)
+    assert counter(tmp_path / "side.log") == 3, "not recorded: it runs again"
