@@ -257,3 +257,17 @@ def test_a_teammate_who_may_only_read_the_bucket_replays_and_cannot_record(bucke
     assert k.rows("SELECT count(*) FROM rssd_magic_claim WHERE state_id IS NOT NULL") == [(0,)], "claim released"
     k.ok(other)
     assert counter(tmp_path / "side.log") == 3, "not recorded: it runs again"
+
+
+def test_bytes_planted_under_the_digest_in_the_bucket_are_replaced_not_trusted(bucket_kernel, s3_url, s3_env, tmp_path, monkeypatch):
+    k = bucket_kernel
+    value = np.arange(500_000, dtype="float64")
+    digest = buffer_digest(value.view(np.uint8))
+    where = S3Blobs(s3_url, cache=None).where
+    s3_env.client().put_object(Bucket=where.bucket, Key=where.key(digest), Body=b"\0" * value.nbytes)  # planted first
+    k.ok(CELL)
+    forget_cache(k, tmp_path, monkeypatch, "cache-2")
+    k.magics.blob_store = None
+    k.ok(CELL)
+    assert counter(tmp_path / "side.log") == 1
+    assert np.array_equal(k.shell.user_ns["big"], value), "the record's bytes, not the planted ones"
