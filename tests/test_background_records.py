@@ -137,3 +137,23 @@ def test_a_kernel_killed_while_its_record_is_written_is_taken_over(tmp_path):
     )]  # fmt: skip
     conn.close()
     assert chain == [("INITIAL", "RUNNING"), ("RUNNING", "ABANDONED"), ("ABANDONED", "RUNNING"), ("RUNNING", "EXECUTED")]
+
+
+def test_a_cells_commit_never_checkpoints_the_housekeeper_does(kernel, monkeypatch):
+    """The WAL is copied into the file on the housekeeper's thread once it
+    passes CHECKPOINT_BYTES, never inside a cell's commit (where its fsync
+    was every 40th first run's slow tail), and the WAL stays bounded."""
+    from rssd_magic.backends import sqlite_conn
+
+    monkeypatch.setattr(sqlite_conn, "CHECKPOINT_BYTES", 64 << 10)
+    db = kernel.magics.runner.backend().db
+    monkeypatch.setattr(db, "idle_close_s", 3600.0)  # no idle close: only the due checkpoint copies pages
+    assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    before = os.path.getsize(kernel.db)
+    for i in range(40):
+        kernel.ok(f"%%stateful\nv{i} = 'x' * 2000\n")
+    deadline = time.monotonic() + 10
+    while os.path.getsize(kernel.db) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.path.getsize(kernel.db) > before, "the housekeeper copied the WAL into the file"
+    assert os.path.getsize(f"{kernel.db}-wal") < 4 << 20

@@ -36,7 +36,7 @@ ENGINE = [
     "manage", "manage.report", "manage.render", "manage.trusting", "manage.sweep",
     "store", "store.base", "store.journal", "store.rows", "store.dialect", "store.tables", "store.transfer",
     "store.blobs", "store.blobcache", "store.pending", "store.schema",
-    "store.locations", "store.buckets",
+    "store.locations", "store.buckets", "store.mounts",
     "backends", "backends.sqlite", "backends.sqlite_blobs", "backends.sqlite_sessions", "backends.sqlite_schema",
     "backends.sqlite_file", "backends.sqlite_conn", "backends.postgres", "backends.postgres_blobs",
     "backends.postgres_conn", "backends.postgres_live", "backends.postgres_schema", "backends.objects",

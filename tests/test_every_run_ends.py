@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import counter
-from rssd_magic.backends import sqlite_file
+from rssd_magic.store import mounts
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 
@@ -103,11 +103,11 @@ def test_ctrl_c_while_a_large_result_is_recorded_ends_the_run_interrupted(kernel
 @pytest.fixture
 def on_nfs(tmp_path, monkeypatch):
     """The kernel's mount table, with one more mount: the test's folder on NFS."""
-    real = open(sqlite_file.MOUNTINFO).read()
+    real = open(mounts.MOUNTINFO).read()
     table = tmp_path / "mountinfo"
     folder = str(tmp_path).replace(" ", "\\040")
     table.write_text(real + f"999 1 0:99 / {folder} rw,relatime shared:9 - nfs4 fileserver:/export rw,vers=4.2\n")
-    monkeypatch.setattr(sqlite_file, "MOUNTINFO", str(table))
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(table))
     return tmp_path
 
 
@@ -141,12 +141,12 @@ def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path, monkeypatch):
         "40 22 0:50 / /mnt/team\\040share rw - cifs //srv/team rw\n"
         "41 40 0:51 / /mnt/team\\040share/local rw - ext4 /dev/sdb1 rw\n"
     )
-    monkeypatch.setattr(sqlite_file, "MOUNTINFO", str(table))
+    monkeypatch.setattr(mounts, "MOUNTINFO", str(table))
     from pathlib import Path
 
-    assert sqlite_file.network_filesystem(Path("/mnt/team share/x/state.db")) == ("cifs", "/mnt/team share")
-    assert sqlite_file.network_filesystem(Path("/mnt/team share/local/state.db")) is None
-    assert sqlite_file.network_filesystem(Path("/home/me/state.db")) is None
+    assert mounts.network_filesystem(Path("/mnt/team share/x/state.db")) == ("cifs", "/mnt/team share")
+    assert mounts.network_filesystem(Path("/mnt/team share/local/state.db")) is None
+    assert mounts.network_filesystem(Path("/home/me/state.db")) is None
 
 
 def test_a_plain_sqlite_reader_sees_no_half_written_rows_after_any_of_it(kernel):

@@ -45,7 +45,7 @@ from ..store.dialect import Tx
 from ..store.journal import BUSY_TIMEOUT_S, Journal
 from .sqlite_blobs import SqliteBlobs, checkpoint
 from .sqlite_conn import RssdConnection, operation, what
-from .sqlite_file import network_filesystem
+from ..store.mounts import network_filesystem
 from .sqlite_schema import SQL
 from .sqlite_sessions import SqliteRenewer
 

@@ -17,10 +17,11 @@ must not be able to hang us: every statement runs under a deadline
 from __future__ import annotations
 
 import functools
+import os
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,6 +41,10 @@ from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper
 MMAP_SIZE = 1 << 31
 #: The -wal file is cut back to this size when it is reset.
 JOURNAL_SIZE_LIMIT = 64 << 20
+#: Past this many WAL bytes the housekeeper checkpoints (SQLite's own
+#: default, 1000 pages): on its thread, not inside a cell's commit, whose
+#: checkpoint and fsync were every 40th first run's slow tail.
+CHECKPOINT_BYTES = 4 << 20
 #: A writer waiting for another process's lock tries again this often (ms),
 #: and says once that it waits after this many seconds.
 LOCK_STEP_MS = 200
@@ -202,6 +207,7 @@ class RssdConnection:
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("PRAGMA foreign_keys = ON")
                 conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")  # see CHECKPOINT_BYTES
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(f"RSSD {path}: not a usable SQLite database ({what(exc)})") from None
@@ -385,6 +391,9 @@ class RssdConnection:
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
+        with suppress(OSError):
+            if self.keeper is not None and os.stat(f"{self.path}-wal").st_size > CHECKPOINT_BYTES:
+                self.keeper.poke(checkpoint=True)
 
     def sql_connection(self) -> sqlite3.Connection:
         """A new connection for one ``--sql`` cell on the RSSD itself: nothing

@@ -73,14 +73,16 @@ class Housekeeper:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._orphans_done = db.read_only is not None
+        self._checkpoint = False
 
-    def poke(self, work: bool = True) -> None:
-        """Rows wait, or a write left WAL frames (*work*), or the store was
-        just used: make sure the thread runs (woken at once for work)."""
+    def poke(self, work: bool = True, checkpoint: bool = False) -> None:
+        """Rows wait, or the WAL is due a *checkpoint* (*work*), or the store
+        was just used: make sure the thread runs (woken at once for work)."""
         with self._lock:
             if self._stopped:
                 return
-            if work:
+            self._checkpoint |= checkpoint
+            if work or checkpoint:
                 self._wake.set()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="rssd-magic-housekeeper", daemon=True)
@@ -103,7 +105,7 @@ class Housekeeper:
                     return
                 self._wake.clear()
             done = True
-            if db.read_only is None and (db.pending or not self._orphans_done):
+            if db.read_only is None and (db.pending or not self._orphans_done or self._checkpoint):
                 done = self._once()
             idle_in = db.last_used + db.idle_close_s - time.monotonic()
             # Counts that came in since wait a little, to be written together.
@@ -130,18 +132,23 @@ class Housekeeper:
         try:
             conn.execute("PRAGMA busy_timeout = 0")
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                with pending_written(Tx(conn, SQL), db.pending):
-                    if not self._orphans_done:
-                        rows.close_orphans(Tx(conn, SQL), db.session_id)
-                    conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            self._orphans_done = True
-            checkpoint_idle(conn)
+            if db.pending or not self._orphans_done:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    with pending_written(Tx(conn, SQL), db.pending):
+                        if not self._orphans_done:
+                            rows.close_orphans(Tx(conn, SQL), db.session_id)
+                        conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                self._orphans_done = True
+            if self._checkpoint:  # while the kernel works: copied, not cut (TRUNCATE stops its writes)
+                self._checkpoint = False
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            else:
+                checkpoint_idle(conn)
             return not db.pending
         except sqlite3.Error:
             return False  # busy (someone holds the lock) or gone: try again later
