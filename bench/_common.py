@@ -139,6 +139,7 @@ def summary(xs: list[float]) -> dict:
         "mean": statistics.fmean(xs),
         "p10": xs_sorted[int(0.1 * (len(xs) - 1))],
         "p90": xs_sorted[int(0.9 * (len(xs) - 1))],
+        "p99": xs_sorted[int(0.99 * (len(xs) - 1))],
         "min": xs_sorted[0],
         "max": xs_sorted[-1],
     }

@@ -6,9 +6,12 @@ interleaved rounds (A, B, A, B, ...) and reported as medians:
 
 a. replay (hit) of ``%%stateful\\nx = 1`` minus a plain ``x = 1``;
    peer: ``y = cached_f(1)`` with a joblib.Memory-cached function (already
-   cached) minus plain.                                   target <= 0.3 ms
+   cached) minus plain.                          target <= 0.6x joblib's
+   a'': the same minus a no-op cell magic (our own work)  target <= 0.06 ms
 b. first run (miss) of a trivial cell minus plain, distinct code each round;
-   peer: a joblib.Memory miss (new argument) minus plain.   target <= 2 ms
+   peer: a joblib.Memory miss (new argument) minus plain.
+                                          target <= 1 ms and <= 1.5x joblib's
+   b'': the whole cell's p99 / median (no slow tail)      target <= 3x
 c. replay restoring a 200 MB float64 array vs joblib.Memory loading the same
    array (both warm: each file was just written and read once, so both come
    from the page cache).                                  target <= 1.2x
@@ -211,8 +214,8 @@ class Bench:
                 fmt_ms(ours_d),
                 f"joblib hit {fmt_ms(jl_d)}",
                 f"{ours_d / jl_d:.2f}x joblib; plain {fmt_ms(plain)}",
-                "<= 0.3 ms",
-                verdict(ours_d, 0.3e-3),
+                "<= 0.6x joblib",
+                verdict(ours_d / jl_d, 0.6),
                 {"ours_minus_plain_s": ours_d, "joblib_minus_plain_s": jl_d, "plain_s": plain, "rounds": rounds},
             )
         )
@@ -233,8 +236,8 @@ class Bench:
                 fmt_ms(ours_d - noop_d),
                 f"no-op magic {fmt_ms(noop_d)} over plain",
                 f"IPython's own cost of any cell magic is {noop_d / ours_d:.0%} of figure a",
-                "(info)",
-                "info",
+                "<= 0.06 ms",
+                verdict(ours_d - noop_d, 0.06e-3),
                 {"ours_minus_noop_s": ours_d - noop_d, "noop_minus_plain_s": noop_d},
             )
         )
@@ -280,9 +283,21 @@ class Bench:
                 fmt_ms(ours_d),
                 f"joblib miss {fmt_ms(jl_d)}",
                 f"{ours_d / jl_d:.2f}x joblib",
-                "<= 2 ms",
-                verdict(ours_d, 2e-3),
+                "<= 1 ms, <= 1.5x joblib",
+                "PASS" if ours_d <= 1e-3 and ours_d / jl_d <= 1.5 else "MISS",
                 {"ours_minus_plain_s": ours_d, "joblib_minus_plain_s": jl_d, "rounds": rounds},
+            )
+        )
+        tail, jl_tail = s["ours"]["p99"] / s["ours"]["median"], s["joblib"]["p99"] / s["joblib"]["median"]
+        self.rows.append(
+            Row(
+                "b''. its slow tail: p99 / median of the whole cell",
+                f"{tail:.2f}x ({fmt_ms(s['ours']['p99'])})",
+                f"joblib {jl_tail:.2f}x ({fmt_ms(s['joblib']['p99'])})",
+                f"{rounds} rounds",
+                "<= 3x",
+                verdict(tail, 3.0),
+                {"p99_s": s["ours"]["p99"], "median_s": s["ours"]["median"]},
             )
         )
         self.rows.append(

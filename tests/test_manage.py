@@ -113,3 +113,19 @@ def test_an_rssd_imported_into_another_replays_its_cells_there(kernel, tmp_path)
     assert counter(kernel.workdir / "side.log") == 1, "replayed from the laptop's RSSD, not run again"
     listed = CliRunner().invoke(main, ["--db", str(laptop), "list", "--json"])
     assert len(json.loads(listed.output)) == 2
+
+
+def test_gc_keeps_the_blobs_of_a_record_it_can_not_fully_read():
+    """What gc and stats read of a record is its value specs only: a record
+    the whole check refuses (another tool's, a newer version's field) still
+    keeps the blobs it names — gc keeps too much rather than too little."""
+    from rssd_magic.records.record import RecordError, RunRecord, digests_in
+
+    digest = "blake3:" + "ab" * 32
+    text = json.dumps({"format": "rssd_magic.result.v1", "duration_s": "a while",
+                       "names": {"x": {"kind": "pickle", "type": "bytes", "size": 3, "blob": digest}},
+                       "result_value": {"kind": "pickle", "type": "bytes", "size": 3, "blob": "blake3:" + "cd" * 32}})  # fmt: skip
+    with pytest.raises(RecordError):
+        RunRecord.from_json(text)
+    assert digests_in(text) == {digest, "blake3:" + "cd" * 32}
+    assert digests_in("[" * 100_000) == set() and digests_in("not json") == set() and digests_in(None) == set()

@@ -65,11 +65,28 @@ def blob_markers() -> tuple[str, ...]:
 
 
 def digests_in(text: str | None) -> set[str]:
-    """The blobs a stored record refers to (none for an unreadable one)."""
+    """The blobs a stored record refers to, read leniently: only its value
+    specs are looked at (gc and ``stats`` read every such record; a whole
+    check of each cost half of ``stats`` at 100,000 cells), and a record
+    this can read but :meth:`RunRecord.from_json` would refuse keeps its
+    blobs — gc keeps too much rather than delete what a record names."""
     try:
-        return RunRecord.from_json(text).blob_digests()
-    except RecordError:
+        data = _DECODER.decode(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
         return set()
+    if not isinstance(data, dict):
+        return set()
+    names = data.get("names")
+    specs = list(names.values()) if isinstance(names, dict) else []
+    specs.append(data.get("result_value"))
+    out: set[str] = set()
+    for spec in specs:
+        if isinstance(spec, dict):
+            try:
+                out.update(d for d in spec_blobs(spec) if isinstance(d, str))
+            except (TypeError, ValueError, AttributeError):
+                continue  # a spec no codec can read names no blob it could load
+    return out
 
 
 class RecordError(ValueError):
