@@ -162,15 +162,21 @@ def _cell_lines(raw: Any, body: str) -> tuple[list[str] | None, int]:
     """The lines of the notebook cell *raw* whose ``%%stateful`` body is
     *body* (each ending in a newline), and the index of the body's first
     line; ``(None, 0)`` when *raw* is not that cell."""
-    if not isinstance(raw, str) or body not in raw:
+    if not isinstance(raw, str):
         return None, 0
     lines = [line if line.endswith("\n") else line + "\n" for line in raw.splitlines()]
     for i, line in enumerate(lines):
         if _STATEFUL_LINE.match(line):
-            if "".join(lines[i + 1 :]).rstrip("\n") == body.rstrip("\n"):
+            if _lines_of("".join(lines[i + 1 :])) == _lines_of(body):
                 return lines, i + 1
             break
     return None, 0
+
+
+def _lines_of(text: str) -> list[str]:
+    # Without trailing whitespace: IPython 9.19 and later pass a cell magic
+    # its body with each line's trailing blanks removed; earlier, as typed.
+    return [line.rstrip() for line in text.rstrip("\n").splitlines()]
 
 
 _STATEFUL_LINE = re.compile(r"%%stateful(?:[ \t]|$)")
