@@ -271,3 +271,17 @@ def test_bytes_planted_under_the_digest_in_the_bucket_are_replaced_not_trusted(b
     k.ok(CELL)
     assert counter(tmp_path / "side.log") == 1
     assert np.array_equal(k.shell.user_ns["big"], value), "the record's bytes, not the planted ones"
+
+
+def test_verify_repair_never_forgets_cells_because_the_bucket_is_out_of_reach(bucket_kernel, tmp_path, monkeypatch):
+    k = bucket_kernel
+    k.ok(CELL)
+    k.magics.runner.settle()
+    (port,) = free_ports(1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")  # an outage
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    buckets._open.clear()
+    out = k.run("%stateful verify --repair")
+    assert "1 not checked" in out.stdout and "nothing repaired" in out.stdout and "unreachable" in out.stdout, out.stdout
+    assert "forgotten" not in out.stdout
+    assert k.rows("SELECT to_state FROM orchestration_session_state WHERE session_entry_id IS NOT NULL ORDER BY rowid")[-1] == ("EXECUTED",)

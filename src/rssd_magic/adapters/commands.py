@@ -226,8 +226,9 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
     """Check the bytes of every blob the current records name.
 
     Each blob is read back from the store and checked against its digest.
-    Exit status 1 when any is missing or holds other bytes; --repair then
-    deletes the bad ones and forgets the cells naming them.
+    Exit status 1 when any is missing or holds other bytes, or sits in a
+    bucket that could not be asked; --repair then deletes the bad ones and
+    forgets the cells naming them (never for a bucket out of reach).
     """
     surface = _surface(ctx)
     with surface.store(ctx, write=repair) as store:
@@ -236,7 +237,7 @@ def verify_cmd(ctx: click.Context, repair: bool, as_json: bool) -> None:
         surface.show(Reply(r, json_text), True)
     else:
         surface.say(render.verify_text(r, prog=surface.prog))
-    surface.exit_status(1 if r["bad"] else 0)
+    surface.exit_status(1 if r["bad"] or r["unchecked"] else 0)
 
 
 def _no_secret_in_argv(ctx: click.Context, param: click.Parameter, value: str | None) -> None:

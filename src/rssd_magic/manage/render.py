@@ -190,9 +190,14 @@ def verify_text(r: dict, prog: str = "rssd-magic") -> str:
         f"checked {plural(r['checked'], 'blob')} ({fmt_bytes(r['bytes'])}) named by "
         f"{plural(r['records'], 'current record')}"
     )
-    if not r["bad"]:
+    unchecked = r.get("unchecked") or []
+    if not r["bad"] and not unchecked:
         return head + ": all intact"
-    lines = [head + f": {len(r['bad'])} bad"]
+    lines = [head + f": {len(r['bad'])} bad" + (f", {len(unchecked)} not checked" if unchecked else "")]
+    if unchecked:
+        lines.append(f"not checked ({len(unchecked)}, nothing repaired for them): {unchecked[0]['why']}")
+    if not r["bad"]:
+        return "\n".join(lines)
     for b in r["bad"]:
         named = ", ".join(f"{c['key'][:12]} ({c['name']})" for c in b["cells"])
         lines.append(f"bad blob {b['digest'][:24]}…: {b['why']}; named by {named}")

@@ -24,6 +24,7 @@ from urllib.parse import unquote
 from typing import Iterator
 
 from ..store import tables
+from ..store.base import StoreError
 from ..store.journal import StateBackend
 from ..records.canonical import dumps
 from ..engine.keys import URI_PREFIX
@@ -337,7 +338,9 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
 
     Returns ``checked`` (blobs), ``bytes`` (their stored sizes), ``records``
     (current records seen), ``bad``: ``{digest, why, cells: [{key, name}]}``
-    for each blob missing or holding other bytes, and ``repaired``.  With
+    for each blob missing or holding other bytes, ``unchecked``: ``{digest,
+    why}`` for each blob in a bucket that could not be asked, and
+    ``repaired``.  With
     *repair*, bad blobs are deleted and the cells naming them forgotten
     (``EXECUTED → FORGOTTEN``): they run again next time, instead of
     replaying without their values.  ``forgotten`` lists those cells.
@@ -355,9 +358,13 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
                 users.setdefault(digest, []).append((cell, "(result)" if name == RESULT_VALUE else name))
                 where.setdefault(digest, record.blob_store)
     sizes = backend.blobs.sizes()
-    bad = []
+    bad, unchecked = [], []
     for digest, named_by in users.items():
-        why = sweep.check(backend, digest, where[digest])
+        try:
+            why = sweep.check(backend, digest, where[digest])
+        except StoreError as exc:  # a bucket out of reach: nothing known, nothing repaired
+            unchecked.append({"digest": digest, "why": str(exc)})
+            continue
         if why is not None:
             cells = [{"key": _key(c), "name": name} for c, name in named_by]
             bad.append({"digest": digest, "why": why, "cells": cells, "_rows": named_by})
@@ -380,6 +387,7 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
         "bytes": sum(sizes.get(d, 0) for d in users),
         "records": records,
         "bad": bad,
+        "unchecked": unchecked,
         "repaired": bool(repair and bad),
         "forgotten": forgotten,
     }

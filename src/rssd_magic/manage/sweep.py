@@ -89,11 +89,10 @@ def _entry(url: str) -> dict:
 
 def check(store: StateBackend, digest: str, where: str | None) -> str | None:
     """None when *digest*'s bytes are intact in the store or, for a record
-    naming a bucket, there; else why not (``missing``, a fault's line)."""
+    naming a bucket, there; else why not (``missing``, or what is wrong).
+    A bucket that can't be asked is StoreError: nothing is known of the
+    blob, and ``verify --repair`` must not forget its cells for an outage."""
     why = store.blobs.check(digest)
     if why != "missing" or where is None:
         return why
-    try:
-        return buckets.bucket(where).check(digest)
-    except StoreError as exc:
-        return str(exc)
+    return buckets.bucket(where).check(digest)
