@@ -9,6 +9,7 @@ line, and a cell whose values can't be stored runs again next time."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -285,3 +286,54 @@ def test_verify_repair_never_forgets_cells_because_the_bucket_is_out_of_reach(bu
     assert "1 not checked" in out.stdout and "nothing repaired" in out.stdout and "unreachable" in out.stdout, out.stdout
     assert "forgotten" not in out.stdout
     assert k.rows("SELECT to_state FROM orchestration_session_state WHERE session_entry_id IS NOT NULL ORDER BY rowid")[-1] == ("EXECUTED",)
+
+
+HANG_AFTER_ONE_PART = (
+    "import threading\n"
+    "from rssd_magic.backends.objects import S3Blobs\n"
+    "_real_part = S3Blobs._part\n"
+    "def _one_then_hang(self, *args):\n"
+    "    if getattr(self, '_sent', 0):\n"
+    "        threading.Event().wait()\n"
+    "    self._sent = 1\n"
+    "    return _real_part(self, *args)\n"
+    "S3Blobs._part = _one_then_hang\n"
+)
+# 48 MB: a multipart upload of three 16 MiB parts, written in the background.
+KILLED = "%%stateful\nimport numpy as np\n" + APPEND + "big = np.arange(6_000_000, dtype='float64')\n"
+
+
+@pytest.mark.kernel
+def test_a_kernel_killed_mid_upload_is_taken_over_and_gc_aborts_what_it_left(s3_url, s3_env, tmp_path, monkeypatch):
+    """A kernel SIGKILLed while its large value is being uploaded (one part
+    sent, the rest hanging): nothing of it replays; another kernel takes
+    the cell over and records it; gc aborts the upload the dead one left."""
+    from shell_process import ShellProcess
+
+    monkeypatch.setenv(buckets.ENV_BLOBS, s3_url)
+    monkeypatch.setenv("RSSD_MAGIC_BLOB_CACHE", str(tmp_path / "blob-cache"))
+    where = S3Blobs(s3_url, cache=None).where
+    uploads = lambda: s3_env.client().list_multipart_uploads(Bucket=where.bucket).get("Uploads", [])  # noqa: E731
+    victim = ShellProcess(tmp_path)
+    try:
+        victim.ok(HANG_AFTER_ONE_PART)
+        victim.ok(KILLED)  # the cell returned; its upload hangs after one part
+        deadline = time.monotonic() + 30
+        while not uploads() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(uploads()) == 1, "a multipart upload was begun"
+    finally:
+        victim.kill()
+    survivor = ShellProcess(tmp_path, lease_seconds=2)
+    try:
+        ran = survivor.ok(KILLED)
+        assert "took over" in ran["stdout"], ran
+        assert survivor.value("float(big[-1])") == 6_000_000 - 1
+        survivor.ok("get_ipython().run_line_magic('stateful', 'list')")  # waits for its record to land
+        swept = survivor.ok("%stateful gc --grace 0s")
+        assert f"{s3_url}: freed 0 objects" in swept["stdout"], swept
+    finally:
+        survivor.close()
+    assert counter(tmp_path / "side.log") == 2, "the killed kernel's run recorded nothing: it ran again"
+    assert uploads() == [], "gc aborted the upload the killed kernel left"
+    assert len(objects(s3_url)) == 1
