@@ -4,6 +4,7 @@ directory and RSSD per test, and helpers to read the RSSD with plain sqlite3."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sqlite3
 from dataclasses import dataclass
@@ -131,3 +132,36 @@ def kernel(shell, tmp_path, monkeypatch) -> Kernel:
 def counter(path: Path) -> int:
     """Lines in a side-effect file (0 when missing)."""
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def forge_record(kernel, cell: str, record: dict, signature: str | None = None) -> str:
+    """Write *record* as the EXECUTED record of the ``--name`` *cell*, as
+    another tool could, before the cell ever ran here: the cell's key
+    computed in advance, ids from the future; with a *signature* row by
+    this kernel's key id.  Returns the cell's ingest_src."""
+    from rssd_magic.engine.keys import cell_key
+
+    line, _, body = cell.partition("\n")
+    name = line.split("--name ", 1)[1].split()[0]
+    key = cell_key(body, "default", name)
+    (session,) = kernel.rows("SELECT orchestration_session_id FROM orchestration_session LIMIT 1")[0]
+    conn = sqlite3.connect(kernel.db)
+    conn.execute(
+        "INSERT INTO orchestration_session_entry (orchestration_session_entry_id, session_id, ingest_src, elaboration) "
+        "VALUES ('ZZZZZZZZZZZZZZZZZZZZZZZZZ1', ?, ?, '{}')",
+        (session, key.ingest_src),
+    )
+    conn.execute(
+        "INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id, "
+        "from_state, to_state, transition_result, transition_reason, transitioned_at) "
+        "VALUES ('ZZZZZZZZZZZZZZZZZZZZZZZZZ2', ?, 'ZZZZZZZZZZZZZZZZZZZZZZZZZ1', 'RUNNING', 'EXECUTED', ?, 'completed', '2099-01-01 00:00:00')",
+        (session, json.dumps(record)),
+    )
+    if signature is not None:
+        conn.execute(
+            "INSERT INTO rssd_magic_signature (payload_id, key_id, signature) VALUES (?, ?, ?)",
+            ("0" * 64, kernel.magics.signer.key_id, signature),
+        )
+    conn.commit()
+    conn.close()
+    return key.ingest_src

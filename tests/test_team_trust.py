@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import xxhash
 from click.testing import CliRunner
-from conftest import counter
+from conftest import counter, forge_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rssd_magic.cli import main
-from rssd_magic.records.keyring import Keyring
 from rssd_magic.records.record import RunRecord
 from rssd_magic.records.signers import OTHER_KEY_TYPES, SignersError, parse
 from rssd_magic.records.signing import PersonalKey, PublicKey
@@ -129,7 +128,7 @@ def test_a_record_signed_by_an_untrusted_key_does_not_act(kernel, become, tmp_pa
     record = {"format": "rssd_magic.result.v1", "outputs": [{"output_type": "stream", "name": "stdout", "text": "hi\n"}],
               "names": {"stolen": {"kind": "module", "module": "antigravity"}}}  # fmt: skip
     cell = "%%stateful --name forged\nstolen = 0\n"
-    ingest = _forge(kernel, cell, record)
+    ingest = forge_record(kernel, cell, record)
     (message,) = RunRecord.from_json(record).payloads_to_sign(ingest)
     pid = payload_id(message)
     _rows(kernel.db, [(pid, mallory.key_id, mallory.sign(pid))])
@@ -142,31 +141,6 @@ def test_a_record_signed_by_an_untrusted_key_does_not_act(kernel, become, tmp_pa
     kernel.restart()
     ran = kernel.ok(cell)
     assert "stolen" not in kernel.shell.user_ns and "its signature row by your key is not a signature" in ran.stderr
-
-
-def _forge(kernel, cell: str, record: dict) -> str:
-    """Write *record* as the EXECUTED record of the --name *cell*, as
-    another tool could; returns the cell's ingest_src."""
-    from rssd_magic.engine.keys import cell_key
-
-    line, _, body = cell.partition("\n")
-    key = cell_key(body, "default", line.split("--name ", 1)[1].split()[0])
-    (session,) = kernel.rows("SELECT orchestration_session_id FROM orchestration_session LIMIT 1")[0]
-    conn = sqlite3.connect(kernel.db)
-    conn.execute(
-        "INSERT INTO orchestration_session_entry (orchestration_session_entry_id, session_id, ingest_src, elaboration) "
-        "VALUES ('ZZZZZZZZZZZZZZZZZZZZZZZZZ1', ?, ?, '{}')",
-        (session, key.ingest_src),
-    )
-    conn.execute(
-        "INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id, "
-        "from_state, to_state, transition_result, transition_reason, transitioned_at) VALUES "
-        "('ZZZZZZZZZZZZZZZZZZZZZZZZZ2', ?, 'ZZZZZZZZZZZZZZZZZZZZZZZZZ1', 'RUNNING', 'EXECUTED', ?, 'completed', '2099-01-01 00:00:00')",
-        (session, json.dumps(record)),
-    )
-    conn.commit()
-    conn.close()
-    return key.ingest_src
 
 
 def _rows(db, rows) -> None:
@@ -218,7 +192,7 @@ def test_an_empty_hmac_key_file_is_refused_and_a_record_forged_with_the_empty_ke
     legacy.chmod(0o600)
     record = {"format": "rssd_magic.result.v1", "outputs": [], "names": {"stolen": {"kind": "json", "value": "x"}}}
     cell = "%%stateful --name forged\n" + APPEND + "stolen = 0\n"
-    ingest = _forge(kernel, cell, record)
+    ingest = forge_record(kernel, cell, record)
     pid = payload_id(RunRecord.from_json(record).payloads_to_sign(ingest)[0])
     empty_id = hashlib.sha256(b"rssd_magic key id\0").hexdigest()[:16]
     _rows(kernel.db, [(pid, empty_id, hmac.new(b"", pid.encode(), hashlib.sha256).hexdigest())])

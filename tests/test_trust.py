@@ -4,7 +4,6 @@ bad input, with nothing lost and nothing acting that we didn't sign."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import sqlite3
@@ -13,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import counter
+from conftest import counter, forge_record
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -456,36 +455,6 @@ def test_signed_module_spec_is_imported_by_name_only(kernel):
     ran = kernel.ok(cell)
     assert "codec names no importable module ('../evil_helper')" in ran.stderr
     assert "codec" not in kernel.shell.user_ns and kernel.shell.user_ns["os"].path.join("a", "b") == "a/b"
-
-
-def forge_record(kernel, cell: str, record: dict, signature: str | None = None) -> None:
-    """Write a record as another tool could, before the cell ever ran here:
-    the cell's key computed in advance, ids from the future."""
-    from rssd_magic.engine.keys import cell_key
-
-    line, _, body = cell.partition("\n")
-    name = line.split("--name ", 1)[1].split()[0]
-    key = cell_key(body, "default", name)
-    (session,) = kernel.rows("SELECT orchestration_session_id FROM orchestration_session LIMIT 1")[0]
-    conn = sqlite3.connect(kernel.db)
-    conn.execute(
-        "INSERT INTO orchestration_session_entry (orchestration_session_entry_id, session_id, ingest_src, elaboration) "
-        "VALUES ('ZZZZZZZZZZZZZZZZZZZZZZZZZ1', ?, ?, '{}')",
-        (session, key.ingest_src),
-    )
-    conn.execute(
-        "INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id, "
-        "from_state, to_state, transition_result, transition_reason, transitioned_at) "
-        "VALUES ('ZZZZZZZZZZZZZZZZZZZZZZZZZ2', ?, 'ZZZZZZZZZZZZZZZZZZZZZZZZZ1', 'RUNNING', 'EXECUTED', ?, 'completed', '2099-01-01 00:00:00')",
-        (session, json.dumps(record)),
-    )
-    if signature is not None:
-        conn.execute(
-            "INSERT INTO rssd_magic_signature (payload_id, key_id, signature) VALUES (?, ?, ?)",
-            ("0" * 64, kernel.magics.signer.key_id, signature),
-        )
-    conn.commit()
-    conn.close()
 
 
 def test_forged_row_publishes_only_text_and_raster_images(kernel):
