@@ -167,9 +167,14 @@ def verdict(value: float, limit: float) -> str:
 
 
 def print_table(rows: list[Row], out=None) -> None:
-    out = out or sys.__stdout__
     head = ("figure", "ours", "peer", "ours vs peer / plain", "target", "")
-    cols = [head] + [(r.figure, r.ours, r.peer, r.compare, r.target, r.verdict) for r in rows]
+    text_table(head, [(r.figure, r.ours, r.peer, r.compare, r.target, r.verdict) for r in rows], out)
+
+
+def text_table(head: tuple[str, ...], rows: list[tuple[str, ...]], out=None) -> None:
+    """*rows* under *head* in aligned columns between rules."""
+    out = out or sys.__stdout__
+    cols = [head, *rows]
     widths = [max(len(c[i]) for c in cols) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
     print(line, file=out)

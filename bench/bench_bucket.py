@@ -72,7 +72,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent / "tests"))  # s3_util: the SeaweedFS the tests use
 
-from _common import NullWriter, interleaved, loadavg, machine, machine_line, save_json, summary  # noqa: E402
+from _common import NullWriter, interleaved, loadavg, machine, machine_line, save_json, summary, text_table  # noqa: E402
 
 OUT = sys.__stdout__
 ERR = sys.__stderr__
@@ -393,16 +393,7 @@ class Bench:
 
 
 def table(rows: list[tuple[str, ...]]) -> None:
-    head = ("figure", "rssd_magic", "joblib", "ratio", "target", "holds?")
-    cols = [head, *rows]
-    widths = [max(len(c[i]) for c in cols) for i in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    print(line, file=OUT)
-    for i, c in enumerate(cols):
-        print("  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip(), file=OUT)
-        if i == 0:
-            print(line, file=OUT)
-    print(line, file=OUT, flush=True)
+    text_table(("figure", "rssd_magic", "joblib", "ratio", "target", "holds?"), rows, OUT)
 
 
 def rows_of(s: dict[str, list[float]], mb: int) -> tuple[list[tuple[str, ...]], list[str]]:
