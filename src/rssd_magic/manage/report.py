@@ -320,14 +320,15 @@ def gc(backend: StateBackend, dry_run: bool = False, grace_s: float = sweep.DEFA
     Returns ``deleted`` (count), ``bytes_freed``, ``kept`` and
     ``kept_bytes`` for the store, and ``buckets`` (see sweep.sweep); with
     *dry_run*, nothing is deleted (and the store may be read-only)."""
-    doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run)
+    named: set[str] = set()
+    doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run, named=named)
     return {
         "deleted": len(doomed),
         "bytes_freed": sum(size for _, size in doomed),
         "kept": kept,
         "kept_bytes": kept_bytes,
         "dry_run": dry_run,
-        "buckets": sweep.sweep(backend, bucket, grace_s, dry_run),
+        "buckets": sweep.sweep(backend, bucket, grace_s, dry_run, keep=named),
     }
 
 

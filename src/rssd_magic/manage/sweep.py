@@ -33,7 +33,8 @@ from ..store.journal import StateBackend
 DEFAULT_GRACE_S = 3600.0
 
 
-def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[dict]:
+def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
+          keep: set[str] | None = None) -> list[dict]:  # fmt: skip
     """gc of *bucket* — the one large values go to, as the user set it: a
     bucket a record names is never swept for being named (whoever can write
     the store could name anyone's).  One entry per bucket this store's
@@ -41,7 +42,8 @@ def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRAC
     ``kept_bytes``, ``uploads_aborted``, ``left``: why nothing was deleted
     there (not the bucket set here, a shared prefix, a fault), else None;
     and with *dry_run* ``objects``: ``{digest, size}`` of each object that
-    would be deleted."""
+    would be deleted.  *keep*: the digests the current records name, when
+    the caller has them."""
     named = tables.bucket_refs(store)
     if not named:
         return []
@@ -50,7 +52,8 @@ def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRAC
                 "or $RSSD_MAGIC_BLOBS to it, or pass --blob-store)") for url in others]  # fmt: skip
     if bucket not in named:
         return out
-    keep = store.read(lambda t: tables.referenced(t))
+    if keep is None:  # what the current records name (gc found it already: tables.gc's named)
+        keep = store.read(lambda t: tables.referenced(t))
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=max(0.0, grace_s))
     url, ever = bucket, named[bucket]
     entry = _entry(url)

@@ -338,7 +338,8 @@ def bucket_refs(store: StateBackend) -> dict[str, set[str]]:
 
 
 def gc(
-    store: StateBackend, digests_of: Callable[[str], set[str]] | None = None, dry_run: bool = False
+    store: StateBackend, digests_of: Callable[[str], set[str]] | None = None, dry_run: bool = False,
+    named: set[str] | None = None,
 ) -> tuple[list[tuple[str, int]], int, int]:
     """Blobs no current EXECUTED record names, deleted (unless *dry_run*) in
     the transaction that found them: a kernel finishing a run at the same
@@ -347,12 +348,16 @@ def gc(
     each other takes its blob lock: ``blobs.exclusive``).  Returns
     ``(deleted [(digest, size)], kept, kept_bytes)``; what a write cut
     short left (SQLite's chunks without their blob row) counts as one
-    blob per digest."""
+    blob per digest.  *named*, when given, receives what the current
+    records name (a bucket's sweep keeps the same: sweep.py)."""
 
     def work(t: Tx, _retrying: bool = False) -> tuple[list[tuple[str, int]], int, int]:
         if not dry_run:
             store.blobs.exclusive(t)
         keep = referenced(t, digests_of)
+        if named is not None:
+            named.clear()
+            named.update(keep)
         stored, partial = store.blobs.listing(t)
         rows = [(d, int(s or 0)) for d, s in stored if d not in keep]
         partial = [(d, int(s or 0)) for d, s in partial if d not in keep]
