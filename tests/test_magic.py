@@ -532,3 +532,30 @@ def test_the_path_of_one_cell_enters_each_module_at_most_twice(kernel):
     for run in ("first run", "replay"):
         counts = _module_path_counts(kernel, cell)
         assert counts and max(counts.values()) <= 2, (run, {m: n for m, n in counts.items() if n > 2})
+
+
+def test_a_replay_sees_what_another_connection_wrote_a_moment_ago(kernel):
+    # The kernel keeps each cell's latest transition between replays; a
+    # commit by anyone else (here: a forget, as another tool would write
+    # it) must be seen by the very next run.
+    cell = "%%stateful\n" + APPEND + "y = 7\n"
+    kernel.ok(cell)
+    kernel.ok(cell)
+    assert counter(kernel.workdir / "side.log") == 1
+    (state_id, entry_id, session_id) = kernel.rows(
+        "SELECT orchestration_session_state_id, session_entry_id, session_id FROM orchestration_session_state "
+        "WHERE to_state = 'EXECUTED' ORDER BY rowid DESC LIMIT 1"
+    )[0]
+    conn = sqlite3.connect(kernel.db)
+    conn.execute(
+        "INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id, "
+        "from_state, to_state, transition_reason, transitioned_at) "
+        "VALUES ('ZZZZZZZZZZZZZZZZZZZZZZZZZ9', ?, ?, 'EXECUTED', 'FORGOTTEN', 'by another tool', '2026-01-01 00:00:00')",
+        (session_id, entry_id),
+    )
+    conn.commit()
+    conn.close()
+    kernel.ok(cell)
+    assert counter(kernel.workdir / "side.log") == 2, "forgotten elsewhere: it runs again"
+    kernel.ok(cell)
+    assert counter(kernel.workdir / "side.log") == 2, "and its new record replays"
