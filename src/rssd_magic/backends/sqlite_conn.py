@@ -45,6 +45,12 @@ JOURNAL_SIZE_LIMIT = 64 << 20
 #: default, 1000 pages): on its thread, not inside a cell's commit, whose
 #: checkpoint and fsync were every 40th first run's slow tail.
 CHECKPOINT_BYTES = 4 << 20
+#: ... at most this often (seconds): a checkpoint leaves the -wal file its
+#: size (it is rewound, not cut, while the kernel writes), so by its size
+#: alone one was due after every write — a new connection and 1.2 ms of
+#: fsyncs per first run on the housekeeper's thread, taking the GIL and the
+#: disk from the cell that runs next.
+CHECKPOINT_EVERY_S = 1.0
 #: A writer waiting for another process's lock tries again this often (ms),
 #: and says once that it waits after this many seconds.
 LOCK_STEP_MS = 200
@@ -128,6 +134,7 @@ class RssdConnection:
         self.session_args: dict = {}
         self.host = ""
         self._deadline = _Deadline(STATEMENT_DEADLINE_S)
+        self._checkpoint_due = 0.0  # monotonic; see CHECKPOINT_EVERY_S
         self._said: set[str] = set()
 
     def say(self, line: str) -> None:
@@ -391,9 +398,12 @@ class RssdConnection:
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
-        with suppress(OSError):
-            if self.keeper is not None and os.stat(f"{self.path}-wal").st_size > CHECKPOINT_BYTES:
-                self.keeper.poke(checkpoint=True)
+        now = time.monotonic()
+        if self.keeper is not None and now >= self._checkpoint_due:
+            with suppress(OSError):
+                if os.stat(f"{self.path}-wal").st_size > CHECKPOINT_BYTES:
+                    self._checkpoint_due = now + CHECKPOINT_EVERY_S
+                    self.keeper.poke(checkpoint=True)
 
     def sql_connection(self) -> sqlite3.Connection:
         """A new connection for one ``--sql`` cell on the RSSD itself: nothing
