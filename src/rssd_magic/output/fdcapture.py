@@ -346,6 +346,14 @@ class FdTee:
             return
         _fflush_c_streams()  # a C library's printf of this cell, still in its buffer
         with self.lock:
+            # The reader thread lets go of the pipes first: restoring the fds
+            # makes them readable (end of file), and waking that thread for
+            # it would hand the GIL and this lock back and forth while this
+            # thread reads the same pipes (most of a short cell's capture).
+            pump = self._pump
+            if pump is not None:
+                for ch in self._channels:
+                    pump.remove(ch)
             try:
                 for ch in self._channels:
                     self._read(ch)
@@ -360,6 +368,8 @@ class FdTee:
                 self._read(ch)
                 if ch.eof or ch.forward is not None:
                     self._close_saved(ch)  # not needed to forward any more
+                if not ch.eof and pump is not None:
+                    pump.add(self, ch)  # a background process still writes: forwarded until it closes
             self.recording = False
             if self._pump is None:  # never started: nothing will read on
                 for ch in self._channels:
