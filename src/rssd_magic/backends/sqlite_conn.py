@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..store.base import StoreError
-from .sqlite_file import Identity, check_path, connect, identity, lock_holder, pragmas
+from .sqlite_file import Identity, check_path, connect, identity, lock_holder
 from .sqlite_schema import ensure_schema, newer_schema, own_tables_as_temp, schema_problems
 from ..store.rows import stamped_session
 from ..store.dialect import Tx
@@ -354,7 +354,10 @@ class RssdConnection:
         patience = self.busy_timeout_s if patience_s is None else patience_s
         deadline = start + patience
         said = False
-        with pragmas(conn, busy_timeout=LOCK_STEP_MS):
+        # Tried in steps (to say who holds the lock), then back to the wait
+        # every other statement has: the connection's, set when it opened.
+        conn.execute(f"PRAGMA busy_timeout = {LOCK_STEP_MS}")
+        try:
             while True:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
@@ -376,6 +379,8 @@ class RssdConnection:
                     self.notify(
                         f"[stateful] waiting up to {self.busy_timeout_s:g}s for the write lock on RSSD {self.path}{held}"
                     )
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
 
     @contextmanager
     def write(self, patience_s: float | None = None) -> Iterator[sqlite3.Connection]:
