@@ -111,6 +111,8 @@ class _Channel:
     #: inside another (a %%stateful cell run by one): bytes are handed to it
     #: directly, as the one reader thread can't wait on a pipe it reads.
     parent: tuple[FdTee, _Channel] | None = None
+    #: Our pipe's identity in :data:`_pipes`.
+    pipe: tuple[int, int] = (-1, -1)
 
 
 class _Pump:
@@ -244,8 +246,10 @@ class FdTee:
                 os.close(f)
             return False
         os.close(w)  # fd itself is now the write end (and what children inherit)
-        ch = _Channel(fd, name, saved, r, forward, parent=_pipes.get(_pipe_id(saved)))
-        _pipes[_pipe_id(r)] = (self, ch)
+        # (No live pipe of ours, no parent to look for: most cells.)
+        ch = _Channel(fd, name, saved, r, forward, parent=_pipes.get(_pipe_id(saved)) if _pipes else None)
+        ch.pipe = _pipe_id(r)
+        _pipes[ch.pipe] = (self, ch)
         self._channels.append(ch)
         if self._pending is not None:
             self._pending.register(r, select.POLLIN)
@@ -317,7 +321,7 @@ class FdTee:
             self._deliver(ch, data)
 
     def _close_read(self, ch: _Channel) -> None:
-        _pipes.pop(_pipe_id(ch.read), None)
+        _pipes.pop(ch.pipe, None)
         if self._pending is not None:
             self._pending.unregister(ch.read)
         if self._pump is not None:
