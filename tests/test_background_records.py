@@ -157,3 +157,24 @@ def test_a_cells_commit_never_checkpoints_the_housekeeper_does(kernel, monkeypat
         time.sleep(0.05)
     assert os.path.getsize(kernel.db) > before, "the housekeeper copied the WAL into the file"
     assert os.path.getsize(f"{kernel.db}-wal") < 4 << 20
+
+
+def test_a_large_wal_is_checkpointed_once_a_second_not_after_every_write(kernel, monkeypatch):
+    """A checkpoint leaves the -wal file its size, so by its size alone one
+    was asked for after every write once it had passed CHECKPOINT_BYTES: a
+    new connection and fsyncs on the housekeeper's thread per cell."""
+    from rssd_magic.backends import sqlite_conn
+
+    monkeypatch.setattr(sqlite_conn, "CHECKPOINT_BYTES", 16 << 10)
+    db = kernel.magics.runner.backend().db
+    asked = []
+    poke = db.keeper.poke
+    monkeypatch.setattr(db.keeper, "poke", lambda *a, **k: (asked.append(k.get("checkpoint")), poke(*a, **k))[1])
+    started = time.monotonic()
+    for i in range(30):
+        kernel.ok(f"%%stateful\nw{i} = 'x' * 4000\n")
+    took = time.monotonic() - started
+    assert os.path.getsize(f"{kernel.db}-wal") > 16 << 10, "the WAL is past the threshold"
+    checkpoints = asked.count(True)
+    assert sqlite_conn.CHECKPOINT_EVERY_S == 1.0
+    assert 1 <= checkpoints <= took + 1, f"{checkpoints} checkpoints asked for in {took:.2f}s of 30 cells"
