@@ -328,6 +328,9 @@ class Bench:
         before = files_bytes(fresh)
         with DiskSampler(fresh) as sampler:
             self.run(f"%%stateful --quiet --db {fresh}\narr_d = np.arange({n}, dtype='float64') + 7")
+            # The record is written in the background: the disk is sampled
+            # until it has landed, not only while the cell ran.
+            self.magics.runner.settle()
             after = files_bytes(fresh)
         nbytes = n * 8
         wal = Path(str(fresh) + "-wal")
