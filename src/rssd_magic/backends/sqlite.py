@@ -51,9 +51,9 @@ from .sqlite_schema import SQL
 from .sqlite_sessions import SqliteRenewer
 
 #: Cells whose latest transition a kernel keeps between changes of the file
-#: (the replay's read), and the largest record kept.
-SEEN_MAX = 4096
-SEEN_RECORD_MAX = 64 << 10
+#: (the replay's read), and the largest record kept: 16 MiB at most.
+SEEN_MAX = 1024
+SEEN_RECORD_MAX = 16 << 10
 _UNSEEN = object()
 
 
