@@ -9,6 +9,8 @@ kernel reports (pointed at a copy that puts the folder on NFS).
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import time
 
@@ -72,23 +74,29 @@ def test_a_lock_held_past_the_busy_timeout_ends_the_run_as_soon_as_it_can(kernel
 
 
 def test_ctrl_c_while_a_large_result_is_recorded_ends_the_run_interrupted(kernel, monkeypatch):
-    # A real SIGINT, sent 10 ms after the body ends: while the 200 MB value
-    # is being serialized, hashed and written.  (Asked for through the
-    # environment, which is not part of the key: the retry is the same cell.)
-    cell = (
-        "%%stateful\n" + APPEND + "import numpy as np, os, signal, threading\n"
-        "big = np.ones(25_000_000)\n"
-        "if os.environ.get('SIGINT_AFTER_BODY'):\n"
-        "    threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
-    )
-    monkeypatch.setenv("SIGINT_AFTER_BODY", "1")
+    # A real SIGINT, sent while the 200 MB value is being serialized: from
+    # inside the serializer, so it lands there every time.  (A timer started
+    # by the body raced the copy handed to the background writer, and once
+    # landed after the cell had returned, in pytest itself.)
+    from rssd_magic.engine import runs
+
+    dump_names, armed = runs.dump_names, [True]
+
+    def interrupted_while_dumping(*args, **kwargs):
+        if armed:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+        return dump_names(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "dump_names", interrupted_while_dumping)
+    cell = "%%stateful\n" + APPEND + "import numpy as np\nbig = np.ones(25_000_000)\n"
     ran = kernel.run(cell)
     assert isinstance(ran.result.error_in_exec, KeyboardInterrupt)
     assert kernel.states()[-1] == ("RUNNING", "INTERRUPTED")
     assert last_reason(kernel) == "interrupted while recording"
     assert held_claims(kernel) == 0
     assert kernel.rows("SELECT count(*) FROM rssd_magic_blob WHERE size >= 200000000") == [(0,)]
-    monkeypatch.delenv("SIGINT_AFTER_BODY")
+    assert not armed
     kernel.ok("big = None")
     kernel.ok(cell)
     kernel.magics.runner.settle()  # its record is written while the notebook goes on
