@@ -39,14 +39,17 @@ def threads():
 """
 
 
-def run(body: str) -> dict:
+def run(body: str, shown: list | None = None) -> dict:
     """Run *body* (after the prelude) in a fresh interpreter; it prints one
-    JSON line to stderr (fd 1 is what it captures).  30 s at most."""
+    JSON line to stderr (fd 1 is what it captures; what reached the real fd
+    1 is appended to *shown*).  30 s at most."""
     code = PRELUDE.format(src=SRC) + textwrap.dedent(body)
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
     )
     assert done.returncode == 0, done.stderr
+    if shown is not None:
+        shown.append(done.stdout)
     return json.loads(done.stderr.strip().splitlines()[-1])
 
 
@@ -114,6 +117,7 @@ def test_a_forked_child_captures_with_a_reader_of_its_own():
 
 
 def test_a_background_child_is_forwarded_after_the_cell_not_recorded():
+    shown: list = []
     out = run("""
         import subprocess, time
         t, got = tee(1)
@@ -125,5 +129,6 @@ def test_a_background_child_is_forwarded_after_the_cell_not_recorded():
         child.wait()
         time.sleep(0.2)
         sys.stderr.write(json.dumps({"recorded": text(got)}) + "\\n")
-    """)
+    """, shown)
     assert out == {"recorded": "early\n"}
+    assert shown == ["early\nlate\n"], "what the child wrote after the cell still reached the terminal"
