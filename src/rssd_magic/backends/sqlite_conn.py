@@ -137,6 +137,12 @@ class RssdConnection:
         self._checkpoint_due = 0.0  # monotonic; see CHECKPOINT_EVERY_S
         self._said: set[str] = set()
 
+    @property
+    def _own_busy_timeout(self) -> str:
+        """The PRAGMA that gives the connection its own wait for a lock (set
+        when it opens; put back after each stepped BEGIN IMMEDIATE)."""
+        return f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}"
+
     def say(self, line: str) -> None:
         """Tell the user *line*, once per store."""
         if line not in self._said:
@@ -207,7 +213,7 @@ class RssdConnection:
         try:
             conn.set_progress_handler(self._deadline, PROGRESS_OPS)
             self._deadline.arm()
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute(self._own_busy_timeout)
             conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             if access.read_only is None:
                 # surveilr's own settings; none needs the write lock.
@@ -380,7 +386,7 @@ class RssdConnection:
                         f"[stateful] waiting up to {self.busy_timeout_s:g}s for the write lock on RSSD {self.path}{held}"
                     )
         finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute(self._own_busy_timeout)
 
     @contextmanager
     def write(self, patience_s: float | None = None) -> Iterator[sqlite3.Connection]:

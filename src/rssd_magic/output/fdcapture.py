@@ -247,8 +247,8 @@ class FdTee:
             return False
         os.close(w)  # fd itself is now the write end (and what children inherit)
         # (No live pipe of ours, no parent to look for: most cells.)
-        ch = _Channel(fd, name, saved, r, forward, parent=_pipes.get(_pipe_id(saved)) if _pipes else None)
-        ch.pipe = _pipe_id(r)
+        ch = _Channel(fd, name, saved, r, forward, parent=_pipes.get(_pipe_id(saved)) if _pipes else None,
+                      pipe=_pipe_id(r))  # fmt: skip
         _pipes[ch.pipe] = (self, ch)
         self._channels.append(ch)
         if self._pending is not None:
