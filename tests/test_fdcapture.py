@@ -127,7 +127,11 @@ def test_a_background_child_is_forwarded_after_the_cell_not_recorded():
             time.sleep(0.01)
         t.stop()
         child.wait()
-        time.sleep(0.2)
+        # Until the reader thread has forwarded all the child wrote and seen
+        # its pipe close (not a fixed sleep: CI machines are loaded).
+        deadline = time.monotonic() + 10
+        while not all(ch.eof for ch in t._channels) and time.monotonic() < deadline:
+            time.sleep(0.01)
         sys.stderr.write(json.dumps({"recorded": text(got)}) + "\\n")
     """, shown)
     assert out == {"recorded": "early\n"}

@@ -8,6 +8,8 @@ import json
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 
 import nbformat
 import numpy as np
@@ -534,10 +536,10 @@ def test_the_path_of_one_cell_enters_each_module_at_most_twice(kernel):
         assert counts and max(counts.values()) <= 2, (run, {m: n for m, n in counts.items() if n > 2})
 
 
-def test_a_replay_sees_what_another_connection_wrote_a_moment_ago(kernel):
+def test_a_replay_sees_what_another_process_wrote_a_moment_ago(kernel):
     # The kernel keeps each cell's latest transition between replays; a
-    # commit by anyone else (here: a forget, as another tool would write
-    # it) must be seen by the very next run.
+    # commit by anyone else (here: a forget, written by another process as
+    # another tool would) must be seen by the very next run.
     cell = "%%stateful\n" + APPEND + "y = 7\n"
     kernel.ok(cell)
     kernel.ok(cell)
@@ -546,15 +548,16 @@ def test_a_replay_sees_what_another_connection_wrote_a_moment_ago(kernel):
         "SELECT orchestration_session_state_id, session_entry_id, session_id FROM orchestration_session_state "
         "WHERE to_state = 'EXECUTED' ORDER BY rowid DESC LIMIT 1"
     )[0]
-    conn = sqlite3.connect(kernel.db)
-    conn.execute(
-        "INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id, "
-        "from_state, to_state, transition_reason, transitioned_at) "
-        "VALUES ('ZZZZZZZZZZZZZZZZZZZZZZZZZ9', ?, ?, 'EXECUTED', 'FORGOTTEN', 'by another tool', '2026-01-01 00:00:00')",
-        (session_id, entry_id),
+    forget = (
+        "import sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1])\n"
+        "conn.execute('INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, "
+        "session_entry_id, from_state, to_state, transition_reason, transitioned_at) VALUES "
+        "(\\'ZZZZZZZZZZZZZZZZZZZZZZZZZ9\\', ?, ?, \\'EXECUTED\\', \\'FORGOTTEN\\', \\'by another tool\\', "
+        "\\'2026-01-01 00:00:00\\')', sys.argv[2:])\n"
+        "conn.commit()\n"
     )
-    conn.commit()
-    conn.close()
+    subprocess.run([sys.executable, "-c", forget, str(kernel.db), session_id, entry_id], check=True, timeout=60)
     kernel.ok(cell)
     assert counter(kernel.workdir / "side.log") == 2, "forgotten elsewhere: it runs again"
     kernel.ok(cell)
