@@ -206,6 +206,21 @@ def test_list_text_is_aligned_and_found_by_env_and_cwd_default(base):
 
 
 @pytest.mark.kernel
+def test_list_limit_shows_the_newest_and_ends_its_read_cleanly(base):
+    # More cells than the limit: the listing stops early, and the read it
+    # started must end then, not when the process tears the store down
+    # (that printed "Exception ignored ... closed database" on stderr).
+    everything = as_json(base.db, "list", "--json")
+    shown = cli("--db", str(base.db), "list", "--limit", "2", script=True)
+    rows = ok(shown).splitlines()[1:]
+    assert [r[:12] for r in rows] == [c["key"][:12] for c in everything[:2]]
+    assert "the 2 newest cells shown" in shown.stderr
+    assert "Exception" not in shown.stderr and "Traceback" not in shown.stderr, shown.stderr
+    limited = json.loads(ok(cli("--db", str(base.db), "list", "--limit", "3", "--json", script=True)))
+    assert limited == everything[:3]
+
+
+@pytest.mark.kernel
 def test_console_script_runs_the_same_cli(base):
     via_script = cli("--db", str(base.db), "list", "--json", script=True)
     assert json.loads(ok(via_script)) == as_json(base.db, "list", "--json")

@@ -17,6 +17,7 @@ without terminal escapes.  A secret is never taken on the command line
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator
 
 import click
@@ -108,8 +109,9 @@ def list_cmd(ctx: click.Context, limit: int | None, all_: bool, as_json: bool) -
     """One line per cell, the newest (latest transition) first."""
     surface = _surface(ctx)
     n = None if all_ or (as_json and limit is None) else (limit or SCREENFUL)
-    with surface.store(ctx) as store:
-        cells = report.iter_cells(store, None if n is None else n + 1)
+    with surface.store(ctx) as store, contextlib.closing(report.iter_cells(store, None if n is None else n + 1)) as cells:
+        # closing: the read ends here when the listing stops at the limit,
+        # not when the store is gone (PostgreSQL: not idle in transaction).
         more = [False]
 
         def upto(rows: Iterator[dict]) -> Iterator[dict]:

@@ -32,6 +32,8 @@ against it.  Design rules, each from a bug somebody shipped:
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sqlite3
 from pathlib import Path
@@ -174,7 +176,17 @@ class SqliteBackend(Journal):
     def each(self, template: str, params: Any = ()) -> Iterator[tuple]:
         try:
             with self.db.using() as conn:
-                yield from conn.execute(SQL(template), params)
+                rows = conn.execute(SQL(template), params)
+                try:
+                    for row in rows:
+                        yield row
+                finally:
+                    # A reader that stops early ends the read now: an open
+                    # statement keeps a snapshot that holds back every
+                    # checkpoint.  After the store closed there is nothing
+                    # left to end (and nobody to tell).
+                    with contextlib.suppress(sqlite3.Error):
+                        rows.close()
         except sqlite3.Error as exc:
             raise StoreError(f"RSSD {self.path}: {what(exc)}") from None
 
