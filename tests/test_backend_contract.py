@@ -349,6 +349,22 @@ def test_hits_are_counted_and_flushed(env):
 # -- listings ---------------------------------------------------------------------------------
 
 
+def test_the_newest_cells_first_and_a_listing_stopped_early_ends_its_read(env):
+    b = env.open()
+    keys = [cell_key(f"v = {i}", "contract") for i in range(4)]
+    for k in keys:
+        run_once(b, k)
+    b.end_session(b.session_id, failed=False, reason="a session-level state among the cells' transitions")
+    assert tables.newest(b, 3) == [k.ingest_src for k in keys[:0:-1]]
+    cells = tables.cells(b, limit=2)
+    assert next(cells).ingest_src == keys[3].ingest_src
+    cells.close()  # a listing stopped at its limit
+    # Nothing of that read is left open: another writer gets the store at once.
+    other = env.open()
+    run_once(other, cell_key("w = 1", "contract"), lease=5.0)
+    assert [c.ingest_src for c in tables.cells(b, limit=2)] == [cell_key("w = 1", "contract").ingest_src, keys[3].ingest_src]
+
+
 def test_listings_for_reports(env):
     b = env.open()
     named = cell_key("v = 1", "contract", name="migration")
