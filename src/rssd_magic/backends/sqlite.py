@@ -33,7 +33,6 @@ against it.  Design rules, each from a bug somebody shipped:
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sqlite3
 from pathlib import Path
