@@ -46,7 +46,7 @@ ENGINE = [
     "deps", "deps.analysis", "deps.changes", "deps.declared", "deps.explain", "deps.fingerprint", "deps.versions",
 ]  # fmt: skip
 ADAPTERS = ["adapters", "adapters.magic", "adapters.body", "adapters.commands", "adapters.surfaces",
-            "adapters.hooks", "cli"]  # fmt: skip
+            "adapters.hooks", "adapters.transform", "cli"]  # fmt: skip
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rssd_magic"
 
 

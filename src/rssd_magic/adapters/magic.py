@@ -26,6 +26,7 @@ from traitlets import Bool, Float, Int, Unicode, observe
 from .. import __version__
 from ..store.locations import DEFAULT_RSSD, ENV_RSSD, redact_text
 from ..store.buckets import DEFAULT_MIN_BYTES
+from . import transform
 from .body import BodyRunner, route_awaiting_cells, unroute
 from ..engine.claims import DEFAULT_LEASE_S
 from .commands import CommandError, parse, run_line, split
@@ -373,6 +374,7 @@ def load(ipython) -> None:
     ipython.register_magics(StatefulMagics)
     unroute(ipython)  # loaded again: one transformer, not two
     ipython.input_transformers_cleanup.append(route_awaiting_cells(ipython))
+    transform.install(ipython)
     watch_for_duckdb(ipython)
     close_on_sigterm(ipython.magics_manager.registry["StatefulMagics"])
     report_records_before_each_cell(ipython)
@@ -380,6 +382,7 @@ def load(ipython) -> None:
 
 def unload(ipython) -> None:
     unroute(ipython)
+    transform.uninstall(ipython)
     magics = ipython.magics_manager.registry.get("StatefulMagics")
     if magics is not None:
         magics.close()
