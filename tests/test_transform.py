@@ -97,3 +97,15 @@ def test_unload_puts_ipythons_method_back_and_a_reload_wraps_once(shell):
     shell.run_line_magic("reload_ext", "rssd_magic")
     wrapper = vars(shell)["transform_cell"]
     assert wrapper.rssd_magic_previous.__func__ is InteractiveShell.transform_cell, "one wrapper, not two"
+
+
+def test_a_shell_class_with_a_transform_of_its_own_keeps_it():
+    class Shell:  # a transform_cell that is not IPython's: nothing is skipped past it
+        def transform_cell(self, raw_cell):
+            return "theirs\n"
+
+    shell = Shell()
+    transform.install(shell)
+    assert shell.transform_cell("%%stateful\nx = 1\n") == "theirs\n"
+    transform.uninstall(shell)
+    assert "transform_cell" not in vars(shell)

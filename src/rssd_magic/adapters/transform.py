@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from IPython.core import inputtransformer2 as it2
 from IPython.core import prefilter
+from IPython.core.interactiveshell import InteractiveShell
 
 #: The cell magics whose cells take the shortcut: ours (a benchmark adds its
 #: no-op magic, to weigh ``%%stateful`` against a magic transformed alike).
@@ -47,8 +48,9 @@ def install(shell: Any) -> None:
     is loaded)."""
     uninstall(shell)
     previous = shell.transform_cell
-    # Only IPython's own method is skipped past; another wrapper sees every cell.
-    own = getattr(previous, "__func__", None) is getattr(type(shell), "transform_cell", None)
+    # Only IPython's own method is skipped past: another wrapper, or a shell
+    # class with a transform_cell of its own, sees every cell.
+    own = getattr(previous, "__func__", None) is InteractiveShell.transform_cell
 
     def transform_cell(raw_cell: str) -> str:
         if own:
