@@ -24,7 +24,6 @@ settings through a :class:`Config` (the adapter's traitlets).
 
 from __future__ import annotations
 
-import ast
 import os
 from functools import lru_cache
 from typing import Any, Callable, Generator
@@ -39,6 +38,7 @@ from ..store.journal import StateBackend
 from .bindable import bindable
 from .claims import Heartbeat, current_holder
 from ..deps import collect_inputs, explain, inputs_digest, read_names
+from ..deps.analysis import UNANALYSABLE, analyse_cell
 from .keys import cell_key
 from .lifecycle import EXECUTED, REFUSE, REPLAY, decide
 from ..records.record import RecordError
@@ -453,14 +453,11 @@ def _read_names(python: str) -> tuple[str, ...]:
     return tuple(read_names(python))
 
 
-@lru_cache(maxsize=512)
 def _parses(python: str) -> bool:
-    """True when *python* is valid Python (top-level ``await`` allowed)."""
-    try:
-        ast.parse(python)
-    except (SyntaxError, ValueError):
-        return False
-    return True
+    """True when *python* is valid Python (top-level ``await`` allowed):
+    the parse the cell's analysis makes anyway (memoized there), not one of
+    its own — for a 45-line cell a parse is 0.4 ms of its first run."""
+    return analyse_cell(python) is not UNANALYSABLE
 
 
 def _inputs_of(transition: Transition) -> dict | None:
