@@ -20,6 +20,7 @@ import pytest
 
 import pg_util
 from rssd_magic.store import tables
+from rssd_magic.store.blobs import SMALL
 from rssd_magic.backends import open_backend
 from rssd_magic.store.base import ClaimRequest, Fenced, StoreError
 from rssd_magic.store.journal import StateBackend
@@ -319,6 +320,22 @@ def test_blobs_are_content_addressed_and_checked_on_read(env):
         b.blobs.get(forged)
     assert b.blobs.delete([digest, forged, "sha256:" + "e" * 64]) == 2
     assert set(b.blobs.sizes()) == {stream_digest(pickle_like)}
+
+
+def test_small_blobs_are_read_together_and_each_checked(env):
+    b = env.open()
+    small = [b"\x80\x05small %d" % i for i in range(3)]
+    digests = [stream_digest(s) for s in small]
+    big = bytes(SMALL + 1)
+    forged = stream_digest(b"what the record claims")
+    b.blobs.put_many([*zip(digests, small), (buffer_digest(big), big), (forged, b"what the store holds")])
+    asked = [*digests, digests[0], buffer_digest(big), forged, "sha256:" + "f" * 64]
+    got = b.blobs.get_small(asked)
+    assert {d: bytes(v) for d, v in got.items()} == dict(zip(digests, small)), "small, there, and what their digests say"
+    assert all(type(v) is bytearray for v in got.values()), "writable, as get() gives them"
+    assert b.blobs.get_small(digests[:1]) == {}, "one blob is read as ever"
+    with pytest.raises(IntegrityError):
+        b.blobs.get(forged)  # what was left out still says what is wrong with it
 
 
 def test_finish_stores_blobs_and_signatures_with_the_record(env):

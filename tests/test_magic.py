@@ -536,6 +536,24 @@ def test_the_path_of_one_cell_enters_each_module_at_most_twice(kernel):
         assert counts and max(counts.values()) <= 2, (run, {m: n for m, n in counts.items() if n > 2})
 
 
+def test_a_replay_reads_the_small_values_it_restores_in_one_statement(kernel):
+    cell = "%%stateful\n" + "\n".join(f"t{i} = ({i}, 'v{i}', [{i}])" for i in range(6))  # six pickles
+    kernel.ok(cell)
+    kernel.restart()
+    backend = kernel.magics.runner.backend()
+    seen: list[str] = []
+    with backend.db.using() as conn:
+        conn.set_trace_callback(seen.append)
+    try:
+        kernel.ok(cell)
+    finally:
+        with backend.db.using() as conn:
+            conn.set_trace_callback(None)
+    assert [kernel.shell.user_ns[f"t{i}"] for i in range(6)] == [(i, f"v{i}", [i]) for i in range(6)]
+    reads = [s for s in seen if "rssd_magic_blob" in s]
+    assert len(reads) == 1, reads  # not one (or two) per value
+
+
 def test_a_replay_sees_what_another_process_wrote_a_moment_ago(kernel):
     # The kernel keeps each cell's latest transition between replays; a
     # commit by anyone else (here: a forget, written by another process as

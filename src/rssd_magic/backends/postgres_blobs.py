@@ -34,13 +34,13 @@ stored, and so did not upload it, can't have it deleted under its record.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import psycopg
 
 from ..records.trust import IntegrityError, Verifier
 from ..store.blobcache import LocalCache
-from ..store.blobs import ALTERED, Blobs, Filling
+from ..store.blobs import ALTERED, SMALL, Blobs, Filling, checked
 from ..store.dialect import Tx
 from .postgres_conn import Sql
 
@@ -62,6 +62,11 @@ HEAD = f"""SELECT b.size, b.chunks, count(c.n), coalesce(sum(octet_length(c.data
                       (SELECT d.data FROM {{rssd_magic_blob_chunk}} AS d WHERE d.digest = b.digest AND d.n = 0) END
            FROM {{rssd_magic_blob}} AS b LEFT JOIN {{rssd_magic_blob_chunk}} AS c ON c.digest = b.digest
            WHERE b.digest = %s GROUP BY b.digest, b.size, b.chunks"""
+#: The one-chunk blobs of at most SMALL bytes among a list of digests (Blobs.get_small).
+SMALL_ONES = f"""SELECT b.digest, d.data FROM {{rssd_magic_blob}} AS b
+    JOIN {{rssd_magic_blob_chunk}} AS d ON d.digest = b.digest AND d.n = 0
+    WHERE b.digest = ANY(%s) AND b.chunks = 1 AND b.size BETWEEN 1 AND {SMALL} AND octet_length(d.data) = b.size
+      AND NOT EXISTS (SELECT 1 FROM {{rssd_magic_blob_chunk}} AS x WHERE x.digest = b.digest AND x.n <> 0)"""
 #: What is stored under a digest: its row, each chunk's number and length
 #: (from the TOAST pointers: nothing is read), and a small blob's bytes.
 STORED = f"""SELECT b.size, b.chunks, c.n, octet_length(c.data), CASE WHEN b.size <= {INLINE} THEN c.data END
@@ -122,6 +127,12 @@ class PgBlobs(Blobs):
         if cached:
             self.cache.write(digest, out)
         return out
+
+    def get_small(self, digests: Iterable[str]) -> dict[str, bytearray]:
+        wanted = list(dict.fromkeys(digests))
+        if len(wanted) < 2:
+            return {}
+        return checked(self.store._fetch(SMALL_ONES, (wanted,)))  # one round trip for all of them
 
     def _stream_into(self, conn: psycopg.Connection, digest: str, size: int, chunks: int) -> Any:
         n = 0

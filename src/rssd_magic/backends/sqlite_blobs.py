@@ -28,13 +28,14 @@ digest on the way.
 
 from __future__ import annotations
 
+import json
 import mmap
 import sqlite3
 from typing import Any, Callable, Iterable
 
 from ..records.trust import IntegrityError, Verifier
 from ..store.base import Blob
-from ..store.blobs import ALTERED, Blobs, Filling
+from ..store.blobs import ALTERED, SMALL, Blobs, Filling, checked
 from ..store.blobs import bytes_view as _bytes_view
 from ..store.dialect import Tx
 from .sqlite_file import pragmas
@@ -96,6 +97,18 @@ class SqliteBlobs(Blobs):
             finally:
                 if own and conn.in_transaction:
                     conn.execute("COMMIT")
+
+    def get_small(self, digests: Iterable[str]) -> dict[str, bytearray]:
+        wanted = list(dict.fromkeys(digests))
+        if len(wanted) < 2:
+            return {}
+        with self._using() as conn:
+            rows = conn.execute(
+                f"""SELECT digest, data FROM {BLOB} WHERE digest IN (SELECT value FROM json_each(?))
+                    AND size BETWEEN 1 AND ? AND length(data) = size""",
+                (json.dumps(wanted), SMALL),
+            ).fetchall()
+        return checked(rows)
 
     # -- writing -----------------------------------------------------------------
 

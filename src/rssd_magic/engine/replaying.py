@@ -42,7 +42,7 @@ from .keys import CellKey
 from .ports import Config, ShellPort
 from ..records.record import RecordError, RunRecord
 from .runs import StatefulRunError
-from ..records.serialize import load_names, load_value
+from ..records.serialize import load_names, load_value, spec_blobs
 from ..records.trust import Verdict, inert_outputs, payload_id
 
 #: Records parsed and kept per kernel, and the largest stored text kept.
@@ -101,7 +101,8 @@ class Replayer:
             else:
                 refused[name] = why_not(name)
         # The record's signature checked: every spec in it is ours to load.
-        _, missing = load_names(specs, buckets.reader(backend, record.blob_store), ns, trusted=True)
+        wanted = [digest for spec in specs.values() for digest in spec_blobs(spec)]
+        _, missing = load_names(specs, buckets.reader(backend, record.blob_store, wanted), ns, trusted=True)
         # Names the run deleted (``del x``) are deleted again, where the
         # cell's code deletes them.  (Names it changed in place are in
         # record.names, restored above when its code read them.)

@@ -33,6 +33,8 @@ HUGE_BUFFER = 4 << 20
 #: Bytes read are handed to the digest check in slices of this size: few
 #: enough hand-offs to its thread, small enough to keep both cores busy.
 HASH_SPAN = 8 << 20
+#: Blobs up to this size are read together on a replay (:meth:`Blobs.get_small`).
+SMALL = 64 << 10
 #: What :meth:`~rssd_magic.store.base.BlobStore.check` says of a blob whose
 #: bytes are there but not the ones its digest names.
 ALTERED = "its stored bytes do not match its digest"
@@ -107,6 +109,21 @@ class Filling:
         self.view.release()
 
 
+def checked(rows: Iterable[tuple[str, Any]]) -> dict[str, bytearray]:
+    """``{digest: bytes}`` of the *rows* whose bytes have their digest (the
+    others are left out, for the one-by-one read to report)."""
+    out = {}
+    for digest, data in rows:
+        try:
+            verifier = Verifier(digest)
+            verifier.update(data)
+            verifier.check()
+        except IntegrityError:
+            continue
+        out[digest] = bytearray(data)
+    return out
+
+
 class Blobs:
     """The half of a blob store written once: sizes, deletes and gc's
     listing, as statements on the journal it belongs to (*store*: its
@@ -162,6 +179,15 @@ class Blobs:
         """Store *view* under *digest*; False when a row for it was there
         already (written by another writer meanwhile: nothing written)."""
         raise NotImplementedError
+
+    def get_small(self, digests: Iterable[str]) -> dict[str, bytearray]:
+        """Of *digests*, the blobs of at most :data:`SMALL` bytes in one
+        piece, read together (one statement, not one per blob: a replay of
+        a cell that bound ten small values) and each checked against its
+        digest.  What is left out — larger, missing, or not what its digest
+        says — is for :meth:`get` to read, or to say what is wrong with it.
+        A store without a way to read them together returns none."""
+        return {}
 
     def sizes(self) -> dict[str, int]:
         return dict(self.store.query("SELECT digest, size FROM {rssd_magic_blob}"))

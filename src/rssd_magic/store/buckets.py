@@ -83,12 +83,18 @@ def split(blobs: Iterable[Blob], min_bytes: int) -> tuple[list[Blob], list[Blob]
     return far, near
 
 
-def reader(store: Any, where: str | None) -> Callable[[str], Any]:
+def reader(store: Any, where: str | None, digests: Iterable[str] = ()) -> Callable[[str], Any]:
     """A ``get(digest)`` for one record's blobs: from the state store, else
     from the bucket *where* the record names.  A blob in neither is
-    ``NotRestored`` saying where it was looked for (one line)."""
+    ``NotRestored`` saying where it was looked for (one line).  The small
+    ones among *digests* (the blobs the replay will ask for) are read from
+    the store together, up front (Blobs.get_small)."""
+    ready = store.blobs.get_small(digests)
 
     def get(digest: str) -> Any:
+        found = ready.pop(digest, None)
+        if found is not None:
+            return found
         try:
             return store.blobs.get(digest)
         except KeyError:
