@@ -15,6 +15,7 @@ import nbformat
 import numpy as np
 
 from conftest import counter
+from rssd_magic.store.base import StoreError
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
 
@@ -580,3 +581,17 @@ def test_a_replay_sees_what_another_process_wrote_a_moment_ago(kernel):
     assert counter(kernel.workdir / "side.log") == 2, "forgotten elsewhere: it runs again"
     kernel.ok(cell)
     assert counter(kernel.workdir / "side.log") == 2, "and its new record replays"
+
+
+def test_a_replay_whose_batched_read_fails_reads_its_values_one_by_one(kernel, monkeypatch):
+    cell = "%%stateful\n" + "\n".join(f"p{i} = ({i}, 'w{i}')" for i in range(4))
+    kernel.ok(cell)
+    kernel.restart()
+    backend = kernel.magics.runner.backend()
+
+    def unreachable(digests):
+        raise StoreError("the server went away for a moment")
+
+    monkeypatch.setattr(backend.blobs, "_small_rows", unreachable)
+    kernel.ok(cell)
+    assert [kernel.shell.user_ns[f"p{i}"] for i in range(4)] == [(i, f"w{i}") for i in range(4)]

@@ -34,13 +34,13 @@ stored, and so did not upload it, can't have it deleted under its record.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import psycopg
 
 from ..records.trust import IntegrityError, Verifier
 from ..store.blobcache import LocalCache
-from ..store.blobs import ALTERED, SMALL, Blobs, Filling, checked
+from ..store.blobs import ALTERED, SMALL, Blobs, Filling
 from ..store.dialect import Tx
 from .postgres_conn import Sql
 
@@ -128,11 +128,8 @@ class PgBlobs(Blobs):
             self.cache.write(digest, out)
         return out
 
-    def get_small(self, digests: Iterable[str]) -> dict[str, bytearray]:
-        wanted = list(dict.fromkeys(digests))
-        if len(wanted) < 2:
-            return {}
-        return checked(self.store._fetch(SMALL_ONES, (wanted,)))  # one round trip for all of them
+    def _small_rows(self, digests: list[str]) -> list[tuple[str, bytes]]:
+        return self.store._fetch(SMALL_ONES, (digests,))  # one round trip for all of them
 
     def _stream_into(self, conn: psycopg.Connection, digest: str, size: int, chunks: int) -> Any:
         n = 0

@@ -34,8 +34,8 @@ import sqlite3
 from typing import Any, Callable, Iterable
 
 from ..records.trust import IntegrityError, Verifier
-from ..store.base import Blob
-from ..store.blobs import ALTERED, SMALL, Blobs, Filling, checked
+from ..store.base import Blob, StoreError
+from ..store.blobs import ALTERED, SMALL, Blobs, Filling
 from ..store.blobs import bytes_view as _bytes_view
 from ..store.dialect import Tx
 from .sqlite_file import pragmas
@@ -98,17 +98,16 @@ class SqliteBlobs(Blobs):
                 if own and conn.in_transaction:
                     conn.execute("COMMIT")
 
-    def get_small(self, digests: Iterable[str]) -> dict[str, bytearray]:
-        wanted = list(dict.fromkeys(digests))
-        if len(wanted) < 2:
-            return {}
-        with self._using() as conn:
-            rows = conn.execute(
-                f"""SELECT digest, data FROM {BLOB} WHERE digest IN (SELECT value FROM json_each(?))
-                    AND size BETWEEN 1 AND ? AND length(data) = size""",
-                (json.dumps(wanted), SMALL),
-            ).fetchall()
-        return checked(rows)
+    def _small_rows(self, digests: list[str]) -> list[tuple[str, bytes]]:
+        try:
+            with self._using() as conn:
+                return conn.execute(
+                    f"""SELECT digest, data FROM {BLOB} WHERE digest IN (SELECT value FROM json_each(?))
+                        AND size BETWEEN 1 AND ? AND length(data) = size""",
+                    (json.dumps(digests), SMALL),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"RSSD {self.store.path}: {exc}") from None
 
     # -- writing -----------------------------------------------------------------
 

@@ -185,9 +185,14 @@ class Blobs:
         piece, read together (one statement, not one per blob: a replay of
         a cell that bound ten small values) and each checked against its
         digest.  What is left out — larger, missing, or not what its digest
-        says — is for :meth:`get` to read, or to say what is wrong with it.
-        A store without a way to read them together returns none."""
-        return {}
+        says — is for :meth:`get` to read, or to say what is wrong with it."""
+        wanted = list(dict.fromkeys(digests))
+        return checked(self._small_rows(wanted)) if len(wanted) > 1 else {}
+
+    def _small_rows(self, digests: list[str]) -> Iterable[tuple[str, Any]]:
+        """``(digest, bytes)`` of the one-piece blobs of 1 to SMALL bytes
+        among *digests* (a store that can't read them together: none)."""
+        return ()
 
     def sizes(self) -> dict[str, int]:
         return dict(self.store.query("SELECT digest, size FROM {rssd_magic_blob}"))

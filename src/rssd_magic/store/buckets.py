@@ -89,7 +89,10 @@ def reader(store: Any, where: str | None, digests: Iterable[str] = ()) -> Callab
     ``NotRestored`` saying where it was looked for (one line).  The small
     ones among *digests* (the blobs the replay will ask for) are read from
     the store together, up front (Blobs.get_small)."""
-    ready = store.blobs.get_small(digests)
+    try:
+        ready = store.blobs.get_small(digests)
+    except StoreError:  # read one by one, as before, each saying what went wrong
+        ready = {}
 
     def get(digest: str) -> Any:
         found = ready.pop(digest, None)
