@@ -96,9 +96,12 @@ def _transformed(shell: Any, raw_cell: str) -> str | None:
 
 
 def _passes_are_ipythons(shell: Any) -> bool:
-    manager = shell.prefilter_manager
-    return (
-        shell.input_transformer_manager.token_transformers == TOKEN_TRANSFORMERS
-        and not manager.transformers
-        and all(type(checker) in CHECKERS for checker in manager.checkers)
-    )
+    try:
+        manager = shell.prefilter_manager
+        return (
+            shell.input_transformer_manager.token_transformers == TOKEN_TRANSFORMERS
+            and not manager.transformers
+            and all(type(checker) in CHECKERS for checker in manager.checkers)
+        )
+    except AttributeError:  # a shell (or IPython) whose passes look otherwise: the whole way
+        return False
