@@ -18,6 +18,11 @@ c. replay restoring a 200 MB float64 array vs joblib.Memory loading the same
    RSSD growth when the array is recorded vs its size.    target <= 1.1x
 d. replay latency with 5,000 other cells recorded vs with 1.
                                                           target <= 1.25x
+r. a cell as people write them: 45 lines binding 45 names (15 of them
+   tuples, pickled), its replay and its first run (new code each round)
+   minus the same code run plain; peer: a joblib.Memory-cached function
+   returning the same values as a dict, bound with globals().update.
+                                                          (info)
 
 Usage::
 
@@ -88,6 +93,25 @@ def arange_plus(k, n):
 BIG_N = 25_000_000  # float64 elements: 200 MB
 
 
+#: Figure r: a cell as people write them, 45 lines binding 45 names, 15 of
+#: them tuples (pickled); K is the first line, so each miss is new code.
+CELL_LINES = 15
+
+
+def people_body(k) -> str:
+    lines = [f"k = {k!r}"]
+    for i in range(CELL_LINES):
+        lines += [f"r{i} = len('{i}' * 3)", f"t{i} = (r{i}, {i}, 'x{i}')", f"u{i} = max(t{i}[:2])"]
+    return "\n".join(lines)
+
+
+def people_values(k):
+    """What :func:`people_body` binds, as a dict (joblib's peer returns it)."""
+    ns: dict = {}
+    exec(people_body(k), {}, ns)
+    return ns
+
+
 def make_big(n=None):
     import numpy as np
 
@@ -115,6 +139,7 @@ class Bench:
         ns["make_big"] = make_big
         ns["cached_big"] = self.memory.cache(make_big)
         ns["cached_arange"] = self.memory.cache(arange_plus)
+        ns["cached_people"] = self.memory.cache(people_values)
         ns["BIG_N"] = self.big_n
         # The least any cell magic costs: IPython transforms the cell into a
         # run_cell_magic call and hands the body over; this one just runs it.
@@ -319,6 +344,42 @@ class Bench:
                 {"ours_minus_plain_s": force_d},
             )
         )
+
+    # -- r. a cell as people write them -----------------------------------------------
+
+    def people(self) -> None:
+        rounds = 40 if self.quick else 200
+        cell = f"%%stateful\n{people_body('hit')}"
+        self.run(cell)
+        self.run("globals().update(cached_people('hit'))")
+        s = self.time_variants(
+            "r_hit",
+            {"plain": self.cell(people_body("hit")), "ours": self.cell(cell),
+             "joblib": self.cell("globals().update(cached_people('hit'))")},
+            rounds,
+        )  # fmt: skip
+        # Whole cells: a replay runs none of the code, so "minus plain" would be negative.
+        plain, ours, jl = s["plain"]["median"], s["ours"]["median"], s["joblib"]["median"]
+        self.rows.append(Row(
+            "r. replay of a 45-line cell binding 45 names (15 pickled), whole cell",
+            fmt_ms(ours), f"joblib hit {fmt_ms(jl)}", f"{ours / jl:.2f}x joblib; the code run plain {fmt_ms(plain)}",
+            "(info)", "info", {"ours_s": ours, "joblib_s": jl, "plain_s": plain},
+        ))  # fmt: skip
+        counter = iter(range(10**9))
+        s = self.time_variants(
+            "r_miss",
+            {"plain": lambda: self.run(people_body(f"p{next(counter)}")),
+             "ours": lambda: self.run(f"%%stateful\n{people_body(f'o{next(counter)}')}"),
+             "joblib": lambda: self.run(f"globals().update(cached_people('j{next(counter)}'))")},
+            rounds,
+        )  # fmt: skip
+        plain, ours, jl = s["plain"]["median"], s["ours"]["median"], s["joblib"]["median"]
+        self.rows.append(Row(
+            "r'. first run of such a cell (new code each round), whole cell",
+            fmt_ms(ours), f"joblib miss {fmt_ms(jl)}",
+            f"{fmt_ms(ours - plain)} over the code run plain ({fmt_ms(plain)}); {ours / jl:.2f}x joblib's miss",
+            "(info)", "info", {"ours_s": ours, "joblib_s": jl, "plain_s": plain},
+        ))  # fmt: skip
 
     # -- c. 200 MB array ----------------------------------------------------------------
 
@@ -526,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-mb", type=int, help="size of the array of figure c (default 200; 50 with --quick)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (RSSDs, joblib cache)")
     ap.add_argument(
-        "--only", default="abcd", help="which figures to run, e.g. --only ad (default: abcd)"
+        "--only", default="abrcd", help="which figures to run, e.g. --only ad (default: abrcd)"
     )
     args = ap.parse_args(argv)
 
@@ -535,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="rssd-bench-"))
     print(f"workdir: {workdir} (temp dir; page cache warm for both sides of every figure)", file=OUT, flush=True)
     bench = Bench(workdir, args.quick, args.big_mb)
-    steps = {"a": ("a. replay hit", bench.hit), "b": ("b. miss", bench.miss), "c": ("c. big array", bench.big), "d": ("d. 5,000 cells", bench.many)}
+    steps = {"a": ("a. replay hit", bench.hit), "b": ("b. miss", bench.miss), "r": ("r. a cell as people write them", bench.people),
+             "c": ("c. big array", bench.big), "d": ("d. 5,000 cells", bench.many)}  # fmt: skip
     started = time.perf_counter()
     saved = sys.stdout, sys.stderr
     try:
