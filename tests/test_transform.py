@@ -109,3 +109,17 @@ def test_a_shell_class_with_a_transform_of_its_own_keeps_it():
     assert shell.transform_cell("%%stateful\nx = 1\n") == "theirs\n"
     transform.uninstall(shell)
     assert "transform_cell" not in vars(shell)
+
+
+def test_the_options_line_is_filled_in_from_the_notebook_only_when_it_asks(kernel, monkeypatch):
+    kernel.shell.user_ns.update(run_name="alpha", result="mine")
+    expansions = []
+    real = kernel.shell.var_expand
+    monkeypatch.setattr(kernel.shell, "var_expand", lambda *a, **kw: expansions.append(a) or real(*a, **kw))
+    kernel.ok("%%stateful --name {run_name}\nx = 1\n")
+    kernel.ok("%%stateful --name $result\ny = 2\n")  # the user's `result`, not IPython's own
+    kernel.ok("%%stateful --name {unclosed\nz = 3\n")  # not a template: taken as it is
+    kernel.ok("%%stateful\nw = 4\n")
+    names = {n for (n,) in kernel.rows("SELECT json_extract(elaboration, '$.name') FROM orchestration_session_entry")}
+    assert names == {"alpha", "mine", "{unclosed", None}
+    assert expansions == [], "IPython's expansion (a copy of the whole namespace per cell) is not made"

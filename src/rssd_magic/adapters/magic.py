@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Int, Unicode, observe
 
@@ -250,6 +250,7 @@ class StatefulMagics(Magics):
         "database itself.",
     )
     @argument("--out", metavar="NAME", help="With --sql: bind the result table to NAME as a pandas DataFrame.")
+    @no_var_expand  # expanded here, only when the line asks for it (transform.expanded)
     @cell_magic
     def stateful(self, line: str, cell: str) -> Any:
         """Run this cell at most once; replay its outputs and names afterwards.
@@ -263,7 +264,7 @@ class StatefulMagics(Magics):
         See and manage the state with ``%stateful list|show|forget|stats``,
         the ``rssd-magic`` command, or ``sqlite3``: see the README.
         """
-        opts = self._parsed(line)
+        opts = self._parsed(transform.expanded(self.shell, line))
         try:
             self.signer  # a key that can't be used: one line, before the cell runs
             return self.runner.run(opts, cell)
@@ -279,7 +280,7 @@ class StatefulMagics(Magics):
         ``await <this>(line, body)``: IPython sees an awaiting cell and runs
         it as a coroutine on its loop, and the body is awaited with
         ``run_cell_async``.  Everything else is :meth:`stateful`'s."""
-        opts = self._parsed(self.shell.var_expand(line))  # as run_cell_magic expands it
+        opts = self._parsed(transform.expanded(self.shell, line))
         try:
             self.signer
             return await self.runner.run_async(opts, cell)

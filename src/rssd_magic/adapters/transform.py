@@ -19,6 +19,12 @@ they are IPython's own: a token transformer, prefilter checker or
 prefilter transformer someone else registered, or another wrapper of
 ``transform_cell`` installed before ours, sends the cell the whole way, as
 before.  Every other cell is left to IPython.
+
+The options line (``%%stateful --name {run}``) is expanded as IPython
+expands a magic's line — ``$name`` and ``{expression}`` from the notebook's
+namespace — but only when it holds one (:func:`expanded`; the magic opts
+out of IPython's own expansion, which copies the whole namespace first:
+0.26 ms a cell among 40,000 globals).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any, Callable
 from IPython.core import inputtransformer2 as it2
 from IPython.core import prefilter
 from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.text import DollarFormatter
 
 #: The cell magics whose cells take the shortcut: ours (a benchmark adds its
 #: no-op magic, to weigh ``%%stateful`` against a magic transformed alike).
@@ -105,3 +112,21 @@ def _passes_are_ipythons(shell: Any) -> bool:
         )
     except AttributeError:  # a shell (or IPython) whose passes look otherwise: the whole way
         return False
+
+
+_FORMATTER = DollarFormatter()
+
+
+def expanded(shell: Any, line: str) -> str:
+    """*line* with ``$name`` and ``{expression}`` filled in from the
+    notebook's namespace, as IPython's ``var_expand`` does for a magic —
+    a line that doesn't format is taken as it is — copying the namespace only
+    when there is something to fill in.  (IPython also lets locals of its own
+    ``run_code`` frame shadow the user's names: ``{result}`` gave its
+    ExecutionResult.  Here the notebook's names are the only ones.)"""
+    if "$" not in line and "{" not in line:
+        return line
+    try:
+        return _FORMATTER.vformat(line, args=[], kwargs=dict(shell.user_ns))
+    except Exception:  # noqa: BLE001 - as IPython: not a template, then
+        return line
