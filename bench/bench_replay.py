@@ -23,6 +23,7 @@ r. a cell as people write them: 45 lines binding 45 names (15 of them
    minus the same code run plain; peer: a joblib.Memory-cached function
    returning the same values as a dict, bound with globals().update.
                                                           (info)
+   r'': a first run among 40,000 globals vs among none.   target <= 1.3x
 
 Usage::
 
@@ -379,6 +380,32 @@ class Bench:
             fmt_ms(ours), f"joblib miss {fmt_ms(jl)}",
             f"{fmt_ms(ours - plain)} over the code run plain ({fmt_ms(plain)}); {ours / jl:.2f}x joblib's miss",
             "(info)", "info", {"ours_s": ours, "joblib_s": jl, "plain_s": plain},
+        ))  # fmt: skip
+
+        # A first run among 40,000 globals against one among none (issue 24:
+        # <= 1.3x): what a cell does must not grow with the notebook's names.
+        ns = self.shell.user_ns
+        many = {f"g{j}": j for j in range(40_000)}
+
+        def add() -> None:
+            ns.update(many)
+
+        def drop() -> None:
+            for name in many:
+                ns.pop(name, None)
+
+        s = self.time_variants(
+            "r_globals",
+            {"none": lambda: self.run(f'%%stateful\n"none {next(counter)}"\nx = 1'),
+             "many": lambda: self.run(f'%%stateful\n"many {next(counter)}"\nx = 1')},
+            max(rounds // 2, 20), setup={"none": drop, "many": add},
+        )  # fmt: skip
+        drop()
+        none, among = s["none"]["median"], s["many"]["median"]
+        self.rows.append(Row(
+            "r''. first run of a trivial cell among 40,000 globals vs among none",
+            fmt_ms(among), f"among none {fmt_ms(none)}", f"{among / none:.2f}x",
+            "<= 1.3x", verdict(among / none, 1.3), {"many_s": among, "none_s": none},
         ))  # fmt: skip
 
     # -- c. 200 MB array ----------------------------------------------------------------
