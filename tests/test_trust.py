@@ -759,6 +759,26 @@ def _restore_values(ns, names):
 _examples = iter(range(10**9))
 
 
+def test_trust_shows_what_a_forged_record_names_escaped_on_one_line(kernel):
+    # Found by the random-record test below: a buffer "digest" holding a
+    # record separator (or a terminal escape) was printed as it was, and
+    # broke the refusal across lines.
+    db = kernel.workdir / "forged.db"
+    kernel.ok(RICH.replace("%%stateful\n", f"%%stateful --db {db}\n", 1))
+    kernel.restart()
+
+    def forge(record):
+        record["names"]["display"]["buffers"] = ["\x1e\x1b[31mred"]
+        record["names"]["secret_model\nline"] = record["names"].pop("secret_model")
+        return record
+
+    edit_record(db, forge)
+    ran = kernel.run(f"%stateful trust --yes --db {db}")
+    no_traceback(ran)
+    assert "can't be trusted" in ran.stderr or "not trusted" in ran.stderr
+    assert not any(c in ran.stdout + ran.stderr for c in "\x1e\x1b"), ran.stderr
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), target=st.sampled_from(["record", "signature", "signed record"]))
 def test_random_records_and_signatures_never_act(kernel, data, target):

@@ -35,7 +35,7 @@ from ..store import buckets
 from ..store.base import Transition
 from ..store.journal import StateBackend
 from .bindable import why_not
-from ..records.canonical import fmt_duration
+from ..records.canonical import fmt_duration, printable
 from ..output.capture import ReplayedResult, replay
 from ..deps import is_shell_name
 from .keys import CellKey
@@ -120,8 +120,8 @@ class Replayer:
             port.note(
                 "[stateful] not restored: "
                 + "; ".join(
-                    [f"{_printable(name)} {' '.join(why.split())}" for name, why in missing.items()]
-                    + [f"{_printable(name)} ({why})" for name, why in refused.items()]
+                    [f"{printable(name)} {printable(' '.join(why.split()), 300)}" for name, why in missing.items()]
+                    + [f"{printable(name)} ({why})" for name, why in refused.items()]
                 )
             )
 
@@ -236,9 +236,9 @@ class Replayer:
         duration = record.duration_s if isinstance(record.duration_s, (int, float)) else None
         signer = None if verdict.mine else verdict.label
         text = (
-            f"replayed {key.digest[:12]} from {_printable(short, 80)}: executed {done.transitioned_at} UTC "
-            f"on {_printable(host or '?')} in {fmt_duration(duration or 0.0)}"
-            + (f"; signed by {_printable(signer)}" if signer is not None else "")
+            f"replayed {key.digest[:12]} from {printable(short, 80)}: executed {done.transitioned_at} UTC "
+            f"on {printable(host or '?')} in {fmt_duration(duration or 0.0)}"
+            + (f"; signed by {printable(signer)}" if signer is not None else "")
         )
         bundle = {
             "key": key.digest,
@@ -272,15 +272,8 @@ def utc_iso(stored: str | None) -> str | None:
     return stored.replace(" ", "T") + "Z"
 
 
-def _printable(text: str, width: int = 60) -> str:
-    """*text* from a record, safe to print on one line: a name or a MIME
-    type another tool wrote may hold newlines or terminal escapes."""
-    text = text if text.isprintable() else repr(text)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _listing(items, most: int = 8) -> str:
     """``a, b, c and 4 more``: a list for one line."""
-    items = [_printable(str(item)) for item in items]
+    items = [printable(str(item)) for item in items]
     more = f" and {len(items) - most} more" if len(items) > most else ""
     return ", ".join(items[:most]) + more

@@ -29,6 +29,7 @@ from typing import Iterable
 
 from ..store import buckets, tables
 from ..store.journal import StateBackend
+from ..records.canonical import printable
 from ..records.digests import IntegrityError
 from ..engine.keys import URI_PREFIX
 from ..records.record import RESULT_VALUE, RecordError, RunRecord
@@ -117,7 +118,7 @@ def _refusal(backend: StateBackend, record: RunRecord) -> dict | None:
     if weak:
         return {
             "name": "(record)",
-            "why": f"names {len(weak)} blob(s) by a digest that is not collision-resistant ({weak[0].partition(':')[0][:20]}, "
+            "why": f"names {len(weak)} blob(s) by a digest that is not collision-resistant ({printable(weak[0].partition(':')[0], 20)}, "
             "as raw buffers were named before BLAKE3): it can't be trusted; --force runs the cell again and records it anew",
         }
     get = buckets.reader(backend, record.blob_store)
@@ -126,8 +127,8 @@ def _refusal(backend: StateBackend, record: RunRecord) -> dict | None:
             for digest in spec_blobs(spec):
                 get(digest)
         except (KeyError, IntegrityError, NotRestored) as exc:
-            why = "a blob is missing" if isinstance(exc, KeyError) else str(exc).strip("()")
-            return {"name": "(result)" if name == RESULT_VALUE else name, "why": why}
+            why = "a blob is missing" if isinstance(exc, KeyError) else printable(str(exc).strip("()"), 300)
+            return {"name": "(result)" if name == RESULT_VALUE else printable(name), "why": why}
     return None
 
 

@@ -95,3 +95,12 @@ def fmt_duration(seconds: float | int | None) -> str:
 def plural(n: int, word: str, many: str | None = None) -> str:
     """``1 time``, ``2 times``: no ``time(s)`` in anything a person reads."""
     return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def printable(text: str, width: int = 60) -> str:
+    """*text* from a record, safe to print on one line: a name, digest or
+    MIME type another tool wrote may hold newlines, record separators or
+    terminal escapes (then it is shown as its ``repr``); at most *width*
+    characters."""
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= width else text[: width - 1] + "…"
