@@ -87,6 +87,10 @@ def _transformed(shell: Any, raw_cell: str) -> str | None:
     magic = _CELL_MAGIC.match(raw_cell)
     if magic is None or magic[1] not in MAGICS or not _passes_are_ipythons(shell):
         return None
+    if "await" in raw_cell or "async" in raw_cell:
+        # Maybe a body that awaits: our cleanup transform routes it, compiling
+        # the body to tell.  IPython's way from the start, so that runs once.
+        return None
     manager = shell.input_transformer_manager
     # As TransformerManager.transform_cell, up to its token pass.
     lines = (raw_cell if raw_cell.endswith("\n") else raw_cell + "\n").splitlines(keepends=True)
@@ -94,7 +98,7 @@ def _transformed(shell: Any, raw_cell: str) -> str | None:
         lines = transform(lines)
     # What IPython's ``cell_magic`` makes of the cell: one call.
     if len(lines) != 1 or not lines[0].startswith(f"get_ipython().run_cell_magic({magic[1]!r}, "):
-        return None  # not the one call (routed to stateful_async, `%%stateful?`, …)
+        return None  # not the one call
     shell._last_input_line = lines[0].rstrip("\n")  # what the prefilter notes for a crash report
     post: Callable[[list[str]], list[str]]
     for post in shell.input_transformers_post:
