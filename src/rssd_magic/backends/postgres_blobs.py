@@ -38,9 +38,9 @@ from typing import Any, Iterator
 
 import psycopg
 
-from ..records.trust import IntegrityError, Verifier
+from ..records.trust import IntegrityError
 from ..store.blobcache import LocalCache
-from ..store.blobs import ALTERED, SMALL, Blobs, Filling
+from ..store.blobs import ALTERED, SMALL, Blobs, Filling, verified
 from ..store.dialect import Tx
 from .postgres_conn import Sql
 
@@ -119,10 +119,7 @@ class PgBlobs(Blobs):
             raise IntegrityError(f"blob {digest[:24]}… is incomplete or altered ({wrong} for a recorded {size} bytes "
                                  f"in {chunks})")  # fmt: skip
         if inline is not None:
-            verifier = Verifier(digest)
-            verifier.update(inline)
-            verifier.check()
-            return bytearray(inline)
+            return verified(digest, inline)
         out = self.store._attempts(lambda conn: self._stream_into(conn, digest, size, chunks))
         if cached:
             self.cache.write(digest, out)

@@ -109,18 +109,24 @@ class Filling:
         self.view.release()
 
 
+def verified(digest: str, data: Any) -> bytearray:
+    """A small blob read in one piece, as a writable buffer, once its bytes
+    are found to have *digest* (IntegrityError otherwise)."""
+    verifier = Verifier(digest)
+    verifier.update(data)
+    verifier.check()
+    return bytearray(data)
+
+
 def checked(rows: Iterable[tuple[str, Any]]) -> dict[str, bytearray]:
     """``{digest: bytes}`` of the *rows* whose bytes have their digest (the
     others are left out, for the one-by-one read to report)."""
     out = {}
     for digest, data in rows:
         try:
-            verifier = Verifier(digest)
-            verifier.update(data)
-            verifier.check()
+            out[digest] = verified(digest, data)
         except IntegrityError:
             continue
-        out[digest] = bytearray(data)
     return out
 
 
