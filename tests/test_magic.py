@@ -537,11 +537,14 @@ def test_the_path_of_one_cell_enters_each_module_at_most_twice(kernel):
         assert counts and max(counts.values()) <= 2, (run, {m: n for m, n in counts.items() if n > 2})
 
 
-def test_a_replay_reads_the_small_values_it_restores_in_one_statement(kernel):
+def test_a_replay_reads_the_small_values_it_restores_in_one_statement(kernel, monkeypatch):
     cell = "%%stateful\n" + "\n".join(f"t{i} = ({i}, 'v{i}', [{i}])" for i in range(6))  # six pickles
     kernel.ok(cell)
     kernel.restart()
     backend = kernel.magics.runner.backend()
+    # The traced connection must be the one the replay uses: not closed as
+    # idle (after 1 s) on a slow machine between here and the replay.
+    monkeypatch.setattr(backend.db, "idle_close_s", 3600.0)
     seen: list[str] = []
     with backend.db.using() as conn:
         conn.set_trace_callback(seen.append)
