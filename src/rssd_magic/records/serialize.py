@@ -335,15 +335,25 @@ _PLUGINS = {"frame": "rssd_magic.sql.frames"}
 
 def register(codec: Codec) -> Codec:
     CODECS[codec.kind] = codec
+    _WITH_BLOBS.clear()
     return codec
+
+
+#: :func:`kinds_with_blobs`, remembered until a codec is registered (every
+#: recorded run asks, through the tally: 9 µs a time to work out).
+_WITH_BLOBS: list[list[str]] = []
 
 
 def kinds_with_blobs() -> list[str]:
     """The kinds whose specs may refer to blobs (plugins loaded to ask them)."""
+    if _WITH_BLOBS:
+        return _WITH_BLOBS[0]
     for kind in _PLUGINS:
         codec_for({"kind": kind})
     none = Codec.__dataclass_fields__["blobs"].default
-    return sorted(kind for kind, codec in CODECS.items() if codec.blobs is not none)
+    kinds = sorted(kind for kind, codec in CODECS.items() if codec.blobs is not none)
+    _WITH_BLOBS[:] = [kinds]
+    return kinds
 
 
 def codec_for(spec: Any) -> Codec | None:
