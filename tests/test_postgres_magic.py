@@ -18,6 +18,7 @@ import pg_util
 from conftest import counter
 from pg_util import raw
 from rssd_magic.backends import ENV_DB
+from rssd_magic.backends.postgres_schema import SCHEMA_VERSION
 from rssd_magic.cli import main
 
 APPEND = "open('side.log', 'a').write('ran\\n')\n"
@@ -283,18 +284,19 @@ def test_a_store_of_a_newer_version_replays_its_records_and_is_never_written(pg_
     k = pg_kernel
     k.ok("%%stateful --name old\n" + APPEND + "v = 41\n")
     k.restart()
-    raw(k.url, "UPDATE rssd_magic_meta SET value = '2' WHERE key = 'schema_version'")
+    newer = SCHEMA_VERSION + 1
+    raw(k.url, f"UPDATE rssd_magic_meta SET value = '{newer}' WHERE key = 'schema_version'")
     raw(k.url, "ALTER TABLE rssd_magic_hit ADD COLUMN hit_source TEXT")  # what a newer version may have added
     counts = "SELECT (SELECT count(*) FROM orchestration_session), (SELECT count(*) FROM orchestration_session_state), " \
              "(SELECT count(*) FROM rssd_magic_hit), (SELECT count(*) FROM orchestration_session WHERE orch_finished_at IS NULL)"  # fmt: skip
     before = raw(k.url, counts)
     replayed = k.ok("%%stateful --name old\n" + APPEND + "v = 41\n")
     assert replayed.banner and k.shell.user_ns["v"] == 41
-    (said,) = [ln for ln in replayed.stdout.splitlines() if "schema version 2" in ln]
-    assert "this one knows version 1" in said and "upgrade rssd_magic" in said
+    (said,) = [ln for ln in replayed.stdout.splitlines() if f"schema version {newer}" in ln]
+    assert f"this one knows version {SCHEMA_VERSION}" in said and "upgrade rssd_magic" in said
     err = k.run("%%stateful --name new\n" + APPEND + "w = 1\n").result.error_in_exec
     assert type(err).__name__ == "UsageError" and "\n" not in str(err) and "The cell was not run" in str(err)
-    assert "schema version 2" in str(err) and "upgrade rssd_magic" in str(err)
+    assert f"schema version {newer}" in str(err) and "upgrade rssd_magic" in str(err)
     for _ in range(3):
         k.ok("%%stateful --name old\n" + APPEND + "v = 41\n")
     k.restart()  # closing: no hit, no end of session is written

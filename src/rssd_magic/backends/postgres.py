@@ -56,7 +56,7 @@ from ..engine.claims import close_orphaned_sessions
 from ..records.ids import new_ulid
 from ..engine.keys import CellKey
 from ..store.locations import redact
-from ..store import rows
+from ..store import rows, tally
 from ..store.base import ClaimOutcome, Holder, StoreError, Transition
 from ..store.dialect import Tx
 from ..store.journal import BUSY_TIMEOUT_S, Journal
@@ -234,7 +234,14 @@ class PostgresBackend(Journal):
 
     def write(self, fn: Callable[[Tx, bool], Any]) -> Any:
         self._writable()
-        return self._tx(lambda c, retrying: fn(Tx(c, self.dialect), retrying))
+
+        def run(c: psycopg.Connection, retrying: bool) -> Any:
+            t = Tx(c, self.dialect, deferred=True)
+            out = fn(t, retrying)
+            tally.settle(t)  # last: see there
+            return out
+
+        return self._tx(run)
 
     def query(self, template: str, params: Any = ()) -> list[tuple]:
         return self._fetch(self.dialect(template), params, rendered=True)
@@ -360,7 +367,7 @@ class PostgresBackend(Journal):
     def _last_claim(self, t: Tx, ingest_src: str, entry_id: str) -> tuple | None:
         return t.one(rows.CLAIM + " WHERE ingest_src = ?", (ingest_src,))
 
-    def _append(self, t, entry_id, from_state, to_state, result_json, reason, elaboration, state_id=None) -> Transition:
+    def _insert(self, t, entry_id, from_state, to_state, result_json, reason, elaboration, state_id=None) -> Transition:
         state_id = state_id or new_ulid()
         reason = t.d.text(reason)
         at, seq = t.one(

@@ -48,13 +48,17 @@ import re
 import psycopg
 from psycopg import sql
 
-from ..store.dialect import Dialect
+from ..store import tally
+from ..store.dialect import Dialect, Tx
 from ..store.schema import SET_VERSION, VERSION, columns_differ, newer, statements, version_of
 from .sqlite_schema import SURVEILR_DDL as RSSD_DDL
 from .postgres_conn import NOW, SEARCH_PATH, Sql, quote
 
-#: Version of our own objects on PostgreSQL.  1: the first layout.
-SCHEMA_VERSION = 1
+#: Version of our own objects on PostgreSQL.  1: the first layout.  2: the
+#: tally and refs ``stats`` and ``gc --dry-run`` read (store/tally.py), kept
+#: by every writer of this version — which is why an older one may no
+#: longer write.
+SCHEMA_VERSION = 2
 
 #: SQLite's declared types that PostgreSQL spells otherwise (timestamps stay
 #: surveilr's text; SQLite integers are 64-bit).
@@ -148,6 +152,17 @@ CREATE TABLE IF NOT EXISTS {rssd_magic_hit} (
     "hits" BIGINT NOT NULL,
     "last_hit_at" TEXT
 );
+CREATE TABLE IF NOT EXISTS {rssd_magic_tally} (
+    "shard" INTEGER NOT NULL,
+    "name" TEXT NOT NULL,
+    "value" DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY ("shard", "name")
+);
+CREATE TABLE IF NOT EXISTS {rssd_magic_ref} (
+    "entry_id" VARCHAR NOT NULL,
+    "digest" TEXT NOT NULL,
+    PRIMARY KEY ("digest", "entry_id")
+);
 """
 
 OWN_INDEXES_DDL = """
@@ -157,6 +172,8 @@ CREATE INDEX IF NOT EXISTS "rssd_magic_state_entry_idx"
     ON {orchestration_session_state} ("session_entry_id");
 CREATE INDEX IF NOT EXISTS "rssd_magic_state_seq_entry_idx"
     ON {rssd_magic_state_seq} ("entry_id", "seq");
+CREATE INDEX IF NOT EXISTS "rssd_magic_ref_entry_idx"
+    ON {rssd_magic_ref} ("entry_id");
 -- Chunks are read whole and never updated: no compression attempt (the
 -- values are mostly incompressible arrays and pickles) and no TOAST rewrite.
 ALTER TABLE {rssd_magic_blob_chunk} ALTER COLUMN "data" SET STORAGE EXTERNAL;
@@ -258,7 +275,8 @@ def _columns(ddl: str) -> tuple[dict[str, list[tuple[str, str]]], set[tuple[str,
 #: exactly these or it is refused.
 (SURVEILR_COLUMNS, JSON), (OWN_COLUMNS, _) = _columns(SURVEILR_DDL), _columns(OWN_TABLES_DDL)
 EXPECTED_COLUMNS = SURVEILR_COLUMNS | OWN_COLUMNS
-INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx"]
+INDEXES = ["rssd_magic_entry_src_idx", "rssd_magic_state_entry_idx", "rssd_magic_state_seq_entry_idx",
+           "rssd_magic_ref_entry_idx"]
 #: Every name a template may use (postgres_conn.Sql).
 OBJECTS = [*EXPECTED_COLUMNS, *FUNCTIONS]
 
@@ -272,6 +290,7 @@ class PgDialect(Dialect):
     schema-qualified, ``%s`` parameters, the order from ``rssd_magic_state_seq``."""
 
     name = "postgresql"
+    tally_shards = 16
 
     def __init__(self, q: Sql):
         states = q("({rssd_magic_state_seq} AS q JOIN {orchestration_session_state} AS s "
@@ -495,6 +514,9 @@ def ensure_schema(conn: psycopg.Connection, *, readonly: bool = False, timeout_s
             if not layout.trigger:
                 conn.execute(q(BACKFILL), ())
                 conn.execute(q(TRIGGER_DDL), ())
+            tx = Tx(conn, PgDialect(q))
+            if tally.read(tx) is None:
+                tally.rebuild(tx)  # a new schema's zeros, or what an older version wrote, counted once
             conn.execute(PgDialect(q)(SET_VERSION), (str(SCHEMA_VERSION),))
         layout = Layout(conn, schema, search_path, q)
     return layout, q

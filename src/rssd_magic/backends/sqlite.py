@@ -237,7 +237,7 @@ class SqliteBackend(Journal):
 
     # -- claims (journal.py's hooks) ---------------------------------------------------
 
-    def _append(self, t, entry_id, from_state, to_state, result_json, reason, elaboration, state_id=None) -> Transition:
+    def _insert(self, t, entry_id, from_state, to_state, result_json, reason, elaboration, state_id=None) -> Transition:
         state_id = state_id or new_ulid()
         at = utc_now()  # written explicitly, so the caller knows it without a re-read
         cur = t.run(

@@ -22,7 +22,8 @@ import sqlite3
 from importlib import resources
 from typing import Callable
 
-from ..store.dialect import SqliteDialect
+from ..store import tally
+from ..store.dialect import SqliteDialect, Tx
 from ..store.schema import SET_VERSION, VERSION, columns_differ, newer, statements, version_of
 
 #: surveilr's DDL, loaded from the packaged copy so there is one text of it.
@@ -33,8 +34,10 @@ SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("u
 #: refused, its claim table having other columns).  3: values larger than a chunk are kept as several rows of ``blob_chunk``
 #: (SQLite refuses a row over 1 GB); single-row blobs read as before.
 #: 4: claims are found by their RUNNING state through an index (a heartbeat
-#: touches one row however many cells the file holds).
-SCHEMA_VERSION = 4
+#: touches one row however many cells the file holds).  5: the tally and
+#: refs ``stats`` and ``gc --dry-run`` read (store/tally.py), kept by every
+#: writer of this version — which is why an older one may no longer write.
+SCHEMA_VERSION = 5
 
 # Our own objects:
 #   meta       our schema version (and later settings);
@@ -47,7 +50,13 @@ SCHEMA_VERSION = 4
 #              the fencing token keeps growing; mutable (heartbeats), hence
 #              apart from the append-only history;
 #   signature  HMACs of payloads, one row per payload and key (trust.py);
-#   hit        replay counts per EXECUTED transition (a mutable counter).
+#   hit        replay counts per EXECUTED transition (a mutable counter);
+#   tally      sums over our cells, kept by each append (store/tally.py);
+#   ref        the blobs each cell's current EXECUTED record names.
+# The two derived tables are WITHOUT ROWID: one B-tree each, so an append
+# dirties one more page, not two.  What gc would free is then one pass over
+# an index of the blobs (digest, size: not their bytes), each probed in the
+# refs by digest.
 # The indexes make the per-cell lookup a B-tree probe however many cells
 # (ours or surveilr's) the file holds; an index on session_entry_id alone
 # ends in the rowid, so "latest by store order" is a backwards index scan.
@@ -101,6 +110,21 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_hit" (
     "hits" INTEGER NOT NULL,
     "last_hit_at" TIMESTAMPTZ
 );
+CREATE TABLE IF NOT EXISTS "rssd_magic_tally" (
+    "shard" INTEGER NOT NULL,
+    "name" TEXT NOT NULL,
+    "value" NUMERIC NOT NULL,
+    PRIMARY KEY ("shard", "name")
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS "rssd_magic_ref" (
+    "entry_id" VARCHAR NOT NULL,
+    "digest" TEXT NOT NULL,
+    PRIMARY KEY ("digest", "entry_id")
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS "rssd_magic_ref_entry_idx"
+    ON "rssd_magic_ref"("entry_id");
+CREATE INDEX IF NOT EXISTS "rssd_magic_blob_size_idx"
+    ON "rssd_magic_blob"("digest", "size");
 """
 
 #: Every object we create, to tell at open whether the DDL must run at all.
@@ -114,6 +138,10 @@ OWN_OBJECTS = {
     "rssd_magic_claim_state_idx",
     "rssd_magic_signature",
     "rssd_magic_hit",
+    "rssd_magic_tally",
+    "rssd_magic_ref",
+    "rssd_magic_ref_entry_idx",
+    "rssd_magic_blob_size_idx",
 }
 
 
@@ -229,6 +257,9 @@ def ensure_schema(conn: sqlite3.Connection, begin: Callable[[sqlite3.Connection]
         if needs_ddl(conn):
             for statement in _DDL:
                 conn.execute(statement)
+            tx = Tx(conn, SQL)
+            if tally.read(tx) is None:
+                tally.rebuild(tx)  # a new file's zeros, or what an older version wrote, counted once
             conn.execute(SQL(SET_VERSION), (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except BaseException:

@@ -28,6 +28,16 @@ KEY_VERSION = "rssd_magic.key.v1"
 #: rows are told apart from the rest of a shared RSSD.
 URI_PREFIX = "rssd-magic:"
 
+
+def src_range(prefix: str) -> tuple[str, str]:
+    """``[lo, hi)`` covering every string that starts with *prefix*: a range,
+    unlike LIKE, is answered by the ingest_src index."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+#: ``[lo, hi)`` of the ``ingest_src`` of every cell of ours.
+OURS = src_range(URI_PREFIX)
+
 _SKIP = {tokenize.COMMENT, tokenize.NL, tokenize.ENCODING, tokenize.ENDMARKER}
 
 

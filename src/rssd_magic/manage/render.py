@@ -191,9 +191,14 @@ def verify_text(r: dict, prog: str = "rssd-magic") -> str:
         f"{plural(r['records'], 'current record')}"
     )
     unchecked = r.get("unchecked") or []
+    differs = (r.get("tally") or {}).get("differs") or []
+    told = []
+    if differs:
+        told.append(f"the tally `stats` reads differs from the records ({', '.join(differs)}): " + (
+            "recounted" if r["tally"]["recounted"] else f"`{prog} verify --repair` recounts it"))
     if not r["bad"] and not unchecked:
-        return head + ": all intact"
-    lines = [head + f": {len(r['bad'])} bad" + (f", {len(unchecked)} not checked" if unchecked else "")]
+        return "\n".join([head + ": all intact", *told])
+    lines = [head + f": {len(r['bad'])} bad" + (f", {len(unchecked)} not checked" if unchecked else ""), *told]
     if unchecked:
         lines.append(f"not checked ({len(unchecked)}, nothing repaired for them): {unchecked[0]['why']}")
     if not r["bad"]:

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 from typing import Iterator
 
-from ..store import tables
+from ..store import tables, tally
 from ..store.base import StoreError
 from ..store.journal import StateBackend
 from ..records.canonical import dumps
@@ -320,7 +320,7 @@ def gc(backend: StateBackend, dry_run: bool = False, grace_s: float = sweep.DEFA
     Returns ``deleted`` (count), ``bytes_freed``, ``kept`` and
     ``kept_bytes`` for the store, and ``buckets`` (see sweep.sweep); with
     *dry_run*, nothing is deleted (and the store may be read-only)."""
-    named: set[str] = set()
+    named: set[str] | None = set() if bucket else None  # what a bucket's sweep keeps
     doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run, named=named)
     return {
         "deleted": len(doomed),
@@ -345,6 +345,9 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
     *repair*, bad blobs are deleted and the cells naming them forgotten
     (``EXECUTED → FORGOTTEN``): they run again next time, instead of
     replaying without their values.  ``forgotten`` lists those cells.
+    ``tally``: ``differs``, the sums ``stats`` reads that a count of the
+    records does not confirm (store/tally.py), and ``recounted`` (with
+    *repair*, when any differed).
     """
     users: dict[str, list[tuple[CellRow, str]]] = {}
     where: dict[str, str | None] = {}  # the bucket a record names for the blob, if any
@@ -383,7 +386,11 @@ def verify(backend: StateBackend, repair: bool = False) -> dict:
                         forgotten.append(done)
     for b in bad:
         del b["_rows"]
+    differs = backend.read(tally.differences)
+    if repair and differs:
+        backend.write(lambda t, _retrying: tally.rebuild(t))
     return {
+        "tally": {"differs": differs, "recounted": bool(repair and differs)},
         "checked": len(users),
         "bytes": sum(sizes.get(d, 0) for d in users),
         "records": records,

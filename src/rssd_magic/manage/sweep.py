@@ -44,10 +44,10 @@ def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRAC
     and with *dry_run* ``objects``: ``{digest, size}`` of each object that
     would be deleted.  *keep*: the digests the current records name, when
     the caller has them."""
-    named = tables.bucket_refs(store)
+    named = tables.buckets(store)
     if not named:
         return []
-    others = sorted(set(named) - {bucket})
+    others = sorted(named - {bucket})
     out = [dict(_entry(url), left="not swept: not the bucket large values go to here (set StatefulMagics.blob_store "
                 "or $RSSD_MAGIC_BLOBS to it, or pass --blob-store)") for url in others]  # fmt: skip
     if bucket not in named:
@@ -55,7 +55,7 @@ def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRAC
     if keep is None:  # what the current records name (gc found it already: tables.gc's named)
         keep = store.read(lambda t: tables.referenced(t))
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=max(0.0, grace_s))
-    url, ever = bucket, named[bucket]
+    url, ever = bucket, tables.bucket_refs(store).get(bucket, set())
     entry = _entry(url)
     try:
         there = buckets.bucket(url).objects()

@@ -34,6 +34,9 @@ class Dialect:
 
     #: ``sqlite`` or ``postgresql``.
     name = "?"
+    #: Rows each sum of the tally is spread over (tally.py): writers that
+    #: commit side by side would queue on one.
+    tally_shards = 1
 
     def __init__(self, names: dict[str, str], tokens: dict[str, str]):
         self.names = {**names, **tokens}
@@ -131,11 +134,14 @@ class Tx:
     both execute and return cursors; only ``executemany`` and streaming
     differ."""
 
-    __slots__ = ("conn", "d")
+    __slots__ = ("conn", "d", "tally")
 
-    def __init__(self, conn: Any, dialect: Dialect):
+    def __init__(self, conn: Any, dialect: Dialect, *, deferred: bool = False):
         self.conn = conn
         self.d = dialect
+        #: With *deferred*, the tally's sums this transaction adds, written
+        #: in one statement at its end (tally.settle).
+        self.tally: dict[tuple[int, str], float] | None = {} if deferred else None
 
     def run(self, template: str, params: Any = ()) -> Any:
         return self.conn.execute(self.d(template), params)

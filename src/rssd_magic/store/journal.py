@@ -23,9 +23,9 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from ..records.ids import new_ulid
-from ..engine.keys import CellKey
+from ..engine.keys import CellKey, src_range
 from ..engine.lifecycle import ABANDONED, INITIAL, RUNNING
-from . import rows
+from . import rows, tally
 from .base import (
     Blob,
     BlobStore,
@@ -188,7 +188,17 @@ class Journal:
 
     def _append(self, t: Tx, entry_id: str | None, from_state: str, to_state: str, result_json: str | None,
                 reason: str, elaboration: dict | None, state_id: str | None = None) -> Transition:  # fmt: skip
-        """Append one transition (with its store order) in *t*."""
+        """Append one transition in *t* (the store's :meth:`_insert`), counted
+        by the tally (tally.py) — or the tally recounted, when rows it did
+        not count came first."""
+        done = self._insert(t, entry_id, from_state, to_state, result_json, reason, elaboration, state_id)
+        if not tally.appended(t, done.entry_id, done.from_state, done.to_state, done.result_json, done.seq):
+            tally.rebuild(t)
+        return done
+
+    def _insert(self, t: Tx, entry_id: str | None, from_state: str, to_state: str, result_json: str | None,
+                reason: str, elaboration: dict | None, state_id: str | None = None) -> Transition:  # fmt: skip
+        """Insert one transition (with its store order) in *t*."""
         raise NotImplementedError
 
     def _lock(self, t: Tx, ingest_src: str, create: bool = True) -> None:
@@ -234,7 +244,7 @@ class Journal:
     def latest_variant(self, key: CellKey) -> Transition | None:
         """The latest EXECUTED run of the same code on other inputs (to say
         why this one runs), or None."""
-        lo, hi = rows.src_range(key.base_src)
+        lo, hi = src_range(key.base_src)
         found = self.query(rows.VARIANT, (lo, hi, key.ingest_src))
         return Transition(*found[0]) if found else None
 

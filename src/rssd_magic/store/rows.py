@@ -29,6 +29,7 @@ from .base import (
     Transition,
 )
 from .dialect import Tx
+from . import tally
 
 #: The columns of a Transition, in its field order.
 STATE = """s.orchestration_session_state_id, s.session_entry_id, s.session_id, s.from_state, s.to_state,
@@ -47,12 +48,6 @@ VARIANT = f"""SELECT {STATE} FROM {{states}}
 CLAIM = """SELECT entry_id, state_id, token, session_id, host, machine, boot, pidns, pid, started, beat, lease_s,
                   claimed_at, {silent} FROM {rssd_magic_claim}"""
 CLAIM_OF = CLAIM + " WHERE entry_id = ? AND state_id = ?"
-
-
-def src_range(prefix: str) -> tuple[str, str]:
-    """``[lo, hi)`` covering every string that starts with *prefix*: a range,
-    unlike LIKE, is answered by the ingest_src index."""
-    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def beat(t: Tx, held: dict[str, int]) -> set[str]:
@@ -136,6 +131,7 @@ def add_hits(t: Tx, hits: dict[str, int]) -> None:
            ON CONFLICT (state_id) DO UPDATE SET hits = h.hits + excluded.hits, last_hit_at = excluded.last_hit_at""",
         list(hits.items()),
     )
+    tally.hits(t, hits)
 
 
 # -- sessions -----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Set-based, one pass: a listing groups every transition of our cells once
 (``rssd_magic_*`` entries, found by a range of the ``ingest_src`` index;
 entries with one ``ingest_src`` are one cell, as two merged RSSDs leave
 them) and joins each cell's latest transition by store order; ``stats``
-counts in SQL; gc and ``stats`` parse only the current records that can
+and ``gc --dry-run`` read the tally kept as the journal is written
+(tally.py), and gc, which deletes, reads the current records that can
 name a blob (their text holds a kind whose codec has blobs, or an escape).
 Fields are read out of a record with the store's JSON functions, by the
 names record.py gives them, so a listing never loads outputs.
@@ -21,13 +22,13 @@ from typing import Any, Callable, Iterable, Iterator
 from .base import Transition
 from .journal import StateBackend
 from .dialect import Dialect, Tx
-from .rows import ENTRIES, src_range
-from ..engine.keys import URI_PREFIX
+from . import tally
+from .rows import ENTRIES
+from ..engine.keys import OURS, URI_PREFIX
 from ..engine.lifecycle import EXECUTED
 from ..records.canonical import loads_object
 from ..records.record import FIELD_PATHS, blob_markers, digests_in
 
-OURS = src_range(URI_PREFIX)
 
 
 @dataclass
@@ -250,54 +251,24 @@ def result_of(store: StateBackend, state_id: str) -> str | None:
 # -- counting -----------------------------------------------------------------------------
 
 
-def _latest_per_cell(d: Dialect, columns: str) -> str:
-    """Each of our cells (*columns* of its transitions aggregated) with its
-    latest transition ``l``."""
-    return f"""(SELECT {columns}, max({{seq}}) AS last
-                FROM {{orchestration_session_entry}} AS e
-                LEFT JOIN {{states}} ON {{entry}} = e.orchestration_session_entry_id
-                WHERE e.ingest_src{{C}} >= ? AND e.ingest_src{{C}} < ?
-                GROUP BY e.ingest_src) AS c
-               LEFT JOIN {d.state_at('l', 'c.last')}"""
-
-
-def _marked(d: Dialect) -> str:
-    """The latest transition ``l`` is EXECUTED and its record can name a blob."""
-    return "l.to_state = 'EXECUTED' AND (" + " OR ".join([d.contains("l.transition_result")] * len(blob_markers())) + ")"
-
-
 def counts(store: StateBackend) -> Counts:
     """What ``stats`` counts, and the blobs gc would free, in one consistent
-    read: one pass over the cells (their latest states, transitions, record
-    bytes, and the records that can name a blob), the replays, the blobs."""
-    d = store.dialect
-    duration = d.json_number("s.transition_result", *FIELD_PATHS["duration_s"])
+    read: the tally's sums (tally.py; counted from the records when it
+    can't be used), then the blobs."""
 
     def read(t: Tx) -> Counts:
-        out = Counts()
-        per_cell = _latest_per_cell(d, f"count(s.orchestration_session_state_id) AS n, sum({d.octets('s.transition_result')}) AS bytes")
-        keep: set[str] = set()
-        for state, transitions, json_bytes, text in t.all(
-            f"SELECT l.to_state, c.n, c.bytes, CASE WHEN {_marked(d)} THEN l.transition_result END FROM {per_cell}",
-            (*blob_markers(), *OURS),
-        ):
-            out.cells += 1
-            out.by_state[state or "NONE"] = out.by_state.get(state or "NONE", 0) + 1
-            out.transitions += int(transitions)
-            out.result_json_bytes += int(json_bytes or 0)
-            if text:
-                keep |= digests_in(text)
-        hits, saved = t.one(
-            f"""SELECT coalesce(sum(h.hits), 0), coalesce(sum(h.hits * coalesce({duration}, 0)), 0)
-                FROM {{rssd_magic_hit}} AS h
-                {{cross}} {{orchestration_session_state}} AS s ON s.orchestration_session_state_id = h.state_id
-                WHERE s.to_state = ?""",
-            (EXECUTED,),
-        )
-        out.hits, out.time_saved_s = int(hits), round(float(saved), 6)
-        stored, partial = store.blobs.listing(t)
-        out.blobs, out.blob_bytes = len(stored), sum(int(s or 0) for _, s in stored)
-        out.garbage = [(dg, int(s or 0)) for dg, s in stored + partial if dg not in keep]
+        sums = tally.read(t)
+        if sums is not None:
+            garbage = sum(unnamed(t, store), [])
+        else:
+            sums, named = tally.count_all(t)
+            keep = set().union(*named.values())
+            stored, partial = store.blobs.listing(t)
+            garbage = [(dg, s) for dg, s in stored + partial if dg not in keep]
+        out = Counts(cells=sums.cells, by_state=sums.by_state, transitions=sums.transitions,
+                     result_json_bytes=sums.json_bytes, hits=sums.hits, time_saved_s=round(sums.saved_s, 6))  # fmt: skip
+        out.blobs, out.blob_bytes = (int(v) for v in t.one("SELECT count(*), coalesce(sum(size), 0) FROM {rssd_magic_blob}"))
+        out.garbage = [(dg, int(s or 0)) for dg, s in garbage]
         return out
 
     return store.read(read)
@@ -306,16 +277,30 @@ def counts(store: StateBackend) -> Counts:
 # -- blobs the records name -------------------------------------------------------------------
 
 
+def unnamed(t: Tx, store: StateBackend) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """``(digest, size)`` of the blobs no current record names, by the
+    tally's refs (one anti-join in the store, however many cells name the
+    rest), and of what writes cut short left that none names."""
+    rows = t.all("""SELECT b.digest, b.size FROM {rssd_magic_blob} AS b
+                    WHERE NOT EXISTS (SELECT 1 FROM {rssd_magic_ref} AS r WHERE r.digest = b.digest)""")
+    partial = store.blobs.partial(t)
+    if partial:
+        named = {dg for (dg,) in t.all("SELECT digest FROM {rssd_magic_ref} WHERE " + t.d.in_list("digest"),
+                                       (t.d.listed(dg for dg, _ in partial),))}  # fmt: skip
+        partial = [(dg, s) for dg, s in partial if dg not in named]
+    return [(dg, int(s or 0)) for dg, s in rows], [(dg, int(s or 0)) for dg, s in partial]
+
+
 def referenced(t: Tx, digests_of: Callable[[str], set[str]] | None = None) -> set[str]:
     """The blobs the current EXECUTED records name.  Without *digests_of*,
     only records whose text can name one are read (record.blob_markers)."""
     d = t.d
     if digests_of is None:
-        where, params, digests_of = _marked(d), (*blob_markers(), *OURS), digests_in
+        where, params, digests_of = tally.marked(d), (*blob_markers(), *OURS), digests_in
     else:
         where, params = "l.to_state = 'EXECUTED'", OURS
     out: set[str] = set()
-    for (text,) in t.all(f"SELECT CASE WHEN {where} THEN l.transition_result END FROM {_latest_per_cell(d, 'e.ingest_src')}",
+    for (text,) in t.all(f"SELECT CASE WHEN {where} THEN l.transition_result END FROM {tally.latest_per_cell(d, 'e.ingest_src')}",
                          params):  # fmt: skip
         if text:
             out |= digests_of(text)
@@ -327,16 +312,15 @@ def bucket_refs(store: StateBackend) -> dict[str, set[str]]:
     bucket (``blob_store``) ever named there, current or not.  A bucket's
     gc sweeps only what this store wrote there (buckets.py)."""
 
-    def read(t: Tx) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
-        for (text,) in t.all(
-            f"SELECT s.transition_result FROM {{states}} WHERE s.to_state = 'EXECUTED' AND {t.d.contains('s.transition_result')}",
-            ('"blob_store"',),
-        ):
-            where = loads_object(text).get("blob_store") if text else None
-            if isinstance(where, str):
-                out.setdefault(where, set()).update(digests_in(text))
-        return out
+    return store.read(tally.buckets_named)
+
+
+def buckets(store: StateBackend) -> set[str]:
+    """The buckets EXECUTED records ever named (the tally's, when current)."""
+
+    def read(t: Tx) -> set[str]:
+        sums = tally.read(t)
+        return sums.buckets if sums is not None else set(tally.buckets_named(t))
 
     return store.read(read)
 
@@ -358,13 +342,20 @@ def gc(
     def work(t: Tx, _retrying: bool = False) -> tuple[list[tuple[str, int]], int, int]:
         if not dry_run:
             store.blobs.exclusive(t)
-        keep = referenced(t, digests_of)
+        current = digests_of is None and tally.read(t) is not None
+        if dry_run and current:  # what the records name, as the tally's refs keep it
+            keep = {dg for (dg,) in t.all("SELECT DISTINCT digest FROM {rssd_magic_ref}")} if named is not None else set()
+            rows, partial = unnamed(t, store)
+        else:
+            keep = referenced(t, digests_of)  # a deletion is decided from the records themselves
+            if not dry_run and digests_of is None and not current:
+                tally.rebuild(t)  # rows came that no tally counted: gc reads every record anyway
+            stored, partial = store.blobs.listing(t)
+            rows = [(d, int(s or 0)) for d, s in stored if d not in keep]
+            partial = [(d, int(s or 0)) for d, s in partial if d not in keep]
         if named is not None:
             named.clear()
             named.update(keep)
-        stored, partial = store.blobs.listing(t)
-        rows = [(d, int(s or 0)) for d, s in stored if d not in keep]
-        partial = [(d, int(s or 0)) for d, s in partial if d not in keep]
         if not dry_run and rows + partial:
             store.blobs.drop(t, [d for d, _ in rows + partial])
         kept, kept_bytes = t.one("SELECT count(*), coalesce(sum(size), 0) FROM {rssd_magic_blob}")

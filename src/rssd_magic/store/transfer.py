@@ -32,14 +32,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-from . import buckets, tables
+from . import buckets, tables, tally
 from .base import StoreError
 from .journal import StateBackend
 from .dialect import Tx
 from ..backends.sqlite_schema import EXPECTED_COLUMNS
-from ..engine.keys import URI_PREFIX, cell_key
+from ..engine.keys import URI_PREFIX, cell_key, src_range
 from ..records.record import digests_in
-from .rows import src_range
 from ..records.trust import IntegrityError
 
 #: Tables in the order rows must arrive (foreign keys), with their keys.
@@ -281,6 +280,7 @@ def transfer(source: StateBackend, target: StateBackend, scope: str | None = Non
         def copy(w: Tx, _retrying: bool) -> dict:
             merge = _Merge(w)
             merge.copy(src.rows)
+            tally.rebuild(w)  # rows came in that no append counted
             return {"cells": len(src.entries), **merge.summary()}
 
         return target.write(copy)
