@@ -321,14 +321,15 @@ def gc(backend: StateBackend, dry_run: bool = False, grace_s: float = sweep.DEFA
     ``kept_bytes`` for the store, and ``buckets`` (see sweep.sweep); with
     *dry_run*, nothing is deleted (and the store may be read-only)."""
     named: set[str] | None = set() if bucket else None  # what a bucket's sweep keeps
-    doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run, named=named)
+    buckets: set[str] = set()
+    doomed, kept, kept_bytes = tables.gc(backend, dry_run=dry_run, named=named, buckets=buckets)
     return {
         "deleted": len(doomed),
         "bytes_freed": sum(size for _, size in doomed),
         "kept": kept,
         "kept_bytes": kept_bytes,
         "dry_run": dry_run,
-        "buckets": sweep.sweep(backend, bucket, grace_s, dry_run, keep=named),
+        "buckets": sweep.sweep(backend, bucket, grace_s, dry_run, keep=named, named=buckets),
     }
 
 

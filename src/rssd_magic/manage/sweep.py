@@ -34,7 +34,7 @@ DEFAULT_GRACE_S = 3600.0
 
 
 def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
-          keep: set[str] | None = None) -> list[dict]:  # fmt: skip
+          keep: set[str] | None = None, named: set[str] | None = None) -> list[dict]:  # fmt: skip
     """gc of *bucket* — the one large values go to, as the user set it: a
     bucket a record names is never swept for being named (whoever can write
     the store could name anyone's).  One entry per bucket this store's
@@ -43,8 +43,9 @@ def sweep(store: StateBackend, bucket: str | None, grace_s: float = DEFAULT_GRAC
     there (not the bucket set here, a shared prefix, a fault), else None;
     and with *dry_run* ``objects``: ``{digest, size}`` of each object that
     would be deleted.  *keep*: the digests the current records name, when
-    the caller has them."""
-    named = tables.buckets(store)
+    the caller has them; *named*, the buckets records ever named (else
+    read here)."""
+    named = tables.buckets(store) if named is None else named
     if not named:
         return []
     others = sorted(named - {bucket})

@@ -327,7 +327,7 @@ def buckets(store: StateBackend) -> set[str]:
 
 def gc(
     store: StateBackend, digests_of: Callable[[str], set[str]] | None = None, dry_run: bool = False,
-    named: set[str] | None = None,
+    named: set[str] | None = None, buckets: set[str] | None = None,
 ) -> tuple[list[tuple[str, int]], int, int]:
     """Blobs no current EXECUTED record names, deleted (unless *dry_run*) in
     the transaction that found them: a kernel finishing a run at the same
@@ -337,12 +337,16 @@ def gc(
     ``(deleted [(digest, size)], kept, kept_bytes)``; what a write cut
     short left (SQLite's chunks without their blob row) counts as one
     blob per digest.  *named*, when given, receives what the current
-    records name (a bucket's sweep keeps the same: sweep.py)."""
+    records name (a bucket's sweep keeps the same: sweep.py); *buckets*
+    the buckets records ever named (:func:`buckets`, read alike)."""
 
     def work(t: Tx, _retrying: bool = False) -> tuple[list[tuple[str, int]], int, int]:
         if not dry_run:
             store.blobs.exclusive(t)
-        current = digests_of is None and tally.read(t) is not None
+        sums = tally.read(t) if digests_of is None else None
+        current = sums is not None
+        if buckets is not None:
+            buckets.update(sums.buckets if sums is not None else tally.buckets_named(t))
         if dry_run and current:  # what the records name, as the tally's refs keep it
             keep = {dg for (dg,) in t.all("SELECT DISTINCT digest FROM {rssd_magic_ref}")} if named is not None else set()
             rows, partial = unnamed(t, store)
