@@ -25,7 +25,7 @@ changing one thing:
 The winning combination of issue 6 (mmap+THP destination, 256 KiB chunks,
 ``mmap_size``, check streamed per chunk) is what ``SqliteBlobs.get`` and
 ``SqliteBackend.open`` do (sqlite_blobs.py: ``_buffer``, ``READ_CHUNK``;
-sqlite.py: ``MMAP_SIZE``); its re-done row is labelled "= blobs.get, issue 6".
+sqlite_blobs.py: ``MMAP_SIZE``, set by the first large read); its re-done row is labelled "= blobs.get, issue 6".
 
 Supporting evidence for figure c of bench_replay.py; not part of pytest.
 

@@ -44,6 +44,17 @@ from .sqlite_schema import SQL
 #: Blobs are read back in slices of this size, into one preallocated buffer:
 #: large enough to amortise the call, small enough to stay in L2.
 READ_CHUNK = 256 << 10
+#: A connection that reads a large blob reads pages through a file mapping
+#: this large from then on (no pread per page, which costs 2x joblib's load
+#: on a large value: bench/blob_read_variants.py); SQLite caps it at its
+#: compile-time maximum (2 GiB in common builds), and pages past it are read
+#: one pread at a time.  Set at that first read (:func:`_map`), not at
+#: open: a mapping costs every new connection its page faults and unmapping
+#: at close — a third of a `stats` over 20,000 cells — and small reads
+#: gain nothing from it.
+MMAP_SIZE = 1 << 31
+#: Blobs from this size up are read through the mapping.
+MAP_FROM = 1 << 20
 #: Bytes per chunk row of a large blob, and per staging transaction (so the
 #: page cache that holds one while it is written stays small).  Rows are
 #: kept well under SQLite's length limit (see chunk_size).
@@ -325,6 +336,8 @@ def _tiles(rows: list[tuple[int, int]], size: int) -> bool:
 def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[str, int, int]]):
     """The bytes of ``(table, rowid, length)`` pieces, in order, as one
     buffer; IntegrityError unless they have *digest*."""
+    if size >= MAP_FROM:
+        _map(conn)
     unmap = _unmapper(conn) if size > UNMAP_ABOVE and len(pieces) > 1 else None
     with Filling(digest, size) as out:
         for table, rowid, length in pieces:
@@ -334,6 +347,14 @@ def _read(conn: sqlite3.Connection, digest: str, size: int, pieces: list[tuple[s
             if unmap is not None:
                 unmap()
         return out.done()
+
+
+def _map(conn: sqlite3.Connection) -> None:
+    """Have the connection read the file through a mapping from now on
+    (:data:`MMAP_SIZE`)."""
+    (limit,) = conn.execute("PRAGMA mmap_size").fetchone()
+    if limit <= 65536:  # (SQLite reports its own cap once set: set once)
+        conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}").fetchall()
 
 
 def _unmapper(conn: sqlite3.Connection) -> Callable[[], None] | None:

@@ -34,11 +34,6 @@ from ..store.pending import Pending, pending_written
 from .sqlite_schema import SQL
 from .sqlite_sessions import IDLE_CLOSE_S, Housekeeper
 
-#: SQLite reads pages through a file mapping this large (no pread per page,
-#: which costs 2x joblib's load on a large value: bench/blob_read_variants.py).
-#: SQLite caps it at its compile-time maximum (2 GiB in common builds); pages
-#: past it are read one pread at a time.
-MMAP_SIZE = 1 << 31
 #: The -wal file is cut back to this size when it is reset.
 JOURNAL_SIZE_LIMIT = 64 << 20
 #: Past this many WAL bytes the housekeeper checkpoints (SQLite's own
@@ -214,7 +209,6 @@ class RssdConnection:
             conn.set_progress_handler(self._deadline, PROGRESS_OPS)
             self._deadline.arm()
             conn.execute(self._own_busy_timeout)
-            conn.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             if access.read_only is None:
                 # surveilr's own settings; none needs the write lock.
                 conn.execute("PRAGMA synchronous = NORMAL")
