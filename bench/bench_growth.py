@@ -19,6 +19,12 @@ and the ratio to the 1,000-cell store.  Targets: ``stats`` and
 ``gc --dry-run`` on 20,000 cells at most 2x their time on 1,000; ``stats``
 on 100,000 cells within 1 s on an RSSD, 2 s on PostgreSQL.
 
+What keeping the tally those reports read costs (store/tally.py) is
+measured beside them: a new cell's claim and record (``claim`` +
+``finish``, the two transactions of a first run) on an RSSD, with the
+tally kept as it is and with its writes left out, in alternating batches of
+one process (``--cost-rounds``).
+
 Usage::
 
     python bench/bench_growth.py                  # both stores, 1k/20k/100k cells
@@ -120,6 +126,47 @@ def timed(location: str, args: list[str], rounds: int) -> float:
     return statistics.median(samples)
 
 
+def tally_cost(folder: Path, rounds: int, batch: int = 400) -> tuple[float, float]:
+    """Median µs of a new cell's claim + finish on an RSSD, with the tally
+    kept and with its writes left out, batches of each in turn."""
+    from rssd_magic.backends import open_backend
+    from rssd_magic.engine.claims import current_holder
+    from rssd_magic.engine.keys import cell_key
+    from rssd_magic.engine.lifecycle import EXECUTED
+    from rssd_magic.store import tally
+    from rssd_magic.store.base import ClaimRequest
+
+    # One store each: a store whose appends skipped the tally would have the
+    # other's next append find rows it did not count, and recount them all.
+    stores = [open_backend(str(folder / f"cost{i}.sqlite.db"), session_args={"bench": "tally cost"}) for i in (0, 1)]
+    record = '{"format":"rssd_magic.result.v1","host":"h","duration_s":0.1,"names":{"x":{"kind":"json","value":1}},"outputs":[]}'
+    kept, skipped, counter = [], [], iter(range(10**9))
+    real = tally.appended
+
+    def cells(n: int, store) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            key = cell_key(f"x = {next(counter)}", "cost")
+            mine = store.claim(ClaimRequest(key, "x", {"source": "x"}, current_holder(store.session_id or ""), 60.0))
+            store.finish(mine.running, mine.claim.token, EXECUTED, record, "completed")
+        return (time.perf_counter() - started) / n * 1e6
+
+    try:
+        for r in range(rounds + 1):  # the first round warms both
+            tally.appended = real
+            t_kept = cells(batch, stores[0])
+            tally.appended = lambda *a: True  # noqa: E731 - the same writes but the tally's
+            t_skipped = cells(batch, stores[1])
+            if r:
+                kept.append(t_kept)
+                skipped.append(t_skipped)
+    finally:
+        tally.appended = real
+        for store in stores:
+            store.close()
+    return statistics.median(kept), statistics.median(skipped)
+
+
 def pg_base(url: str | None, folder: Path):
     if url:
         return url, None
@@ -144,13 +191,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="runs of each command (median; default 5)")
     ap.add_argument("--only", choices=["sqlite", "postgresql"], help="one store only")
     ap.add_argument("--url", help="an existing PostgreSQL server (default: start one with pgserver)")
+    ap.add_argument("--cost-rounds", type=int, default=7, help="batches of first runs for the tally's cost (0: skip)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     print(machine_line(machine()), flush=True)
     folder = Path(tempfile.mkdtemp(prefix="rssd-growth-"))
     server = None
     results: dict[tuple[str, str, int], float] = {}
+    cost = None
     try:
+        if args.cost_rounds:
+            cost = tally_cost(folder, args.cost_rounds)
         kinds = [args.only] if args.only else ["sqlite", "postgresql"]
         for kind in kinds:
             if kind == "postgresql":
@@ -191,6 +242,10 @@ def main(argv=None) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if cost is not None:
+        kept, skipped = cost
+        print(f"\nkeeping the tally: a new cell's claim + record on an RSSD {kept:.0f} µs, "
+              f"{skipped:.0f} µs with the tally's writes left out: +{kept - skipped:.0f} µs ({kept / skipped:.2f}x)")
     print(f"\n{loadavg()} at end; " + (f"MISSED: {', '.join(missed)}" if missed else "all targets met"))
     return 0
 
