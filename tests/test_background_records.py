@@ -156,7 +156,10 @@ def test_a_cells_commit_never_checkpoints_the_housekeeper_does(kernel, monkeypat
     while os.path.getsize(kernel.db) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert os.path.getsize(kernel.db) > before, "the housekeeper copied the WAL into the file"
-    assert os.path.getsize(f"{kernel.db}-wal") < 4 << 20
+    # Back to back, the 40 cells run within one checkpoint interval, so the
+    # WAL holds all they wrote: two transactions of about a dozen pages each
+    # (~100 KiB) per first run.  More means runs write pages they needn't.
+    assert os.path.getsize(f"{kernel.db}-wal") < 40 * (128 << 10)
 
 
 def test_a_large_wal_is_checkpointed_once_a_second_not_after_every_write(kernel, monkeypatch):

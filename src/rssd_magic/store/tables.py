@@ -24,11 +24,9 @@ from .journal import StateBackend
 from .dialect import Dialect, Tx
 from . import tally
 from .rows import ENTRIES
-from ..engine.keys import OURS, URI_PREFIX
-from ..engine.lifecycle import EXECUTED
+from ..engine.keys import OURS
 from ..records.canonical import loads_object
 from ..records.record import FIELD_PATHS, blob_markers, digests_in
-
 
 
 @dataclass
