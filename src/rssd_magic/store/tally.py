@@ -320,6 +320,8 @@ def rebuild(t: Tx) -> None:
 def replace(t: Tx, sums: Sums, named: Refs) -> None:
     """Make *sums* the tally (complete, counting every row there is now:
     on a server, under :func:`rebuild`'s lock)."""
+    if t.tally:
+        t.tally.clear()  # what this transaction added is in the count already
     t.run("DELETE FROM {rssd_magic_tally}")
     t.run("DELETE FROM {rssd_magic_ref}")
     if t.d.name == "sqlite":
