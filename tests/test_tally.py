@@ -12,6 +12,7 @@ deletes, never takes the tally's word for what is named.
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
 
 import pytest
@@ -225,3 +226,38 @@ def test_verify_reports_a_tally_the_records_do_not_confirm_and_repair_recounts_i
     assert "differs from the records (cells)" in render.verify_text(found) and "verify --repair" in render.verify_text(found)
     assert report.verify(store, repair=True)["tally"] == {"differs": ["cells"], "recounted": True}
     assert report.stats(store)["cells"] == 3 and report.verify(store)["tally"]["differs"] == []
+
+
+def test_an_rssd_where_surveilr_wrote_much_since_is_checked_from_our_cells_side(tmp_path):
+    """Thousands of surveilr's own transitions after our last one: the check
+    looks at our cells instead of every row since, and still finds a row
+    another tool added to one of them."""
+    path = tmp_path / "busy.sqlite.db"
+    store = open_backend(str(path), session_args={"t": 1})
+    try:
+        mine = store.claim(ask(store, cell_key("busy()", "tally")))
+        done = store.finish(mine.running, mine.claim.token, EXECUTED, record(1), "completed")
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.executemany(
+                """INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id,
+                       from_state, to_state, transitioned_at) VALUES (?, ?, NULL, 'a', 'b', '2026-12-07 00:00:00')""",
+                [(f"S{i:025d}", done.session_id) for i in range(3000)],
+            )
+        assert both(store)[0] is not None, "surveilr's rows are not ours"
+        with conn:
+            conn.execute(
+                """INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id,
+                       from_state, to_state, transitioned_at) VALUES ('T', ?, ?, 'EXECUTED', 'FORGOTTEN', '2026-12-07')""",
+                (done.session_id, done.entry_id),
+            )
+            conn.executemany(
+                """INSERT INTO orchestration_session_state (orchestration_session_state_id, session_id, session_entry_id,
+                       from_state, to_state, transitioned_at) VALUES (?, ?, NULL, 'a', 'b', '2026-12-07 00:00:00')""",
+                [(f"U{i:025d}", done.session_id) for i in range(3000)],
+            )
+        conn.close()
+        assert both(store)[0] is None
+        assert report.stats(store)["by_state"] == {FORGOTTEN: 1}
+    finally:
+        store.close()

@@ -64,11 +64,16 @@ ADD = """INSERT INTO {{rssd_magic_tally}} AS x (shard, name, value) VALUES {rows
          ON CONFLICT (shard, name) DO UPDATE
          SET value = CASE WHEN x.name = 'upto' THEN excluded.value ELSE x.value + excluded.value END
          WHERE x.name <> 'upto' OR x.value = excluded.value - 1"""
-#: A transition of our cells after store order ? and before ?.
+#: A transition of our cells after store order ? and before ?, looked for
+#: among the rows between (few, unless surveilr wrote many since) ...
 OURS_BETWEEN = """SELECT 1 FROM {states} WHERE {seq} > ? AND {seq} < ? AND EXISTS (
     SELECT 1 FROM {orchestration_session_entry} AS e
     WHERE e.orchestration_session_entry_id = s.session_entry_id AND e.ingest_src{C} >= ? AND e.ingest_src{C} < ?)
     LIMIT 1"""
+#: ... or from our cells' side, one index probe each, when they are fewer.
+OURS_AFTER = """SELECT 1 FROM {orchestration_session_entry} AS e
+    {cross} {states} ON {entry} = e.orchestration_session_entry_id AND {seq} > ? AND {seq} < ?
+    WHERE e.ingest_src{C} >= ? AND e.ingest_src{C} < ? LIMIT 1"""
 
 
 @dataclass
@@ -164,11 +169,19 @@ def _advance(t: Tx, seq: int) -> bool:
     """Move an RSSD's ``upto`` to *seq*, which :data:`ADD` did not (rows
     came between), when none of them is of our cells (surveilr's own rows
     may be); False when one is."""
-    row = t.one("SELECT value FROM {rssd_magic_tally} WHERE shard = 0 AND name = 'upto'")
-    if row is None or seq <= int(row[0]) or t.one(OURS_BETWEEN, (int(row[0]), seq, *OURS)):
+    found = dict(t.all("SELECT name, value FROM {rssd_magic_tally} WHERE shard = 0 AND name IN ('upto', 'cells')"))
+    if UPTO not in found or seq <= int(found[UPTO]) or _ours_between(t, int(found[UPTO]), seq, found.get("cells", 0)):
         return False
     t.run("UPDATE {rssd_magic_tally} SET value = ? WHERE shard = 0 AND name = 'upto'", (seq,))
     return True
+
+
+def _ours_between(t: Tx, after: int, before: int, cells: float) -> bool:
+    """Whether a transition of our cells lies strictly between two store
+    orders of an RSSD: a look at the rows between, or at our cells, whichever
+    are fewer (surveilr may have written a million rows since)."""
+    query = OURS_BETWEEN if before - after <= max(cells, 1000) else OURS_AFTER
+    return t.one(query, (after, before, *OURS)) is not None
 
 
 def hits(t: Tx, counted: dict[str, int]) -> None:
@@ -218,7 +231,7 @@ def _current(t: Tx, found: dict[str, float]) -> bool:
     if t.d.name == "sqlite":
         upto = int(found.get(UPTO, -1))
         (last,) = t.one("SELECT coalesce(max(rowid), 0) FROM {orchestration_session_state}")
-        return last <= upto or not t.one(OURS_BETWEEN, (upto, last + 1, *OURS))
+        return last <= upto or not _ours_between(t, upto, last + 1, found.get("cells", 0))
     # Every cell transition the server holds, ours or another tool's.
     (held,) = t.one("SELECT count(*) FROM {rssd_magic_state_seq} WHERE entry_id IS NOT NULL")
     return int(held) == int(found.get(SEEN, -1))
