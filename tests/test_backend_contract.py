@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import pg_util
-from rssd_magic.store import tables
+from rssd_magic.store import rows, tables
+from rssd_magic.backends.sqlite_schema import SQL
 from rssd_magic.store.blobs import SMALL
 from rssd_magic.backends import open_backend
 from rssd_magic.store.base import ClaimRequest, Fenced, StoreError
@@ -228,6 +229,23 @@ def test_heartbeat_moves_the_beat_and_releases_cleanly(env):
     beat.stop()
     b.finish(mine.running, mine.claim.token, EXECUTED, RESULT, "completed")
     assert b.claim_of(mine.running) is None
+
+
+def test_a_heartbeat_finds_its_claim_through_keys_and_claims_write_no_state_index(tmp_path):
+    """A beat is two primary-key probes however many cells the file holds,
+    and no index on the claim's state id costs each claim and release a page."""
+    env = SqliteEnv(tmp_path)
+    env.open().close()
+    conn = sqlite3.connect(env.location)
+    try:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + SQL(rows.BEAT), ("s", "s", 1))]
+        indexes = [name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'rssd_magic_claim'")]  # fmt: skip
+    finally:
+        conn.close()
+    assert plan and not [p for p in plan if p.startswith("SCAN")], plan
+    assert any("rssd_magic_claim USING INDEX sqlite_autoindex_rssd_magic_claim_1 (entry_id=?)" in p for p in plan), plan
+    assert indexes == ["sqlite_autoindex_rssd_magic_claim_1"]
 
 
 RACER = textwrap.dedent(

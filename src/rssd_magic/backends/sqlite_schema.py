@@ -36,7 +36,9 @@ SURVEILR_DDL = (resources.files(__package__) / "orchestration.sql").read_text("u
 #: 4: claims are found by their RUNNING state through an index (a heartbeat
 #: touches one row however many cells the file holds).  5: the tally and
 #: refs ``stats`` and ``gc --dry-run`` read (store/tally.py), kept by every
-#: writer of this version — which is why an older one may no longer write.
+#: writer of this version — which is why an older one may no longer write;
+#: a heartbeat finds its claim by entry (rows.beat), and the state index
+#: goes: each claim and release wrote a page of it.
 SCHEMA_VERSION = 5
 
 # Our own objects:
@@ -96,8 +98,7 @@ CREATE TABLE IF NOT EXISTS "rssd_magic_claim" (
     "lease_s" REAL NOT NULL,
     "claimed_at" TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS "rssd_magic_claim_state_idx"
-    ON "rssd_magic_claim"("state_id");
+DROP INDEX IF EXISTS "rssd_magic_claim_state_idx";
 CREATE TABLE IF NOT EXISTS "rssd_magic_signature" (
     "payload_id" TEXT NOT NULL,
     "key_id" TEXT NOT NULL,
@@ -135,7 +136,6 @@ OWN_OBJECTS = {
     "rssd_magic_blob",
     "rssd_magic_blob_chunk",
     "rssd_magic_claim",
-    "rssd_magic_claim_state_idx",
     "rssd_magic_signature",
     "rssd_magic_hit",
     "rssd_magic_tally",
