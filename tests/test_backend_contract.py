@@ -436,7 +436,7 @@ def test_listings_for_reports(env):
         (named.ingest_src, '{"host":"h1","duration_s":2.5,"names":{},"outputs":[]}')
     ]
     s = tables.counts(b)
-    assert s.transitions == 4 and s.result_json_bytes > 0
+    assert s.transitions == 4 and s.json_bytes > 0
 
 
 def test_gc_keeps_what_current_records_name_and_deletes_the_rest(env):

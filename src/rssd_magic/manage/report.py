@@ -293,11 +293,11 @@ def stats(backend: StateBackend) -> dict:
         "by_state": c.by_state,
         "transitions": c.transitions,
         "hits": c.hits,
-        "time_saved_s": _finite(c.time_saved_s) or 0.0,
+        "time_saved_s": _finite(c.saved_s) or 0.0,
         "storage": {
             "blobs": c.blobs,
             "blob_bytes": c.blob_bytes,
-            "result_json_bytes": c.result_json_bytes,
+            "result_json_bytes": c.json_bytes,
             "file_bytes": file_bytes,
             "wal_bytes": wal_bytes,
             "unreferenced_blobs": len(garbage),

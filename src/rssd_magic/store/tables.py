@@ -66,16 +66,11 @@ class HistoryRow:
 
 
 @dataclass
-class Counts:
-    """What ``stats`` counts: cells by latest state, transitions, the bytes
-    of their records, replays and the time they saved."""
+class Counts(tally.Sums):
+    """What ``stats`` counts: the tally's sums (cells by latest state,
+    transitions, the bytes of their records, replays and the time they
+    saved), the blobs, and what gc would free now."""
 
-    cells: int = 0
-    by_state: dict[str, int] = field(default_factory=dict)
-    transitions: int = 0
-    result_json_bytes: int = 0
-    hits: int = 0
-    time_saved_s: float = 0.0
     blobs: int = 0
     blob_bytes: int = 0
     #: ``(digest, size)`` of what gc would free now.
@@ -255,18 +250,14 @@ def counts(store: StateBackend) -> Counts:
     can't be used), then the blobs."""
 
     def read(t: Tx) -> Counts:
-        sums = tally.read(t)
-        if sums is not None:
-            garbage = sum(unnamed(t, store), [])
-        else:
+        sums, keep = tally.read(t), None
+        if sums is None:
             sums, named = tally.count_all(t)
             keep = set().union(*named.values())
-            stored, partial = store.blobs.listing(t)
-            garbage = [(dg, s) for dg, s in stored + partial if dg not in keep]
-        out = Counts(cells=sums.cells, by_state=sums.by_state, transitions=sums.transitions,
-                     result_json_bytes=sums.json_bytes, hits=sums.hits, time_saved_s=round(sums.saved_s, 6))  # fmt: skip
+        out = Counts(**vars(sums))
+        out.saved_s = round(sums.saved_s, 6)
         out.blobs, out.blob_bytes = (int(v) for v in t.one("SELECT count(*), coalesce(sum(size), 0) FROM {rssd_magic_blob}"))
-        out.garbage = [(dg, int(s or 0)) for dg, s in garbage]
+        out.garbage = sum(unnamed(t, store, keep), [])
         return out
 
     return store.read(read)
@@ -275,10 +266,17 @@ def counts(store: StateBackend) -> Counts:
 # -- blobs the records name -------------------------------------------------------------------
 
 
-def unnamed(t: Tx, store: StateBackend) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """``(digest, size)`` of the blobs no current record names, by the
-    tally's refs (one anti-join in the store, however many cells name the
-    rest), and of what writes cut short left that none names."""
+def unnamed(
+    t: Tx, store: StateBackend, keep: set[str] | None = None
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """``(digest, size)`` of the blobs no current record names, and of what
+    writes cut short left that none names: by the tally's refs (one
+    anti-join in the store, however many cells name the rest), or, given
+    *keep* (what the records name, read from them), all but those."""
+    if keep is not None:
+        stored, partial = store.blobs.listing(t)
+        return ([(dg, int(s or 0)) for dg, s in stored if dg not in keep],
+                [(dg, int(s or 0)) for dg, s in partial if dg not in keep])  # fmt: skip
     rows = t.all("""SELECT b.digest, b.size FROM {rssd_magic_blob} AS b
                     WHERE NOT EXISTS (SELECT 1 FROM {rssd_magic_ref} AS r WHERE r.digest = b.digest)""")
     partial = store.blobs.partial(t)
@@ -352,9 +350,7 @@ def gc(
             keep = referenced(t, digests_of)  # a deletion is decided from the records themselves
             if not dry_run and digests_of is None and not current:
                 tally.rebuild(t)  # rows came that no tally counted: gc reads every record anyway
-            stored, partial = store.blobs.listing(t)
-            rows = [(d, int(s or 0)) for d, s in stored if d not in keep]
-            partial = [(d, int(s or 0)) for d, s in partial if d not in keep]
+            rows, partial = unnamed(t, store, keep)
         if named is not None:
             named.clear()
             named.update(keep)
