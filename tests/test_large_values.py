@@ -264,3 +264,22 @@ def test_staging_a_value_stored_already_writes_nothing(tmp_path):
     chunks = -(-len(data) // chunk_size(b.conn))
     assert rows(db, "SELECT count(*), sum(length(data)) FROM rssd_magic_blob_chunk") == [(chunks, len(data))]
     b.close()
+
+
+def test_a_connection_maps_the_file_at_its_first_large_read_only(tmp_path, monkeypatch):
+    """Small reads go through SQLite's page cache (a mapping costs a new
+    connection a page fault per page and the unmapping at close); the first
+    read of a large blob maps the file, and the connection keeps it."""
+    b = open_store(tmp_path / "m.db", limit=None)
+    monkeypatch.setattr(b.db, "idle_close_s", 3600.0)  # one connection throughout, however slow the box
+    try:
+        small, large = payload(4096, seed=1), payload(3 << 20, seed=2)
+        record(b, [(buffer_digest(small), small), (buffer_digest(large), large)])
+        mapped = lambda: b.conn.execute("PRAGMA mmap_size").fetchone()[0]  # noqa: E731
+        assert bytes(b.blobs.get(buffer_digest(small))) == small and tables.counts(b).blobs == 2
+        assert mapped() == 0, "small reads and a report map nothing"
+        assert bytes(b.blobs.get(buffer_digest(large))) == large
+        assert mapped() > 1 << 20, "the large read mapped the file"
+        assert bytes(b.blobs.get(buffer_digest(small))) == small and mapped() > 1 << 20
+    finally:
+        b.close()
